@@ -1,0 +1,184 @@
+"""Training configuration: one flat dataclass, every field a CLI flag (``--field-name``) and a config-file entry.
+
+Resolution order: dataclass defaults < ``--config FILE`` (JSON or TOML) < command-line flags. The resolved config is
+written to ``RUN_DIR/config.json`` and stored in every checkpoint.
+
+Defaults are the paper's (Grathwohl et al. 2020, Algorithm 1 and the official code) wherever they apply; the
+dataset/model/epoch defaults are chosen so that ``jem train`` with no arguments finishes on a laptop CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional
+
+
+def _f(default: Any, help: str, **kw) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    # --- what to train ---
+    dataset: str = _f("digits", "dataset name: digits, mnist, fashion-mnist, cifar10, cifar100, svhn, imagefolder")
+    data_root: str = _f("./data", "folder holding the dataset in torchvision's layout (see README)")
+    download: bool = _f(False, "download a missing dataset from its official URL (md5-verified)")
+    model: str = _f("cnn", "model name: cnn, cnn-<width>, wrn-<depth>-<width> (paper: wrn-28-10)")
+    norm: Optional[str] = _f(None, "normalisation in wrn models: none, batch, instance, layer (paper: none)")
+    dropout: float = _f(0.0, "dropout rate in the model")
+    name: Optional[str] = _f(None, "run name; the run directory defaults to runs/<name>")
+    out: Optional[str] = _f(None, "run directory (default runs/<name>, name defaults to <dataset>-<model>[-baseline])")
+    seed: int = _f(0, "random seed (data order, initialisation, SGLD noise)")
+    device: str = _f("auto", "auto, cpu, cuda, cuda:N")
+
+    # --- objective: L = w_clf·(−log p(y|x)) + w_px·(−log p(x)) + w_pxy·(−log p(x, y)) ---
+    p_y_given_x_weight: float = _f(1.0, "weight of the classification term −log p(y|x)")
+    p_x_weight: float = _f(1.0, "weight of the generative term −log p(x); 0 trains a plain classifier")
+    p_x_y_weight: float = _f(0.0, "weight of −log p(x, y) with class-conditional samples (paper's p(x|y) factored)")
+    class_cond_buffer: bool = _f(False, "split the replay buffer by class (implied by --p-x-y-weight > 0 alone)")
+    labels_per_class: int = _f(-1, "semi-supervised: keep labels for this many examples per class (-1: all)")
+
+    # --- SGLD sampler and replay buffer ---
+    sgld_steps: int = _f(20, "SGLD steps per training iteration η (paper: 20)")
+    sgld_lr: float = _f(1.0, "SGLD step size α (paper: 1)")
+    sgld_std: float = _f(0.01, "SGLD noise σ (paper: 0.01)")
+    buffer_size: int = _f(10000, "replay buffer size (paper: 10000)")
+    reinit_freq: float = _f(0.05, "probability ρ of restarting a chain from U(−1, 1) (paper: 0.05)")
+    data_noise: float = _f(0.03, "std of Gaussian noise added to training images σ_data (paper: 0.03)")
+    augment: bool = _f(True, "random crop (reflect pad) and flips where they fit the dataset")
+
+    # --- optimisation ---
+    optimizer: str = _f("adam", "adam or sgd")
+    lr: float = _f(1e-4, "learning rate (paper: Adam 1e-4)")
+    momentum: float = _f(0.9, "SGD momentum")
+    weight_decay: float = _f(0.0, "weight decay")
+    warmup_iters: int = _f(1000, "linear learning-rate warm-up iterations (paper: 1000)")
+    decay_epochs: tuple = _f((), "epochs at which the learning rate is multiplied by --decay-rate (paper: 160 180)")
+    decay_rate: float = _f(0.3, "learning-rate decay factor")
+    batch_size: int = _f(64, "batch size (data and SGLD samples each; paper: 64)")
+    epochs: int = _f(100, "training epochs")
+    max_iters: int = _f(-1, "stop after this many iterations (-1: run all epochs)")
+    n_valid: int = _f(-1, "held-out validation examples for best-checkpoint selection (-1: 10% of train, 0: none)")
+    clip_grad: float = _f(0.0, "clip the gradient norm to this value (0: off)")
+    max_energy_gap: float = _f(1e4, "a step with |E(data) − E(samples)| above this, or non-finite, is skipped")
+    max_bad_steps: int = _f(20, "stop with an error after this many consecutive skipped steps")
+
+    # --- logging, samples, checkpoints ---
+    log_every: int = _f(20, "write a metrics.jsonl record every N iterations")
+    sample_every: int = _f(-1, "write sample grids every N iterations (-1: every 10 epochs and at the end)")
+    eval_every: int = _f(1, "evaluate on the validation split every N epochs")
+    ckpt_every: int = _f(1, "write the resumable checkpoint every N epochs (and at the end)")
+    progress: bool = _f(True, "show a progress bar")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ValueError(msg)
+
+        need(self.sgld_steps >= 0, f"--sgld-steps must be >= 0, got {self.sgld_steps}")
+        need(self.sgld_lr >= 0, f"--sgld-lr must be >= 0, got {self.sgld_lr}")
+        need(self.sgld_std >= 0, f"--sgld-std must be >= 0, got {self.sgld_std}")
+        need(self.buffer_size >= 1, f"--buffer-size must be >= 1, got {self.buffer_size}")
+        need(0 <= self.reinit_freq <= 1, f"--reinit-freq must be in [0, 1], got {self.reinit_freq}")
+        need(self.data_noise >= 0, f"--data-noise must be >= 0, got {self.data_noise}")
+        need(self.optimizer in ("adam", "sgd"), f"--optimizer must be adam or sgd, got {self.optimizer!r}")
+        need(self.lr > 0, f"--lr must be > 0, got {self.lr}")
+        need(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
+        need(self.warmup_iters >= 0, f"--warmup-iters must be >= 0, got {self.warmup_iters}")
+        need(self.decay_rate > 0, f"--decay-rate must be > 0, got {self.decay_rate}")
+        need(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
+        need(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
+        need(min(self.p_y_given_x_weight, self.p_x_weight, self.p_x_y_weight) >= 0, "loss weights must be >= 0")
+        need(self.p_y_given_x_weight + self.p_x_weight + self.p_x_y_weight > 0, "at least one loss weight must be > 0")
+        need(self.labels_per_class == -1 or self.labels_per_class >= 1,
+             f"--labels-per-class must be -1 (all) or >= 1, got {self.labels_per_class}")
+        need(self.norm in (None, "none", "batch", "instance", "layer"),
+             f"--norm must be none, batch, instance or layer, got {self.norm!r}")
+        need(0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}")
+        need(self.log_every >= 1 and self.eval_every >= 1 and self.ckpt_every >= 1,
+             "--log-every, --eval-every and --ckpt-every must be >= 1")
+        need(self.max_bad_steps >= 1, "--max-bad-steps must be >= 1")
+        need(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda") or self.device == "mps",
+             f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        self.decay_epochs = tuple(int(e) for e in self.decay_epochs)
+
+    # derived -----------------------------------------------------------------------------------------------------
+    @property
+    def class_conditional(self) -> bool:
+        """Class-conditional buffer: asked for, or implied when p(x, y) is the only generative term."""
+        return self.class_cond_buffer or (self.p_x_y_weight > 0 and self.p_x_weight == 0)
+
+    @property
+    def run_name(self) -> str:
+        if self.name:
+            return self.name
+        tag = "-baseline" if self.p_x_weight == 0 and self.p_x_y_weight == 0 else ""
+        return f"{self.dataset}-{self.model}{tag}"
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out) if self.out else Path("runs") / self.run_name
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown config entries: {', '.join(unknown)}")
+        return cls(**d)
+
+
+def load_config_file(path: str | Path) -> dict:
+    """Read a JSON or TOML config file into a dict (keys may use - or _)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file not found: {path}")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            import tomllib
+
+            d = tomllib.loads(text)
+        else:
+            d = json.loads(text)
+    except Exception as e:
+        raise ValueError(f"cannot parse config file {path}: {e}") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"config file {path} must hold a table/object of entries")
+    return {k.replace("-", "_"): v for k, v in d.items()}
+
+
+def add_config_arguments(parser) -> None:
+    """Add one ``--flag`` per TrainConfig field. Flags default to None so only given ones override."""
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        help_ = f"{f.metadata['help']} (default: {f.default if f.default is not dataclasses.MISSING else []})"
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_)
+        elif f.name == "decay_epochs":
+            parser.add_argument(flag, dest=f.name, type=int, nargs="*", default=None, help=help_)
+        elif f.name == "norm":
+            parser.add_argument(flag, dest=f.name, default=None, help=help_)
+        else:
+            typ = {"int": int, "float": float, "str": str, "Optional[str]": str}.get(str(f.type), str)
+            parser.add_argument(flag, dest=f.name, type=typ, default=None, help=help_)
+
+
+def resolve_config(args: dict, config_file: Optional[str] = None, base: Optional[dict] = None) -> TrainConfig:
+    """defaults < base (e.g. a resumed run's config) < config file < explicit CLI values (non-None)."""
+    d = dict(base or {})
+    if config_file:
+        d.update(load_config_file(config_file))
+    d.update({k: v for k, v in args.items() if v is not None})
+    if d.get("norm") == "none":
+        d["norm"] = None
+    return TrainConfig.from_dict(d)

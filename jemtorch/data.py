@@ -1,0 +1,448 @@
+"""Datasets by name, read from the on-disk layouts torchvision users already have (no torchvision needed).
+
+| name            | where it is read from (``root`` = ``--data-root``)                       |
+|-----------------|---------------------------------------------------------------------------|
+| digits          | scikit-learn's bundled 8×8 digits (no files needed)                       |
+| mnist           | root/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]          |
+| fashion-mnist   | root/FashionMNIST/raw/... (same file names as MNIST)                      |
+| cifar10         | root/cifar-10-batches-py/{data_batch_1..5,test_batch}                     |
+| cifar100        | root/cifar-100-python/{train,test}                                        |
+| svhn            | root/{train,test}_32x32.mat                                               |
+| imagefolder     | root/{train,test}/<class>/*.png|jpg  (classes in sorted order)            |
+
+Every dataset is held as uint8 tensors (N, C, H, W) — small enough to keep whole on the training device — and is
+turned into float images in [-1, 1] batch by batch on that device, where augmentation also happens (airbench-style).
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import pickle
+import tarfile
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+class DatasetError(ValueError):
+    """A dataset is missing, corrupt or mis-specified. The message is one line saying what to do."""
+
+
+@dataclass
+class ImageData:
+    """A whole dataset as uint8 tensors. ``x_*``: (N, C, H, W) uint8; ``y_*``: (N,) int64."""
+
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    classes: list[str]
+    pad: int = 0  # random-crop padding used for augmentation (0 = no crop)
+    flip: bool = False  # horizontal flips fit this dataset
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.x_train.shape[1:])  # type: ignore[return-value]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# readers
+# ----------------------------------------------------------------------------------------------------------------
+MNIST_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+MNIST_MIRRORS = {
+    "MNIST": ("https://ossci-datasets.s3.amazonaws.com/mnist/", {
+        "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+        "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+        "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+        "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
+    }),
+    "FashionMNIST": ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/", {
+        "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+        "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+        "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+        "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
+    }),
+}
+ARCHIVES = {  # name -> (url, md5, folder it unpacks to)
+    "cifar10": ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a",
+                "cifar-10-batches-py"),
+    "cifar100": ("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85",
+                 "cifar-100-python"),
+}
+SVHN_FILES = {
+    "train_32x32.mat": ("http://ufldl.stanford.edu/housenumbers/train_32x32.mat", "e26dedcc434d2e4c54c9b2d4a06d8373"),
+    "test_32x32.mat": ("http://ufldl.stanford.edu/housenumbers/test_32x32.mat", "eb5a983be6a315427106f1b2e6ea8b3a"),
+}
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                   "Ankle boot"]
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def md5sum(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def download(url: str, dest: Path, md5: str, timeout: float = 30.0) -> Path:
+    """Fetch ``url`` to ``dest`` (atomically) and verify its md5; raise DatasetError when offline or corrupt."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r, open(tmp, "wb") as f:
+            while chunk := r.read(1 << 20):
+                f.write(chunk)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise DatasetError(f"could not download {url} ({e}); place the file at {dest} by hand") from None
+    if md5sum(tmp) != md5:
+        tmp.unlink(missing_ok=True)
+        raise DatasetError(f"download of {url} failed its md5 check ({md5}); nothing was kept")
+    os.replace(tmp, dest)
+    return dest
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (MNIST format), gzipped or not."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+        if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+            raise ValueError("bad magic number")
+        ndim = raw[3]
+        dims = np.frombuffer(raw, dtype=">u4", count=ndim, offset=4).astype(int)
+        data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+        return data.reshape(dims).copy()
+    except (OSError, ValueError, EOFError, gzip.BadGzipFile) as e:
+        raise DatasetError(f"corrupt IDX file {path} ({e}); re-download it") from None
+
+
+def load_mnist_like(root: Path, folder: str, classes: list[str], download_missing: bool = False) -> tuple:
+    raw = root / folder / "raw"
+
+    def find(stem: str) -> Path:
+        for cand in (raw / (stem + ".gz"), raw / stem):
+            if cand.exists():
+                return cand
+        if download_missing:
+            base, sums = MNIST_MIRRORS[folder]
+            return download(base + stem + ".gz", raw / (stem + ".gz"), sums[stem + ".gz"])
+        raise DatasetError(
+            f"{folder} not found: expected {raw}/{{{','.join(MNIST_FILES.values())}}}[.gz] "
+            f"(torchvision layout; set --data-root to the folder that contains {folder}/, or pass --download)"
+        )
+
+    arrays = {k: read_idx(find(v)) for k, v in MNIST_FILES.items()}
+    for split in ("train", "test"):
+        if len(arrays[f"{split}_images"]) != len(arrays[f"{split}_labels"]):
+            raise DatasetError(f"corrupt {folder}: {split} images and labels differ in length; re-download them")
+    return (arrays["train_images"][:, None], arrays["train_labels"], arrays["test_images"][:, None],
+            arrays["test_labels"], classes)
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """CIFAR's python-version batches are pickles: allow only the numpy classes they need, nothing else."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}")
+
+
+def _unpickle(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return _NumpyOnlyUnpickler(f, encoding="latin1").load()
+    except (OSError, pickle.UnpicklingError, EOFError, ValueError) as e:
+        raise DatasetError(f"corrupt CIFAR batch file {path} ({e}); re-download it") from None
+
+
+def _fetch_archive(root: Path, name: str, download_missing: bool) -> Path:
+    url, md5, folder = ARCHIVES[name]
+    path = root / folder
+    if path.is_dir():
+        return path
+    if not download_missing:
+        raise DatasetError(f"{name} not found: expected {path}/ (the python version from {url}, unpacked; "
+                           f"set --data-root to its parent, or pass --download)")
+    archive = download(url, root / url.rsplit("/", 1)[1], md5)
+    with tarfile.open(archive) as tar:
+        tar.extractall(root, filter="data")
+    return path
+
+
+def load_cifar(root: Path, name: str, download_missing: bool = False) -> tuple:
+    path = _fetch_archive(root, name, download_missing)
+
+    def read(files: list[str], label_key: str) -> tuple[np.ndarray, np.ndarray]:
+        xs, ys = [], []
+        for fname in files:
+            if not (path / fname).exists():
+                raise DatasetError(f"{name} incomplete: {path / fname} is missing; re-download the archive")
+            d = _unpickle(path / fname)
+            xs.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            ys.append(np.asarray(d[label_key], dtype=np.int64))
+        return np.concatenate(xs), np.concatenate(ys)
+
+    if name == "cifar10":
+        x_tr, y_tr = read([f"data_batch_{i}" for i in range(1, 6)], "labels")
+        x_te, y_te = read(["test_batch"], "labels")
+        meta = path / "batches.meta"
+        classes = [str(c) for c in _unpickle(meta)["label_names"]] if meta.exists() else CIFAR10_CLASSES
+    else:
+        x_tr, y_tr = read(["train"], "fine_labels")
+        x_te, y_te = read(["test"], "fine_labels")
+        meta = path / "meta"
+        classes = ([str(c) for c in _unpickle(meta)["fine_label_names"]] if meta.exists()
+                   else [str(i) for i in range(100)])
+    return x_tr, y_tr, x_te, y_te, classes
+
+
+def load_svhn(root: Path, download_missing: bool = False) -> tuple:
+    from scipy.io import loadmat
+
+    out = []
+    for fname, (url, md5) in SVHN_FILES.items():
+        path = root / fname
+        if not path.exists():
+            if not download_missing:
+                raise DatasetError(f"svhn not found: expected {root}/train_32x32.mat and {root}/test_32x32.mat "
+                                   f"(from http://ufldl.stanford.edu/housenumbers/; or pass --download)")
+            download(url, path, md5)
+        try:
+            mat = loadmat(path)
+        except Exception as e:  # scipy raises several types for broken files
+            raise DatasetError(f"corrupt SVHN file {path} ({e}); re-download it") from None
+        x = np.ascontiguousarray(mat["X"].transpose(3, 2, 0, 1)).astype(np.uint8)
+        y = mat["y"].reshape(-1).astype(np.int64) % 10  # SVHN labels the digit 0 as 10
+        out += [x, y]
+    return (*out, [str(i) for i in range(10)])
+
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+
+
+def _read_image_dir(split_dir: Path, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    files, labels = [], []
+    for label, cls in enumerate(classes):
+        cdir = split_dir / cls
+        found = sorted(p for p in cdir.iterdir() if p.suffix.lower() in IMAGE_EXTS) if cdir.is_dir() else []
+        files += found
+        labels += [label] * len(found)
+    if not files:
+        raise DatasetError(f"no images in {split_dir}/<class>/*.png|jpg")
+
+    def load(p: Path) -> np.ndarray:
+        try:
+            with Image.open(p) as im:
+                return np.asarray(im.convert("L" if im.mode in ("L", "1", "I;16") else "RGB"))
+        except OSError as e:
+            raise DatasetError(f"unreadable image {p} ({e})") from None
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        imgs = list(pool.map(load, files, chunksize=256))
+    shapes = {im.shape for im in imgs}
+    if len(shapes) != 1:
+        raise DatasetError(f"images in {split_dir} differ in size/channels {sorted(shapes)[:3]}; resize them first")
+    x = np.stack(imgs)
+    x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)
+    return np.ascontiguousarray(x), np.asarray(labels, dtype=np.int64)
+
+
+def load_imagefolder(root: Path) -> tuple:
+    """``root/{train,test}/<class>/*.png``; decoded once, then cached as one .npz under ``$JEMTORCH_CACHE``."""
+    train_dir, test_dir = root / "train", root / "test"
+    if not train_dir.is_dir() or not test_dir.is_dir():
+        raise DatasetError(f"imagefolder not found: expected {root}/train/<class>/*.png and {root}/test/<class>/*.png")
+    classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
+    if not classes:
+        raise DatasetError(f"no class folders in {train_dir}")
+    stamp = f"{root.resolve()}|{train_dir.stat().st_mtime_ns}|{test_dir.stat().st_mtime_ns}|{classes}"
+    cache_dir = Path(os.environ.get("JEMTORCH_CACHE", Path.home() / ".cache" / "jemtorch"))
+    cache = cache_dir / f"imagefolder-{hashlib.sha1(stamp.encode()).hexdigest()[:16]}.npz"
+    if cache.exists():
+        with np.load(cache) as z:
+            return z["x_train"], z["y_train"], z["x_test"], z["y_test"], classes
+    x_tr, y_tr = _read_image_dir(train_dir, classes)
+    x_te, y_te = _read_image_dir(test_dir, classes)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(cache.stem + f".{os.getpid()}.tmp.npz")
+        np.savez(tmp, x_train=x_tr, y_train=y_tr, x_test=x_te, y_test=y_te)
+        os.replace(tmp, cache)
+    except OSError:
+        pass  # a read-only cache only costs speed next time
+    return x_tr, y_tr, x_te, y_te, classes
+
+
+def load_digits_data(seed: int = 0, test_fraction: float = 0.2) -> tuple:
+    """scikit-learn's bundled 8×8 digits (1797 images, 16 grey levels), stratified train/test split, fixed seed."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    x = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)[:, None]
+    y = d.target.astype(np.int64)
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=test_fraction, stratify=y, random_state=seed)
+    return x_tr, y_tr, x_te, y_te, [str(i) for i in range(10)]
+
+
+# name -> (augmentation pad, flip)
+DATASETS = {
+    "digits": (0, False),
+    "mnist": (2, False),
+    "fashion-mnist": (2, True),
+    "cifar10": (4, True),
+    "cifar100": (4, True),
+    "svhn": (4, False),
+    "imagefolder": (None, True),  # pad 4 for images of 32 px and more, else none
+}
+DEFAULT_ROOT = "./data"
+
+
+def load_dataset(name: str, root: Optional[str | Path] = None, download_missing: bool = False) -> ImageData:
+    """Load a dataset by name (see module docstring) as uint8 tensors on the CPU."""
+    if name not in DATASETS:
+        raise DatasetError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+    root = Path(root if root is not None else DEFAULT_ROOT).expanduser()
+    if name == "digits":
+        parts = load_digits_data()
+    elif name == "mnist":
+        parts = load_mnist_like(root, "MNIST", [str(i) for i in range(10)], download_missing)
+    elif name == "fashion-mnist":
+        parts = load_mnist_like(root, "FashionMNIST", FASHION_CLASSES, download_missing)
+    elif name in ("cifar10", "cifar100"):
+        parts = load_cifar(root, name, download_missing)
+    elif name == "svhn":
+        parts = load_svhn(root, download_missing)
+    else:
+        parts = load_imagefolder(root)
+    x_tr, y_tr, x_te, y_te, classes = parts
+    pad, flip = DATASETS[name]
+    if pad is None:
+        pad = 4 if x_tr.shape[-1] >= 32 else 0
+    if y_tr.min() < 0 or y_tr.max() >= len(classes) or y_te.min() < 0 or y_te.max() >= len(classes):
+        raise DatasetError(f"corrupt {name}: labels outside 0..{len(classes) - 1}")
+    return ImageData(name, torch.from_numpy(np.ascontiguousarray(x_tr)), torch.from_numpy(y_tr),
+                     torch.from_numpy(np.ascontiguousarray(x_te)), torch.from_numpy(y_te), classes, pad, flip)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# splits
+# ----------------------------------------------------------------------------------------------------------------
+def stratified_split(y: torch.Tensor, n_holdout: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (keep, holdout) with ``n_holdout`` examples held out, stratified by label."""
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(y))
+    if n_holdout <= 0:
+        return torch.from_numpy(idx), torch.from_numpy(idx[:0])
+    keep, hold = train_test_split(idx, test_size=n_holdout, stratify=y.numpy(), random_state=seed)
+    return torch.from_numpy(np.sort(keep)), torch.from_numpy(np.sort(hold))
+
+
+def labeled_subset(y: torch.Tensor, labels_per_class: int, seed: int) -> torch.Tensor:
+    """Indices of ``labels_per_class`` examples per class (semi-supervised training keeps labels only for these)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for c in torch.unique(y):
+        idx = torch.nonzero(y == c).flatten()
+        if len(idx) < labels_per_class:
+            raise DatasetError(f"class {int(c)} has only {len(idx)} training examples, fewer than labels_per_class")
+        out.append(idx[torch.randperm(len(idx), generator=g)[:labels_per_class]])
+    return torch.sort(torch.cat(out)).values
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# on-device batches and augmentation
+# ----------------------------------------------------------------------------------------------------------------
+def to_float(x: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] → float [-1, 1] (the paper's scaling)."""
+    return x.float().mul_(2.0 / 255.0).sub_(1.0)
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """float [-1, 1] → uint8 [0, 255] (clamped)."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round_().to(torch.uint8)
+
+
+def augment(x: torch.Tensor, pad: int = 0, flip: bool = False, noise: float = 0.0) -> torch.Tensor:
+    """Batched augmentation on x's device: reflect-pad + random crop, random horizontal flip, Gaussian noise."""
+    b, _, h, w = x.shape
+    if pad > 0:
+        xp = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+        oy = torch.randint(0, 2 * pad + 1, (b, 1, 1), device=x.device)
+        ox = torch.randint(0, 2 * pad + 1, (b, 1, 1), device=x.device)
+        rows = (oy + torch.arange(h, device=x.device).view(1, h, 1)).expand(b, h, w)
+        cols = (ox + torch.arange(w, device=x.device).view(1, 1, w)).expand(b, h, w)
+        bi = torch.arange(b, device=x.device).view(b, 1, 1).expand(b, h, w)
+        x = xp.permute(0, 2, 3, 1)[bi, rows, cols].permute(0, 3, 1, 2)
+    if flip:
+        mask = torch.rand(b, 1, 1, 1, device=x.device) < 0.5
+        x = torch.where(mask, x.flip(3), x)
+    if noise > 0:
+        x = x + noise * torch.randn_like(x)
+    return x
+
+
+class BatchStream:
+    """Endless shuffled batches of a uint8 tensor dataset kept on the device.
+
+    Batch ``i`` is a pure function of (seed, i): epoch ``i // batches_per_epoch`` uses its own seeded permutation, so a
+    resumed run sees exactly the batches an uninterrupted run would.
+    """
+
+    def __init__(self, x: torch.Tensor, y: Optional[torch.Tensor], batch_size: int, seed: int):
+        if len(x) == 0:
+            raise DatasetError("cannot draw batches from an empty dataset")
+        self.x, self.y = x, y
+        self.batch_size = min(batch_size, len(x))
+        self.seed = seed
+        self.batches_per_epoch = len(x) // self.batch_size  # drop_last
+        self._perm_epoch, self._perm = -1, None
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if epoch != self._perm_epoch:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._perm = torch.randperm(len(self.x), generator=g).to(self.x.device)
+            self._perm_epoch = epoch
+        return self._perm
+
+    def batch(self, i: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        epoch, pos = divmod(i, self.batches_per_epoch)
+        idx = self._permutation(epoch)[pos * self.batch_size : (pos + 1) * self.batch_size]
+        return self.x[idx], (self.y[idx] if self.y is not None else None)
+
+
+def iterate_batches(x: torch.Tensor, batch_size: int):
+    for i in range(0, len(x), batch_size):
+        yield x[i : i + batch_size]

@@ -1,0 +1,67 @@
+"""The energy model: any classifier f(x) -> logits, read as a Joint Energy-based Model.
+
+    p(x, y) ∝ exp f(x)[y]        E(x, y) = -f(x)[y]
+    p(x)    ∝ Σ_y exp f(x)[y]    E(x)    = -LogSumExp_y f(x)[y]
+    p(y|x)  = softmax(f(x))[y]   (unchanged: JEM is still the classifier)
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+
+class JEM(nn.Module):
+    """Wraps a classifier ``f`` (any ``nn.Module`` mapping images to logits) as an energy model.
+
+    >>> jem = JEM(my_classifier)
+    >>> jem.energy(x)          # E(x)    = -logsumexp f(x)          shape (B,)
+    >>> jem.energy(x, y)       # E(x,y)  = -f(x)[y]                 shape (B,)
+    >>> jem.log_p_y_given_x(x) # log softmax f(x)                   shape (B, C)
+    >>> jem.log_px(x)          # unnormalised log p(x) = -E(x)      shape (B,)
+    """
+
+    def __init__(self, classifier: nn.Module):
+        super().__init__()
+        self.f = classifier
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits f(x), shape (B, num_classes)."""
+        return self.f(x)
+
+    # All methods below take either images (``x``) or precomputed logits (``logits=``), so a training step
+    # can run the network once and derive every term from the same logits.
+    def _logits(self, x: Optional[torch.Tensor], logits: Optional[torch.Tensor]) -> torch.Tensor:
+        if logits is None:
+            if x is None:
+                raise ValueError("pass images x or logits=")
+            logits = self.f(x)
+        return logits
+
+    def log_px(self, x: Optional[torch.Tensor] = None, *, logits: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Unnormalised log p(x) = LogSumExp_y f(x)[y] (the normaliser Z is intractable)."""
+        return self._logits(x, logits).logsumexp(dim=1)
+
+    def log_pxy(
+        self, x: Optional[torch.Tensor], y: torch.Tensor, *, logits: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """Unnormalised log p(x, y) = f(x)[y]."""
+        return self._logits(x, logits).gather(1, y.view(-1, 1)).squeeze(1)
+
+    def energy(
+        self, x: Optional[torch.Tensor] = None, y: Optional[torch.Tensor] = None, *, logits: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """E(x) = -LSE f(x) when ``y`` is None, else E(x, y) = -f(x)[y]."""
+        if y is None:
+            return -self.log_px(x, logits=logits)
+        return -self.log_pxy(x, y, logits=logits)
+
+    def log_p_y_given_x(self, x: Optional[torch.Tensor] = None, *, logits: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """log p(y|x) = log_softmax f(x), shape (B, num_classes)."""
+        return self._logits(x, logits).log_softmax(dim=1)
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+        """Predicted class for every image, in batches."""
+        return torch.cat([self.f(x[i : i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
