@@ -9,13 +9,13 @@ Where things live:
     config.py     every training knob (CLI flags = config entries)
     cli.py        the ``jem`` command
 """
-from .config import TrainConfig
+from .config import TrainConfig, make_config
 from .data import ImageData, load_dataset
 from .energy import JEM
 from .models import create_model, list_models
 from .sampler import JEMSampler, ReplayBuffer, sgld
 from .train import Trainer, train
 
-__all__ = ["JEM", "JEMSampler", "ReplayBuffer", "sgld", "Trainer", "train", "TrainConfig", "create_model",
+__all__ = ["JEM", "JEMSampler", "ReplayBuffer", "sgld", "Trainer", "train", "TrainConfig", "make_config", "create_model",
            "list_models", "load_dataset", "ImageData"]
 __version__ = "0.1.0"

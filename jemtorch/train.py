@@ -20,6 +20,7 @@ import os
 import platform
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -183,9 +184,13 @@ class Trainer:
         healthy = all(math.isfinite(v) for v in values.values()) and abs(values.get("energy_gap", 0.0)) <= self.cfg.max_energy_gap
         if healthy:
             self.opt.step()
+            self.sched.step()
             self.bad_steps = 0
         else:
             self.opt.zero_grad(set_to_none=True)
+            with warnings.catch_warnings():  # the schedule advances although the optimiser skipped this step
+                warnings.simplefilter("ignore", UserWarning)
+                self.sched.step()
             self.bad_steps += 1
             self.skipped_steps += 1
             if self.bad_steps >= self.cfg.max_bad_steps:
@@ -194,7 +199,6 @@ class Trainer:
                     f"loss or |energy gap| > {self.cfg.max_energy_gap:g} (last: {values}). Resume from "
                     f"{self.run_dir / CHECKPOINT} with a lower --lr, smaller --sgld-lr or more --warmup-iters."
                 )
-        self.sched.step()
         self.step += 1
         values["skipped"] = float(not healthy)
         return values
@@ -220,20 +224,22 @@ class Trainer:
                     window.setdefault(k, []).append(v)
                 bar.update(1)
                 bar.set_postfix(_postfix(values), refresh=False)
+                # validation and logging happen at fixed steps only, so a stopped-and-resumed run logs and selects
+                # its best checkpoint exactly as an uninterrupted one
                 epoch_done = self.step % self.iters_per_epoch == 0
                 last = self.step == self.total_iters
                 now = time.perf_counter()
                 self.train_seconds += now - t_last
                 t_last = now
 
-                if self.step % cfg.log_every == 0 or last:
+                if self.step % cfg.log_every == 0:
                     rec = {"kind": "train", "step": self.step, "epoch": self.step / self.iters_per_epoch,
                            "lr": self.opt.param_groups[0]["lr"], "time": round(self.train_seconds, 3)}
                     rec.update({k: _mean(v) for k, v in window.items()})
                     metrics.write(json.dumps(rec) + "\n")
                     metrics.flush()
                     window.clear()
-                if (epoch_done and (self.step // self.iters_per_epoch) % cfg.eval_every == 0) or last:
+                if epoch_done and ((self.step // self.iters_per_epoch) % cfg.eval_every == 0 or last):
                     self._validate(metrics)
                 if self.uses_samples and (self.step % sample_every == 0 or last):
                     self.write_samples()

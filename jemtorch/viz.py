@@ -11,7 +11,7 @@ import torch
 from .data import to_uint8
 
 
-def make_grid(x: torch.Tensor, nrow: Optional[int] = None, pad: int = 1, min_tile: int = 48) -> np.ndarray:
+def make_grid(x: torch.Tensor, nrow: Optional[int] = None, pad: int = 2, min_tile: int = 48) -> np.ndarray:
     """x: (B, C, H, W) floats in [-1, 1] → uint8 image (H', W', 3) with ``nrow`` images per row."""
     x = to_uint8(x.detach().float().cpu())
     if x.shape[1] == 1:

@@ -1,0 +1,124 @@
+import json
+
+import pytest
+import torch
+
+from jemtorch import TrainConfig, Trainer, train
+from jemtorch.checkpoint import CheckpointError, load_safe
+
+TINY = dict(dataset="digits", model="cnn-8", sgld_steps=2, buffer_size=200, batch_size=32, warmup_iters=0, lr=1e-3,
+            progress=False, log_every=5, n_valid=100)
+
+
+def cfg(tmp_path, **kw):
+    return TrainConfig(**{**TINY, "out": str(tmp_path), **kw})
+
+
+def test_short_training_lowers_the_loss(tmp_path):
+    summary = train(cfg(tmp_path / "r", epochs=4, model="cnn-16"))
+    recs = [json.loads(l) for l in (tmp_path / "r/metrics.jsonl").read_text().splitlines()]
+    train_recs = [r for r in recs if r["kind"] == "train"]
+    assert train_recs[-1]["l_clf"] < train_recs[0]["l_clf"] - 0.5
+    assert summary["test_accuracy"] > 0.5
+    for key in ("test_accuracy", "train_seconds", "iterations", "dataset", "model"):
+        assert key in summary
+    for rec in train_recs:
+        assert {"loss", "l_clf", "l_px", "energy_gap", "e_data", "e_samples", "train_acc", "lr"} <= set(rec)
+    run = tmp_path / "r"
+    for name in ("config.json", "checkpoint.pt", "best.pt", "summary.json", "samples_uncond.png", "samples_cond.png"):
+        assert (run / name).is_file(), name
+    assert json.loads((run / "config.json").read_text())["sgld_steps"] == 2
+
+
+def test_baseline_uses_no_samples(tmp_path):
+    trainer = Trainer(cfg(tmp_path, p_x_weight=0, epochs=1))
+    before = trainer.buffer.data.clone()
+    values = trainer.train_step()
+    assert "energy_gap" not in values and torch.equal(trainer.buffer.data, before)
+
+
+@pytest.mark.parametrize("kw", [dict(p_x_y_weight=1.0, p_x_weight=0.0), dict(p_x_y_weight=0.5, class_cond_buffer=True),
+                                dict(labels_per_class=5)])
+def test_variants_train(tmp_path, kw):
+    trainer = Trainer(cfg(tmp_path, epochs=1, **kw))
+    for _ in range(3):
+        values = trainer.train_step()
+    assert all(v == v for v in values.values())  # finite, not NaN
+    if "p_x_y_weight" in kw:
+        assert "l_pxy" in values
+    if kw.get("p_x_weight") == 0.0:
+        assert trainer.buffer.class_conditional
+    if "labels_per_class" in kw:
+        assert len(trainer.labeled.x) == 50 and len(trainer.unlabeled.x) == len(trainer.x_train)
+
+
+def test_lr_schedule(tmp_path):
+    t = Trainer(cfg(tmp_path, warmup_iters=10, decay_epochs=(2,), decay_rate=0.1, epochs=3))
+    ipe = t.iters_per_epoch
+    assert t.lr_factor(0) == pytest.approx(0.1) and t.lr_factor(9) == 1.0
+    assert t.lr_factor(2 * ipe) == pytest.approx(0.1)
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    full = train(cfg(tmp_path / "a", epochs=3))
+    train(cfg(tmp_path / "b", epochs=3, max_iters=50))  # stops mid-epoch (iters_per_epoch = 37)
+    resumed = Trainer(cfg(tmp_path / "b", epochs=3))
+    resumed.resume()
+    assert resumed.step == 50
+    out = resumed.fit()
+    for key in ("test_accuracy", "test_nll", "test_accuracy_last", "best_val_accuracy", "iterations"):
+        assert out[key] == full[key], key
+    a, b = (load_safe(tmp_path / r / "checkpoint.pt") for r in ("a", "b"))
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert torch.equal(a["buffer"]["data"], b["buffer"]["data"])
+    strip = lambda p: [{k: v for k, v in json.loads(l).items() if k != "time"} for l in p.read_text().splitlines()]
+    assert strip(tmp_path / "a/metrics.jsonl") == strip(tmp_path / "b/metrics.jsonl")
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    train(cfg(tmp_path, epochs=1))
+    ck = tmp_path / "checkpoint.pt"
+    ck.write_bytes(ck.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="cannot load checkpoint"):
+        Trainer(cfg(tmp_path, epochs=1)).resume()
+
+
+def test_checkpoint_refuses_arbitrary_objects(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"x": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError):
+        load_safe(tmp_path / "evil.pt")
+
+
+def test_divergence_is_caught(tmp_path):
+    from jemtorch.train import TrainingDiverged
+
+    t = Trainer(cfg(tmp_path, epochs=1, max_energy_gap=1e-9, max_bad_steps=3))
+    w = [p.clone() for p in t.jem.parameters()]
+    with pytest.raises(TrainingDiverged, match="3 consecutive"):
+        for _ in range(5):
+            t.train_step()
+    assert all(torch.equal(a, b) for a, b in zip(w, t.jem.parameters()))  # no bad step was applied
+
+
+def test_config_validation():
+    for bad in (dict(sgld_steps=-1), dict(reinit_freq=2.0), dict(lr=0), dict(optimizer="rmsprop"),
+                dict(p_y_given_x_weight=0, p_x_weight=0), dict(labels_per_class=0), dict(norm="group")):
+        with pytest.raises(ValueError):
+            TrainConfig(**bad)
+    with pytest.raises(ValueError, match="unknown config entries"):
+        TrainConfig.from_dict({"sgld_stepz": 3})
+
+
+def test_dataset_presets_sit_under_explicit_values():
+    from jemtorch import make_config
+
+    d = make_config()
+    assert (d.dataset, d.model, d.lr, d.sgld_steps, d.sgld_lr, d.sgld_std, d.reinit_freq) == ("digits", "cnn", 1e-3, 20, 1.0, 0.01, 0.05)
+    assert make_config(lr=5e-4).lr == 5e-4
+    c = make_config(dataset="cifar10")
+    assert (c.model, c.lr, c.warmup_iters, c.decay_epochs, c.buffer_size, c.data_noise) == ("wrn-28-10", 1e-4, 1000, (160, 180), 10000, 0.03)
