@@ -206,3 +206,26 @@ def test_real_cifar10_png(tmp_path):
     assert d.x_test.shape == (10000, 3, 32, 32) and torch.bincount(d.y_test).tolist() == [1000] * 10
     mean = d.x_test.float().mean(dim=(0, 2, 3)) / 255
     assert torch.allclose(mean, torch.tensor([0.4914, 0.4822, 0.4465]), atol=0.01)
+
+
+def test_download_verifies_md5_and_fails_clearly(tmp_path, monkeypatch):
+    import hashlib
+    import io
+    import urllib.request
+
+    from jemtorch import data as D
+
+    payload = b"hello"
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: io.BytesIO(payload))
+    good = D.download("http://x/f", tmp_path / "f", hashlib.md5(payload).hexdigest())
+    assert good.read_bytes() == payload
+    with pytest.raises(DatasetError, match="md5"):
+        D.download("http://x/g", tmp_path / "g", "0" * 32)
+    assert not (tmp_path / "g").exists() and not (tmp_path / "g.part").exists()
+
+    def offline(url, timeout):
+        raise OSError("Network is unreachable")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(DatasetError, match="could not download .* place the file at"):
+        load_dataset("mnist", tmp_path / "empty", download_missing=True)

@@ -1,0 +1,80 @@
+"""Cost of a JEM training step relative to a plain classifier step, measured side by side.
+
+Both steps run through the same Trainer.train_step (the classifier is ``p_x_weight=0``), same model, batch and
+device, interleaved round by round so machine noise hits both alike. The floor is (2K+6)/3 network-pass units:
+an SGLD step ≈ forward + input-only backward ≈ 2, the loss ≈ forward+backward on data and samples ≈ 6, a
+classifier step ≈ forward+backward on data ≈ 3.
+
+    python benchmarks/step_cost.py                       # cnn on 1×8×8 and 3×32×32, wrn-10-2 on 3×32×32, K=20
+    python benchmarks/step_cost.py --device cuda --amp   # on a GPU, with bf16 autocast
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from jemtorch import ImageData, Trainer, make_config
+
+
+def synthetic(shape, n=2048, classes=10) -> ImageData:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (n, *shape), dtype=torch.uint8, generator=g)
+    y = torch.arange(n) % classes
+    return ImageData(f"synthetic{shape}", x, y, x[:256], y[:256], [str(i) for i in range(classes)], pad=0)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench(model: str, shape, k: int, batch: int, device: str, rounds: int, steps: int, warmup: int) -> dict:
+    data = synthetic(shape)
+    common = dict(dataset="imagefolder", model=model, batch_size=batch, sgld_steps=k, device=device, progress=False,
+                  n_valid=0, buffer_size=1000, warmup_iters=0)
+    trainers = {"clf": Trainer(make_config(p_x_weight=0.0, **common), data),
+                "jem": Trainer(make_config(p_x_weight=1.0, **common), data)}
+    times = {name: [] for name in trainers}
+    for t in trainers.values():
+        for _ in range(warmup):
+            t.train_step()
+    for _ in range(rounds):
+        for name, t in trainers.items():
+            sync(t.device)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                t.train_step()
+            sync(t.device)
+            times[name].append((time.perf_counter() - t0) / steps)
+    clf, jem = statistics.median(times["clf"]), statistics.median(times["jem"])
+    floor = (2 * k + 6) / 3
+    return {"model": model, "input": "×".join(map(str, shape)), "K": k, "batch": batch, "clf_ms": clf * 1e3,
+            "jem_ms": jem * 1e3, "ratio": jem / clf, "floor": floor, "ratio/floor": jem / clf / floor}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--k", type=int, default=20)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--steps", type=int, default=3, help="steps per round and kind")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--cases", default="cnn:1x8x8,cnn:3x32x32,wrn-10-2:3x32x32")
+    args = p.parse_args()
+    print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}")
+    print(f"| model | input | K | batch | classifier step (ms) | JEM step (ms) | JEM/classifier | floor (2K+6)/3 | ratio/floor |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for case in args.cases.split(","):
+        model, shape = case.split(":")
+        r = bench(model, tuple(int(v) for v in shape.split("x")), args.k, args.batch, args.device, args.rounds,
+                  args.steps, args.warmup)
+        print(f"| {r['model']} | {r['input']} | {r['K']} | {r['batch']} | {r['clf_ms']:.1f} | {r['jem_ms']:.1f} | "
+              f"{r['ratio']:.2f} | {r['floor']:.2f} | {r['ratio/floor']:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
