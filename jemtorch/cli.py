@@ -33,6 +33,24 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
     t.add_argument("--overwrite", action="store_true", help="start afresh in a run directory that already has a run")
     add_config_arguments(t)
+
+    e = sub.add_parser("eval", help="evaluate runs: accuracy, calibration, OOD detection, samples, generation quality",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    e.add_argument("runs", nargs="+", metavar="RUN_DIR", help="one or more run directories, compared side by side")
+    e.add_argument("--ood", default="interp,uniform,gaussian,constant",
+                   help="comma-separated OOD sets: interp, uniform, gaussian, constant, or any dataset name")
+    e.add_argument("--n", type=int, default=2000, help="test images scored, and images per OOD set (-1: all)")
+    e.add_argument("--bins", type=int, default=15, help="equal-width bins for ECE and the reliability diagram")
+    e.add_argument("--sample-steps", type=int, default=200, help="SGLD steps of the fresh sample chains")
+    e.add_argument("--n-samples", type=int, default=100, help="images per sample grid")
+    e.add_argument("--n-gen", type=int, default=500, help="images per set for the Fréchet distances")
+    e.add_argument("--reference", metavar="RUN_DIR", help="classifier whose features define the Fréchet distance "
+                   "(default: a baseline among the runs)")
+    e.add_argument("--inception-weights", metavar="PATH", help="FID Inception weights file for true FID / IS")
+    e.add_argument("--data-root", help="override the runs' dataset root (also for OOD datasets)")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--no-progress", action="store_true")
     return parser
 
 
@@ -71,10 +89,28 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate import EvalOptions, SCORES, evaluate_runs
+
+    if args.n == 0 or args.n < -1 or args.bins < 1 or args.sample_steps < 0 or args.n_samples < 1 or args.n_gen < 2:
+        raise ValueError("--n must be -1 or >= 1, --bins, --n-samples >= 1, --n-gen >= 2, --sample-steps >= 0")
+    ood = tuple(o.strip() for o in args.ood.split(",") if o.strip())
+    opts = EvalOptions(ood=ood, n=args.n, bins=args.bins, sample_steps=args.sample_steps, n_samples=args.n_samples,
+                       n_gen=args.n_gen, data_root=args.data_root, inception_weights=args.inception_weights,
+                       seed=args.seed, progress=not args.no_progress)
+    results = evaluate_runs(args.runs, opts, args.reference, args.device)
+    for r in results:
+        print(f"{r['name']}: accuracy {r['test_accuracy']:.4f}  ECE {r['ece']:.4f}  " + "  ".join(
+            f"{o}:" + "/".join(f"{r['ood'][o][s]['auroc']:.3f}" for s in SCORES) for o in r["ood"]))
+        print(f"  report: {Path(r['run']) / 'eval' / 'report.html'}")
+    print("(AUROC per OOD set: " + "/".join(SCORES) + ")")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"train": cmd_train}[args.command](args)
+        return {"train": cmd_train, "eval": cmd_eval}[args.command](args)
     except USER_ERRORS as e:
         print(f"jem: error: {e}", file=sys.stderr)
         return 2

@@ -65,8 +65,11 @@ class TrainConfig:
     max_iters: int = _f(-1, "stop after this many iterations (-1: run all epochs)")
     n_valid: int = _f(-1, "held-out validation examples for best-checkpoint selection (-1: 10% of train, 0: none)")
     clip_grad: float = _f(0.0, "clip the gradient norm to this value (0: off)")
-    max_energy_gap: float = _f(1e4, "a step with |E(data) − E(samples)| above this, or non-finite, is skipped")
-    max_bad_steps: int = _f(20, "stop with an error after this many consecutive skipped steps")
+    max_energy_gap: float = _f(200.0, "a step with |E(data) − E(samples)| above this, or a non-finite loss, counts "
+                                      "as divergence")
+    max_rollbacks: int = _f(5, "on divergence roll back to the last snapshot, halve the lr and reset the buffer, "
+                               "at most this many times (0: stop at the first divergence)")
+    snapshot_every: int = _f(100, "keep an in-memory snapshot of model and optimiser every N healthy iterations")
 
     # --- logging, samples, checkpoints ---
     log_every: int = _f(20, "write a metrics.jsonl record every N iterations")
@@ -105,7 +108,9 @@ class TrainConfig:
         need(0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}")
         need(self.log_every >= 1 and self.eval_every >= 1 and self.ckpt_every >= 1,
              "--log-every, --eval-every and --ckpt-every must be >= 1")
-        need(self.max_bad_steps >= 1, "--max-bad-steps must be >= 1")
+        need(self.max_rollbacks >= 0, "--max-rollbacks must be >= 0")
+        need(self.snapshot_every >= 1, "--snapshot-every must be >= 1")
+        need(self.max_energy_gap > 0, "--max-energy-gap must be > 0")
         need(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda") or self.device == "mps",
              f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         self.decay_epochs = tuple(int(e) for e in self.decay_epochs)
@@ -142,8 +147,8 @@ class TrainConfig:
 # Per-dataset settings layered over the defaults (and under config files and flags). Everything else stays paper.
 DATASET_PRESETS: dict[str, dict] = {
     "digits": {"model": "cnn", "lr": 1e-3, "warmup_iters": 100, "epochs": 60},
-    "mnist": {"model": "cnn", "lr": 1e-3, "warmup_iters": 200, "epochs": 10},
-    "fashion-mnist": {"model": "cnn", "lr": 1e-3, "warmup_iters": 200, "epochs": 10},
+    "mnist": {"model": "cnn", "epochs": 10},
+    "fashion-mnist": {"model": "cnn", "epochs": 10},
     "cifar10": {"decay_epochs": (160, 180)},
     "cifar100": {"decay_epochs": (160, 180)},
     "svhn": {"decay_epochs": (160, 180)},

@@ -9,18 +9,20 @@ One iteration, following one batch:
     Adam step; warm-up and step decay of the learning rate.
 
 The p(x) term equals the energy gap E(data) − E(samples): near 0 is healthy, large |gap| means the sampler has
-lost track of the model. Steps whose loss is non-finite or whose |gap| exceeds ``max_energy_gap`` are skipped
-rather than applied (the official code stops the run with ``1/0`` instead).
+lost track of the model. A step whose loss is non-finite or whose |gap| exceeds ``max_energy_gap`` is a
+divergence: the step is not applied, model and optimiser roll back to the last in-memory snapshot (taken every
+``snapshot_every`` healthy steps), the learning rate is halved and the replay buffer restarts from noise. After
+``max_rollbacks`` of these the run stops with TrainingDiverged (the official code stops with ``1/0`` at once).
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
 import platform
 import shutil
 import time
-import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -117,20 +119,22 @@ class Trainer:
             self.opt = torch.optim.Adam(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
         else:
             self.opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self.lr_factor)
-
         self.step = 0
         self.best_val = -1.0
         self.train_seconds = 0.0
-        self.bad_steps = 0
-        self.skipped_steps = 0
+        self.lr_scale = 1.0  # halved at every rollback
+        self.rollbacks = 0
+        self.snapshot: Optional[dict] = None
+        self.events: list[dict] = []  # rollbacks, written to metrics.jsonl
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self.lr_factor)
+
 
     # ---------------------------------------------------------------------------------------------------------
     def lr_factor(self, step: int) -> float:
         """Linear warm-up over ``warmup_iters``, then ×decay_rate at each of ``decay_epochs``."""
         warm = min(1.0, (step + 1) / self.cfg.warmup_iters) if self.cfg.warmup_iters > 0 else 1.0
         epoch = step // self.iters_per_epoch
-        return warm * self.cfg.decay_rate ** sum(epoch >= e for e in self.cfg.decay_epochs)
+        return self.lr_scale * warm * self.cfg.decay_rate ** sum(epoch >= e for e in self.cfg.decay_epochs)
 
     def prepare(self, x_u8: torch.Tensor) -> torch.Tensor:
         return augment(to_float(x_u8), self.pad, self.flip, self.cfg.data_noise)
@@ -182,26 +186,40 @@ class Trainer:
         values = dict(zip(names, torch.stack([stats[k].detach().float() for k in names]).tolist()))
 
         healthy = all(math.isfinite(v) for v in values.values()) and abs(values.get("energy_gap", 0.0)) <= self.cfg.max_energy_gap
-        if healthy:
-            self.opt.step()
-            self.sched.step()
-            self.bad_steps = 0
-        else:
-            self.opt.zero_grad(set_to_none=True)
-            with warnings.catch_warnings():  # the schedule advances although the optimiser skipped this step
-                warnings.simplefilter("ignore", UserWarning)
-                self.sched.step()
-            self.bad_steps += 1
-            self.skipped_steps += 1
-            if self.bad_steps >= self.cfg.max_bad_steps:
-                raise TrainingDiverged(
-                    f"training diverged at iteration {self.step}: {self.bad_steps} consecutive steps with non-finite "
-                    f"loss or |energy gap| > {self.cfg.max_energy_gap:g} (last: {values}). Resume from "
-                    f"{self.run_dir / CHECKPOINT} with a lower --lr, smaller --sgld-lr or more --warmup-iters."
-                )
+        if not healthy:
+            self.roll_back(values)
+            values["rollback"] = 1.0
+            return values
+        self.opt.step()
+        self.sched.step()
         self.step += 1
-        values["skipped"] = float(not healthy)
+        if self.step % self.cfg.snapshot_every == 0:
+            self.take_snapshot()
         return values
+
+    def take_snapshot(self) -> None:
+        self.snapshot = {"model": {k: v.detach().clone() for k, v in self.jem.f.state_dict().items()},
+                         "optimizer": copy.deepcopy(self.opt.state_dict()), "step": self.step}
+
+    def roll_back(self, values: dict) -> None:
+        """Divergence: restore the last snapshot, halve the lr, restart the buffer from noise — or give up."""
+        self.opt.zero_grad(set_to_none=True)
+        if self.rollbacks >= self.cfg.max_rollbacks or self.snapshot is None:
+            raise TrainingDiverged(
+                f"training diverged at iteration {self.step} after {self.rollbacks} rollbacks: non-finite loss or "
+                f"|energy gap| > {self.cfg.max_energy_gap:g} (gap {values.get('energy_gap', float('nan')):.4g}, "
+                f"loss {values['loss']:.4g}). Last checkpoint: {self.run_dir / CHECKPOINT}; try a lower --lr, more "
+                f"--warmup-iters or a smaller --sgld-lr.")
+        self.rollbacks += 1
+        self.lr_scale *= 0.5
+        self.jem.f.load_state_dict(self.snapshot["model"])
+        self.opt.load_state_dict(self.snapshot["optimizer"])
+        self.step = self.snapshot["step"]
+        self.sched.last_epoch = self.step - 1
+        self.sched.step()  # recompute the lr for the restored step with the new scale
+        self.buffer.data = self.buffer.uniform(len(self.buffer))
+        self.events.append({"kind": "rollback", "step": self.step, "lr_scale": self.lr_scale,
+                            "energy_gap": values.get("energy_gap"), "loss": values["loss"]})
 
     # ---------------------------------------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -217,9 +235,19 @@ class Trainer:
         bar = tqdm(total=self.total_iters, initial=self.step, disable=not cfg.progress, dynamic_ncols=True,
                    desc=f"jem {cfg.run_name}", unit="it")
         t_last = time.perf_counter()
+        self.take_snapshot()
         try:
             while self.step < self.total_iters:
                 values = self.train_step()
+                if values.get("rollback"):
+                    for ev in self.events:
+                        metrics.write(json.dumps(ev) + "\n")
+                        bar.write(f"divergence: rolled back to iteration {ev['step']}, lr ×{ev['lr_scale']:g}, "
+                                  f"replay buffer reset")
+                    self.events.clear()
+                    window.clear()
+                    bar.n = self.step
+                    continue
                 for k, v in values.items():
                     window.setdefault(k, []).append(v)
                 bar.update(1)
@@ -286,7 +314,7 @@ class Trainer:
             "train_seconds": round(self.train_seconds, 2),
             "iterations": self.step,
             "epochs": self.step / self.iters_per_epoch,
-            "skipped_steps": self.skipped_steps,
+            "rollbacks": self.rollbacks,
             "dataset": self.cfg.dataset,
             "model": self.cfg.model,
             "num_params": sum(p.numel() for p in self.jem.parameters()),
@@ -348,7 +376,8 @@ class Trainer:
             "step": self.step,
             "best_val": self.best_val,
             "train_seconds": self.train_seconds,
-            "skipped_steps": self.skipped_steps,
+            "rollbacks": self.rollbacks,
+            "lr_scale": self.lr_scale,
             "config": self.cfg.to_dict(),
             "dataset": {"name": self.data.name, "shape": list(self.data.shape), "classes": self.data.classes},
         }
@@ -366,7 +395,8 @@ class Trainer:
             self.step = int(state["step"])
             self.best_val = float(state["best_val"])
             self.train_seconds = float(state["train_seconds"])
-            self.skipped_steps = int(state.get("skipped_steps", 0))
+            self.rollbacks = int(state["rollbacks"])
+            self.lr_scale = float(state["lr_scale"])
         except (KeyError, RuntimeError, ValueError) as e:
             raise CheckpointError(f"checkpoint does not match this run's model/config: {str(e).splitlines()[0]}") from None
 

@@ -94,15 +94,24 @@ def test_checkpoint_refuses_arbitrary_objects(tmp_path):
         load_safe(tmp_path / "evil.pt")
 
 
-def test_divergence_is_caught(tmp_path):
+def test_divergence_rolls_back_then_stops(tmp_path):
     from jemtorch.train import TrainingDiverged
 
-    t = Trainer(cfg(tmp_path, epochs=1, max_energy_gap=1e-9, max_bad_steps=3))
-    w = [p.clone() for p in t.jem.parameters()]
-    with pytest.raises(TrainingDiverged, match="3 consecutive"):
-        for _ in range(5):
-            t.train_step()
-    assert all(torch.equal(a, b) for a, b in zip(w, t.jem.parameters()))  # no bad step was applied
+    t = Trainer(cfg(tmp_path, epochs=1, max_rollbacks=2, snapshot_every=3))
+    t.take_snapshot()
+    for _ in range(4):
+        t.train_step()
+    assert t.snapshot["step"] == 3
+    snap = {k: v.clone() for k, v in t.snapshot["model"].items()}
+    t.cfg.max_energy_gap = 1e-9  # every step now counts as divergence
+    values = t.train_step()
+    assert values["rollback"] == 1.0 and t.step == 3 and t.rollbacks == 1 and t.lr_scale == 0.5
+    assert all(torch.equal(v, snap[k]) for k, v in t.jem.f.state_dict().items())
+    assert t.opt.param_groups[0]["lr"] == pytest.approx(0.5 * 1e-3)
+    assert t.buffer.data.abs().max() <= 1  # restarted from U(-1, 1)
+    t.train_step()
+    with pytest.raises(TrainingDiverged, match="after 2 rollbacks"):
+        t.train_step()
 
 
 def test_config_validation():

@@ -1,0 +1,408 @@
+"""``jem eval``: everything the paper measures on a trained run.
+
+Classification (accuracy, NLL) · calibration (ECE, reliability diagram) · OOD detection with the paper's three scores
+(log p(x), max_y p(y|x), −‖∂ log p(x)/∂x‖₂; AUROC, AUPR, FPR@95%TPR) · samples (replay buffer and fresh SGLD chains) ·
+generation quality (Fréchet distance in a reference classifier's feature space; true FID/IS with Inception weights).
+
+OOD sets: any dataset name ``load_dataset`` knows (its test split, converted to the run's input shape: grey→RGB by
+repeating the channel, RGB→grey by ITU-R 601 luma, resized bilinearly with antialiasing), ``interp`` (midpoints
+λ=0.5 of random pairs of in-distribution test images, the paper's "Interp"), ``uniform`` (U(−1, 1) pixels),
+``gaussian`` (N(0, 1) pixels clipped to [−1, 1]) and ``constant`` (one U(−1, 1) value per image and channel).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import load_safe
+from .config import TrainConfig
+from .data import DATASETS, DatasetError, ImageData, load_dataset, to_float, to_uint8
+from .energy import JEM
+from .metrics import calibration_bins, expected_calibration_error, frechet_distance, ood_metrics
+from .sampler import frozen, sgld
+from .train import BEST, CHECKPOINT, build_jem, pick_device
+
+SYNTHETIC_OOD = ("interp", "uniform", "gaussian", "constant")
+SCORES = ("logp", "maxprob", "gradnorm")
+
+
+@dataclass
+class LoadedRun:
+    run_dir: Path
+    cfg: TrainConfig
+    jem: JEM
+    data: ImageData
+    buffer: Optional[torch.Tensor]
+    device: torch.device
+    summary: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.run_dir.name
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.cfg.p_x_weight == 0 and self.cfg.p_x_y_weight == 0
+
+
+def load_run(run_dir: str | Path, device: str = "auto", data_root: Optional[str] = None,
+             data: Optional[ImageData] = None) -> LoadedRun:
+    """A trained run: its config, model (best-validation weights when kept), replay buffer and dataset."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file() or not (run_dir / CHECKPOINT).is_file():
+        raise FileNotFoundError(f"not a run directory: {run_dir} (expected config.json and {CHECKPOINT} from jem train)")
+    cfg_dict = json.loads((run_dir / "config.json").read_text())
+    if data_root:
+        cfg_dict["data_root"] = data_root
+    cfg = TrainConfig.from_dict(cfg_dict)
+    dev = pick_device(device)
+    ckpt = load_safe(run_dir / CHECKPOINT, dev)
+    if data is None:
+        data = load_dataset(cfg.dataset, cfg.data_root, download_missing=False)
+    jem = build_jem(cfg, data.shape[0], data.num_classes).to(dev)
+    weights = load_safe(run_dir / BEST, dev)["model"] if (run_dir / BEST).is_file() else ckpt["model"]
+    jem.f.load_state_dict(weights)
+    jem.eval()
+    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
+    buffer = ckpt["buffer"]["data"] if (cfg.p_x_weight > 0 or cfg.p_x_y_weight > 0) else None
+    return LoadedRun(run_dir, cfg, jem, data, buffer, dev, summary)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# inputs
+# ------------------------------------------------------------------------------------------------------------------
+def convert_images(x_u8: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+    """uint8 images → the model's (C, H, W): grey→RGB repeats the channel, RGB→grey uses luma; bilinear resize."""
+    c, h, w = shape
+    x = x_u8.float()
+    if x.shape[1] == 1 and c == 3:
+        x = x.expand(-1, 3, -1, -1)
+    elif x.shape[1] == 3 and c == 1:
+        x = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    elif x.shape[1] != c:
+        raise DatasetError(f"cannot convert {x.shape[1]}-channel images to {c} channels")
+    if x.shape[-2:] != (h, w):
+        x = F.interpolate(x, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
+    return x.round().clamp(0, 255).to(torch.uint8)
+
+
+def make_ood_set(name: str, x_in: torch.Tensor, n: int, seed: int = 0, data_root: Optional[str] = None,
+                 in_dataset: Optional[str] = None) -> torch.Tensor:
+    """``n`` OOD images as floats in [−1, 1] with the shape of ``x_in`` (float in-distribution test images)."""
+    g = torch.Generator().manual_seed(seed)
+    shape = tuple(x_in.shape[1:])
+    if name == "uniform":
+        return torch.rand((n, *shape), generator=g) * 2 - 1
+    if name == "gaussian":
+        return torch.randn((n, *shape), generator=g).clamp(-1, 1)
+    if name == "constant":
+        return (torch.rand((n, shape[0], 1, 1), generator=g) * 2 - 1).expand(n, *shape).contiguous()
+    if name == "interp":
+        i = torch.randint(0, len(x_in), (n,), generator=g)
+        j = (i + torch.randint(1, len(x_in), (n,), generator=g)) % len(x_in)  # a different image
+        return 0.5 * x_in[i].cpu() + 0.5 * x_in[j].cpu()
+    if name in DATASETS:
+        if name == in_dataset:
+            raise DatasetError(f"OOD set {name!r} is the in-distribution dataset")
+        x = load_dataset(name, data_root).x_test
+        x = x[torch.randperm(len(x), generator=g)[:n]]
+        return to_float(convert_images(x, shape))
+    raise DatasetError(f"unknown OOD set {name!r}; choose from {', '.join(SYNTHETIC_OOD + tuple(DATASETS))}")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# scores
+# ------------------------------------------------------------------------------------------------------------------
+def ood_scores(jem: JEM, x: torch.Tensor, batch_size: int = 250, device=None, progress: bool = False,
+               desc: str = "scores") -> dict[str, np.ndarray]:
+    """The paper's three scores (higher = more in-distribution) and the logits, for float images ``x``."""
+    from tqdm.auto import tqdm
+
+    device = device or next(jem.parameters()).device
+    out = {k: [] for k in (*SCORES, "logits")}
+    with frozen(jem):
+        for i in tqdm(range(0, len(x), batch_size), desc=desc, disable=not progress, leave=False):
+            xb = x[i : i + batch_size].to(device).requires_grad_(True)
+            logits = jem(xb)
+            logp = logits.logsumexp(1)
+            (grad,) = torch.autograd.grad(logp.sum(), xb)  # samples are independent in eval mode: per-sample grads
+            out["logp"].append(logp.detach().cpu())
+            out["maxprob"].append(logits.detach().softmax(1).max(1).values.cpu())
+            out["gradnorm"].append(-grad.flatten(1).norm(dim=1).cpu())
+            out["logits"].append(logits.detach().cpu())
+    return {k: torch.cat(v).numpy() for k, v in out.items()}
+
+
+def fresh_samples(run: LoadedRun, n: int, steps: int, y: Optional[torch.Tensor] = None, progress: bool = False,
+                  seed: int = 0) -> torch.Tensor:
+    """``n`` fresh SGLD chains from U(−1, 1) (the official ``uncond_samples``/``cond_samples`` start), ``steps`` long,
+    with the run's SGLD step size and noise; conditional on ``y`` when given."""
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(seed)
+    x0 = torch.rand((n, *run.data.shape), device=run.device) * 2 - 1
+    bar = tqdm(total=steps, desc="fresh SGLD chains" + (" (cond)" if y is not None else ""), disable=not progress,
+               leave=False)
+    log_density = run.jem.log_px if y is None else (lambda x: run.jem.log_pxy(x, y.to(run.device)))
+    with frozen(run.jem):
+        x = sgld(log_density, x0, steps, run.cfg.sgld_lr, run.cfg.sgld_std, callback=lambda t: bar.update(1))
+    bar.close()
+    return x.clamp(-1, 1)
+
+
+def penultimate_features(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 500) -> np.ndarray:
+    """Inputs to the model's last ``nn.Linear`` (its feature space), for float images."""
+    last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    if not last:
+        raise ValueError("reference model has no nn.Linear head to take features from")
+    feats = []
+    hook = last[-1].register_forward_pre_hook(lambda mod, inp: feats.append(inp[0].detach().flatten(1).cpu()))
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            was = model.training
+            model.eval()
+            for i in range(0, len(x), batch_size):
+                model(x[i : i + batch_size].to(device))
+            model.train(was)
+    finally:
+        hook.remove()
+    return torch.cat(feats).numpy()
+
+
+def inception_metrics(samples: torch.Tensor, real: torch.Tensor, weights: Optional[str]) -> dict:
+    """True FID and Inception Score (torchmetrics + torch-fidelity's Inception v3) when weights are available.
+
+    ``weights``: path to the FID Inception weights (pt_inception-2015-12-05-6726825d.pth). Without them, or without
+    torch-fidelity importable, returns {"skipped": reason}: nothing is estimated in their place.
+    """
+    if not weights:
+        return {"skipped": "no --inception-weights given (FID/IS need the pt_inception-2015-12-05 weights; offline "
+                           "they cannot be downloaded)"}
+    if not Path(weights).is_file():
+        return {"skipped": f"Inception weights not found at {weights}"}
+    try:
+        from torchmetrics.image.fid import FrechetInceptionDistance
+        from torchmetrics.image.inception import InceptionScore
+
+        to_rgb = lambda x: to_uint8(x).expand(-1, 3, -1, -1).cpu() if x.shape[1] == 1 else to_uint8(x).cpu()
+        fid = FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=weights)
+        fid.update(to_rgb(real), real=True)
+        fid.update(to_rgb(samples), real=False)
+        inc = InceptionScore(feature_extractor_weights_path=weights)
+        inc.update(to_rgb(samples))
+        is_mean, is_std = inc.compute()
+        return {"fid": float(fid.compute()), "inception_score": float(is_mean), "inception_score_std": float(is_std),
+                "n_samples": len(samples), "n_real": len(real)}
+    except Exception as e:  # torch-fidelity missing, torchvision broken, incompatible weights
+        return {"skipped": f"FID/IS unavailable: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the whole evaluation of one run
+# ------------------------------------------------------------------------------------------------------------------
+@dataclass
+class EvalOptions:
+    ood: tuple = ("interp", "uniform", "gaussian", "constant")
+    n: int = 2000  # in-distribution test images scored (and OOD images per set); -1: the whole test set
+    bins: int = 15
+    sample_steps: int = 200
+    n_samples: int = 100
+    n_gen: int = 500  # samples per set for the Fréchet distances
+    data_root: Optional[str] = None
+    inception_weights: Optional[str] = None
+    seed: int = 0
+    progress: bool = True
+
+
+def evaluate_run(run: LoadedRun, opts: EvalOptions, reference: Optional[LoadedRun] = None) -> dict:
+    """Compute every metric of one run. Returns the metrics dict (also the arrays needed for figures)."""
+    torch.manual_seed(opts.seed)
+    data = run.data
+    g = torch.Generator().manual_seed(opts.seed)
+    n = len(data.x_test) if opts.n < 0 else min(opts.n, len(data.x_test))
+    pick = torch.randperm(len(data.x_test), generator=g)[:n]
+    x_in, y_in = to_float(data.x_test[pick]), data.y_test[pick]
+
+    # classification and calibration on the whole test set
+    with torch.no_grad():
+        logits = torch.cat([run.jem(to_float(data.x_test[i : i + 500]).to(run.device)).cpu()
+                            for i in range(0, len(data.x_test), 500)])
+    probs = logits.softmax(1)
+    acc = (probs.argmax(1) == data.y_test).float().mean().item()
+    nll = F.cross_entropy(logits, data.y_test).item()
+    bins = calibration_bins(probs, data.y_test, opts.bins)
+    ece = expected_calibration_error(probs, data.y_test, opts.bins)
+
+    # OOD detection
+    root = opts.data_root or run.cfg.data_root
+    s_in = ood_scores(run.jem, x_in, progress=opts.progress, desc=f"{run.name}: in-dist scores")
+    ood, hist = {}, {"in": {k: s_in[k] for k in SCORES}}
+    for name in opts.ood:
+        x_out = make_ood_set(name, x_in, n, seed=opts.seed + 1, data_root=root, in_dataset=run.cfg.dataset)
+        s_out = ood_scores(run.jem, x_out, progress=opts.progress, desc=f"{run.name}: {name} scores")
+        ood[name] = {k: ood_metrics(s_in[k], s_out[k]) for k in SCORES}
+        hist[name] = {k: s_out[k] for k in SCORES}
+
+    # samples
+    samples = {}
+    if run.buffer is not None:
+        buf = run.buffer.cpu()
+        samples["buffer"] = buf[torch.randperm(len(buf), generator=g)[: opts.n_samples]]
+    c = data.num_classes
+    per_class = max(1, opts.n_samples // c)
+    samples["fresh"] = fresh_samples(run, opts.n_samples, opts.sample_steps, progress=opts.progress, seed=opts.seed).cpu()
+    samples["fresh_cond"] = fresh_samples(run, per_class * c, opts.sample_steps,
+                                          y=torch.arange(c).repeat_interleave(per_class), progress=opts.progress,
+                                          seed=opts.seed).cpu()
+
+    # generation quality
+    generation: dict = {}
+    if reference is not None:
+        n_gen = min(opts.n_gen, len(data.x_test), len(data.x_train))
+        real_test = to_float(data.x_test[torch.randperm(len(data.x_test), generator=g)[:n_gen]])
+        real_train = to_float(data.x_train[torch.randperm(len(data.x_train), generator=g)[:n_gen]])
+        gen_sets = {"real train (floor)": real_train, "uniform noise": torch.rand_like(real_test) * 2 - 1}
+        if run.buffer is not None:
+            gen_sets["buffer samples"] = run.buffer.cpu()[torch.randperm(len(run.buffer), generator=g)[:n_gen]]
+        gen_sets["fresh samples"] = fresh_samples(run, n_gen, opts.sample_steps, progress=opts.progress,
+                                                  seed=opts.seed + 7).cpu()
+        f_ref = penultimate_features(reference.jem, real_test)
+        generation["fd_ref"] = {k: frechet_distance(penultimate_features(reference.jem, v), f_ref)
+                                for k, v in gen_sets.items()}
+        generation["fd_ref_protocol"] = (f"Fréchet distance in the penultimate-layer features of the reference "
+                                         f"classifier {reference.run_dir} (NOT FID), {n_gen} images per set vs "
+                                         f"{n_gen} real test images; fresh samples: {opts.sample_steps} SGLD steps "
+                                         f"from U(-1,1)")
+    else:
+        generation["fd_ref"] = {"skipped": "no reference classifier: pass --reference RUN_DIR (e.g. a --p-x-weight 0 "
+                                           "run on the same dataset) or evaluate together with a baseline run"}
+    generation["inception"] = inception_metrics(samples["fresh"], to_float(data.x_test[:len(samples["fresh"])]),
+                                                opts.inception_weights)
+    if "skipped" not in generation["inception"]:
+        generation["inception"]["protocol"] = f"{opts.n_samples} fresh samples ({opts.sample_steps} SGLD steps from U(-1,1)) vs test images"
+
+    return {
+        "run": str(run.run_dir),
+        "name": run.name,
+        "dataset": run.cfg.dataset,
+        "model": run.cfg.model,
+        "p_x_weight": run.cfg.p_x_weight,
+        "test_accuracy": acc,
+        "test_nll": nll,
+        "ece": ece,
+        "ece_bins": opts.bins,
+        "ece_binning": f"{opts.bins} equal-width confidence bins over [0, 1], L1 (torchmetrics)",
+        "calibration": bins,
+        "ood": ood,
+        "ood_protocol": f"{n} in-distribution test images vs {n} images per OOD set; in-distribution is the positive "
+                        f"class; scores: logp = LogSumExp f(x), maxprob = max_y p(y|x), gradnorm = -||d logp/dx||_2",
+        "samples": {"sample_steps": opts.sample_steps, "sgld_lr": run.cfg.sgld_lr, "sgld_std": run.cfg.sgld_std},
+        "generation": generation,
+        "_hist": hist,
+        "_samples": samples,
+    }
+
+
+def public(result: dict) -> dict:
+    """The JSON-serialisable part of a result (arrays for figures dropped)."""
+    return {k: v for k, v in result.items() if not k.startswith("_")}
+
+
+def evaluate_runs(run_dirs: list, opts: EvalOptions, reference_dir: Optional[str] = None, device: str = "auto") -> list:
+    """Evaluate one or more runs; write RUN/eval/{metrics.json, figures, report.md, report.html} for each.
+
+    With several runs every report shows all of them side by side. The reference classifier for the Fréchet
+    distance is ``reference_dir``, else the first baseline (``p_x_weight == 0``) among the runs, else none.
+    """
+    from .report import Report, histogram_figure, reliability_figure
+    from .viz import save_grid
+
+    runs = [load_run(d, device, opts.data_root) for d in run_dirs]
+    for r in runs[1:]:
+        if (r.cfg.dataset, r.data.shape, r.data.num_classes) != (runs[0].cfg.dataset, runs[0].data.shape,
+                                                                 runs[0].data.num_classes):
+            raise DatasetError(f"incompatible runs: {runs[0].run_dir} is {runs[0].cfg.dataset} "
+                               f"{runs[0].data.shape}, {r.run_dir} is {r.cfg.dataset} {r.data.shape}")
+    unknown = [o for o in opts.ood if o not in SYNTHETIC_OOD and o not in DATASETS]
+    if unknown:
+        raise DatasetError(f"unknown OOD set {unknown[0]!r}; choose from {', '.join(SYNTHETIC_OOD + tuple(DATASETS))}")
+    if runs[0].cfg.dataset in opts.ood:
+        raise DatasetError(f"OOD set {runs[0].cfg.dataset!r} is the in-distribution dataset")
+    reference = load_run(reference_dir, device, opts.data_root) if reference_dir else next(
+        (r for r in runs if r.is_baseline), None)
+    if reference is not None and (reference.data.shape, reference.data.num_classes) != (runs[0].data.shape,
+                                                                                        runs[0].data.num_classes):
+        raise DatasetError(f"reference {reference.run_dir} was trained on {reference.cfg.dataset}, not "
+                           f"{runs[0].cfg.dataset}")
+
+    results = []
+    for run in runs:
+        res = evaluate_run(run, opts, reference)
+        out = run.run_dir / "eval"
+        out.mkdir(parents=True, exist_ok=True)
+        c = run.data.num_classes
+        files = {}
+        for key, x in res["_samples"].items():
+            nrow = max(1, len(x) // c) if key == "fresh_cond" else 10
+            files[key] = str(save_grid(x, out / f"samples_{key}.png", nrow=nrow))
+        res["samples"]["files"] = files
+        (out / "metrics.json").write_text(json.dumps(public(res), indent=2) + "\n")
+        results.append(res)
+
+    for run in runs:  # every run's report shows all runs
+        out = run.run_dir / "eval"
+        figs = {"reliability": reliability_figure(results, out / "reliability.png")}
+        for score in SCORES:
+            figs[score] = histogram_figure(results, score, out / f"ood_hist_{score}.png")
+        build_report(results, figs).write(out)
+    return results
+
+
+def build_report(results: list, figs: dict):
+    from .report import Report
+
+    rep = Report("jemtorch evaluation report")
+    rep.table(["run", "dataset", "model", "p(x) weight"],
+              [[r["name"], r["dataset"], r["model"], r["p_x_weight"]] for r in results])
+    rep.h2("Classification and calibration")
+    rep.table(["run", "test accuracy", "test NLL", f"ECE ({results[0]['ece_bins']} bins)"],
+              [[r["name"], r["test_accuracy"], r["test_nll"], r["ece"]] for r in results])
+    rep.p(f"ECE: {results[0]['ece_binning']}.")
+    rep.img(figs["reliability"], "Reliability diagrams (bar labels: images per bin)")
+    rep.h2("Out-of-distribution detection")
+    rep.p(results[0]["ood_protocol"] + ".")
+    sets = list(results[0]["ood"])
+    rep.table(["OOD set"] + [f"{r['name']} {s}" for r in results for s in SCORES],
+              [[o] + [r["ood"][o][s]["auroc"] for r in results for s in SCORES] for o in sets])
+    rep.p("AUROC above (the paper's metric). AUPR and FPR at 95% TPR:")
+    rep.table(["run", "OOD set", "score", "AUROC", "AUPR", "FPR95"],
+              [[r["name"], o, s, *r["ood"][o][s].values()] for r in results for o in sets for s in SCORES])
+    for score in SCORES:
+        rep.img(figs[score], f"Histograms of the {score} score, in-distribution vs OOD")
+    rep.h2("Samples")
+    for r in results:
+        st = r["samples"]
+        for key, caption in (("buffer", "replay buffer"), ("fresh", f"fresh chains, {st['sample_steps']} SGLD steps from U(-1,1)"),
+                             ("fresh_cond", "fresh class-conditional chains, one row per class")):
+            if key in st.get("files", {}):
+                rep.img(Path(st["files"][key]), f"{r['name']}: {caption}")
+    rep.h2("Generation quality")
+    for r in results:
+        gen = r["generation"]
+        if "skipped" in gen["fd_ref"]:
+            rep.p(f"{r['name']}: reference-classifier Fréchet distance skipped: {gen['fd_ref']['skipped']}")
+        else:
+            rep.table([f"{r['name']}: set vs real test images", "FD (reference classifier features)"],
+                      list(gen["fd_ref"].items()))
+            rep.p(gen["fd_ref_protocol"] + ".")
+        inc = gen["inception"]
+        rep.p(f"{r['name']}: FID / Inception Score: " + (f"skipped: {inc['skipped']}" if "skipped" in inc else
+              f"FID {inc['fid']:.2f}, IS {inc['inception_score']:.2f} ± {inc['inception_score_std']:.2f} ({inc['protocol']})"))
+    return rep

@@ -1,0 +1,63 @@
+"""Metric functions on plain tensors/arrays: calibration, OOD detection, Fréchet distance.
+
+Library implementations are used where they exist (torchmetrics' calibration error, scikit-learn's ROC/PR);
+the per-bin statistics for reliability diagrams and the Fréchet distance are computed here.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def calibration_bins(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> dict:
+    """Equal-width confidence bins over (0, 1]: per bin count, mean confidence, accuracy; and the ECE they give."""
+    conf, pred = probs.max(1)
+    correct = (pred == labels).float()
+    edges = torch.linspace(0, 1, n_bins + 1)
+    # bin i holds confidences in (edges[i], edges[i+1]]
+    idx = torch.bucketize(conf, edges[1:-1], right=False).clamp(max=n_bins - 1)
+    count = torch.bincount(idx, minlength=n_bins).float()
+    conf_sum = torch.bincount(idx, weights=conf, minlength=n_bins)
+    acc_sum = torch.bincount(idx, weights=correct, minlength=n_bins)
+    nz = count.clamp(min=1)
+    ece = ((conf_sum - acc_sum).abs().sum() / max(len(labels), 1)).item()
+    return {"edges": edges.tolist(), "count": count.long().tolist(), "confidence": (conf_sum / nz).tolist(),
+            "accuracy": (acc_sum / nz).tolist(), "ece": ece, "n_bins": n_bins}
+
+
+def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> float:
+    """ECE (L1, equal-width bins) via torchmetrics."""
+    from torchmetrics.functional.classification import multiclass_calibration_error
+
+    return float(multiclass_calibration_error(probs, labels, num_classes=probs.shape[1], n_bins=n_bins, norm="l1"))
+
+
+def ood_metrics(score_in: np.ndarray, score_out: np.ndarray) -> dict:
+    """In-distribution is the positive class; a higher score must mean 'more in-distribution'.
+
+    auroc: area under ROC; aupr: average precision with in-distribution positive; fpr95: fraction of OOD inputs
+    accepted at the threshold that accepts 95% of in-distribution inputs.
+    """
+    from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+
+    s_in, s_out = np.asarray(score_in, np.float64), np.asarray(score_out, np.float64)
+    y = np.r_[np.ones(len(s_in)), np.zeros(len(s_out))]
+    s = np.r_[s_in, s_out]
+    fpr, tpr, _ = roc_curve(y, s)
+    return {"auroc": float(roc_auc_score(y, s)), "aupr": float(average_precision_score(y, s)),
+            "fpr95": float(fpr[np.searchsorted(tpr, 0.95, side="left")])}
+
+
+def frechet_distance(feat_a: np.ndarray, feat_b: np.ndarray) -> float:
+    """Fréchet distance between Gaussians fitted to two feature sets (the formula behind FID)."""
+    from scipy import linalg
+
+    a, b = np.asarray(feat_a, np.float64), np.asarray(feat_b, np.float64)
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
+    if not np.isfinite(covmean).all():
+        eps = np.eye(len(cov_a)) * 1e-6
+        covmean = linalg.sqrtm((cov_a + eps) @ (cov_b + eps))
+    covmean = covmean.real
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(covmean))
