@@ -50,14 +50,9 @@ def ood_metrics(score_in: np.ndarray, score_out: np.ndarray) -> dict:
 
 def frechet_distance(feat_a: np.ndarray, feat_b: np.ndarray) -> float:
     """Fréchet distance between Gaussians fitted to two feature sets (the formula behind FID)."""
-    from scipy import linalg
-
     a, b = np.asarray(feat_a, np.float64), np.asarray(feat_b, np.float64)
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
-    if not np.isfinite(covmean).all():
-        eps = np.eye(len(cov_a)) * 1e-6
-        covmean = linalg.sqrtm((cov_a + eps) @ (cov_b + eps))
-    covmean = covmean.real
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(covmean))
+    # tr sqrt(A B) = Σ sqrt(λ_i(A B)): A B is similar to the PSD matrix A^½ B A^½, so its eigenvalues are ≥ 0
+    eig = np.linalg.eigvals(cov_a @ cov_b).real.clip(min=0)
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.sqrt(eig).sum())

@@ -1,0 +1,153 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from jemtorch import JEM, create_model
+from jemtorch.cli import main
+from jemtorch.data import DatasetError
+from jemtorch.evaluate import convert_images, make_ood_set, ood_scores
+from jemtorch.metrics import calibration_bins, expected_calibration_error, frechet_distance, ood_metrics
+
+TINY = ["--model", "cnn-4", "--sgld-steps", "1", "--buffer-size", "100", "--epochs", "1", "--no-progress"]
+EVAL_TINY = ["--n", "60", "--sample-steps", "2", "--n-samples", "20", "--n-gen", "40", "--no-progress"]
+
+
+def test_ece_zero_when_perfectly_calibrated():
+    # confidence 0.8 on every input and exactly 80% of predictions right
+    probs = torch.tensor([[0.8, 0.2]] * 10)
+    labels = torch.tensor([0] * 8 + [1] * 2)
+    assert calibration_bins(probs, labels)["ece"] == pytest.approx(0.0, abs=1e-6)
+    assert expected_calibration_error(probs, labels) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_ece_of_overconfident_model_and_agreement_with_torchmetrics():
+    probs = torch.tensor([[0.9, 0.1]] * 10)
+    labels = torch.tensor([0] * 5 + [1] * 5)  # 50% accurate at 90% confidence
+    assert calibration_bins(probs, labels)["ece"] == pytest.approx(0.4, abs=1e-6)
+    g = torch.Generator().manual_seed(0)
+    p = torch.softmax(torch.randn(500, 10, generator=g) * 3, 1)
+    y = torch.randint(0, 10, (500,), generator=g)
+    for bins in (5, 15):
+        assert calibration_bins(p, y, bins)["ece"] == pytest.approx(expected_calibration_error(p, y, bins), abs=1e-5)
+    cal = calibration_bins(p, y, 15)
+    assert sum(cal["count"]) == 500 and len(cal["accuracy"]) == 15
+
+
+def test_ood_metrics_extremes():
+    sep = ood_metrics(np.array([2.0, 3.0, 4.0]), np.array([-1.0, 0.0, 1.0]))
+    assert sep["auroc"] == 1.0 and sep["aupr"] == 1.0 and sep["fpr95"] == 0.0
+    same = ood_metrics(np.zeros(100), np.zeros(100))
+    assert same["auroc"] == 0.5 and same["fpr95"] == 1.0
+    flipped = ood_metrics(np.array([-1.0, 0.0]), np.array([2.0, 3.0]))
+    assert flipped["auroc"] == 0.0
+
+
+def test_frechet_distance():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(2000, 3))
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    b = a + np.array([1.0, 0.0, 0.0])
+    assert frechet_distance(a, b) == pytest.approx(1.0, abs=1e-6)  # mean shift only
+    c = 2 * rng.normal(size=(20000, 3))
+    assert frechet_distance(rng.normal(size=(20000, 3)), c) == pytest.approx(3 * (1 + 4 - 2 * 2), abs=0.15)
+
+
+def test_gradnorm_score_matches_finite_differences():
+    torch.manual_seed(0)
+    jem = JEM(create_model("cnn-2", in_channels=1, num_classes=3)).double()
+    x = torch.randn(2, 1, 4, 4, dtype=torch.double)
+    scores = ood_scores(jem, x)
+    eps = 1e-6
+    for b in range(2):
+        grad = torch.zeros(16, dtype=torch.double)
+        for i in range(16):
+            d = torch.zeros(16, dtype=torch.double)
+            d[i] = eps
+            xp, xm = x[b : b + 1] + d.view(1, 1, 4, 4), x[b : b + 1] - d.view(1, 1, 4, 4)
+            grad[i] = (jem.log_px(xp) - jem.log_px(xm)).item() / (2 * eps)
+        assert scores["gradnorm"][b] == pytest.approx(-grad.norm().item(), rel=1e-5)
+        assert scores["logp"][b] == pytest.approx(jem.log_px(x[b : b + 1]).item(), rel=1e-9)
+    probs = jem(x).softmax(1).max(1).values.detach().numpy()
+    np.testing.assert_allclose(scores["maxprob"], probs)
+
+
+def test_ood_set_constructors():
+    x_in = torch.rand(30, 3, 8, 8) * 2 - 1
+    for name in ("uniform", "gaussian", "constant", "interp"):
+        x = make_ood_set(name, x_in, 17, seed=1)
+        assert x.shape == (17, 3, 8, 8) and x.min() >= -1 and x.max() <= 1, name
+    const = make_ood_set("constant", x_in, 5)
+    assert (const.flatten(2).std(2) == 0).all()
+    interp = make_ood_set("interp", x_in, 200)
+    assert torch.isin(interp[0].flatten()[:1], (0.5 * x_in[:, None] + 0.5 * x_in[None]).flatten()).all()
+    with pytest.raises(DatasetError, match="unknown OOD set"):
+        make_ood_set("noise", x_in, 5)
+    with pytest.raises(DatasetError, match="in-distribution"):
+        make_ood_set("digits", x_in, 5, in_dataset="digits")
+
+
+def test_convert_images():
+    grey = torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8)
+    rgb = convert_images(grey, (3, 32, 32))
+    assert rgb.shape == (4, 3, 32, 32) and torch.equal(rgb[:, 0], rgb[:, 1])
+    back = convert_images(torch.full((2, 3, 8, 8), 100, dtype=torch.uint8), (1, 8, 8))
+    assert back.shape == (2, 1, 8, 8) and (back == 100).all()
+    digits_as_cifar = make_ood_set("digits", torch.zeros(3, 3, 32, 32), 10)
+    assert digits_as_cifar.shape == (10, 3, 32, 32)
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    assert main(["train", *TINY, "--out", str(root / "jem")]) == 0
+    assert main(["train", *TINY, "--p-x-weight", "0", "--out", str(root / "base")]) == 0
+    return root
+
+
+def test_eval_end_to_end_two_runs(tiny_runs, capsys):
+    jem, base = tiny_runs / "jem", tiny_runs / "base"
+    assert main(["eval", str(jem), str(base), *EVAL_TINY, "--ood", "interp,uniform,constant,gaussian"]) == 0
+    m = json.loads((jem / "eval/metrics.json").read_text())
+    summary = json.loads((jem / "summary.json").read_text())
+    assert m["test_accuracy"] == pytest.approx(summary["test_accuracy"])
+    assert 0 <= m["ece"] <= 1 and m["ece_bins"] == 15
+    for ood in ("interp", "uniform", "constant", "gaussian"):
+        for score in ("logp", "maxprob", "gradnorm"):
+            assert set(m["ood"][ood][score]) == {"auroc", "aupr", "fpr95"}
+    fd = m["generation"]["fd_ref"]
+    assert fd["real train (floor)"] < fd["uniform noise"]  # the baseline run served as reference
+    assert "skipped" in m["generation"]["inception"]
+    for name in ("report.html", "report.md", "reliability.png", "ood_hist_logp.png", "samples_fresh.png",
+                 "samples_buffer.png", "samples_fresh_cond.png"):
+        assert (jem / "eval" / name).is_file(), name
+    html = (jem / "eval/report.html").read_text()
+    assert "data:image/png;base64," in html and "base" in html and "jem" in html
+    assert not (base / "eval/samples_buffer.png").exists()  # a baseline has no replay buffer
+
+
+def test_eval_bad_inputs(tiny_runs, tmp_path, capsys):
+    assert main(["eval", str(tmp_path / "missing")]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+    assert main(["eval", str(tiny_runs / "jem"), "--ood", "nonsense", *EVAL_TINY]) == 2
+    assert "unknown OOD set" in capsys.readouterr().err
+    assert main(["eval", str(tiny_runs / "jem"), "--ood", "digits", *EVAL_TINY]) == 2
+    assert "in-distribution dataset" in capsys.readouterr().err
+    assert main(["eval", str(tiny_runs / "jem"), "--ood", "mnist", "--data-root", str(tmp_path), *EVAL_TINY]) == 2
+    assert "MNIST not found" in capsys.readouterr().err
+
+
+def test_eval_incompatible_runs(tiny_runs, tmp_path, capsys):
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            (tmp_path / "img" / split / cls).mkdir(parents=True)
+            for i in range(12):
+                Image.fromarray(np.full((6, 6, 3), 20 * i, np.uint8)).save(tmp_path / "img" / split / cls / f"{i}.png")
+    other = tmp_path / "other"
+    assert main(["train", *TINY, "--dataset", "imagefolder", "--data-root", str(tmp_path / "img"), "--batch-size", "8",
+                 "--out", str(other)]) == 0
+    assert main(["eval", str(tiny_runs / "jem"), str(other), *EVAL_TINY]) == 2
+    assert "incompatible runs" in capsys.readouterr().err
