@@ -51,6 +51,39 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--no-progress", action="store_true")
+
+    a = sub.add_parser("attack", help="adversarial robustness: PGD (with the SGLD-refinement defence), black-box attacks",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    a.add_argument("--norm", default="linf", help="linf or l2")
+    a.add_argument("--eps", default=None, help="comma-separated ε in [0,1] pixel units, fractions allowed "
+                   "(default linf: 0,1/255,2/255,4/255,8/255,16/255; l2: 0,0.25,0.5,1,2)")
+    a.add_argument("--n", type=int, default=500, help="test images attacked (-1: all)")
+    a.add_argument("--steps", type=int, default=20, help="PGD steps")
+    a.add_argument("--step-size", type=float, default=2.5, help="PGD step size as a multiple of eps/steps")
+    a.add_argument("--restarts", type=int, default=1, help="PGD random restarts")
+    a.add_argument("--refine-steps", default="0", help="comma-separated SGLD refinement steps to evaluate (0: none)")
+    a.add_argument("--refine-chains", type=int, default=5, help="duplicated SGLD chains averaged by the defence")
+    a.add_argument("--defense-grad", default="full", help="full (differentiate through SGLD) or bpda (straight-through)")
+    a.add_argument("--blackbox", default="", help="comma-separated gradient-free attacks: boundary, pointwise, square")
+    a.add_argument("--boundary-steps", type=int, default=1000)
+    a.add_argument("--square-queries", type=int, default=1000)
+    a.add_argument("--batch-size", type=int, default=250)
+    a.add_argument("--data-root")
+    a.add_argument("--device", default="auto")
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--no-progress", action="store_true")
+
+    d = sub.add_parser("distal", help="distal adversarials: push noise to high p(y=c|x)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    d.add_argument("--class", dest="cls", type=int, required=True, help="target class index")
+    d.add_argument("--n", type=int, default=8, help="images per run")
+    d.add_argument("--steps", type=int, default=200)
+    d.add_argument("--step-size", type=float, default=0.01, help="signed-gradient step in model units ([-1,1] images)")
+    d.add_argument("--data-root")
+    d.add_argument("--device", default="auto")
+    d.add_argument("--seed", type=int, default=0)
     return parser
 
 
@@ -107,10 +140,52 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_attack(args: argparse.Namespace) -> int:
+    from .robustness import attack_runs, parse_eps
+
+    if args.norm not in ("linf", "l2"):
+        raise ValueError(f"--norm must be linf or l2, got {args.norm!r}")
+    default_eps = {"linf": "0,1/255,2/255,4/255,8/255,16/255", "l2": "0,0.25,0.5,1,2"}[args.norm]
+    eps = parse_eps(args.eps or default_eps)
+    try:
+        refine = tuple(int(v) for v in args.refine_steps.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"--refine-steps must be comma-separated integers, got {args.refine_steps!r}") from None
+    blackbox = tuple(b.strip() for b in args.blackbox.split(",") if b.strip())
+    unknown = set(blackbox) - {"boundary", "pointwise", "square"}
+    if unknown:
+        raise ValueError(f"unknown black-box attack {sorted(unknown)[0]!r}; choose from boundary, pointwise, square")
+    if args.n == 0 or args.n < -1 or args.steps < 1 or args.restarts < 1 or min(refine, default=0) < 0:
+        raise ValueError("--n must be -1 or >= 1; --steps, --restarts >= 1; --refine-steps >= 0")
+    res = attack_runs(args.runs, args.norm, eps, args.n, args.steps, args.step_size, args.restarts, refine,
+                      args.refine_chains, args.defense_grad, blackbox, args.boundary_steps, args.square_queries,
+                      batch_size=args.batch_size, seed=args.seed, device=args.device, data_root=args.data_root,
+                      progress=not args.no_progress)
+    for label, accs in res.items():
+        print(f"{label}: " + "  ".join(f"eps={e}: {a:.3f}" for e, a in accs.items()))
+    for r in args.runs:
+        print(f"  report: {Path(r) / 'robustness' / 'report.html'}")
+    return 0
+
+
+def cmd_distal(args: argparse.Namespace) -> int:
+    from .robustness import distal_runs
+
+    if args.n < 1 or args.steps < 1 or args.step_size <= 0:
+        raise ValueError("--n and --steps must be >= 1, --step-size > 0")
+    res = distal_runs(args.runs, args.cls, args.n, args.steps, args.step_size, args.seed, args.device, args.data_root)
+    for name, d in res.items():
+        print(f"{name}: class {args.cls}: mean p(y|x) {d['mean_confidence']:.3f}, mean log p(x) {d['mean_log_px']:.2f}")
+    for r in args.runs:
+        print(f"  figure: {Path(r) / 'robustness' / f'distal_class{args.cls}.png'}")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"train": cmd_train, "eval": cmd_eval}[args.command](args)
+        commands = {"train": cmd_train, "eval": cmd_eval, "attack": cmd_attack, "distal": cmd_distal}
+        return commands[args.command](args)
     except USER_ERRORS as e:
         print(f"jem: error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,130 @@
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from jemtorch import JEM, create_model
+from jemtorch.cli import main
+from jemtorch.robustness import Refined, parse_eps, pgd
+
+TINY = ["--model", "cnn-8", "--sgld-steps", "1", "--buffer-size", "100", "--epochs", "3", "--lr", "0.005",
+        "--no-progress"]
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", 0.1), ("l2", 0.5)])
+def test_pgd_stays_in_eps_ball_and_valid_range(norm, eps):
+    torch.manual_seed(0)
+    model = JEM(create_model("cnn-4", in_channels=1, num_classes=10))
+    x = torch.rand(16, 1, 8, 8) * 2 - 1
+    x[:, :, :2] = 1.0  # saturated pixels: the range clamp must bind there
+    y = torch.randint(0, 10, (16,))
+    adv = pgd(model, x, y, eps, norm, steps=10, restarts=2)
+    d = (adv - x).flatten(1)
+    size = d.abs().max(1).values if norm == "linf" else d.norm(dim=1)
+    assert (size <= eps + 1e-5).all()
+    assert adv.min() >= -1 and adv.max() <= 1
+    assert (size > 0.5 * eps).any()  # it moved
+    loss = lambda z: nn.functional.cross_entropy(model(z), y, reduction="none")
+    assert loss(adv).mean() > loss(x).mean()
+
+
+def test_linf_attack_on_linear_model_matches_closed_form():
+    """For logits (0, w·x), label 0, the worst L∞ perturbation is eps·sign(w): margin drops by eps·||w||₁."""
+    torch.manual_seed(0)
+    w = torch.randn(16)
+    lin = nn.Linear(16, 2, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.stack([torch.zeros(16), w]))
+    model = nn.Sequential(nn.Flatten(), lin)
+    x = torch.rand(8, 1, 4, 4) * 0.5 - 0.25  # interior: the [-1, 1] clamp never binds
+    y = torch.zeros(8, dtype=torch.long)
+    eps = 0.1
+    adv = pgd(model, x, y, eps, "linf", steps=20, restarts=1)
+    torch.testing.assert_close(adv, x + eps * w.sign().view(1, 1, 4, 4))
+    margin = lambda z: model(z)[:, 1] - model(z)[:, 0]
+    torch.testing.assert_close(margin(adv), margin(x) + eps * w.abs().sum())
+
+
+def test_zero_refinement_equals_plain_classification():
+    torch.manual_seed(0)
+    jem = JEM(create_model("cnn-4", in_channels=1, num_classes=10)).eval()
+    x = torch.rand(6, 1, 8, 8) * 2 - 1
+    torch.testing.assert_close(Refined(jem, n_steps=0)(x), jem(x).log_softmax(1))
+    # refinement with zero noise and chains that cannot differ: same as one chain
+    one = Refined(jem, n_steps=3, n_chains=1, step_size=1e4, noise=0.0)(x)
+    torch.testing.assert_close(Refined(jem, n_steps=3, n_chains=4, step_size=1e4, noise=0.0)(x), one)
+    assert (one - jem(x).log_softmax(1)).abs().max() > 1e-3  # refinement did change the prediction
+
+
+@pytest.mark.parametrize("grad", ["full", "bpda"])
+def test_attack_gets_gradients_through_the_defence(grad):
+    torch.manual_seed(0)
+    jem = JEM(create_model("cnn-4", in_channels=1, num_classes=10)).eval()
+    x = (torch.rand(4, 1, 8, 8) * 2 - 1).requires_grad_(True)
+    out = Refined(jem, n_steps=2, n_chains=2, grad=grad)(x)
+    (g,) = torch.autograd.grad(out[:, 0].sum(), x)
+    assert g.abs().sum() > 0
+
+
+def test_parse_eps():
+    assert parse_eps("0, 8/255,0.5") == [0.0, 8 / 255, 0.5]
+    for bad in ("a", "-1", "", "1/0"):
+        with pytest.raises(ValueError):
+            parse_eps(bad)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    assert main(["train", *TINY, "--out", str(root / "jem")]) == 0
+    assert main(["train", *TINY, "--p-x-weight", "0", "--out", str(root / "base")]) == 0
+    return root
+
+
+def test_attack_cli_end_to_end(runs):
+    jem, base = str(runs / "jem"), str(runs / "base")
+    args = ["--n", "24", "--steps", "3", "--refine-steps", "0,2", "--refine-chains", "2", "--no-progress"]
+    assert main(["attack", jem, base, "--norm", "linf", "--eps", "0,8/255", *args]) == 0
+    assert main(["attack", jem, base, "--norm", "l2", "--eps", "0,0.5", *args]) == 0
+    m = json.loads((runs / "jem/robustness/metrics.json").read_text())
+    assert set(m["linf"]) == {"0", f"{8 / 255:.6g}"} and set(m["l2"]) == {"0", "0.5"}
+    assert set(m["defenses"]) == {"none", "sgld-2x2-full"}
+    assert all(0 <= a <= 1 for a in m["linf"].values())
+    assert m["linf"][f"{8 / 255:.6g}"] <= m["linf"]["0"]
+    b = json.loads((runs / "base/robustness/metrics.json").read_text())
+    assert set(b["defenses"]) == {"none"}
+    for f in ("robust_linf.png", "robust_l2.png", "report.html", "report.md"):
+        assert (runs / "jem/robustness" / f).is_file()
+
+
+def test_blackbox_attacks(runs):
+    pytest.importorskip("foolbox")
+    pytest.importorskip("torchattacks")
+    assert main(["attack", str(runs / "jem"), "--n", "8", "--eps", "0", "--blackbox", "boundary,pointwise,square",
+                 "--boundary-steps", "20", "--square-queries", "20", "--no-progress"]) == 0
+    bb = json.loads((runs / "jem/robustness/metrics.json").read_text())["blackbox"]
+    assert bb["n_correct"] > 0
+    assert {"boundary", "pointwise", "square"} <= set(bb)
+    assert bb["pointwise"]["norm"] == "l0" and bb["boundary"]["norm"] == "l2"
+
+
+def test_distal_cli(runs):
+    assert main(["distal", str(runs / "jem"), str(runs / "base"), "--class", "3", "--n", "4", "--steps", "5"]) == 0
+    m = json.loads((runs / "base/robustness/metrics.json").read_text())["distal"]["3"]
+    assert len(m["confidence"]) == 4 and all(0 <= c <= 1 for c in m["confidence"])
+    assert (runs / "jem/robustness/distal_class3.png").is_file()
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["attack", "{jem}", "--norm", "l1"], "--norm must be linf or l2"),
+    (["attack", "{jem}", "--eps", "x"], "--eps must be"),
+    (["attack", "{jem}", "--blackbox", "hsj"], "unknown black-box attack"),
+    (["attack", "{jem}", "--defense-grad", "magic", "--refine-steps", "1", "--eps", "0"], "--defense-grad"),
+    (["attack", "/nonexistent/run"], "not a run directory"),
+    (["distal", "{jem}", "--class", "10"], "--class must be in 0..9"),
+])
+def test_attack_bad_inputs(runs, capsys, argv, msg):
+    argv = [a.replace("{jem}", str(runs / "jem")) for a in argv]
+    assert main(argv + ["--no-progress"] * (argv[0] == "attack")) == 2
+    assert msg in capsys.readouterr().err
