@@ -405,4 +405,7 @@ def build_report(results: list, figs: dict):
         inc = gen["inception"]
         rep.p(f"{r['name']}: FID / Inception Score: " + (f"skipped: {inc['skipped']}" if "skipped" in inc else
               f"FID {inc['fid']:.2f}, IS {inc['inception_score']:.2f} ± {inc['inception_score_std']:.2f} ({inc['protocol']})"))
+    from .robustness import add_robustness_section
+
+    add_robustness_section(rep, [r["run"] for r in results])  # written by `jem attack` / `jem distal`, if run
     return rep

@@ -276,6 +276,9 @@ def attack_runs(run_dirs: list, norm: str, eps: list[float], n: int = 500, steps
         x, y = _test_subset(run, n, seed)
         out_dir = run.run_dir / "robustness"
         metrics = _load_metrics(out_dir / "metrics.json")
+        for d in metrics.get("defenses", {}).values():  # this invocation's norm replaces earlier results for it
+            d.pop(norm, None)
+        metrics["defenses"] = {k: v for k, v in metrics.get("defenses", {}).items() if v}
         settings = refine_steps if not run.is_baseline else (0,)
         for k in settings:
             model = Refined(run.jem, k, refine_chains if k > 0 else 1, run.cfg.sgld_lr, run.cfg.sgld_std, defense_grad)
@@ -306,31 +309,46 @@ def attack_runs(run_dirs: list, norm: str, eps: list[float], n: int = 500, steps
     return {label: accs for label, (_, _, accs) in results.items()}
 
 
-def write_robustness_report(out_dir, run_dirs) -> None:
+def add_robustness_section(rep, run_dirs) -> bool:
+    """Append each run's robustness results (tables, curves, distal grids) to a Report; False if there are none."""
     from pathlib import Path
 
-    from .report import Report
-
-    rep = Report("jemtorch robustness report")
+    found = False
     for rd in run_dirs:
-        m = _load_metrics(Path(rd) / "robustness" / "metrics.json")
-        rep.h2(Path(rd).name)
+        out_dir = Path(rd) / "robustness"
+        m = _load_metrics(out_dir / "metrics.json")
+        if not m:
+            continue
+        found = True
+        rep.h2(f"Adversarial robustness: {Path(rd).name}")
         for norm in ("linf", "l2"):
             rows = [[name, norm, eps, acc] for name, d in m.get("defenses", {}).items() for eps, acc in d.get(norm, {}).items()]
             if rows:
-                rep.table(["defence", "norm", "ε", "robust accuracy"], rows)
+                rep.table(["defence", "norm", "ε ([0,1] scale)", "robust accuracy"], rows)
                 p = m.get("pgd", {}).get(norm, {})
                 rep.p(f"PGD {norm}: {p.get('steps')} steps, step size {p.get('step_size')}, {p.get('restarts')} "
-                      f"restart(s), random start, {p.get('n')} test images; attacks through the defence: "
+                      f"restart(s), random start, {p.get('n')} test images; gradients through the defence: "
                       f"{p.get('defense_grad')}.")
-        for name, r in m.get("blackbox", {}).items():
-            if isinstance(r, dict):
-                rep.p(f"{name}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()))
-    for norm in ("linf", "l2"):
-        if (out_dir / f"robust_{norm}.png").is_file():
-            rep.img(out_dir / f"robust_{norm}.png", f"Robust accuracy under PGD ({norm})")
-    for f in sorted(out_dir.glob("distal_class*.png")):
-        rep.img(f, "Distal adversarials: from noise to high p(y=c|x)")
+            if (out_dir / f"robust_{norm}.png").is_file():
+                rep.img(out_dir / f"robust_{norm}.png", f"Robust accuracy under PGD ({norm})")
+        bb = m.get("blackbox", {})
+        rows = [[name, r.get("norm"), r.get(f"median_{r.get('norm')}"), r.get("success_rate"), r.get("n")]
+                for name, r in bb.items() if isinstance(r, dict)]
+        if rows:
+            rep.table(["gradient-free attack", "norm", "median perturbation ([0,1] scale)", "success rate", "images"], rows)
+        for cls, d in m.get("distal", {}).items():
+            rep.p(f"Distal adversarials, class {cls}: mean p(y|x) {d['mean_confidence']:.3f}, mean log p(x) "
+                  f"{d['mean_log_px']:.2f} (test data: {d.get('test_data_mean_log_px', float('nan')):.2f}).")
+            if (out_dir / f"distal_class{cls}.png").is_file():
+                rep.img(out_dir / f"distal_class{cls}.png", f"Distal adversarials for class {cls}")
+    return found
+
+
+def write_robustness_report(out_dir, run_dirs) -> None:
+    from .report import Report
+
+    rep = Report("jemtorch robustness report")
+    add_robustness_section(rep, run_dirs)
     rep.write(out_dir)
 
 

@@ -130,3 +130,15 @@ def test_attack_bad_inputs(runs, capsys, argv, msg):
     argv = [a.replace("{jem}", str(runs / "jem")) for a in argv]
     assert main(argv + ["--no-progress"] * (argv[0] == "attack")) == 2
     assert msg in capsys.readouterr().err
+
+
+def test_attack_rerun_replaces_that_norm(runs):
+    jem = str(runs / "jem")
+    common = ["--n", "8", "--steps", "2", "--no-progress"]
+    assert main(["attack", jem, "--norm", "linf", "--eps", "0,4/255", "--refine-steps", "0,1", "--refine-chains", "1",
+                 *common]) == 0
+    assert main(["attack", jem, "--norm", "l2", "--eps", "0,1", *common]) == 0
+    assert main(["attack", jem, "--norm", "linf", "--eps", "0", *common]) == 0
+    m = json.loads((runs / "jem/robustness/metrics.json").read_text())
+    assert set(m["defenses"]) == {"none"} and set(m["defenses"]["none"]) == {"linf", "l2"}
+    assert set(m["linf"]) == {"0"} and set(m["l2"]) == {"0", "1"}
