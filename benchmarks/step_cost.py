@@ -66,7 +66,7 @@ def main():
     p.add_argument("--cases", default="cnn:1x8x8,cnn:3x32x32,wrn-10-2:3x32x32")
     args = p.parse_args()
     print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}")
-    print(f"| model | input | K | batch | classifier step (ms) | JEM step (ms) | JEM/classifier | floor (2K+6)/3 | ratio/floor |")
+    print("| model | input | K | batch | classifier step (ms) | JEM step (ms) | JEM/classifier | floor (2K+6)/3 | ratio/floor |")
     print("|---|---|---|---|---|---|---|---|---|")
     for case in args.cases.split(","):
         model, shape = case.split(":")

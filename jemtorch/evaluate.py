@@ -228,7 +228,7 @@ def evaluate_run(run: LoadedRun, opts: EvalOptions, reference: Optional[LoadedRu
     g = torch.Generator().manual_seed(opts.seed)
     n = len(data.x_test) if opts.n < 0 else min(opts.n, len(data.x_test))
     pick = torch.randperm(len(data.x_test), generator=g)[:n]
-    x_in, y_in = to_float(data.x_test[pick]), data.y_test[pick]
+    x_in = to_float(data.x_test[pick])
 
     # classification and calibration on the whole test set
     with torch.no_grad():
@@ -321,7 +321,7 @@ def evaluate_runs(run_dirs: list, opts: EvalOptions, reference_dir: Optional[str
     With several runs every report shows all of them side by side. The reference classifier for the Fréchet
     distance is ``reference_dir``, else the first baseline (``p_x_weight == 0``) among the runs, else none.
     """
-    from .report import Report, histogram_figure, reliability_figure
+    from .report import histogram_figure, reliability_figure
     from .viz import save_grid
 
     runs = [load_run(d, device, opts.data_root) for d in run_dirs]
