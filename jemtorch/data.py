@@ -267,8 +267,11 @@ def _read_image_dir(split_dir: Path, classes: list[str]) -> tuple[np.ndarray, np
         except OSError as e:
             raise DatasetError(f"unreadable image {p} ({e})") from None
 
+    from tqdm.auto import tqdm
+
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        imgs = list(pool.map(load, files, chunksize=256))
+        imgs = list(tqdm(pool.map(load, files, chunksize=256), total=len(files), desc=f"decoding {split_dir}",
+                         disable=len(files) < 5000, leave=False))
     shapes = {im.shape for im in imgs}
     if len(shapes) != 1:
         raise DatasetError(f"images in {split_dir} differ in size/channels {sorted(shapes)[:3]}; resize them first")

@@ -127,7 +127,6 @@ class Trainer:
         self.events: list[dict] = []  # rollbacks, written to metrics.jsonl
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self.lr_factor)
 
-
     # ---------------------------------------------------------------------------------------------------------
     def lr_factor(self, step: int) -> float:
         """Linear warm-up over ``warmup_iters``, then ×decay_rate at each of ``decay_epochs``."""
