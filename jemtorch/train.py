@@ -6,12 +6,13 @@ One iteration, following one batch:
     x̂         ← replay buffer → η SGLD steps on log p(x) (parameters frozen) → written back
     logits    ← f([x, x_px, x̂, x̂_y]) in ONE forward pass
     L         = w_clf·CE(f(x), y) + w_px·(LSE f(x̂) − LSE f(x_px)) + w_pxy·(f(x̂_y)[y] − f(x)[y])
+                [+ λ·(E(x_px)² + E(x̂)²) with --energy-reg λ > 0]
     Adam step; warm-up and step decay of the learning rate.
 
 The p(x) term equals the energy gap E(data) − E(samples): near 0 is healthy, large |gap| means the sampler has
 lost track of the model. A step whose loss is non-finite or whose |gap| exceeds ``max_energy_gap`` is a
-divergence: the step is not applied, model and optimiser roll back to the last in-memory snapshot (taken every
-``snapshot_every`` healthy steps), the learning rate is halved and the replay buffer restarts from noise. After
+divergence: the step is not applied, model, optimiser and replay buffer roll back to the last in-memory snapshot
+(taken every ``snapshot_every`` healthy steps) and the learning rate is halved. After
 ``max_rollbacks`` of these the run stops with TrainingDiverged (the official code stops with ``1/0`` at once).
 """
 from __future__ import annotations
@@ -159,6 +160,8 @@ class Trainer:
             e_data, e_samples = -self.jem.log_px(logits=logits_px), -self.jem.log_px(logits=rest.pop(0))
             l_px = e_data.mean() - e_samples.mean()  # = −(LSE f(x) − LSE f(x̂)) = energy gap
             loss = loss + cfg.p_x_weight * l_px
+            if cfg.energy_reg > 0:
+                loss = loss + cfg.energy_reg * (e_data.pow(2).mean() + e_samples.pow(2).mean())
             stats.update(l_px=l_px, energy_gap=l_px, e_data=e_data.mean(), e_samples=e_samples.mean())
         if cfg.p_x_y_weight > 0:
             l_pxy = -self.jem.log_pxy(None, y, logits=logits_x).mean() + self.jem.log_pxy(None, y, logits=rest.pop(0)).mean()
@@ -197,10 +200,14 @@ class Trainer:
 
     def take_snapshot(self) -> None:
         self.snapshot = {"model": {k: v.detach().clone() for k, v in self.jem.f.state_dict().items()},
-                         "optimizer": copy.deepcopy(self.opt.state_dict()), "step": self.step}
+                         "optimizer": copy.deepcopy(self.opt.state_dict()), "buffer": self.buffer.data.clone(),
+                         "step": self.step}
 
     def roll_back(self, values: dict) -> None:
-        """Divergence: restore the last snapshot, halve the lr, restart the buffer from noise — or give up."""
+        """Divergence: restore model, optimiser and replay buffer from the last snapshot and halve the lr — or give up.
+
+        (Restarting the buffer from noise instead would itself look like divergence: a trained model gives noise a
+        far higher energy than data, so the next gap would be huge.)"""
         self.opt.zero_grad(set_to_none=True)
         if self.rollbacks >= self.cfg.max_rollbacks or self.snapshot is None:
             raise TrainingDiverged(
@@ -215,7 +222,7 @@ class Trainer:
         self.step = self.snapshot["step"]
         self.sched.last_epoch = self.step - 1
         self.sched.step()  # recompute the lr for the restored step with the new scale
-        self.buffer.data = self.buffer.uniform(len(self.buffer))
+        self.buffer.data = self.snapshot["buffer"].clone()
         self.events.append({"kind": "rollback", "step": self.step, "lr_scale": self.lr_scale,
                             "energy_gap": values.get("energy_gap"), "loss": values["loss"]})
 
@@ -240,8 +247,7 @@ class Trainer:
                 if values.get("rollback"):
                     for ev in self.events:
                         metrics.write(json.dumps(ev) + "\n")
-                        bar.write(f"divergence: rolled back to iteration {ev['step']}, lr ×{ev['lr_scale']:g}, "
-                                  f"replay buffer reset")
+                        bar.write(f"divergence: rolled back to iteration {ev['step']}, lr ×{ev['lr_scale']:g}")
                     self.events.clear()
                     window.clear()
                     bar.n = self.step

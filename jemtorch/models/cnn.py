@@ -1,8 +1,9 @@
 """A small all-convolutional classifier that makes CPU JEM runs practical (digits, MNIST, CIFAR at low budget).
 
 Three stages of two 3×3 convolutions (widths w, 2w, 4w; stride-2 between stages), LeakyReLU(0.2) as in the
-official JEM code, no normalisation (batch-norm statistics would differ between data and SGLD samples), global
-average pooling and a linear head. Works for any input size ≥ 4×4.
+official JEM code, no normalisation (batch-norm statistics would differ between data and SGLD samples), average
+pooling to a 4×4 map (keeps coarse layout: on Fashion-MNIST it learns markedly faster than global pooling) and a
+linear head. Works for any input size ≥ 4×4.
 """
 from __future__ import annotations
 
@@ -26,11 +27,11 @@ class SmallCNN(nn.Module):
             nn.Conv2d(2 * w, 2 * w, 3, padding=1), _act(),
             nn.Conv2d(2 * w, 4 * w, 3, stride=2, padding=1), _act(),
             nn.Conv2d(4 * w, 4 * w, 3, padding=1), _act(),
-            nn.AdaptiveAvgPool2d(1),
+            nn.AdaptiveAvgPool2d(4),
             nn.Flatten(),
             nn.Dropout(dropout),
         )
-        self.head = nn.Linear(4 * w, num_classes)
+        self.head = nn.Linear(4 * w * 16, num_classes)
 
     def forward(self, x):
         return self.head(self.features(x))
