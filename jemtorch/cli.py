@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import CHECKPOINT, TrainingDiverged, train
+    from .train import CHECKPOINT, Trainer, TrainingDiverged
 
     overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "resume", "overwrite")}
     if args.resume:
@@ -109,8 +109,17 @@ def cmd_train(args: argparse.Namespace) -> int:
                          "samples_cond.png"):
                 (cfg.run_dir / name).unlink(missing_ok=True)
             shutil.rmtree(cfg.run_dir / "samples", ignore_errors=True)
+    trainer = Trainer(cfg)
+    if args.resume:
+        trainer.resume()
+    n_params = sum(p.numel() for p in trainer.jem.parameters())
+    kind = "classifier baseline" if not trainer.uses_samples else f"JEM, {cfg.sgld_steps} SGLD steps/iteration"
+    print(f"jem train: {cfg.dataset} {tuple(trainer.data.shape)} ({len(trainer.x_train)} train / {len(trainer.x_val)} "
+          f"val / {len(trainer.x_test)} test), {cfg.model} ({n_params / 1e6:.2f}M params), {kind}, "
+          f"{trainer.total_iters} iterations on {trainer.device}" + (f" from {trainer.step}" if args.resume else "")
+          + f"; run directory {cfg.run_dir}", file=sys.stderr)
     try:
-        summary = train(cfg, resume=bool(args.resume))
+        summary = trainer.fit()
     except TrainingDiverged as e:
         print(f"jem: error: {e}", file=sys.stderr)
         return 1
