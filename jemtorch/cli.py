@@ -47,10 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--reference", metavar="RUN_DIR", help="classifier whose features define the Fréchet distance "
                    "(default: a baseline among the runs)")
     e.add_argument("--inception-weights", metavar="PATH", help="FID Inception weights file for true FID / IS")
-    e.add_argument("--data-root", help="override the runs' dataset root (also for OOD datasets)")
-    e.add_argument("--device", default="auto")
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--no-progress", action="store_true")
+    _add_common(e)
 
     a = sub.add_parser("attack", help="adversarial robustness: PGD (with the SGLD-refinement defence), black-box attacks",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -69,10 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--boundary-steps", type=int, default=1000)
     a.add_argument("--square-queries", type=int, default=1000)
     a.add_argument("--batch-size", type=int, default=250)
-    a.add_argument("--data-root")
-    a.add_argument("--device", default="auto")
-    a.add_argument("--seed", type=int, default=0)
-    a.add_argument("--no-progress", action="store_true")
+    _add_common(a)
 
     d = sub.add_parser("distal", help="distal adversarials: push noise to high p(y=c|x)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -81,10 +75,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--n", type=int, default=8, help="images per run")
     d.add_argument("--steps", type=int, default=200)
     d.add_argument("--step-size", type=float, default=0.01, help="signed-gradient step in model units ([-1,1] images)")
-    d.add_argument("--data-root")
-    d.add_argument("--device", default="auto")
-    d.add_argument("--seed", type=int, default=0)
+    _add_common(d, progress=False)
     return parser
+
+
+def _add_common(p: argparse.ArgumentParser, progress: bool = True) -> None:
+    """Flags shared by the commands that read trained runs."""
+    p.add_argument("--data-root", help="override the runs' dataset root (also for OOD datasets)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--seed", type=int, default=0)
+    if progress:
+        p.add_argument("--no-progress", action="store_true")
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -19,6 +19,13 @@ def _plt():
     return plt
 
 
+def _save(fig, path: Path, dpi: int = 110) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    _plt().close(fig)
+    return path
+
+
 def reliability_figure(results: Sequence[dict], path: Path) -> Path:
     """Confidence vs accuracy per bin, one panel per run, bin counts printed above the bars."""
     plt = _plt()
@@ -41,10 +48,7 @@ def reliability_figure(results: Sequence[dict], path: Path) -> Path:
         ax.set(xlim=(0, 1), ylim=(0, 1.05), xlabel="confidence", ylabel="accuracy",
                title=f"{r['name']}\nECE = {100 * r['ece']:.2f}% ({cal['n_bins']} bins)")
         ax.legend(loc="upper left", fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def histogram_figure(results: Sequence[dict], score: str, path: Path) -> Path:
@@ -67,10 +71,7 @@ def histogram_figure(results: Sequence[dict], score: str, path: Path) -> Path:
             ax.set_title(f"{r['name']}: {score} vs {name} (AUROC {auroc:.3f})", fontsize=8)
             ax.legend(fontsize=7)
             ax.tick_params(labelsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path, dpi=100)
 
 
 def curve_figure(curves: dict, path: Path, xlabel: str, ylabel: str, title: str) -> Path:
@@ -82,10 +83,7 @@ def curve_figure(curves: dict, path: Path, xlabel: str, ylabel: str, title: str)
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title, ylim=(0, 1.02))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 # ------------------------------------------------------------------------------------------------------------------
