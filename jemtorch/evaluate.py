@@ -151,7 +151,8 @@ def fresh_samples(run: LoadedRun, n: int, steps: int, y: Optional[torch.Tensor] 
                leave=False)
     log_density = run.jem.log_px if y is None else (lambda x: run.jem.log_pxy(x, y.to(run.device)))
     with frozen(run.jem):
-        x = sgld(log_density, x0, steps, run.cfg.sgld_lr, run.cfg.sgld_std, callback=lambda t: bar.update(1))
+        x = sgld(log_density, x0, steps, run.cfg.sgld_lr, run.cfg.sgld_std, callback=lambda t: bar.update(1),
+                 clamp=(-1.0, 1.0) if run.cfg.sgld_clamp else None)
     bar.close()
     return x.clamp(-1, 1)
 

@@ -40,8 +40,11 @@ def sgld(
     step_size: float = 1.0,
     noise: float = 0.01,
     callback: Optional[Callable[[int], None]] = None,
+    clamp: Optional[tuple[float, float]] = None,
 ) -> torch.Tensor:
     """Run ``n_steps`` of x ← x + step_size·∇ log_density(x) + noise·N(0, I); returns a detached tensor.
+
+    ``clamp=(lo, hi)`` projects x back into [lo, hi] after every step (keeps chains in the image domain).
 
     ``log_density`` maps a batch to per-sample (unnormalised) log densities, shape (B,). With
     step_size = noise²/2 this is exact Langevin dynamics; JEM uses the paper's decoupled values (α=1, σ=0.01).
@@ -53,6 +56,8 @@ def sgld(
             x.add_(grad, alpha=step_size)
             if noise > 0:
                 x.add_(torch.randn_like(x), alpha=noise)
+            if clamp is not None:
+                x.clamp_(*clamp)
         if callback is not None:
             callback(t)
     return x.detach()
@@ -122,10 +127,12 @@ class ReplayBuffer:
 class JEMSampler:
     """Draws JEM samples: buffer → η SGLD steps on log p(x) (or log p(x, y) given ``y``) → buffer."""
 
-    def __init__(self, buffer: ReplayBuffer, step_size: float = 1.0, noise: float = 0.01, n_steps: int = 20):
+    def __init__(self, buffer: ReplayBuffer, step_size: float = 1.0, noise: float = 0.01, n_steps: int = 20,
+                 clamp: bool = False):
         if n_steps < 0:
             raise ValueError(f"SGLD steps must be >= 0, got {n_steps}")
         self.buffer = buffer
+        self.clamp = (-1.0, 1.0) if clamp else None
         self.step_size = step_size
         self.noise = noise
         self.n_steps = n_steps
@@ -138,6 +145,7 @@ class JEMSampler:
     def sample(self, jem: JEM, batch_size: int, y: Optional[torch.Tensor] = None, n_steps: Optional[int] = None) -> torch.Tensor:
         x0, idx = self.buffer.sample(batch_size, y)
         with frozen(jem):
-            x = sgld(self.log_density(jem, y), x0, self.n_steps if n_steps is None else n_steps, self.step_size, self.noise)
+            x = sgld(self.log_density(jem, y), x0, self.n_steps if n_steps is None else n_steps, self.step_size, self.noise,
+                     clamp=self.clamp)
         self.buffer.update(idx, x)
         return x

@@ -113,7 +113,7 @@ class Trainer:
         self.uses_samples = cfg.p_x_weight > 0 or cfg.p_x_y_weight > 0
         self.buffer = ReplayBuffer(cfg.buffer_size, data.shape, data.num_classes, cfg.reinit_freq,
                                    cfg.class_conditional, dev)
-        self.sampler = JEMSampler(self.buffer, cfg.sgld_lr, cfg.sgld_std, cfg.sgld_steps)
+        self.sampler = JEMSampler(self.buffer, cfg.sgld_lr, cfg.sgld_std, cfg.sgld_steps, cfg.sgld_clamp)
         params = self.jem.parameters()
         if cfg.optimizer == "adam":
             self.opt = torch.optim.Adam(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)

@@ -70,3 +70,17 @@ def test_buffer_bad_arguments(kw):
     args = {"size": 10, "shape": (1,), "reinit_freq": 0.05, **kw}
     with pytest.raises(ValueError):
         ReplayBuffer(**args)
+
+
+def test_sgld_clamp_keeps_chains_in_the_image_range():
+    x0 = torch.zeros(8, 4)
+    free = sgld(lambda x: (5 * x).sum(1), x0, n_steps=5, step_size=1.0, noise=0.0)
+    assert free.max() == pytest.approx(25.0)  # the gradient pushes far outside [-1, 1]
+    held = sgld(lambda x: (5 * x).sum(1), x0, n_steps=5, step_size=1.0, noise=0.1, clamp=(-1.0, 1.0))
+    assert held.min() >= -1 and held.max() <= 1
+    buf = ReplayBuffer(50, (4,), reinit_freq=0.0)
+    jem_like = JEM(torch.nn.Linear(4, 2))
+    with torch.no_grad():
+        jem_like.f.weight.fill_(10.0)
+    x = JEMSampler(buf, step_size=1.0, noise=0.01, n_steps=3, clamp=True).sample(jem_like, 10)
+    assert x.abs().max() <= 1
