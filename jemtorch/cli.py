@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--refine-steps", default="0", help="comma-separated SGLD refinement steps to evaluate (0: none)")
     a.add_argument("--refine-chains", type=int, default=5, help="duplicated SGLD chains averaged by the defence")
     a.add_argument("--defense-grad", default="full", help="full (differentiate through SGLD) or bpda (straight-through)")
-    a.add_argument("--blackbox", default="", help="comma-separated gradient-free attacks: boundary, pointwise, square")
+    a.add_argument("--blackbox", default="", help="comma-separated gradient-free attacks: boundary, pointwise, square "
+                   "(without --eps, only these run and earlier PGD results are kept)")
     a.add_argument("--boundary-steps", type=int, default=1000)
     a.add_argument("--square-queries", type=int, default=1000)
     a.add_argument("--batch-size", type=int, default=250)
@@ -156,12 +157,13 @@ def cmd_attack(args: argparse.Namespace) -> int:
     if args.norm not in ("linf", "l2"):
         raise ValueError(f"--norm must be linf or l2, got {args.norm!r}")
     default_eps = {"linf": "0,1/255,2/255,4/255,8/255,16/255", "l2": "0,0.25,0.5,1,2"}[args.norm]
-    eps = parse_eps(args.eps or default_eps)
+    blackbox = tuple(b.strip() for b in args.blackbox.split(",") if b.strip())
+    # --blackbox alone runs only the gradient-free attacks (earlier PGD results stay); PGD runs when --eps is given
+    eps = [] if (blackbox and args.eps is None) else parse_eps(args.eps or default_eps)
     try:
         refine = tuple(int(v) for v in args.refine_steps.split(",") if v.strip())
     except ValueError:
         raise ValueError(f"--refine-steps must be comma-separated integers, got {args.refine_steps!r}") from None
-    blackbox = tuple(b.strip() for b in args.blackbox.split(",") if b.strip())
     unknown = set(blackbox) - {"boundary", "pointwise", "square"}
     if unknown:
         raise ValueError(f"unknown black-box attack {sorted(unknown)[0]!r}; choose from boundary, pointwise, square")

@@ -178,19 +178,26 @@ def blackbox(model: Refined, x: torch.Tensor, y: torch.Tensor, attacks: list[str
             except ImportError:
                 raise ValueError("boundary/pointwise attacks need foolbox: pip install 'foolbox>=3.3'") from None
             fmodel = fb.PyTorchModel(net, bounds=(0, 1), device=x.device)
-            for name, attack, measure in (
-                ("boundary", lambda: fb.attacks.BoundaryAttack(steps=boundary_steps), "l2"),
-                ("pointwise", lambda: fb.attacks.PointwiseAttack(), "l0"),
-            ):
+            # (name, attack, its initialisation, measure); images whose initialisation finds no adversarial are
+            # counted as unfooled (∞) instead of letting foolbox abort the whole batch
+            specs = (("boundary", lambda: fb.attacks.BoundaryAttack(steps=boundary_steps),
+                      lambda: fb.attacks.LinearSearchBlendedUniformNoiseAttack(directions=1000, steps=1000), "l2"),
+                     ("pointwise", lambda: fb.attacks.PointwiseAttack(),
+                      lambda: fb.attacks.SaltAndPepperNoiseAttack(), "l0"))
+            for name, attack, init, measure in specs:
                 if name not in attacks:
                     continue
                 dists = []
                 for i in range(0, len(y), batch_size):
                     xb, yb = x01[i : i + batch_size], y[i : i + batch_size]
-                    _, adv, success = attack()(fmodel, xb, yb, epsilons=None)
-                    d = (adv - xb).flatten(1)
-                    dist = d.norm(dim=1) if measure == "l2" else (d.abs() > 1e-6).sum(1).float()
-                    dists += torch.where(success, dist, torch.full_like(dist, float("inf"))).tolist()
+                    dist = torch.full((len(yb),), float("inf"))
+                    _, start, ok = init()(fmodel, xb, yb, epsilons=None)
+                    if ok.any():
+                        _, adv, success = attack()(fmodel, xb[ok], yb[ok], starting_points=start[ok], epsilons=None)
+                        d = (adv - xb[ok]).flatten(1)
+                        dd = d.norm(dim=1) if measure == "l2" else (d.abs() > 1e-6).sum(1).float()
+                        dist[ok.cpu()] = torch.where(success, dd, torch.full_like(dd, float("inf"))).cpu()
+                    dists += dist.tolist()
                 out[name] = {f"median_{measure}": _median(dists), "success_rate": float(np.isfinite(dists).mean()),
                              "n": len(dists), "norm": measure,
                              **({"steps": boundary_steps} if name == "boundary" else {})}
@@ -276,11 +283,12 @@ def attack_runs(run_dirs: list, norm: str, eps: list[float], n: int = 500, steps
         x, y = _test_subset(run, n, seed)
         out_dir = run.run_dir / "robustness"
         metrics = _load_metrics(out_dir / "metrics.json")
-        for d in metrics.get("defenses", {}).values():  # this invocation's norm replaces earlier results for it
-            d.pop(norm, None)
-        metrics["defenses"] = {k: v for k, v in metrics.get("defenses", {}).items() if v}
+        if eps:  # this invocation's norm replaces earlier results for it
+            for d in metrics.get("defenses", {}).values():
+                d.pop(norm, None)
+            metrics["defenses"] = {k: v for k, v in metrics.get("defenses", {}).items() if v}
         settings = refine_steps if not run.is_baseline else (0,)
-        for k in settings:
+        for k in settings if eps else ():
             model = Refined(run.jem, k, refine_chains if k > 0 else 1, run.cfg.sgld_lr, run.cfg.sgld_std, defense_grad)
             accs = {}
             for e in tqdm(eps, desc=f"{run.name} {model.name} {norm}", disable=not progress, leave=False):
@@ -289,10 +297,11 @@ def attack_runs(run_dirs: list, norm: str, eps: list[float], n: int = 500, steps
             if k == 0:
                 metrics[norm] = accs  # the undefended model's curve at the top level
             results[f"{run.name} ({model.name})"] = (run, norm, accs)
-        metrics.setdefault("pgd", {})[norm] = {"steps": steps, "step_size": f"{step_rel}*eps/steps",
-                                               "restarts": restarts, "random_start": True, "n": len(y),
-                                               "eps_units": "[0,1] pixel scale", "defense_grad": defense_grad,
-                                               "refine_chains": refine_chains}
+        if eps:
+            metrics.setdefault("pgd", {})[norm] = {"steps": steps, "step_size": f"{step_rel}*eps/steps",
+                                                   "restarts": restarts, "random_start": True, "n": len(y),
+                                                   "eps_units": "[0,1] pixel scale", "defense_grad": defense_grad,
+                                                   "refine_chains": refine_chains}
         if blackbox_attacks:
             plain = Refined(run.jem)
             metrics["blackbox"] = blackbox(plain, x, y, list(blackbox_attacks), boundary_steps, square_queries,
@@ -303,8 +312,9 @@ def attack_runs(run_dirs: list, norm: str, eps: list[float], n: int = 500, steps
     curves = {label: ([float(e) for e in accs], list(accs.values())) for label, (_, nm, accs) in results.items()}
     for run in runs:
         out_dir = run.run_dir / "robustness"
-        curve_figure(curves, out_dir / f"robust_{norm}.png", f"ε ({norm}, [0,1] pixel scale)", "robust accuracy",
-                     f"PGD-{steps} {norm}")
+        if curves:
+            curve_figure(curves, out_dir / f"robust_{norm}.png", f"ε ({norm}, [0,1] pixel scale)",
+                         "robust accuracy", f"PGD-{steps} {norm}")
         write_robustness_report(out_dir, [r.run_dir for r in runs])
     return {label: accs for label, (_, _, accs) in results.items()}
 

@@ -142,3 +142,12 @@ def test_attack_rerun_replaces_that_norm(runs):
     m = json.loads((runs / "jem/robustness/metrics.json").read_text())
     assert set(m["defenses"]) == {"none"} and set(m["defenses"]["none"]) == {"linf", "l2"}
     assert set(m["linf"]) == {"0"} and set(m["l2"]) == {"0", "1"}
+
+
+def test_blackbox_alone_keeps_pgd_results(runs):
+    pytest.importorskip("foolbox")
+    jem = str(runs / "jem")
+    assert main(["attack", jem, "--norm", "linf", "--eps", "0,2/255", "--n", "8", "--steps", "2", "--no-progress"]) == 0
+    assert main(["attack", jem, "--n", "8", "--blackbox", "pointwise", "--no-progress"]) == 0
+    m = json.loads((runs / "jem/robustness/metrics.json").read_text())
+    assert set(m["linf"]) == {"0", f"{2 / 255:.6g}"} and "pointwise" in m["blackbox"]
