@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--reference", metavar="RUN_DIR", help="classifier whose features define the Fréchet distance "
                    "(default: a baseline among the runs)")
     e.add_argument("--inception-weights", metavar="PATH", help="FID Inception weights file for true FID / IS")
+    e.add_argument("--ood-root", help="dataset root for OOD datasets in --ood (default: --data-root, else the run's)")
     _add_common(e)
 
     a = sub.add_parser("attack", help="adversarial robustness: PGD (with the SGLD-refinement defence), black-box attacks",
@@ -140,7 +141,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError("--n must be -1 or >= 1, --bins, --n-samples >= 1, --n-gen >= 2, --sample-steps >= 0")
     ood = tuple(o.strip() for o in args.ood.split(",") if o.strip())
     opts = EvalOptions(ood=ood, n=args.n, bins=args.bins, sample_steps=args.sample_steps, n_samples=args.n_samples,
-                       n_gen=args.n_gen, data_root=args.data_root, inception_weights=args.inception_weights,
+                       n_gen=args.n_gen, data_root=args.data_root, ood_root=args.ood_root,
+                       inception_weights=args.inception_weights,
                        seed=args.seed, progress=not args.no_progress)
     results = evaluate_runs(args.runs, opts, args.reference, args.device)
     for r in results:

@@ -216,7 +216,8 @@ class EvalOptions:
     sample_steps: int = 200
     n_samples: int = 100
     n_gen: int = 500  # samples per set for the Fréchet distances
-    data_root: Optional[str] = None
+    data_root: Optional[str] = None  # overrides the runs' dataset root
+    ood_root: Optional[str] = None  # where OOD datasets are read (default: data_root, else the run's root)
     inception_weights: Optional[str] = None
     seed: int = 0
     progress: bool = True
@@ -242,7 +243,7 @@ def evaluate_run(run: LoadedRun, opts: EvalOptions, reference: Optional[LoadedRu
     ece = expected_calibration_error(probs, data.y_test, opts.bins)
 
     # OOD detection
-    root = opts.data_root or run.cfg.data_root
+    root = opts.ood_root or opts.data_root or run.cfg.data_root
     s_in = ood_scores(run.jem, x_in, progress=opts.progress, desc=f"{run.name}: in-dist scores")
     ood, hist = {}, {"in": {k: s_in[k] for k in SCORES}}
     for name in opts.ood:
