@@ -136,6 +136,8 @@ def test_eval_bad_inputs(tiny_runs, tmp_path, capsys):
     assert "in-distribution dataset" in capsys.readouterr().err
     assert main(["eval", str(tiny_runs / "jem"), "--ood", "mnist", "--data-root", str(tmp_path), *EVAL_TINY]) == 2
     assert "MNIST not found" in capsys.readouterr().err
+    assert main(["eval", str(tiny_runs / "jem"), "--ood", "mnist", "--ood-root", str(tmp_path / "x"), *EVAL_TINY]) == 2
+    assert f"{tmp_path / 'x'}/MNIST/raw" in capsys.readouterr().err
 
 
 def test_eval_incompatible_runs(tiny_runs, tmp_path, capsys):
