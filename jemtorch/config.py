@@ -70,9 +70,10 @@ class TrainConfig:
     clip_grad: float = _f(0.0, "clip the gradient norm to this value (0: off)")
     max_energy_gap: float = _f(200.0, "a step with |E(data) − E(samples)| above this, or a non-finite loss, counts "
                                       "as divergence")
-    max_rollbacks: int = _f(5, "on divergence roll back to the last snapshot, halve the lr and reset the buffer, "
-                               "at most this many times (0: stop at the first divergence)")
-    snapshot_every: int = _f(100, "keep an in-memory snapshot of model and optimiser every N healthy iterations")
+    max_rollbacks: int = _f(5, "on divergence roll back to the last snapshot and halve the lr, at most this many "
+                               "times (0: stop at the first divergence)")
+    snapshot_every: int = _f(100, "keep an in-memory snapshot of model, optimiser and replay buffer every N healthy "
+                                  "iterations")
 
     # --- logging, samples, checkpoints ---
     log_every: int = _f(20, "write a metrics.jsonl record every N iterations")

@@ -52,8 +52,10 @@ class LoadedRun:
 
 
 def load_run(run_dir: str | Path, device: str = "auto", data_root: Optional[str] = None,
-             data: Optional[ImageData] = None) -> LoadedRun:
-    """A trained run: its config, model (best-validation weights when kept), replay buffer and dataset."""
+             datasets: Optional[dict] = None) -> LoadedRun:
+    """A trained run: its config, model (best-validation weights when kept), replay buffer and dataset.
+
+    ``datasets``: a dict shared between calls, so runs on the same dataset and root load it once."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file() or not (run_dir / CHECKPOINT).is_file():
         raise FileNotFoundError(f"not a run directory: {run_dir} (expected config.json and {CHECKPOINT} from jem train)")
@@ -63,8 +65,11 @@ def load_run(run_dir: str | Path, device: str = "auto", data_root: Optional[str]
     cfg = TrainConfig.from_dict(cfg_dict)
     dev = pick_device(device)
     ckpt = load_safe(run_dir / CHECKPOINT, dev)
-    if data is None:
-        data = load_dataset(cfg.dataset, cfg.data_root, download_missing=False)
+    datasets = {} if datasets is None else datasets
+    key = (cfg.dataset, cfg.data_root)
+    if key not in datasets:
+        datasets[key] = load_dataset(cfg.dataset, cfg.data_root, download_missing=False)
+    data: ImageData = datasets[key]
     jem = build_jem(cfg, data.shape[0], data.num_classes).to(dev)
     weights = load_safe(run_dir / BEST, dev)["model"] if (run_dir / BEST).is_file() else ckpt["model"]
     jem.f.load_state_dict(weights)
@@ -72,6 +77,13 @@ def load_run(run_dir: str | Path, device: str = "auto", data_root: Optional[str]
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
     buffer = ckpt["buffer"]["data"] if (cfg.p_x_weight > 0 or cfg.p_x_y_weight > 0) else None
     return LoadedRun(run_dir, cfg, jem, data, buffer, dev, summary)
+
+
+def load_runs(run_dirs, device: str = "auto", data_root: Optional[str] = None,
+              datasets: Optional[dict] = None) -> list[LoadedRun]:
+    """Several runs, each dataset loaded once."""
+    datasets = {} if datasets is None else datasets
+    return [load_run(d, device, data_root, datasets) for d in run_dirs]
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -92,9 +104,18 @@ def convert_images(x_u8: torch.Tensor, shape: tuple[int, int, int]) -> torch.Ten
     return x.round().clamp(0, 255).to(torch.uint8)
 
 
+def check_ood_name(name: str, in_dataset: Optional[str] = None) -> None:
+    """Raise a one-line DatasetError for an unknown OOD set or one that is the in-distribution dataset."""
+    if name not in SYNTHETIC_OOD and name not in DATASETS:
+        raise DatasetError(f"unknown OOD set {name!r}; choose from {', '.join(SYNTHETIC_OOD + tuple(DATASETS))}")
+    if name == in_dataset:
+        raise DatasetError(f"OOD set {name!r} is the in-distribution dataset")
+
+
 def make_ood_set(name: str, x_in: torch.Tensor, n: int, seed: int = 0, data_root: Optional[str] = None,
                  in_dataset: Optional[str] = None) -> torch.Tensor:
     """``n`` OOD images as floats in [−1, 1] with the shape of ``x_in`` (float in-distribution test images)."""
+    check_ood_name(name, in_dataset)
     g = torch.Generator().manual_seed(seed)
     shape = tuple(x_in.shape[1:])
     if name == "uniform":
@@ -107,13 +128,9 @@ def make_ood_set(name: str, x_in: torch.Tensor, n: int, seed: int = 0, data_root
         i = torch.randint(0, len(x_in), (n,), generator=g)
         j = (i + torch.randint(1, len(x_in), (n,), generator=g)) % len(x_in)  # a different image
         return 0.5 * x_in[i].cpu() + 0.5 * x_in[j].cpu()
-    if name in DATASETS:
-        if name == in_dataset:
-            raise DatasetError(f"OOD set {name!r} is the in-distribution dataset")
-        x = load_dataset(name, data_root).x_test
-        x = x[torch.randperm(len(x), generator=g)[:n]]
-        return to_float(convert_images(x, shape))
-    raise DatasetError(f"unknown OOD set {name!r}; choose from {', '.join(SYNTHETIC_OOD + tuple(DATASETS))}")
+    x = load_dataset(name, data_root).x_test  # a dataset name (checked above)
+    x = x[torch.randperm(len(x), generator=g)[:n]]
+    return to_float(convert_images(x, shape))
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -121,11 +138,11 @@ def make_ood_set(name: str, x_in: torch.Tensor, n: int, seed: int = 0, data_root
 # ------------------------------------------------------------------------------------------------------------------
 def ood_scores(jem: JEM, x: torch.Tensor, batch_size: int = 250, device=None, progress: bool = False,
                desc: str = "scores") -> dict[str, np.ndarray]:
-    """The paper's three scores (higher = more in-distribution) and the logits, for float images ``x``."""
+    """The paper's three scores (higher = more in-distribution) for float images ``x``."""
     from tqdm.auto import tqdm
 
     device = device or next(jem.parameters()).device
-    out = {k: [] for k in (*SCORES, "logits")}
+    out = {k: [] for k in SCORES}
     with frozen(jem):
         for i in tqdm(range(0, len(x), batch_size), desc=desc, disable=not progress, leave=False):
             xb = x[i : i + batch_size].to(device).requires_grad_(True)
@@ -135,7 +152,6 @@ def ood_scores(jem: JEM, x: torch.Tensor, batch_size: int = 250, device=None, pr
             out["logp"].append(logp.detach().cpu())
             out["maxprob"].append(logits.detach().softmax(1).max(1).values.cpu())
             out["gradnorm"].append(-grad.flatten(1).norm(dim=1).cpu())
-            out["logits"].append(logits.detach().cpu())
     return {k: torch.cat(v).numpy() for k, v in out.items()}
 
 
@@ -326,18 +342,16 @@ def evaluate_runs(run_dirs: list, opts: EvalOptions, reference_dir: Optional[str
     from .report import histogram_figure, reliability_figure
     from .viz import save_grid
 
-    runs = [load_run(d, device, opts.data_root) for d in run_dirs]
+    datasets: dict = {}
+    runs = load_runs(run_dirs, device, opts.data_root, datasets)
     for r in runs[1:]:
         if (r.cfg.dataset, r.data.shape, r.data.num_classes) != (runs[0].cfg.dataset, runs[0].data.shape,
                                                                  runs[0].data.num_classes):
             raise DatasetError(f"incompatible runs: {runs[0].run_dir} is {runs[0].cfg.dataset} "
                                f"{runs[0].data.shape}, {r.run_dir} is {r.cfg.dataset} {r.data.shape}")
-    unknown = [o for o in opts.ood if o not in SYNTHETIC_OOD and o not in DATASETS]
-    if unknown:
-        raise DatasetError(f"unknown OOD set {unknown[0]!r}; choose from {', '.join(SYNTHETIC_OOD + tuple(DATASETS))}")
-    if runs[0].cfg.dataset in opts.ood:
-        raise DatasetError(f"OOD set {runs[0].cfg.dataset!r} is the in-distribution dataset")
-    reference = load_run(reference_dir, device, opts.data_root) if reference_dir else next(
+    for name in opts.ood:  # before any expensive work
+        check_ood_name(name, runs[0].cfg.dataset)
+    reference = load_run(reference_dir, device, opts.data_root, datasets) if reference_dir else next(
         (r for r in runs if r.is_baseline), None)
     if reference is not None and (reference.data.shape, reference.data.num_classes) != (runs[0].data.shape,
                                                                                         runs[0].data.num_classes):

@@ -271,12 +271,12 @@ def attack_runs(run_dirs: list, norm: str, eps: list[float], n: int = 500, steps
 
     from tqdm.auto import tqdm
 
-    from .evaluate import load_run
+    from .evaluate import load_runs
     from .report import curve_figure
 
     if norm not in ("linf", "l2"):
         raise ValueError(f"--norm must be linf or l2, got {norm!r}")
-    runs = [load_run(d, device, data_root) for d in run_dirs]
+    runs = load_runs(run_dirs, device, data_root)
     results = {}
     for run in runs:
         torch.manual_seed(seed)
@@ -367,17 +367,15 @@ def distal_runs(run_dirs: list, cls: int, n: int = 8, steps: int = 200, step_siz
     """Distal adversarials for class ``cls`` from each run; one figure with a row per run."""
     import json
 
-    from .evaluate import load_run
+    from .data import to_float, to_uint8
+    from .evaluate import load_runs
     from .report import _plt
-    from .data import to_uint8
 
-    runs = [load_run(d, device, data_root) for d in run_dirs]
+    runs = load_runs(run_dirs, device, data_root)
     c = runs[0].data.num_classes
     if not 0 <= cls < c:
         raise ValueError(f"--class must be in 0..{c - 1}, got {cls}")
     res = {r.name: distal(r.jem, cls, r.data.shape, n, steps, step_size, seed, r.device) for r in runs}
-    from .data import to_float
-
     for r in runs:  # what log p(x) looks like on real data, to read the samples' values against
         with torch.no_grad():
             res[r.name]["data_log_px"] = r.jem.log_px(to_float(r.data.x_test[:500]).to(r.device)).mean().item()

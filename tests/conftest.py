@@ -26,3 +26,16 @@ def shared_data(*parts: str) -> Path:
 
 
 os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+@pytest.fixture(scope="session")
+def trained_runs(tmp_path_factory):
+    """A tiny JEM run on digits and its --p-x-weight 0 baseline (root/jem, root/base), shared by eval and attack tests."""
+    from jemtorch.cli import main
+
+    root = tmp_path_factory.mktemp("runs")
+    args = ["--model", "cnn-8", "--sgld-steps", "1", "--buffer-size", "100", "--epochs", "3", "--lr", "0.005",
+            "--no-progress"]
+    assert main(["train", *args, "--out", str(root / "jem")]) == 0
+    assert main(["train", *args, "--p-x-weight", "0", "--out", str(root / "base")]) == 0
+    return root

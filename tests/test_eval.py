@@ -98,16 +98,8 @@ def test_convert_images():
     assert digits_as_cifar.shape == (10, 3, 32, 32)
 
 
-@pytest.fixture(scope="module")
-def tiny_runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("runs")
-    assert main(["train", *TINY, "--out", str(root / "jem")]) == 0
-    assert main(["train", *TINY, "--p-x-weight", "0", "--out", str(root / "base")]) == 0
-    return root
-
-
-def test_eval_end_to_end_two_runs(tiny_runs, capsys):
-    jem, base = tiny_runs / "jem", tiny_runs / "base"
+def test_eval_end_to_end_two_runs(trained_runs, capsys):
+    jem, base = trained_runs / "jem", trained_runs / "base"
     assert main(["eval", str(jem), str(base), *EVAL_TINY, "--ood", "interp,uniform,constant,gaussian"]) == 0
     m = json.loads((jem / "eval/metrics.json").read_text())
     summary = json.loads((jem / "summary.json").read_text())
@@ -127,20 +119,20 @@ def test_eval_end_to_end_two_runs(tiny_runs, capsys):
     assert not (base / "eval/samples_buffer.png").exists()  # a baseline has no replay buffer
 
 
-def test_eval_bad_inputs(tiny_runs, tmp_path, capsys):
+def test_eval_bad_inputs(trained_runs, tmp_path, capsys):
     assert main(["eval", str(tmp_path / "missing")]) == 2
     assert "not a run directory" in capsys.readouterr().err
-    assert main(["eval", str(tiny_runs / "jem"), "--ood", "nonsense", *EVAL_TINY]) == 2
+    assert main(["eval", str(trained_runs / "jem"), "--ood", "nonsense", *EVAL_TINY]) == 2
     assert "unknown OOD set" in capsys.readouterr().err
-    assert main(["eval", str(tiny_runs / "jem"), "--ood", "digits", *EVAL_TINY]) == 2
+    assert main(["eval", str(trained_runs / "jem"), "--ood", "digits", *EVAL_TINY]) == 2
     assert "in-distribution dataset" in capsys.readouterr().err
-    assert main(["eval", str(tiny_runs / "jem"), "--ood", "mnist", "--data-root", str(tmp_path), *EVAL_TINY]) == 2
+    assert main(["eval", str(trained_runs / "jem"), "--ood", "mnist", "--data-root", str(tmp_path), *EVAL_TINY]) == 2
     assert "MNIST not found" in capsys.readouterr().err
-    assert main(["eval", str(tiny_runs / "jem"), "--ood", "mnist", "--ood-root", str(tmp_path / "x"), *EVAL_TINY]) == 2
+    assert main(["eval", str(trained_runs / "jem"), "--ood", "mnist", "--ood-root", str(tmp_path / "x"), *EVAL_TINY]) == 2
     assert f"{tmp_path / 'x'}/MNIST/raw" in capsys.readouterr().err
 
 
-def test_eval_incompatible_runs(tiny_runs, tmp_path, capsys):
+def test_eval_incompatible_runs(trained_runs, tmp_path, capsys):
     from PIL import Image
 
     for split in ("train", "test"):
@@ -151,5 +143,5 @@ def test_eval_incompatible_runs(tiny_runs, tmp_path, capsys):
     other = tmp_path / "other"
     assert main(["train", *TINY, "--dataset", "imagefolder", "--data-root", str(tmp_path / "img"), "--batch-size", "8",
                  "--out", str(other)]) == 0
-    assert main(["eval", str(tiny_runs / "jem"), str(other), *EVAL_TINY]) == 2
+    assert main(["eval", str(trained_runs / "jem"), str(other), *EVAL_TINY]) == 2
     assert "incompatible runs" in capsys.readouterr().err

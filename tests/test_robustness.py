@@ -8,9 +8,6 @@ from jemtorch import JEM, create_model
 from jemtorch.cli import main
 from jemtorch.robustness import Refined, parse_eps, pgd
 
-TINY = ["--model", "cnn-8", "--sgld-steps", "1", "--buffer-size", "100", "--epochs", "3", "--lr", "0.005",
-        "--no-progress"]
-
 
 @pytest.mark.parametrize("norm,eps", [("linf", 0.1), ("l2", 0.5)])
 def test_pgd_stays_in_eps_ball_and_valid_range(norm, eps):
@@ -76,46 +73,38 @@ def test_parse_eps():
             parse_eps(bad)
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("runs")
-    assert main(["train", *TINY, "--out", str(root / "jem")]) == 0
-    assert main(["train", *TINY, "--p-x-weight", "0", "--out", str(root / "base")]) == 0
-    return root
-
-
-def test_attack_cli_end_to_end(runs):
-    jem, base = str(runs / "jem"), str(runs / "base")
+def test_attack_cli_end_to_end(trained_runs):
+    jem, base = str(trained_runs / "jem"), str(trained_runs / "base")
     args = ["--n", "24", "--steps", "3", "--refine-steps", "0,2", "--refine-chains", "2", "--no-progress"]
     assert main(["attack", jem, base, "--norm", "linf", "--eps", "0,8/255", *args]) == 0
     assert main(["attack", jem, base, "--norm", "l2", "--eps", "0,0.5", *args]) == 0
-    m = json.loads((runs / "jem/robustness/metrics.json").read_text())
+    m = json.loads((trained_runs / "jem/robustness/metrics.json").read_text())
     assert set(m["linf"]) == {"0", f"{8 / 255:.6g}"} and set(m["l2"]) == {"0", "0.5"}
     assert set(m["defenses"]) == {"none", "sgld-2x2-full"}
     assert all(0 <= a <= 1 for a in m["linf"].values())
     assert m["linf"][f"{8 / 255:.6g}"] <= m["linf"]["0"]
-    b = json.loads((runs / "base/robustness/metrics.json").read_text())
+    b = json.loads((trained_runs / "base/robustness/metrics.json").read_text())
     assert set(b["defenses"]) == {"none"}
     for f in ("robust_linf.png", "robust_l2.png", "report.html", "report.md"):
-        assert (runs / "jem/robustness" / f).is_file()
+        assert (trained_runs / "jem/robustness" / f).is_file()
 
 
-def test_blackbox_attacks(runs):
+def test_blackbox_attacks(trained_runs):
     pytest.importorskip("foolbox")
     pytest.importorskip("torchattacks")
-    assert main(["attack", str(runs / "jem"), "--n", "8", "--eps", "0", "--blackbox", "boundary,pointwise,square",
+    assert main(["attack", str(trained_runs / "jem"), "--n", "8", "--eps", "0", "--blackbox", "boundary,pointwise,square",
                  "--boundary-steps", "20", "--square-queries", "20", "--no-progress"]) == 0
-    bb = json.loads((runs / "jem/robustness/metrics.json").read_text())["blackbox"]
+    bb = json.loads((trained_runs / "jem/robustness/metrics.json").read_text())["blackbox"]
     assert bb["n_correct"] > 0
     assert {"boundary", "pointwise", "square"} <= set(bb)
     assert bb["pointwise"]["norm"] == "l0" and bb["boundary"]["norm"] == "l2"
 
 
-def test_distal_cli(runs):
-    assert main(["distal", str(runs / "jem"), str(runs / "base"), "--class", "3", "--n", "4", "--steps", "5"]) == 0
-    m = json.loads((runs / "base/robustness/metrics.json").read_text())["distal"]["3"]
+def test_distal_cli(trained_runs):
+    assert main(["distal", str(trained_runs / "jem"), str(trained_runs / "base"), "--class", "3", "--n", "4", "--steps", "5"]) == 0
+    m = json.loads((trained_runs / "base/robustness/metrics.json").read_text())["distal"]["3"]
     assert len(m["confidence"]) == 4 and all(0 <= c <= 1 for c in m["confidence"])
-    assert (runs / "jem/robustness/distal_class3.png").is_file()
+    assert (trained_runs / "jem/robustness/distal_class3.png").is_file()
 
 
 @pytest.mark.parametrize("argv,msg", [
@@ -126,28 +115,28 @@ def test_distal_cli(runs):
     (["attack", "/nonexistent/run"], "not a run directory"),
     (["distal", "{jem}", "--class", "10"], "--class must be in 0..9"),
 ])
-def test_attack_bad_inputs(runs, capsys, argv, msg):
-    argv = [a.replace("{jem}", str(runs / "jem")) for a in argv]
+def test_attack_bad_inputs(trained_runs, capsys, argv, msg):
+    argv = [a.replace("{jem}", str(trained_runs / "jem")) for a in argv]
     assert main(argv + ["--no-progress"] * (argv[0] == "attack")) == 2
     assert msg in capsys.readouterr().err
 
 
-def test_attack_rerun_replaces_that_norm(runs):
-    jem = str(runs / "jem")
+def test_attack_rerun_replaces_that_norm(trained_runs):
+    jem = str(trained_runs / "jem")
     common = ["--n", "8", "--steps", "2", "--no-progress"]
     assert main(["attack", jem, "--norm", "linf", "--eps", "0,4/255", "--refine-steps", "0,1", "--refine-chains", "1",
                  *common]) == 0
     assert main(["attack", jem, "--norm", "l2", "--eps", "0,1", *common]) == 0
     assert main(["attack", jem, "--norm", "linf", "--eps", "0", *common]) == 0
-    m = json.loads((runs / "jem/robustness/metrics.json").read_text())
+    m = json.loads((trained_runs / "jem/robustness/metrics.json").read_text())
     assert set(m["defenses"]) == {"none"} and set(m["defenses"]["none"]) == {"linf", "l2"}
     assert set(m["linf"]) == {"0"} and set(m["l2"]) == {"0", "1"}
 
 
-def test_blackbox_alone_keeps_pgd_results(runs):
+def test_blackbox_alone_keeps_pgd_results(trained_runs):
     pytest.importorskip("foolbox")
-    jem = str(runs / "jem")
+    jem = str(trained_runs / "jem")
     assert main(["attack", jem, "--norm", "linf", "--eps", "0,2/255", "--n", "8", "--steps", "2", "--no-progress"]) == 0
     assert main(["attack", jem, "--n", "8", "--blackbox", "pointwise", "--no-progress"]) == 0
-    m = json.loads((runs / "jem/robustness/metrics.json").read_text())
+    m = json.loads((trained_runs / "jem/robustness/metrics.json").read_text())
     assert set(m["linf"]) == {"0", f"{2 / 255:.6g}"} and "pointwise" in m["blackbox"]
