@@ -7,14 +7,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from .attacks import DEFAULT_EPS, THREAT_MODELS, check_threat_model, parse_eps
 from .checkpoint import CheckpointError
 from .config import add_config_arguments, resolve_config
 from .data import DatasetError
+from .evaluate import SCORES, EvalOptions, evaluate_runs
+from .robustness import AttackOptions, attack_runs, distal_runs
+from .run import CONFIG, RunDir
+from .train import Trainer, TrainingDiverged
 
 USER_ERRORS = (ValueError, DatasetError, CheckpointError, FileNotFoundError)
 
@@ -53,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("attack", help="adversarial robustness: PGD (with the SGLD-refinement defence), black-box attacks",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a.add_argument("runs", nargs="+", metavar="RUN_DIR")
-    a.add_argument("--norm", default="linf", help="linf or l2")
+    a.add_argument("--threat-model", choices=THREAT_MODELS, default=None, metavar="{linf,l2}",
+                   help="PGD threat model: linf or l2 (default: linf)")
+    a.add_argument("--norm", dest="norm_deprecated", default=None, help=argparse.SUPPRESS)  # old spelling, one release
     a.add_argument("--eps", default=None, help="comma-separated ε in [0,1] pixel units, fractions allowed "
                    "(default linf: 0,1/255,2/255,4/255,8/255,16/255; l2: 0,0.25,0.5,1,2)")
     a.add_argument("--n", type=int, default=500, help="test images attacked (-1: all)")
@@ -91,34 +97,30 @@ def _add_common(p: argparse.ArgumentParser, progress: bool = True) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import CHECKPOINT, Trainer, TrainingDiverged
-
     overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "resume", "overwrite")}
     if args.resume:
-        run_dir = Path(args.resume)
-        cfg_path = run_dir / "config.json"
-        if not (run_dir / CHECKPOINT).is_file() or not cfg_path.is_file():
-            raise FileNotFoundError(f"nothing to resume in {run_dir}: expected {run_dir / CHECKPOINT} and config.json")
-        base = json.loads(cfg_path.read_text())
-        base["out"] = str(run_dir)
+        run = RunDir(args.resume)
+        if not run.checkpoint.is_file() or not (run / CONFIG).is_file():
+            raise FileNotFoundError(f"nothing to resume in {run.path}: expected {run.checkpoint} and {CONFIG}")
+        base = run.read_config()
+        base["out"] = str(run.path)
         cfg = resolve_config(overrides, args.config, base)
     else:
         cfg = resolve_config(overrides, args.config)
-        if (cfg.run_dir / CHECKPOINT).exists() or (cfg.run_dir / "metrics.jsonl").exists():
+        run = RunDir(cfg.run_dir)
+        if run.has_run:
             if not args.overwrite:
                 raise ValueError(f"{cfg.run_dir} already holds a run; use --resume {cfg.run_dir}, --overwrite, "
                                  f"or another --out/--name")
-            for name in ("checkpoint.pt", "best.pt", "metrics.jsonl", "summary.json", "samples_uncond.png",
-                         "samples_cond.png"):
-                (cfg.run_dir / name).unlink(missing_ok=True)
-            shutil.rmtree(cfg.run_dir / "samples", ignore_errors=True)
+            run.remove_train_outputs()
     trainer = Trainer(cfg)
     if args.resume:
         trainer.resume()
     n_params = sum(p.numel() for p in trainer.jem.parameters())
     kind = "classifier baseline" if not trainer.uses_samples else f"JEM, {cfg.sgld_steps} SGLD steps/iteration"
-    print(f"jem train: {cfg.dataset} {tuple(trainer.data.shape)} ({len(trainer.x_train)} train / {len(trainer.x_val)} "
-          f"val / {len(trainer.x_test)} test), {cfg.model} ({n_params / 1e6:.2f}M params), {kind}, "
+    s = trainer.splits
+    print(f"jem train: {cfg.dataset} {tuple(trainer.data.shape)} ({len(s.x_train)} train / {len(s.x_val)} "
+          f"val / {len(s.x_test)} test), {cfg.model} ({n_params / 1e6:.2f}M params), {kind}, "
           f"{trainer.total_iters} iterations on {trainer.device}" + (f" from {trainer.step}" if args.resume else "")
           + f"; run directory {cfg.run_dir}", file=sys.stderr)
     try:
@@ -135,8 +137,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluate import EvalOptions, SCORES, evaluate_runs
-
     if args.n == 0 or args.n < -1 or args.bins < 1 or args.sample_steps < 0 or args.n_samples < 1 or args.n_gen < 2:
         raise ValueError("--n must be -1 or >= 1, --bins, --n-samples >= 1, --n-gen >= 2, --sample-steps >= 0")
     ood = tuple(o.strip() for o in args.ood.split(",") if o.strip())
@@ -154,14 +154,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_attack(args: argparse.Namespace) -> int:
-    from .robustness import attack_runs, parse_eps
-
-    if args.norm not in ("linf", "l2"):
-        raise ValueError(f"--norm must be linf or l2, got {args.norm!r}")
-    default_eps = {"linf": "0,1/255,2/255,4/255,8/255,16/255", "l2": "0,0.25,0.5,1,2"}[args.norm]
+    threat_model = args.threat_model or "linf"
+    if args.norm_deprecated is not None:
+        print("jem attack: --norm is deprecated, use --threat-model (the old spelling goes in the next release)",
+              file=sys.stderr)
+        threat_model = check_threat_model(args.norm_deprecated, "--norm")
     blackbox = tuple(b.strip() for b in args.blackbox.split(",") if b.strip())
     # --blackbox alone runs only the gradient-free attacks (earlier PGD results stay); PGD runs when --eps is given
-    eps = [] if (blackbox and args.eps is None) else parse_eps(args.eps or default_eps)
+    eps = [] if (blackbox and args.eps is None) else parse_eps(args.eps or DEFAULT_EPS[threat_model])
     try:
         refine = tuple(int(v) for v in args.refine_steps.split(",") if v.strip())
     except ValueError:
@@ -171,10 +171,12 @@ def cmd_attack(args: argparse.Namespace) -> int:
         raise ValueError(f"unknown black-box attack {sorted(unknown)[0]!r}; choose from boundary, pointwise, square")
     if args.n == 0 or args.n < -1 or args.steps < 1 or args.restarts < 1 or min(refine, default=0) < 0:
         raise ValueError("--n must be -1 or >= 1; --steps, --restarts >= 1; --refine-steps >= 0")
-    res = attack_runs(args.runs, args.norm, eps, args.n, args.steps, args.step_size, args.restarts, refine,
-                      args.refine_chains, args.defense_grad, blackbox, args.boundary_steps, args.square_queries,
-                      batch_size=args.batch_size, seed=args.seed, device=args.device, data_root=args.data_root,
-                      progress=not args.no_progress)
+    opts = AttackOptions(threat_model=threat_model, eps=eps, n=args.n, steps=args.steps, step_size=args.step_size,
+                         restarts=args.restarts, refine_steps=refine, refine_chains=args.refine_chains,
+                         defense_grad=args.defense_grad, blackbox=blackbox, boundary_steps=args.boundary_steps,
+                         square_queries=args.square_queries, batch_size=args.batch_size, seed=args.seed,
+                         progress=not args.no_progress)
+    res = attack_runs(args.runs, opts, device=args.device, data_root=args.data_root)
     for label, accs in res.items():
         print(f"{label}: " + "  ".join(f"eps={e}: {a:.3f}" for e, a in accs.items()))
     for r in args.runs:
@@ -183,8 +185,6 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
 
 def cmd_distal(args: argparse.Namespace) -> int:
-    from .robustness import distal_runs
-
     if args.n < 1 or args.steps < 1 or args.step_size <= 0:
         raise ValueError("--n and --steps must be >= 1, --step-size > 0")
     res = distal_runs(args.runs, args.cls, args.n, args.steps, args.step_size, args.seed, args.device, args.data_root)

@@ -1,6 +1,6 @@
 """Training configuration: one flat dataclass, every field a CLI flag (``--field-name``) and a config-file entry.
 
-Resolution order: dataclass defaults < the dataset's preset (DATASET_PRESETS) < ``--config FILE`` (JSON or TOML) <
+Resolution order: dataclass defaults < the dataset's preset (registered with the dataset in data.py) < ``--config FILE`` (JSON or TOML) <
 command-line flags. The resolved config is written to ``RUN_DIR/config.json`` and stored in every checkpoint.
 
 The dataclass defaults are the paper's (Grathwohl et al. 2020, Algorithm 1 and the official code: WRN-28-10 without
@@ -16,6 +16,8 @@ import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
+
+from .data import dataset_preset
 
 
 def _f(default: Any, help: str, **kw) -> Any:
@@ -50,6 +52,15 @@ class TrainConfig:
     sgld_lr: float = _f(1.0, "SGLD step size α (paper: 1)")
     sgld_std: float = _f(0.01, "SGLD noise σ (paper: 0.01)")
     sgld_clamp: bool = _f(False, "clamp SGLD chains to the image range [−1, 1] after every step (paper: no)")
+    sgld_update: str = _f("sgld", "chain update: sgld (paper), clamped (SADA-JEM: clip(x + α·clip(∇, −1, 1))), "
+                                  "pyld (JEM++: proximal inner steps through the first layer)")
+    sgld_init: str = _f("uniform", "initial distribution of chains: uniform (paper), gmm (JEM++: one Gaussian per "
+                                   "class fitted on the training images), gaussian (M-EBM: one Gaussian)")
+    sample_mode: str = _f("eval", "network mode while sampling: eval, or train (BatchNorm uses batch statistics, as "
+                                  "JEM++/SADA-JEM; running averages untouched)")
+    pyld_inner_steps: int = _f(5, "PYLD inner proximal steps per outer step (JEM++ script: 5)")
+    pyld_lr: float = _f(0.2, "PYLD inner step size (JEM++ script: 0.2)")
+    pyld_eps: float = _f(1.0, "PYLD inner gradient clip (JEM++: 1)")
     buffer_size: int = _f(10000, "replay buffer size (paper: 10000)")
     reinit_freq: float = _f(0.05, "probability ρ of restarting a chain from U(−1, 1) (paper: 0.05)")
     data_noise: float = _f(0.03, "std of Gaussian noise added to training images σ_data (paper: 0.03)")
@@ -96,6 +107,13 @@ class TrainConfig:
         need(self.buffer_size >= 1, f"--buffer-size must be >= 1, got {self.buffer_size}")
         need(0 <= self.reinit_freq <= 1, f"--reinit-freq must be in [0, 1], got {self.reinit_freq}")
         need(self.data_noise >= 0, f"--data-noise must be >= 0, got {self.data_noise}")
+        need(self.sgld_update in ("sgld", "clamped", "pyld"),
+             f"--sgld-update must be sgld, clamped or pyld, got {self.sgld_update!r}")
+        need(self.sgld_init in ("uniform", "gmm", "gaussian"),
+             f"--sgld-init must be uniform, gmm or gaussian, got {self.sgld_init!r}")
+        need(self.sample_mode in ("eval", "train"), f"--sample-mode must be eval or train, got {self.sample_mode!r}")
+        need(self.pyld_inner_steps >= 0 and self.pyld_lr >= 0 and self.pyld_eps > 0,
+             "--pyld-inner-steps, --pyld-lr must be >= 0 and --pyld-eps > 0")
         need(self.optimizer in ("adam", "sgd"), f"--optimizer must be adam or sgd, got {self.optimizer!r}")
         need(self.lr > 0, f"--lr must be > 0, got {self.lr}")
         need(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
@@ -122,6 +140,11 @@ class TrainConfig:
 
     # derived -----------------------------------------------------------------------------------------------------
     @property
+    def uses_samples(self) -> bool:
+        """Does training draw samples (a generative term is on)? False: a plain classifier baseline."""
+        return self.p_x_weight > 0 or self.p_x_y_weight > 0
+
+    @property
     def class_conditional(self) -> bool:
         """Class-conditional buffer: asked for, or implied when p(x, y) is the only generative term."""
         return self.class_cond_buffer or (self.p_x_y_weight > 0 and self.p_x_weight == 0)
@@ -130,7 +153,7 @@ class TrainConfig:
     def run_name(self) -> str:
         if self.name:
             return self.name
-        tag = "-baseline" if self.p_x_weight == 0 and self.p_x_y_weight == 0 else ""
+        tag = "" if self.uses_samples else "-baseline"
         return f"{self.dataset}-{self.model}{tag}"
 
     @property
@@ -141,27 +164,12 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
+    def from_dict(cls, d: dict) -> TrainConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown config entries: {', '.join(unknown)}")
         return cls(**d)
-
-
-# Per-dataset settings layered over the defaults (and under config files and flags). Everything else stays paper.
-DATASET_PRESETS: dict[str, dict] = {
-    "digits": {"model": "cnn", "lr": 1e-3, "warmup_iters": 100, "epochs": 60},
-    # 28×28 greyscale, measured here: lr 1e-4 learned too slowly; lr 1e-3 diverged within 300 iterations; unclamped
-    # chains drifted to values in [−6, 4] while the model grew low-energy modes outside [−1, 1]. Clamped chains at
-    # lr 3e-4 kept the energy gap near 0 and gave garment-like samples (see README, "Results").
-    "mnist": {"model": "cnn", "epochs": 10, "lr": 3e-4, "warmup_iters": 200, "sgld_clamp": True},
-    "fashion-mnist": {"model": "cnn", "epochs": 10, "lr": 3e-4, "warmup_iters": 200, "sgld_clamp": True},
-    "cifar10": {"decay_epochs": (160, 180)},
-    "cifar100": {"decay_epochs": (160, 180)},
-    "svhn": {"decay_epochs": (160, 180)},
-    "imagefolder": {},
-}
 
 
 def load_config_file(path: str | Path) -> dict:
@@ -206,7 +214,7 @@ def resolve_config(args: dict, config_file: Optional[str] = None, base: Optional
     if config_file:
         given.update(load_config_file(config_file))
     given.update({k: v for k, v in args.items() if v is not None})
-    d = dict(DATASET_PRESETS.get(given.get("dataset", TrainConfig.dataset), {}))
+    d = dataset_preset(given.get("dataset", TrainConfig.dataset))
     d.update(given)
     if d.get("norm") == "none":
         d["norm"] = None

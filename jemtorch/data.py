@@ -23,7 +23,7 @@ import tarfile
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -55,6 +55,17 @@ class ImageData:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @classmethod
+    def from_numpy(cls, name: str, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
+                   classes: list[str]) -> ImageData:
+        """uint8 (N, C, H, W) and int64 (N,) arrays → tensors; labels are checked against ``classes``."""
+        for y in (y_train, y_test):
+            if len(y) and (y.min() < 0 or y.max() >= len(classes)):
+                raise DatasetError(f"corrupt {name}: labels outside 0..{len(classes) - 1}")
+        return cls(name, torch.from_numpy(np.ascontiguousarray(x_train)), torch.from_numpy(np.asarray(y_train, np.int64)),
+                   torch.from_numpy(np.ascontiguousarray(x_test)), torch.from_numpy(np.asarray(y_test, np.int64)),
+                   list(classes))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -137,7 +148,8 @@ def read_idx(path: Path) -> np.ndarray:
         raise DatasetError(f"corrupt IDX file {path} ({e}); re-download it") from None
 
 
-def load_mnist_like(root: Path, folder: str, classes: list[str], download_missing: bool = False) -> tuple:
+def read_mnist_like(root: Path, folder: str, name: str, classes: list[str], download_missing: bool = False) -> ImageData:
+    """``root/<folder>/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]`` (torchvision's layout)."""
     raw = root / folder / "raw"
 
     def find(stem: str) -> Path:
@@ -156,8 +168,8 @@ def load_mnist_like(root: Path, folder: str, classes: list[str], download_missin
     for split in ("train", "test"):
         if len(arrays[f"{split}_images"]) != len(arrays[f"{split}_labels"]):
             raise DatasetError(f"corrupt {folder}: {split} images and labels differ in length; re-download them")
-    return (arrays["train_images"][:, None], arrays["train_labels"], arrays["test_images"][:, None],
-            arrays["test_labels"], classes)
+    return ImageData.from_numpy(name, arrays["train_images"][:, None], arrays["train_labels"],
+                                arrays["test_images"][:, None], arrays["test_labels"], classes)
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
@@ -195,7 +207,8 @@ def _fetch_archive(root: Path, name: str, download_missing: bool) -> Path:
     return path
 
 
-def load_cifar(root: Path, name: str, download_missing: bool = False) -> tuple:
+def read_cifar(root: Path, name: str, download_missing: bool = False) -> ImageData:
+    """The python-version CIFAR archives (``cifar-10-batches-py``, ``cifar-100-python``), numpy-only unpickling."""
     path = _fetch_archive(root, name, download_missing)
 
     def read(files: list[str], label_key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -219,10 +232,11 @@ def load_cifar(root: Path, name: str, download_missing: bool = False) -> tuple:
         meta = path / "meta"
         classes = ([str(c) for c in _unpickle(meta)["fine_label_names"]] if meta.exists()
                    else [str(i) for i in range(100)])
-    return x_tr, y_tr, x_te, y_te, classes
+    return ImageData.from_numpy(name, x_tr, y_tr, x_te, y_te, classes)
 
 
-def load_svhn(root: Path, download_missing: bool = False) -> tuple:
+def read_svhn(root: Path, download_missing: bool = False) -> ImageData:
+    """``root/{train,test}_32x32.mat`` (the cropped-digits format)."""
     from scipy.io import loadmat
 
     out = []
@@ -240,7 +254,7 @@ def load_svhn(root: Path, download_missing: bool = False) -> tuple:
         x = np.ascontiguousarray(mat["X"].transpose(3, 2, 0, 1)).astype(np.uint8)
         y = mat["y"].reshape(-1).astype(np.int64) % 10  # SVHN labels the digit 0 as 10
         out += [x, y]
-    return (*out, [str(i) for i in range(10)])
+    return ImageData.from_numpy("svhn", *out, [str(i) for i in range(10)])
 
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
@@ -280,7 +294,7 @@ def _read_image_dir(split_dir: Path, classes: list[str]) -> tuple[np.ndarray, np
     return np.ascontiguousarray(x), np.asarray(labels, dtype=np.int64)
 
 
-def load_imagefolder(root: Path) -> tuple:
+def read_imagefolder(root: Path) -> ImageData:
     """``root/{train,test}/<class>/*.png``; decoded once, then cached as one .npz under ``$JEMTORCH_CACHE``."""
     train_dir, test_dir = root / "train", root / "test"
     if not train_dir.is_dir() or not test_dir.is_dir():
@@ -293,7 +307,7 @@ def load_imagefolder(root: Path) -> tuple:
     cache = cache_dir / f"imagefolder-{hashlib.sha1(stamp.encode()).hexdigest()[:16]}.npz"
     if cache.exists():
         with np.load(cache) as z:
-            return z["x_train"], z["y_train"], z["x_test"], z["y_test"], classes
+            return ImageData.from_numpy("imagefolder", z["x_train"], z["y_train"], z["x_test"], z["y_test"], classes)
     x_tr, y_tr = _read_image_dir(train_dir, classes)
     x_te, y_te = _read_image_dir(test_dir, classes)
     try:
@@ -303,10 +317,10 @@ def load_imagefolder(root: Path) -> tuple:
         os.replace(tmp, cache)
     except OSError:
         pass  # a read-only cache only costs speed next time
-    return x_tr, y_tr, x_te, y_te, classes
+    return ImageData.from_numpy("imagefolder", x_tr, y_tr, x_te, y_te, classes)
 
 
-def load_digits_data(seed: int = 0, test_fraction: float = 0.2) -> tuple:
+def read_digits(seed: int = 0, test_fraction: float = 0.2) -> ImageData:
     """scikit-learn's bundled 8×8 digits (1797 images, 16 grey levels), stratified train/test split, fixed seed."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -315,47 +329,98 @@ def load_digits_data(seed: int = 0, test_fraction: float = 0.2) -> tuple:
     x = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)[:, None]
     y = d.target.astype(np.int64)
     x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=test_fraction, stratify=y, random_state=seed)
-    return x_tr, y_tr, x_te, y_te, [str(i) for i in range(10)]
+    return ImageData.from_numpy("digits", x_tr, y_tr, x_te, y_te, [str(i) for i in range(10)])
 
 
-# name -> (augmentation pad, flip)
-DATASETS = {
-    "digits": (0, False),
-    "mnist": (2, False),
-    "fashion-mnist": (2, True),
-    "cifar10": (4, True),
-    "cifar100": (4, True),
-    "svhn": (4, False),
-    "imagefolder": (None, True),  # pad 4 for images of 32 px and more, else none
-}
+# ----------------------------------------------------------------------------------------------------------------
+# the registry: a dataset is a reader registered by name, with its augmentation and its training preset
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    reader: Callable[[Path, bool], ImageData]  # (root, download_missing) -> ImageData
+    pad: Optional[int]  # random-crop padding (None: 4 for images of 32 px and more, else none)
+    flip: bool  # horizontal flips fit this dataset
+    preset: dict  # TrainConfig entries layered over the defaults for this dataset (see config.py)
+
+
+DATASETS: dict[str, DatasetSpec] = {}
 DEFAULT_ROOT = "./data"
 
 
+def register_dataset(name: str, *, pad: Optional[int] = 0, flip: bool = False, preset: Optional[dict] = None):
+    """Register ``reader(root, download_missing) -> ImageData`` as dataset ``name``."""
+
+    def deco(reader: Callable[[Path, bool], ImageData]) -> Callable[[Path, bool], ImageData]:
+        DATASETS[name] = DatasetSpec(name, reader, pad, flip, dict(preset or {}))
+        return reader
+
+    return deco
+
+
+def dataset_preset(name: str) -> dict:
+    """The training preset registered with a dataset ({} for unknown names: load_dataset reports those)."""
+    spec = DATASETS.get(name)
+    return dict(spec.preset) if spec else {}
+
+
+@register_dataset("digits", pad=0, flip=False,
+                  # 8×8 images, 20 iterations per epoch: a small CNN at lr 1e-3; the paper's 1000-iteration warm-up
+                  # alone would last 50 epochs here
+                  preset={"model": "cnn", "lr": 1e-3, "warmup_iters": 100, "epochs": 60})
+def _digits(root: Path, download_missing: bool) -> ImageData:
+    return read_digits()
+
+
+# 28×28 greyscale, measured here: lr 1e-4 learned too slowly; lr 1e-3 diverged within 300 iterations; unclamped
+# chains drifted to values in [−6, 4] while the model grew low-energy modes outside [−1, 1]. Clamped chains at
+# lr 3e-4 kept the energy gap near 0 and gave garment-like samples (see README, "Results").
+_MNIST_PRESET = {"model": "cnn", "epochs": 10, "lr": 3e-4, "warmup_iters": 200, "sgld_clamp": True}
+
+
+@register_dataset("mnist", pad=2, flip=False, preset=_MNIST_PRESET)
+def _mnist(root: Path, download_missing: bool) -> ImageData:
+    return read_mnist_like(root, "MNIST", "mnist", [str(i) for i in range(10)], download_missing)
+
+
+@register_dataset("fashion-mnist", pad=2, flip=True, preset=_MNIST_PRESET)
+def _fashion_mnist(root: Path, download_missing: bool) -> ImageData:
+    return read_mnist_like(root, "FashionMNIST", "fashion-mnist", FASHION_CLASSES, download_missing)
+
+
+_CIFAR_PRESET = {"decay_epochs": (160, 180)}  # the official JEM schedule (wgrathwohl/JEM train_wrn_ebm.py)
+
+
+@register_dataset("cifar10", pad=4, flip=True, preset=_CIFAR_PRESET)
+def _cifar10(root: Path, download_missing: bool) -> ImageData:
+    return read_cifar(root, "cifar10", download_missing)
+
+
+@register_dataset("cifar100", pad=4, flip=True, preset=_CIFAR_PRESET)
+def _cifar100(root: Path, download_missing: bool) -> ImageData:
+    return read_cifar(root, "cifar100", download_missing)
+
+
+@register_dataset("svhn", pad=4, flip=False, preset=_CIFAR_PRESET)
+def _svhn(root: Path, download_missing: bool) -> ImageData:
+    return read_svhn(root, download_missing)
+
+
+@register_dataset("imagefolder", pad=None, flip=True)
+def _imagefolder(root: Path, download_missing: bool) -> ImageData:
+    return read_imagefolder(root)
+
+
 def load_dataset(name: str, root: Optional[str | Path] = None, download_missing: bool = False) -> ImageData:
-    """Load a dataset by name (see module docstring) as uint8 tensors on the CPU."""
+    """Load a registered dataset by name (see module docstring) as uint8 tensors on the CPU."""
     if name not in DATASETS:
         raise DatasetError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
-    root = Path(root if root is not None else DEFAULT_ROOT).expanduser()
-    if name == "digits":
-        parts = load_digits_data()
-    elif name == "mnist":
-        parts = load_mnist_like(root, "MNIST", [str(i) for i in range(10)], download_missing)
-    elif name == "fashion-mnist":
-        parts = load_mnist_like(root, "FashionMNIST", FASHION_CLASSES, download_missing)
-    elif name in ("cifar10", "cifar100"):
-        parts = load_cifar(root, name, download_missing)
-    elif name == "svhn":
-        parts = load_svhn(root, download_missing)
-    else:
-        parts = load_imagefolder(root)
-    x_tr, y_tr, x_te, y_te, classes = parts
-    pad, flip = DATASETS[name]
-    if pad is None:
-        pad = 4 if x_tr.shape[-1] >= 32 else 0
-    if y_tr.min() < 0 or y_tr.max() >= len(classes) or y_te.min() < 0 or y_te.max() >= len(classes):
-        raise DatasetError(f"corrupt {name}: labels outside 0..{len(classes) - 1}")
-    return ImageData(name, torch.from_numpy(np.ascontiguousarray(x_tr)), torch.from_numpy(y_tr),
-                     torch.from_numpy(np.ascontiguousarray(x_te)), torch.from_numpy(y_te), classes, pad, flip)
+    spec = DATASETS[name]
+    data = spec.reader(Path(root if root is not None else DEFAULT_ROOT).expanduser(), download_missing)
+    data.name = name
+    data.pad = spec.pad if spec.pad is not None else (4 if data.shape[-1] >= 32 else 0)
+    data.flip = spec.flip
+    return data
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -370,6 +435,27 @@ def stratified_split(y: torch.Tensor, n_holdout: int, seed: int) -> tuple[torch.
         return torch.from_numpy(idx), torch.from_numpy(idx[:0])
     keep, hold = train_test_split(idx, test_size=n_holdout, stratify=y.numpy(), random_state=seed)
     return torch.from_numpy(np.sort(keep)), torch.from_numpy(np.sort(hold))
+
+
+@dataclass
+class Splits:
+    """Train / validation / test tensors of one run, on its device (uint8 images, int64 labels)."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+
+
+def training_splits(data: ImageData, n_valid: int, seed: int, device: torch.device | str) -> Splits:
+    """Hold out ``n_valid`` training images (stratified; -1: 10%) for validation; everything moved to ``device``."""
+    n_valid = n_valid if n_valid >= 0 else len(data.y_train) // 10
+    train_idx, val_idx = stratified_split(data.y_train, n_valid, seed)
+    return Splits(data.x_train[train_idx].to(device), data.y_train[train_idx].to(device),
+                  data.x_train[val_idx].to(device), data.y_train[val_idx].to(device),
+                  data.x_test.to(device), data.y_test.to(device))
 
 
 def labeled_subset(y: torch.Tensor, labels_per_class: int, seed: int) -> torch.Tensor:

@@ -6,10 +6,32 @@
 """
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import nn
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """The module in eval mode for the block, then back in the mode it was in."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
+def in_batches(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_size: int = 500,
+               device: Optional[torch.device] = None) -> torch.Tensor:
+    """``fn`` applied to ``x`` in chunks of ``batch_size`` (moved to ``device`` first), results concatenated."""
+    outs = []
+    for i in range(0, len(x), batch_size):
+        xb = x[i : i + batch_size]
+        outs.append(fn(xb.to(device) if device is not None else xb))
+    return torch.cat(outs)
 
 
 class JEM(nn.Module):
@@ -62,6 +84,13 @@ class JEM(nn.Module):
         return self._logits(x, logits).log_softmax(dim=1)
 
     @torch.no_grad()
+    def logits(self, x: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+        """Logits for any number of float images, in batches on the model's device, in eval mode; on x's device."""
+        device = next(self.parameters()).device
+        with eval_mode(self):
+            return in_batches(lambda xb: self.f(xb).to(x.device), x, batch_size, device)
+
+    @torch.no_grad()
     def predict(self, x: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
         """Predicted class for every image, in batches."""
-        return torch.cat([self.f(x[i : i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
+        return self.logits(x, batch_size).argmax(1)

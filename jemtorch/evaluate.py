@@ -19,71 +19,19 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
-from .checkpoint import load_safe
-from .config import TrainConfig
-from .data import DATASETS, DatasetError, ImageData, load_dataset, to_float, to_uint8
-from .energy import JEM
+from .data import DATASETS, DatasetError, load_dataset, to_float, to_uint8
+from .energy import JEM, eval_mode, in_batches
+from .figures import histogram_figure, reliability_figure, save_grid
 from .metrics import calibration_bins, expected_calibration_error, frechet_distance, ood_metrics
-from .sampler import frozen, sgld
-from .train import BEST, CHECKPOINT, build_jem, pick_device
+from .report import Report
+from .robustness import add_robustness_section
+from .run import EVAL_DIR, LoadedRun, load_run, load_runs
+from .sampler import frozen
 
 SYNTHETIC_OOD = ("interp", "uniform", "gaussian", "constant")
 SCORES = ("logp", "maxprob", "gradnorm")
-
-
-@dataclass
-class LoadedRun:
-    run_dir: Path
-    cfg: TrainConfig
-    jem: JEM
-    data: ImageData
-    buffer: Optional[torch.Tensor]
-    device: torch.device
-    summary: dict = field(default_factory=dict)
-
-    @property
-    def name(self) -> str:
-        return self.run_dir.name
-
-    @property
-    def is_baseline(self) -> bool:
-        return self.cfg.p_x_weight == 0 and self.cfg.p_x_y_weight == 0
-
-
-def load_run(run_dir: str | Path, device: str = "auto", data_root: Optional[str] = None,
-             datasets: Optional[dict] = None) -> LoadedRun:
-    """A trained run: its config, model (best-validation weights when kept), replay buffer and dataset.
-
-    ``datasets``: a dict shared between calls, so runs on the same dataset and root load it once."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.json").is_file() or not (run_dir / CHECKPOINT).is_file():
-        raise FileNotFoundError(f"not a run directory: {run_dir} (expected config.json and {CHECKPOINT} from jem train)")
-    cfg_dict = json.loads((run_dir / "config.json").read_text())
-    if data_root:
-        cfg_dict["data_root"] = data_root
-    cfg = TrainConfig.from_dict(cfg_dict)
-    dev = pick_device(device)
-    ckpt = load_safe(run_dir / CHECKPOINT, dev)
-    datasets = {} if datasets is None else datasets
-    key = (cfg.dataset, cfg.data_root)
-    if key not in datasets:
-        datasets[key] = load_dataset(cfg.dataset, cfg.data_root, download_missing=False)
-    data: ImageData = datasets[key]
-    jem = build_jem(cfg, data.shape[0], data.num_classes).to(dev)
-    weights = load_safe(run_dir / BEST, dev)["model"] if (run_dir / BEST).is_file() else ckpt["model"]
-    jem.f.load_state_dict(weights)
-    jem.eval()
-    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
-    buffer = ckpt["buffer"]["data"] if (cfg.p_x_weight > 0 or cfg.p_x_y_weight > 0) else None
-    return LoadedRun(run_dir, cfg, jem, data, buffer, dev, summary)
-
-
-def load_runs(run_dirs, device: str = "auto", data_root: Optional[str] = None,
-              datasets: Optional[dict] = None) -> list[LoadedRun]:
-    """Several runs, each dataset loaded once."""
-    datasets = {} if datasets is None else datasets
-    return [load_run(d, device, data_root, datasets) for d in run_dirs]
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -139,8 +87,6 @@ def make_ood_set(name: str, x_in: torch.Tensor, n: int, seed: int = 0, data_root
 def ood_scores(jem: JEM, x: torch.Tensor, batch_size: int = 250, device=None, progress: bool = False,
                desc: str = "scores") -> dict[str, np.ndarray]:
     """The paper's three scores (higher = more in-distribution) for float images ``x``."""
-    from tqdm.auto import tqdm
-
     device = device or next(jem.parameters()).device
     out = {k: [] for k in SCORES}
     with frozen(jem):
@@ -157,19 +103,15 @@ def ood_scores(jem: JEM, x: torch.Tensor, batch_size: int = 250, device=None, pr
 
 def fresh_samples(run: LoadedRun, n: int, steps: int, y: Optional[torch.Tensor] = None, progress: bool = False,
                   seed: int = 0) -> torch.Tensor:
-    """``n`` fresh SGLD chains from U(−1, 1) (the official ``uncond_samples``/``cond_samples`` start), ``steps`` long,
-    with the run's SGLD step size and noise; conditional on ``y`` when given."""
-    from tqdm.auto import tqdm
-
+    """``n`` fresh chains from the run's initial distribution (U(−1, 1) for the paper's recipe: the official
+    ``uncond_samples``/``cond_samples`` start), ``steps`` long, with the run's chain update; conditional on ``y``."""
     torch.manual_seed(seed)
-    x0 = torch.rand((n, *run.data.shape), device=run.device) * 2 - 1
-    bar = tqdm(total=steps, desc="fresh SGLD chains" + (" (cond)" if y is not None else ""), disable=not progress,
-               leave=False)
-    log_density = run.jem.log_px if y is None else (lambda x: run.jem.log_pxy(x, y.to(run.device)))
-    with frozen(run.jem):
-        x = sgld(log_density, x0, steps, run.cfg.sgld_lr, run.cfg.sgld_std, callback=lambda t: bar.update(1),
-                 clamp=(-1.0, 1.0) if run.cfg.sgld_clamp else None)
-    bar.close()
+    sampler = run.sampler()
+    y = y.to(run.device) if y is not None else None
+    x0 = sampler.buffer.init.sample(n, y)
+    with tqdm(total=steps, desc="fresh SGLD chains" + (" (cond)" if y is not None else ""), disable=not progress,
+              leave=False) as bar:
+        x = sampler.run_chains(run.jem, x0, y, steps, callback=lambda t: bar.update(1))
     return x.clamp(-1, 1)
 
 
@@ -182,12 +124,8 @@ def penultimate_features(model: torch.nn.Module, x: torch.Tensor, batch_size: in
     hook = last[-1].register_forward_pre_hook(lambda mod, inp: feats.append(inp[0].detach().flatten(1).cpu()))
     device = next(model.parameters()).device
     try:
-        with torch.no_grad():
-            was = model.training
-            model.eval()
-            for i in range(0, len(x), batch_size):
-                model(x[i : i + batch_size].to(device))
-            model.train(was)
+        with torch.no_grad(), eval_mode(model):
+            in_batches(model, x, batch_size, device)
     finally:
         hook.remove()
     return torch.cat(feats).numpy()
@@ -239,8 +177,18 @@ class EvalOptions:
     progress: bool = True
 
 
-def evaluate_run(run: LoadedRun, opts: EvalOptions, reference: Optional[LoadedRun] = None) -> dict:
-    """Compute every metric of one run. Returns the metrics dict (also the arrays needed for figures)."""
+@dataclass
+class EvalResult:
+    """One run's evaluation: ``metrics`` (what eval/metrics.json holds), and the arrays its figures are drawn from:
+    ``hist`` (set → score → per-image scores; "in" is the in-distribution set) and ``samples`` (grid name → images)."""
+
+    metrics: dict
+    hist: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    samples: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def evaluate_run(run: LoadedRun, opts: EvalOptions, reference: Optional[LoadedRun] = None) -> EvalResult:
+    """Compute every metric of one run."""
     torch.manual_seed(opts.seed)
     data = run.data
     g = torch.Generator().manual_seed(opts.seed)
@@ -249,9 +197,7 @@ def evaluate_run(run: LoadedRun, opts: EvalOptions, reference: Optional[LoadedRu
     x_in = to_float(data.x_test[pick])
 
     # classification and calibration on the whole test set
-    with torch.no_grad():
-        logits = torch.cat([run.jem(to_float(data.x_test[i : i + 500]).to(run.device)).cpu()
-                            for i in range(0, len(data.x_test), 500)])
+    logits = in_batches(lambda xb: run.jem.logits(to_float(xb)).cpu(), data.x_test, 500, run.device)
     probs = logits.softmax(1)
     acc = (probs.argmax(1) == data.y_test).float().mean().item()
     nll = F.cross_entropy(logits, data.y_test).item()
@@ -306,7 +252,7 @@ def evaluate_run(run: LoadedRun, opts: EvalOptions, reference: Optional[LoadedRu
     if "skipped" not in generation["inception"]:
         generation["inception"]["protocol"] = f"{opts.n_samples} fresh samples ({opts.sample_steps} SGLD steps from U(-1,1)) vs test images"
 
-    return {
+    metrics = {
         "run": str(run.run_dir),
         "name": run.name,
         "dataset": run.cfg.dataset,
@@ -323,25 +269,18 @@ def evaluate_run(run: LoadedRun, opts: EvalOptions, reference: Optional[LoadedRu
                         f"class; scores: logp = LogSumExp f(x), maxprob = max_y p(y|x), gradnorm = -||d logp/dx||_2",
         "samples": {"sample_steps": opts.sample_steps, "sgld_lr": run.cfg.sgld_lr, "sgld_std": run.cfg.sgld_std},
         "generation": generation,
-        "_hist": hist,
-        "_samples": samples,
     }
+    return EvalResult(metrics, hist, samples)
 
 
-def public(result: dict) -> dict:
-    """The JSON-serialisable part of a result (arrays for figures dropped)."""
-    return {k: v for k, v in result.items() if not k.startswith("_")}
-
-
-def evaluate_runs(run_dirs: list, opts: EvalOptions, reference_dir: Optional[str] = None, device: str = "auto") -> list:
+def evaluate_runs(run_dirs: list, opts: EvalOptions, reference_dir: Optional[str] = None,
+                  device: str = "auto") -> list[dict]:
     """Evaluate one or more runs; write RUN/eval/{metrics.json, figures, report.md, report.html} for each.
 
     With several runs every report shows all of them side by side. The reference classifier for the Fréchet
     distance is ``reference_dir``, else the first baseline (``p_x_weight == 0``) among the runs, else none.
+    Returns each run's metrics.
     """
-    from .report import histogram_figure, reliability_figure
-    from .viz import save_grid
-
     datasets: dict = {}
     runs = load_runs(run_dirs, device, opts.data_root, datasets)
     for r in runs[1:]:
@@ -358,32 +297,34 @@ def evaluate_runs(run_dirs: list, opts: EvalOptions, reference_dir: Optional[str
         raise DatasetError(f"reference {reference.run_dir} was trained on {reference.cfg.dataset}, not "
                            f"{runs[0].cfg.dataset}")
 
-    results = []
+    results: list[EvalResult] = []
     for run in runs:
         res = evaluate_run(run, opts, reference)
-        out = run.run_dir / "eval"
+        out = run.run_dir / EVAL_DIR
         out.mkdir(parents=True, exist_ok=True)
         c = run.data.num_classes
         files = {}
-        for key, x in res["_samples"].items():
+        for key, x in res.samples.items():
             nrow = max(1, len(x) // c) if key == "fresh_cond" else 10
             files[key] = str(save_grid(x, out / f"samples_{key}.png", nrow=nrow))
-        res["samples"]["files"] = files
-        (out / "metrics.json").write_text(json.dumps(public(res), indent=2) + "\n")
+        res.metrics["samples"]["files"] = files
+        (out / "metrics.json").write_text(json.dumps(res.metrics, indent=2) + "\n")
         results.append(res)
 
+    metrics = [r.metrics for r in results]
     for run in runs:  # every run's report shows all runs
-        out = run.run_dir / "eval"
-        figs = {"reliability": reliability_figure(results, out / "reliability.png")}
+        out = run.run_dir / EVAL_DIR
+        figs = {"reliability": reliability_figure(metrics, out / "reliability.png")}
         for score in SCORES:
-            figs[score] = histogram_figure(results, score, out / f"ood_hist_{score}.png")
-        build_report(results, figs).write(out)
-    return results
+            figs[score] = histogram_figure([(r.metrics, r.hist) for r in results], score, out / f"ood_hist_{score}.png")
+        rep = build_report(metrics, figs)
+        add_robustness_section(rep, [m["run"] for m in metrics])  # written by `jem attack` / `jem distal`, if run
+        rep.write(out)
+    return metrics
 
 
-def build_report(results: list, figs: dict):
-    from .report import Report
-
+def build_report(results: list[dict], figs: dict) -> Report:
+    """The evaluation report of runs' metrics and their figures."""
     rep = Report("jemtorch evaluation report")
     rep.table(["run", "dataset", "model", "p(x) weight"],
               [[r["name"], r["dataset"], r["model"], r["p_x_weight"]] for r in results])
@@ -421,7 +362,4 @@ def build_report(results: list, figs: dict):
         inc = gen["inception"]
         rep.p(f"{r['name']}: FID / Inception Score: " + (f"skipped: {inc['skipped']}" if "skipped" in inc else
               f"FID {inc['fid']:.2f}, IS {inc['inception_score']:.2f} ± {inc['inception_score_std']:.2f} ({inc['protocol']})"))
-    from .robustness import add_robustness_section
-
-    add_robustness_section(rep, [r["run"] for r in results])  # written by `jem attack` / `jem distal`, if run
     return rep

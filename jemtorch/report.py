@@ -1,4 +1,6 @@
-"""Figures and reports: one list of blocks rendered both as ``report.md`` and a self-contained ``report.html``."""
+"""Reports: one list of blocks rendered both as ``report.md`` and a self-contained ``report.html``.
+
+A report renders what it is handed (text, tables, figure paths); it computes and reads nothing."""
 from __future__ import annotations
 
 import base64
@@ -6,84 +8,6 @@ import html
 import os
 from pathlib import Path
 from typing import Sequence
-
-import numpy as np
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path, dpi: int = 110) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
-    _plt().close(fig)
-    return path
-
-
-def reliability_figure(results: Sequence[dict], path: Path) -> Path:
-    """Confidence vs accuracy per bin, one panel per run, bin counts printed above the bars."""
-    plt = _plt()
-    fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 4.2), squeeze=False)
-    for ax, r in zip(axes[0], results):
-        cal = r["calibration"]
-        edges = np.array(cal["edges"])
-        width = edges[1] - edges[0]
-        centers = edges[:-1] + width / 2
-        counts = np.array(cal["count"])
-        acc = np.where(counts > 0, cal["accuracy"], 0)
-        ax.bar(centers, acc, width=width * 0.95, color="#4C72B0", edgecolor="k", label="accuracy")
-        gap_bottom = np.minimum(acc, centers)
-        ax.bar(centers, np.abs(centers - acc) * (counts > 0), bottom=gap_bottom, width=width * 0.95, color="#DD8452",
-               alpha=0.5, label="gap to confidence")
-        ax.plot([0, 1], [0, 1], "k--", lw=1)
-        for x, a, c in zip(centers, acc, counts):
-            if c > 0:
-                ax.text(x, min(a, 0.93) + 0.02, str(c), ha="center", fontsize=6, rotation=90)
-        ax.set(xlim=(0, 1), ylim=(0, 1.05), xlabel="confidence", ylabel="accuracy",
-               title=f"{r['name']}\nECE = {100 * r['ece']:.2f}% ({cal['n_bins']} bins)")
-        ax.legend(loc="upper left", fontsize=7)
-    return _save(fig, path)
-
-
-def histogram_figure(results: Sequence[dict], score: str, path: Path) -> Path:
-    """Score histograms, in-distribution vs each OOD set (rows) for each run (columns)."""
-    plt = _plt()
-    sets = [k for k in results[0]["_hist"] if k != "in"]
-    fig, axes = plt.subplots(max(1, len(sets)), len(results), figsize=(4.2 * len(results), 2.4 * max(1, len(sets))),
-                             squeeze=False)
-    for j, r in enumerate(results):
-        s_in = r["_hist"]["in"][score]
-        for i, name in enumerate(sets):
-            ax = axes[i][j]
-            s_out = r["_hist"][name][score]
-            both = np.r_[s_in, s_out]
-            lo, hi = np.percentile(both, [0.5, 99.5])
-            bins = np.linspace(lo, hi if hi > lo else lo + 1, 50)
-            ax.hist(np.clip(s_in, lo, hi), bins=bins, alpha=0.6, density=True, label=f"in ({r['dataset']})")
-            ax.hist(np.clip(s_out, lo, hi), bins=bins, alpha=0.6, density=True, label=name)
-            auroc = r["ood"][name][score]["auroc"]
-            ax.set_title(f"{r['name']}: {score} vs {name} (AUROC {auroc:.3f})", fontsize=8)
-            ax.legend(fontsize=7)
-            ax.tick_params(labelsize=7)
-    return _save(fig, path, dpi=100)
-
-
-def curve_figure(curves: dict, path: Path, xlabel: str, ylabel: str, title: str) -> Path:
-    """Line plot of {label: ([x...], [y...])}; used for robustness curves."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    for label, (xs, ys) in curves.items():
-        ax.plot(xs, ys, marker="o", label=label)
-    ax.set(xlabel=xlabel, ylabel=ylabel, title=title, ylim=(0, 1.02))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return _save(fig, path)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -159,3 +83,29 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4f}" if abs(v) < 100 else f"{v:.1f}"
     return "—" if v is None else str(v)
+
+
+def robustness_section(rep: Report, name: str, m: dict, figures: dict[str, Path]) -> None:
+    """Render one run's robustness metrics (``RUN/robustness/metrics.json``) and figures (by file stem)."""
+    rep.h2(f"Adversarial robustness: {name}")
+    for norm in ("linf", "l2"):
+        rows = [[d_name, norm, eps, acc] for d_name, d in m.get("defenses", {}).items()
+                for eps, acc in d.get(norm, {}).items()]
+        if rows:
+            rep.table(["defence", "norm", "ε ([0,1] scale)", "robust accuracy"], rows)
+            p = m.get("pgd", {}).get(norm, {})
+            rep.p(f"PGD {norm}: {p.get('steps')} steps, step size {p.get('step_size')}, {p.get('restarts')} "
+                  f"restart(s), random start, {p.get('n')} test images; gradients through the defence: "
+                  f"{p.get('defense_grad')}.")
+        if f"robust_{norm}" in figures:
+            rep.img(figures[f"robust_{norm}"], f"Robust accuracy under PGD ({norm})")
+    bb = m.get("blackbox", {})
+    rows = [[b_name, r.get("norm"), r.get(f"median_{r.get('norm')}"), r.get("success_rate"), r.get("n")]
+            for b_name, r in bb.items() if isinstance(r, dict)]
+    if rows:
+        rep.table(["gradient-free attack", "norm", "median perturbation ([0,1] scale)", "success rate", "images"], rows)
+    for cls, d in m.get("distal", {}).items():
+        rep.p(f"Distal adversarials, class {cls}: mean p(y|x) {d['mean_confidence']:.3f}, mean log p(x) "
+              f"{d['mean_log_px']:.2f} (test data: {d.get('test_data_mean_log_px', float('nan')):.2f}).")
+        if f"distal_class{cls}" in figures:
+            rep.img(figures[f"distal_class{cls}"], f"Distal adversarials for class {cls}")

@@ -1,40 +1,76 @@
-"""SGLD sampling with a persistent replay buffer (Algorithm 1 of Grathwohl et al. 2020).
+"""Sampling from the JEM: an initial distribution, a chain update, and a persistent replay buffer.
 
-    x̂_0 ~ buffer (or, with probability ρ, U(-1, 1))
-    x̂_{t+1} = x̂_t + α ∂ log p(x̂_t)/∂x̂_t + σ N(0, I)        (t < η)
-    write x̂_η back to the buffer
+    x̂_0 ~ replay buffer (or, with probability ρ, the initial distribution)
+    x̂_{t+1} = update(x̂_t, ∇ log p(x̂_t))                       (t < K)
+    write x̂_K back to the buffer
+
+Three parts, each chosen by name in the config and built in one place (``build_sampler``):
+
+* initial distribution (``--sgld-init``): ``uniform`` U(−1, 1) (JEM); ``gmm`` one Gaussian per class fitted on the
+  training images (JEM++ "informative initialisation"); ``gaussian`` one Gaussian for all images (M-EBM).
+* chain update (``--sgld-update``): ``sgld`` x ← x + α∇ + σN(0, I) (JEM); ``clamped`` x ← clip(x + α·clip(∇, −1, 1))
+  (SADA-JEM); ``pyld`` full-gradient steps refined by cheap proximal inner steps through the first layer (JEM++).
+* the replay buffer, class-conditional or not.
 
 The buffer lives on the training device; nothing crosses to the host during sampling.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, Optional, Sequence
+import hashlib
+import os
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Protocol, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from .checkpoint import load_safe, save_atomic
+from .data import to_float
 from .energy import JEM
+
+LogDensity = Callable[[torch.Tensor], torch.Tensor]
 
 
 @contextlib.contextmanager
-def frozen(module: nn.Module) -> Iterator[nn.Module]:
-    """Eval mode and ``requires_grad=False`` on all parameters: SGLD differentiates w.r.t. the input only."""
+def frozen(module: nn.Module, mode: str = "eval") -> Iterator[nn.Module]:
+    """``requires_grad=False`` on all parameters (samplers differentiate w.r.t. the input only) and the module in
+    ``mode``: ``eval``, or ``train`` — normalisation layers use the batch's statistics (JEM++/SADA-JEM sample with
+    BatchNorm in train mode) while their running averages stay untouched."""
     was_training = module.training
     flags = [p.requires_grad for p in module.parameters()]
-    module.eval()
+    module.train(mode == "train")
     for p in module.parameters():
         p.requires_grad_(False)
     try:
-        yield module
+        with (running_stats_frozen(module) if mode == "train" else contextlib.nullcontext()):
+            yield module
     finally:
         for p, flag in zip(module.parameters(), flags):
             p.requires_grad_(flag)
         module.train(was_training)
 
 
+@contextlib.contextmanager
+def running_stats_frozen(module: nn.Module) -> Iterator[None]:
+    """BatchNorm layers keep normalising with batch statistics but do not update their running averages."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.momentum = 0.0  # running = (1 − 0)·running + 0·batch
+    try:
+        yield
+    finally:
+        for m, mom in zip(norms, saved):
+            m.momentum = mom
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# chain updates
+# ------------------------------------------------------------------------------------------------------------------
 def sgld(
-    log_density: Callable[[torch.Tensor], torch.Tensor],
+    log_density: LogDensity,
     x: torch.Tensor,
     n_steps: int,
     step_size: float = 1.0,
@@ -63,11 +99,218 @@ def sgld(
     return x.detach()
 
 
+class ChainUpdate(Protocol):
+    """Moves a batch of chains ``n_steps`` along ``log_density``; returns detached chains."""
+
+    def run(self, jem: JEM, log_density: LogDensity, x: torch.Tensor, n_steps: int,
+            callback: Optional[Callable[[int], None]] = None) -> torch.Tensor: ...
+
+
+class SGLD:
+    """The paper's update: x ← x + α ∇ log p(x) + σ ε (Grathwohl et al. 2020, Algorithm 1: α=1, σ=0.01)."""
+
+    def __init__(self, step_size: float = 1.0, noise: float = 0.01, clamp: bool = False):
+        self.step_size, self.noise = step_size, noise
+        self.clamp = (-1.0, 1.0) if clamp else None
+
+    def run(self, jem, log_density, x, n_steps, callback=None):
+        return sgld(log_density, x, n_steps, self.step_size, self.noise, callback, self.clamp)
+
+
+class ClampedGradient:
+    """SADA-JEM's update (sndnyang/SADAJEM ``train_sadajem.py``, ``sample_q``):
+    x ← clip(x + α·clip(∇ log p(x), −1, 1) + σ ε, −1, 1), with α=1, σ=0 in ``scripts/sadajem_cifar10.sh``."""
+
+    def __init__(self, step_size: float = 1.0, noise: float = 0.0):
+        self.step_size, self.noise = step_size, noise
+
+    def run(self, jem, log_density, x, n_steps, callback=None):
+        x = x.detach().clone().requires_grad_(True)
+        for t in range(n_steps):
+            (grad,) = torch.autograd.grad(log_density(x).sum(), x)
+            with torch.no_grad():
+                x.add_(grad.clamp_(-1, 1), alpha=self.step_size)
+                if self.noise > 0:
+                    x.add_(torch.randn_like(x), alpha=self.noise)
+                x.clamp_(-1, 1)
+            if callback is not None:
+                callback(t)
+        return x.detach()
+
+
+def first_layer(module: nn.Module) -> nn.Module:
+    """The first convolution or linear layer in ``module``'s registration order (PYLD's "layer one")."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            return m
+    raise ValueError("PYLD needs a model whose first layer is an nn.Conv2d or nn.Linear")
+
+
+class PYLD:
+    """JEM++'s Proximal YOPO-based Langevin dynamics (sndnyang/JEMPP ``train_jempp.py``, ``sample_q``).
+
+    Each of the ``n_steps`` outer steps makes one full forward/backward pass, which gives ∇ₓ log p(x) and
+    p = ∂ log p(x)/∂z at the first layer's output z = layer₁(x). The chain takes the full-gradient step
+    x ← x + α∇, then ``inner_steps`` cheap proximal steps through the first layer only:
+    x ← clip(x + η·clip(∇ₓ ⟨layer₁(x), p⟩, −ε, ε), −1, 1). Values from ``scripts/jempp_cifar10.sh``: 5 outer and
+    5 inner steps, α=1, η=0.2, ε=1, noise 0.
+
+    Differs from the official code: the first layer is found by module order (the official YOPO WRN names it
+    ``layer_one``), and the official final ``(-H).backward()``, whose parameter gradients its caller discards with
+    ``zero_grad``, is not made.
+    """
+
+    def __init__(self, step_size: float = 1.0, inner_steps: int = 5, inner_lr: float = 0.2, inner_eps: float = 1.0,
+                 noise: float = 0.0):
+        self.step_size, self.inner_steps, self.inner_lr, self.inner_eps, self.noise = (
+            step_size, inner_steps, inner_lr, inner_eps, noise)
+
+    def run(self, jem, log_density, x, n_steps, callback=None):
+        layer = first_layer(jem)
+        captured: list[torch.Tensor] = []
+        hook = layer.register_forward_hook(lambda mod, inp, out: captured.append(out))
+        x = x.detach().clone()
+        try:
+            for t in range(n_steps):
+                captured.clear()
+                x.requires_grad_(True)
+                logp = log_density(x).sum()
+                z = captured[0]
+                grad_x, p = torch.autograd.grad(logp, [x, z])
+                with torch.no_grad():
+                    x = x + self.step_size * grad_x
+                for _ in range(self.inner_steps):
+                    x = x.detach().requires_grad_(True)
+                    captured.clear()
+                    (g,) = torch.autograd.grad((layer(x) * p).sum(), x)
+                    with torch.no_grad():
+                        x = (x + self.inner_lr * g.clamp(-self.inner_eps, self.inner_eps)).clamp(-1, 1)
+                with torch.no_grad():
+                    if self.inner_steps == 0:
+                        x = x.clamp(-1, 1)
+                    if self.noise > 0:
+                        x = x + self.noise * torch.randn_like(x)
+                x = x.detach()
+                if callback is not None:
+                    callback(t)
+        finally:
+            hook.remove()
+        return x.detach()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# initial distributions
+# ------------------------------------------------------------------------------------------------------------------
+class InitialDistribution(Protocol):
+    """Where chains start. ``sample(n, y)`` returns (n, *shape) on the buffer's device; ``y`` picks classes where
+    the distribution has them."""
+
+    def sample(self, n: int, y: Optional[torch.Tensor] = None) -> torch.Tensor: ...
+
+
+class Uniform:
+    """U(−1, 1) pixels: the paper's initial distribution."""
+
+    def __init__(self, shape: Sequence[int], device: torch.device | str = "cpu"):
+        self.shape, self.device = tuple(shape), torch.device(device)
+
+    def sample(self, n: int, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return torch.rand((n, *self.shape), device=self.device) * 2 - 1
+
+
+class Gaussians:
+    """One full-covariance Gaussian per class (JEM++'s informative initialisation; one class: M-EBM's), fitted on
+    training images in [−1, 1]. Samples are clipped to [−1, 1].
+
+    N(μ_c, Σ_c + 1e-4·I) as in sndnyang/JEMPP ``init_from_centers``. Images larger than ``max_side`` px are
+    block-averaged to at most that size before fitting (a 64×64×3 covariance alone would be 453 MB) and samples are
+    upsampled back by repetition. Drawn class by class, so memory stays at one Cholesky factor per class.
+    """
+
+    def __init__(self, mean: torch.Tensor, chol: torch.Tensor, shape: Sequence[int], block: int = 1):
+        self.mean, self.chol, self.shape, self.block = mean, chol, tuple(shape), block
+        self.num_classes = len(mean)
+
+    @classmethod
+    def fit(cls, x: torch.Tensor, y: Optional[torch.Tensor], num_classes: int, device: torch.device | str = "cpu",
+            max_side: int = 32, jitter: float = 1e-4) -> Gaussians:
+        """``x``: float images (N, C, H, W) in [−1, 1]; ``y``: labels, or None for one Gaussian over all images."""
+        shape = tuple(x.shape[1:])
+        block = max(1, -(-max(shape[1:]) // max_side))
+        xs = F.avg_pool2d(x, block, ceil_mode=True) if block > 1 else x
+        flat = xs.flatten(1).double()
+        d = flat.shape[1]
+        groups = range(num_classes) if y is not None else [0]
+        means, chols = [], []
+        eye = torch.eye(d, dtype=torch.float64)
+        for c in groups:
+            xc = flat[y == c] if y is not None else flat
+            if len(xc) < 2:
+                raise ValueError(f"cannot fit the initial Gaussian of class {c}: fewer than 2 training images")
+            mu = xc.mean(0)
+            centred = xc - mu
+            cov = centred.T @ centred / len(xc)  # as the official code: the biased (1/n) covariance
+            means.append(mu.float())
+            chols.append(torch.linalg.cholesky(cov + jitter * eye).float())
+        dev = torch.device(device)
+        return cls(torch.stack(means).to(dev), torch.stack(chols).to(dev), shape, block)
+
+    def sample(self, n: int, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        dev = self.mean.device
+        if self.num_classes == 1:
+            y = torch.zeros(n, dtype=torch.long, device=dev)
+        elif y is None:
+            y = torch.randint(0, self.num_classes, (n,), device=dev)  # JEM++: each reinit draws a random class
+        y = y.to(dev)
+        d = self.mean.shape[1]
+        z = torch.randn(n, d, device=dev)
+        out = torch.empty(n, d, device=dev)
+        for c in torch.unique(y).tolist():
+            m = y == c
+            out[m] = self.mean[c] + z[m] @ self.chol[c].T
+        c, h, w = self.shape
+        hb, wb = -(-h // self.block), -(-w // self.block)
+        out = out.view(n, c, hb, wb)
+        if self.block > 1:
+            out = out.repeat_interleave(self.block, 2).repeat_interleave(self.block, 3)[:, :, :h, :w]
+        return out.clamp_(-1, 1).contiguous()
+
+    def state_dict(self) -> dict:
+        return {"mean": self.mean.cpu(), "chol": self.chol.cpu(), "shape": list(self.shape), "block": self.block}
+
+
+def fit_gaussians_cached(x_u8: torch.Tensor, y: Optional[torch.Tensor], num_classes: int,
+                         device: torch.device | str = "cpu") -> Gaussians:
+    """``Gaussians.fit`` on uint8 images, cached under ``$JEMTORCH_CACHE`` by a hash of the images and labels (the
+    fit takes seconds for 32×32×3; the cache is keyed by content, so it can never serve another dataset's fit)."""
+    h = hashlib.sha1(x_u8.cpu().numpy().tobytes())
+    if y is not None:
+        h.update(y.cpu().numpy().tobytes())
+    cache_dir = Path(os.environ.get("JEMTORCH_CACHE", Path.home() / ".cache" / "jemtorch"))
+    path = cache_dir / f"gaussians-{num_classes if y is not None else 1}-{h.hexdigest()[:20]}.pt"
+    if path.is_file():
+        try:
+            s = load_safe(path, device)
+            return Gaussians(s["mean"].to(device), s["chol"].to(device), s["shape"], s["block"])
+        except Exception:  # a damaged cache file is refitted
+            pass
+    g = Gaussians.fit(to_float(x_u8.cpu()), y.cpu() if y is not None else None, num_classes, device)
+    try:
+        save_atomic(g.state_dict(), path)
+    except OSError:
+        pass  # a read-only cache only costs time next run
+    return g
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# replay buffer and sampler
+# ------------------------------------------------------------------------------------------------------------------
 class ReplayBuffer:
-    """Persistent SGLD chains, stored as one tensor on the training device.
+    """Persistent chains, stored as one tensor on the training device.
 
     With ``class_conditional=True`` the buffer is split into ``num_classes`` equal slices and a request for labels ``y``
-    draws from slice y (the official code's ``sample_p_0`` with ``y``), so chains stay class-conditional.
+    draws from slice y (the official code's ``sample_p_0`` with ``y``), so chains stay class-conditional. The buffer
+    starts as draws from ``init`` (class by class, ``size / num_classes`` each, when ``init`` has classes).
     """
 
     def __init__(
@@ -78,6 +321,7 @@ class ReplayBuffer:
         reinit_freq: float = 0.05,
         class_conditional: bool = False,
         device: torch.device | str = "cpu",
+        init: Optional[InitialDistribution] = None,
     ):
         if size < 1:
             raise ValueError(f"buffer size must be >= 1, got {size}")
@@ -90,17 +334,29 @@ class ReplayBuffer:
         self.reinit_freq = reinit_freq
         self.class_conditional = class_conditional
         self.device = torch.device(device)
-        self.data = self.uniform(size)
+        self.init = init if init is not None else Uniform(self.shape, self.device)
+        self.data = self.initial(size)
 
     def __len__(self) -> int:
         return len(self.data)
 
-    def uniform(self, n: int) -> torch.Tensor:
-        """n images from U(-1, 1), the paper's initial distribution."""
-        return torch.rand((n, *self.shape), device=self.device) * 2 - 1
+    def initial(self, n: int) -> torch.Tensor:
+        """``n`` chains from the initial distribution; with classes, in equal class slices (class 0 first)."""
+        if isinstance(self.init, Gaussians) and self.init.num_classes > 1:
+            per = n // self.num_classes
+            y = torch.arange(self.num_classes, device=self.device).repeat_interleave(per)
+            y = torch.cat([y, torch.randint(0, self.num_classes, (n - len(y),), device=self.device)])
+            return self.init.sample(n, y)
+        return self.init.sample(n)
+
+    def class_of_slot(self, idx: torch.Tensor) -> Optional[torch.Tensor]:
+        """The class a buffer slot belongs to (class-conditional buffers), else None."""
+        if not self.class_conditional:
+            return None
+        return (idx // (len(self) // self.num_classes)).clamp(max=self.num_classes - 1)
 
     def sample(self, batch_size: int, y: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Draw starting points: (x0, buffer indices). A fraction ρ is replaced by fresh uniform noise."""
+        """Draw starting points: (x0, buffer indices). A fraction ρ restarts from the initial distribution."""
         if self.class_conditional and y is not None:
             per_class = len(self) // self.num_classes
             idx = y.to(self.device) * per_class + torch.randint(0, per_class, (batch_size,), device=self.device)
@@ -108,8 +364,18 @@ class ReplayBuffer:
             idx = torch.randint(0, len(self), (batch_size,), device=self.device)
         x0 = self.data[idx]
         reinit = torch.rand(batch_size, device=self.device) < self.reinit_freq
-        x0 = torch.where(reinit.view(-1, *[1] * len(self.shape)), self.uniform(batch_size), x0)
+        fresh = self.init.sample(batch_size, self.class_of_slot(idx))
+        x0 = torch.where(reinit.view(-1, *[1] * len(self.shape)), fresh, x0)
         return x0, idx
+
+    def refresh(self, fraction: float, generator: Optional[torch.Generator] = None) -> int:
+        """Restart a random ``fraction`` of the chains from the initial distribution (recovery); returns how many."""
+        n = int(round(fraction * len(self)))
+        if n <= 0:
+            return 0
+        idx = torch.randperm(len(self), generator=generator)[:n].to(self.device)
+        self.data[idx] = self.init.sample(n, self.class_of_slot(idx))
+        return n
 
     def update(self, idx: torch.Tensor, x: torch.Tensor) -> None:
         self.data[idx] = x.detach().to(self.data.dtype)
@@ -125,27 +391,67 @@ class ReplayBuffer:
 
 
 class JEMSampler:
-    """Draws JEM samples: buffer → η SGLD steps on log p(x) (or log p(x, y) given ``y``) → buffer."""
+    """Draws JEM samples: buffer → K steps of ``update`` on log p(x) (or log p(x, y) given ``y``) → buffer.
+
+    ``update`` defaults to the paper's SGLD with ``step_size``, ``noise`` and ``clamp``; ``model_mode`` is the mode
+    the network is in while sampling (``eval``, or ``train`` for BatchNorm networks as in JEM++/SADA-JEM).
+    """
 
     def __init__(self, buffer: ReplayBuffer, step_size: float = 1.0, noise: float = 0.01, n_steps: int = 20,
-                 clamp: bool = False):
+                 clamp: bool = False, update: Optional[ChainUpdate] = None, model_mode: str = "eval"):
         if n_steps < 0:
             raise ValueError(f"SGLD steps must be >= 0, got {n_steps}")
+        if model_mode not in ("eval", "train"):
+            raise ValueError(f"sampling model mode must be eval or train, got {model_mode!r}")
         self.buffer = buffer
-        self.clamp = (-1.0, 1.0) if clamp else None
-        self.step_size = step_size
-        self.noise = noise
+        self.update = update if update is not None else SGLD(step_size, noise, clamp)
         self.n_steps = n_steps
+        self.model_mode = model_mode
+        self.last_grad_norm = 0.0  # mean per-sample ‖∇ₓ log p(x)‖ at the chains' last step (a health signal)
 
-    def log_density(self, jem: JEM, y: Optional[torch.Tensor] = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    @staticmethod
+    def log_density(jem: JEM, y: Optional[torch.Tensor] = None) -> LogDensity:
         if y is None:
             return lambda x: jem.log_px(x)
         return lambda x: jem.log_pxy(x, y)
 
-    def sample(self, jem: JEM, batch_size: int, y: Optional[torch.Tensor] = None, n_steps: Optional[int] = None) -> torch.Tensor:
+    def run_chains(self, jem: JEM, x0: torch.Tensor, y: Optional[torch.Tensor] = None,
+                   n_steps: Optional[int] = None, callback: Optional[Callable[[int], None]] = None) -> torch.Tensor:
+        """Chains from ``x0`` (no buffer involved): used for fresh samples in eval and the attack defence."""
+        with frozen(jem, self.model_mode):
+            return self.update.run(jem, self.log_density(jem, y), x0, self.n_steps if n_steps is None else n_steps,
+                                   callback)
+
+    def sample(self, jem: JEM, batch_size: int, y: Optional[torch.Tensor] = None,
+               n_steps: Optional[int] = None) -> torch.Tensor:
         x0, idx = self.buffer.sample(batch_size, y)
-        with frozen(jem):
-            x = sgld(self.log_density(jem, y), x0, self.n_steps if n_steps is None else n_steps, self.step_size, self.noise,
-                     clamp=self.clamp)
+        x = self.run_chains(jem, x0, y, n_steps)
         self.buffer.update(idx, x)
         return x
+
+
+def build_sampler(cfg, shape: Sequence[int], num_classes: int, device: torch.device | str,
+                  train_images: Optional[tuple[torch.Tensor, Optional[torch.Tensor]]] = None) -> JEMSampler:
+    """The sampler a config describes — the one place train, eval and attack build it.
+
+    ``train_images``: (uint8 images, labels) to fit the Gaussian initial distributions on; needed for
+    ``sgld_init`` gmm/gaussian (eval and attack, which run fresh chains from U(−1, 1), pass none)."""
+    device = torch.device(device)
+    init: Optional[InitialDistribution] = None
+    if cfg.sgld_init in ("gmm", "gaussian") and train_images is not None:
+        x_u8, y = train_images
+        init = fit_gaussians_cached(x_u8, y if cfg.sgld_init == "gmm" else None, num_classes, device)
+    buffer = ReplayBuffer(cfg.buffer_size, shape, num_classes, cfg.reinit_freq, cfg.class_conditional, device, init)
+    update = make_update(cfg)
+    return JEMSampler(buffer, n_steps=cfg.sgld_steps, update=update, model_mode=cfg.sample_mode)
+
+
+def make_update(cfg) -> ChainUpdate:
+    """The chain update named by ``cfg.sgld_update`` with the config's step size and noise."""
+    if cfg.sgld_update == "sgld":
+        return SGLD(cfg.sgld_lr, cfg.sgld_std, cfg.sgld_clamp)
+    if cfg.sgld_update == "clamped":
+        return ClampedGradient(cfg.sgld_lr, cfg.sgld_std)
+    if cfg.sgld_update == "pyld":
+        return PYLD(cfg.sgld_lr, cfg.pyld_inner_steps, cfg.pyld_lr, cfg.pyld_eps, cfg.sgld_std)
+    raise ValueError(f"--sgld-update must be sgld, clamped or pyld, got {cfg.sgld_update!r}")

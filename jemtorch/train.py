@@ -2,12 +2,10 @@
 
 One iteration, following one batch:
     x, y      ← labelled batch from the device-resident dataset, augmented on the device (+ σ_data noise)
-    x_px      ← x itself, or (semi-supervised) a batch of the full, mostly unlabelled training set
-    x̂         ← replay buffer → η SGLD steps on log p(x) (parameters frozen) → written back
-    logits    ← f([x, x_px, x̂, x̂_y]) in ONE forward pass
-    L         = w_clf·CE(f(x), y) + w_px·(LSE f(x̂) − LSE f(x_px)) + w_pxy·(f(x̂_y)[y] − f(x)[y])
-                [+ λ·(E(x_px)² + E(x̂)²) with --energy-reg λ > 0]
-    Adam step; warm-up and step decay of the learning rate.
+    x_px      ← (semi-supervised) a batch of the full, mostly unlabelled training set; else x itself
+    x̂         ← sampler: replay buffer → K chain steps on log p(x) (parameters frozen) → written back
+    loss      ← objective.jem_loss(jem, x, y, x_px, x̂, x̂_y)         (a pure function: see objective.py)
+    optimiser step; warm-up and step decay of the learning rate.
 
 The p(x) term equals the energy gap E(data) − E(samples): near 0 is healthy, large |gap| means the sampler has
 lost track of the model. A step whose loss is non-finite or whose |gap| exceeds ``max_energy_gap`` is a
@@ -18,60 +16,38 @@ divergence: the step is not applied, model, optimiser and replay buffer roll bac
 from __future__ import annotations
 
 import copy
-import json
 import math
 import platform
-import shutil
 import time
-from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
-from .checkpoint import CheckpointError, load_safe, rng_state, save_atomic, set_rng_state
+from .checkpoint import CheckpointError, load_safe, rng_state, set_rng_state
 from .config import TrainConfig
-from .data import BatchStream, ImageData, augment, labeled_subset, load_dataset, stratified_split, to_float
-from .energy import JEM
-from .models import create_model
-from .sampler import JEMSampler, ReplayBuffer
-from .viz import save_grid
-
-CHECKPOINT = "checkpoint.pt"  # everything needed to resume
-BEST = "best.pt"  # model weights with the best validation accuracy
+from .data import BatchStream, ImageData, augment, labeled_subset, load_dataset, to_float, training_splits
+from .energy import JEM, eval_mode, in_batches
+from .figures import buffer_grids
+from .objective import Weights, jem_loss
+from .optim import build_optimizer, lr_factor
+from .run import LATEST_SAMPLES, METRICS, SAMPLES_DIR, MetricsLog, RunDir, build_jem, pick_device
+from .sampler import ReplayBuffer, build_sampler
 
 
 class TrainingDiverged(RuntimeError):
     pass
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name} requested but CUDA is not available")
-    return torch.device(name)
-
-
-def build_jem(cfg: TrainConfig, in_channels: int, num_classes: int) -> JEM:
-    return JEM(create_model(cfg.model, in_channels=in_channels, num_classes=num_classes, norm=cfg.norm,
-                            dropout=cfg.dropout))
-
-
 @torch.no_grad()
-def evaluate(jem: JEM, x_u8: torch.Tensor, y: torch.Tensor, batch_size: int = 500) -> dict:
+def accuracy_and_nll(jem: JEM, x_u8: torch.Tensor, y: torch.Tensor, batch_size: int = 500) -> dict:
     """Accuracy and NLL of p(y|x) on uint8 images (no augmentation, no noise)."""
-    was_training = jem.training
-    jem.eval()
-    correct, nll = 0, 0.0
-    for i in range(0, len(x_u8), batch_size):
-        logits = jem(to_float(x_u8[i : i + batch_size]))
-        yb = y[i : i + batch_size]
-        correct += (logits.argmax(1) == yb).sum().item()
-        nll += F.cross_entropy(logits, yb, reduction="sum").item()
-    jem.train(was_training)
-    n = max(len(x_u8), 1)
-    return {"accuracy": correct / n, "nll": nll / n}
+    if len(x_u8) == 0:
+        return {"accuracy": 0.0, "nll": 0.0}
+    with eval_mode(jem):
+        logits = in_batches(lambda xb: jem(to_float(xb)), x_u8, batch_size)
+    return {"accuracy": (logits.argmax(1) == y).float().mean().item(), "nll": F.cross_entropy(logits, y).item()}
 
 
 class Trainer:
@@ -79,29 +55,21 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, data: Optional[ImageData] = None):
         self.cfg = cfg
-        self.device = pick_device(cfg.device)
-        self.run_dir = cfg.run_dir
+        self.device = dev = pick_device(cfg.device)
+        self.run = RunDir(cfg.run_dir)
         torch.manual_seed(cfg.seed)
 
         # --- data: whole dataset as uint8 tensors on the device ---
-        data = data if data is not None else load_dataset(cfg.dataset, cfg.data_root, cfg.download)
-        self.data = data
-        n_valid = cfg.n_valid if cfg.n_valid >= 0 else len(data.y_train) // 10
-        train_idx, val_idx = stratified_split(data.y_train, n_valid, cfg.seed)
-        dev = self.device
-        self.x_train, self.y_train = data.x_train[train_idx].to(dev), data.y_train[train_idx].to(dev)
-        self.x_val, self.y_val = data.x_train[val_idx].to(dev), data.y_train[val_idx].to(dev)
-        self.x_test, self.y_test = data.x_test.to(dev), data.y_test.to(dev)
-        self.semi_supervised = cfg.labels_per_class > 0
-        if self.semi_supervised:
-            lab = labeled_subset(data.y_train[train_idx], cfg.labels_per_class, cfg.seed).to(dev)
-            self.labeled = BatchStream(self.x_train[lab], self.y_train[lab], cfg.batch_size, cfg.seed)
-            self.unlabeled = BatchStream(self.x_train, None, cfg.batch_size, cfg.seed + 1)
-            self.iters_per_epoch = self.unlabeled.batches_per_epoch
+        self.data = data = data if data is not None else load_dataset(cfg.dataset, cfg.data_root, cfg.download)
+        self.splits = s = training_splits(data, cfg.n_valid, cfg.seed, dev)
+        if cfg.labels_per_class > 0:  # semi-supervised: labels for a few, p(x) on all training images
+            lab = labeled_subset(s.y_train.cpu(), cfg.labels_per_class, cfg.seed).to(dev)
+            self.labeled = BatchStream(s.x_train[lab], s.y_train[lab], cfg.batch_size, cfg.seed)
+            self.unlabeled: Optional[BatchStream] = BatchStream(s.x_train, None, cfg.batch_size, cfg.seed + 1)
         else:
-            self.labeled = BatchStream(self.x_train, self.y_train, cfg.batch_size, cfg.seed)
+            self.labeled = BatchStream(s.x_train, s.y_train, cfg.batch_size, cfg.seed)
             self.unlabeled = None
-            self.iters_per_epoch = self.labeled.batches_per_epoch
+        self.iters_per_epoch = (self.unlabeled or self.labeled).batches_per_epoch
         self.total_iters = cfg.epochs * self.iters_per_epoch
         if cfg.max_iters >= 0:
             self.total_iters = min(self.total_iters, cfg.max_iters)
@@ -110,83 +78,52 @@ class Trainer:
 
         # --- model, sampler, optimiser ---
         self.jem = build_jem(cfg, data.shape[0], data.num_classes).to(dev)
-        self.uses_samples = cfg.p_x_weight > 0 or cfg.p_x_y_weight > 0
-        self.buffer = ReplayBuffer(cfg.buffer_size, data.shape, data.num_classes, cfg.reinit_freq,
-                                   cfg.class_conditional, dev)
-        self.sampler = JEMSampler(self.buffer, cfg.sgld_lr, cfg.sgld_std, cfg.sgld_steps, cfg.sgld_clamp)
-        params = self.jem.parameters()
-        if cfg.optimizer == "adam":
-            self.opt = torch.optim.Adam(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
-        else:
-            self.opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        self.uses_samples = cfg.uses_samples
+        self.weights = Weights.from_config(cfg)
+        self.sampler = build_sampler(cfg, data.shape, data.num_classes, dev, (data.x_train, data.y_train))
+        self.opt = build_optimizer(cfg, self.jem.parameters())
+        self.schedule = lr_factor(cfg, self.iters_per_epoch, self.total_iters)
+        self.lr_scale = 1.0  # halved at every rollback
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self.lr_factor)
         self.step = 0
         self.best_val = -1.0
         self.train_seconds = 0.0
-        self.lr_scale = 1.0  # halved at every rollback
         self.rollbacks = 0
         self.snapshot: Optional[dict] = None
         self.events: list[dict] = []  # rollbacks, written to metrics.jsonl
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self.lr_factor)
+
+    @property
+    def buffer(self) -> ReplayBuffer:
+        return self.sampler.buffer
+
+    def lr_factor(self, step: int) -> float:
+        return self.lr_scale * self.schedule(step)
 
     # ---------------------------------------------------------------------------------------------------------
-    def lr_factor(self, step: int) -> float:
-        """Linear warm-up over ``warmup_iters``, then ×decay_rate at each of ``decay_epochs``."""
-        warm = min(1.0, (step + 1) / self.cfg.warmup_iters) if self.cfg.warmup_iters > 0 else 1.0
-        epoch = step // self.iters_per_epoch
-        return self.lr_scale * warm * self.cfg.decay_rate ** sum(epoch >= e for e in self.cfg.decay_epochs)
-
-    def prepare(self, x_u8: torch.Tensor) -> torch.Tensor:
-        return augment(to_float(x_u8), self.pad, self.flip, self.cfg.data_noise)
-
-    def compute_loss(self, x: torch.Tensor, y: torch.Tensor, x_px: Optional[torch.Tensor]) -> tuple[torch.Tensor, dict]:
-        """The JEM objective for one batch; all network evaluations of the loss happen in one forward pass.
-
-        ``x_px`` is the batch for the p(x) term when it differs from the labelled batch (semi-supervised), else None.
-        """
-        cfg, b = self.cfg, len(x)
-        parts = [x] + ([x_px] if x_px is not None else [])
-        if cfg.p_x_weight > 0:
-            parts.append(self.sampler.sample(self.jem, b))  # x̂ ~ p(x)
-        if cfg.p_x_y_weight > 0:
-            parts.append(self.sampler.sample(self.jem, b, y=y))  # x̂_y ~ p(x|y)
-        logits = self.jem(torch.cat(parts)).split([len(p) for p in parts])
-        logits_x, rest = logits[0], list(logits[1:])
-        logits_px = rest.pop(0) if x_px is not None else logits_x
-
-        l_clf = F.cross_entropy(logits_x, y)
-        loss = cfg.p_y_given_x_weight * l_clf
-        stats = {"l_clf": l_clf, "train_acc": (logits_x.argmax(1) == y).float().mean()}
-        if cfg.p_x_weight > 0:
-            e_data, e_samples = -self.jem.log_px(logits=logits_px), -self.jem.log_px(logits=rest.pop(0))
-            l_px = e_data.mean() - e_samples.mean()  # = −(LSE f(x) − LSE f(x̂)) = energy gap
-            loss = loss + cfg.p_x_weight * l_px
-            if cfg.energy_reg > 0:
-                loss = loss + cfg.energy_reg * (e_data.pow(2).mean() + e_samples.pow(2).mean())
-            stats.update(l_px=l_px, energy_gap=l_px, e_data=e_data.mean(), e_samples=e_samples.mean())
-        if cfg.p_x_y_weight > 0:
-            l_pxy = -self.jem.log_pxy(None, y, logits=logits_x).mean() + self.jem.log_pxy(None, y, logits=rest.pop(0)).mean()
-            loss = loss + cfg.p_x_y_weight * l_pxy
-            stats.update(l_pxy=l_pxy)
-            stats.setdefault("energy_gap", l_pxy)
-        stats["loss"] = loss
-        return loss, stats
-
     def train_step(self) -> dict:
         """One iteration of Algorithm 1. Returns the step's statistics as Python floats (one host sync)."""
+        cfg = self.cfg
         self.jem.train()
         x_u8, y = self.labeled.batch(self.step)
-        x = self.prepare(x_u8)
-        x_px = self.prepare(self.unlabeled.batch(self.step)[0]) if self.unlabeled is not None and self.uses_samples else None
-        loss, stats = self.compute_loss(x, y, x_px)
+        x = augment(to_float(x_u8), self.pad, self.flip, cfg.data_noise)
+        x_px = samples = samples_y = None
+        if self.uses_samples:
+            if self.unlabeled is not None:
+                x_px = augment(to_float(self.unlabeled.batch(self.step)[0]), self.pad, self.flip, cfg.data_noise)
+            if cfg.p_x_weight > 0:
+                samples = self.sampler.sample(self.jem, len(x))  # x̂ ~ p(x)
+            if cfg.p_x_y_weight > 0:
+                samples_y = self.sampler.sample(self.jem, len(x), y=y)  # x̂_y ~ p(x|y)
+        loss, stats = jem_loss(self.jem, x, y, weights=self.weights, x_px=x_px, samples=samples, samples_y=samples_y)
 
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        max_norm = self.cfg.clip_grad if self.cfg.clip_grad > 0 else float("inf")
+        max_norm = cfg.clip_grad if cfg.clip_grad > 0 else float("inf")
         stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.jem.parameters(), max_norm)
         names = list(stats)
         values = dict(zip(names, torch.stack([stats[k].detach().float() for k in names]).tolist()))
 
-        healthy = all(math.isfinite(v) for v in values.values()) and abs(values.get("energy_gap", 0.0)) <= self.cfg.max_energy_gap
+        healthy = all(math.isfinite(v) for v in values.values()) and abs(values.get("energy_gap", 0.0)) <= cfg.max_energy_gap
         if not healthy:
             self.roll_back(values)
             values["rollback"] = 1.0
@@ -194,7 +131,7 @@ class Trainer:
         self.opt.step()
         self.sched.step()
         self.step += 1
-        if self.step % self.cfg.snapshot_every == 0:
+        if self.step % cfg.snapshot_every == 0:
             self.take_snapshot()
         return values
 
@@ -213,7 +150,7 @@ class Trainer:
             raise TrainingDiverged(
                 f"training diverged at iteration {self.step} after {self.rollbacks} rollbacks: non-finite loss or "
                 f"|energy gap| > {self.cfg.max_energy_gap:g} (gap {values.get('energy_gap', float('nan')):.4g}, "
-                f"loss {values['loss']:.4g}). Last checkpoint: {self.run_dir / CHECKPOINT}; try a lower --lr, more "
+                f"loss {values['loss']:.4g}). Last checkpoint: {self.run.checkpoint}; try a lower --lr, more "
                 f"--warmup-iters or a smaller --sgld-lr.")
         self.rollbacks += 1
         self.lr_scale *= 0.5
@@ -229,12 +166,9 @@ class Trainer:
     # ---------------------------------------------------------------------------------------------------------
     def fit(self) -> dict:
         """Train until ``total_iters``; write metrics, samples, checkpoints; return the summary."""
-        from tqdm.auto import tqdm
-
-        cfg, run_dir = self.cfg, self.run_dir
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-        metrics = open(run_dir / "metrics.jsonl", "a")
+        cfg = self.cfg
+        self.run.write_config(cfg)
+        log = MetricsLog(self.run / METRICS)
         sample_every = cfg.sample_every if cfg.sample_every > 0 else 10 * self.iters_per_epoch
         window: dict[str, list[float]] = {}
         bar = tqdm(total=self.total_iters, initial=self.step, disable=not cfg.progress, dynamic_ncols=True,
@@ -246,7 +180,7 @@ class Trainer:
                 values = self.train_step()
                 if values.get("rollback"):
                     for ev in self.events:
-                        metrics.write(json.dumps(ev) + "\n")
+                        log.write(ev)
                         bar.write(f"divergence: rolled back to iteration {ev['step']}, lr ×{ev['lr_scale']:g}")
                     self.events.clear()
                     window.clear()
@@ -267,12 +201,11 @@ class Trainer:
                 if self.step % cfg.log_every == 0:
                     rec = {"kind": "train", "step": self.step, "epoch": self.step / self.iters_per_epoch,
                            "lr": self.opt.param_groups[0]["lr"], "time": round(self.train_seconds, 3)}
-                    rec.update({k: _mean(v) for k, v in window.items()})
-                    metrics.write(json.dumps(rec) + "\n")
-                    metrics.flush()
+                    rec.update({k: sum(v) / len(v) for k, v in window.items()})
+                    log.write(rec)
                     window.clear()
                 if epoch_done and ((self.step // self.iters_per_epoch) % cfg.eval_every == 0 or last):
-                    self._validate(metrics)
+                    self.validate(log)
                 if self.uses_samples and (self.step % sample_every == 0 or last):
                     self.write_samples()
                 if (epoch_done and (self.step // self.iters_per_epoch) % cfg.ckpt_every == 0) or last:
@@ -280,35 +213,34 @@ class Trainer:
                 t_last = time.perf_counter()  # bookkeeping above is not training time
         except KeyboardInterrupt:
             self.save()
-            bar.close()
-            metrics.close()
             raise
-        bar.close()
-        metrics.close()
+        finally:
+            bar.close()
+            log.close()
         return self.finish()
 
-    def _validate(self, metrics) -> None:
-        if len(self.x_val) == 0:
+    def validate(self, log: MetricsLog) -> None:
+        """Validation accuracy/NLL into the log; a new best is saved as ``best.pt``."""
+        s = self.splits
+        if len(s.x_val) == 0:
             return
-        ev = evaluate(self.jem, self.x_val, self.y_val)
-        rec = {"kind": "eval", "step": self.step, "epoch": self.step / self.iters_per_epoch,
-               "val_accuracy": ev["accuracy"], "val_nll": ev["nll"]}
-        metrics.write(json.dumps(rec) + "\n")
-        metrics.flush()
+        ev = accuracy_and_nll(self.jem, s.x_val, s.y_val)
+        log.write({"kind": "eval", "step": self.step, "epoch": self.step / self.iters_per_epoch,
+                   "val_accuracy": ev["accuracy"], "val_nll": ev["nll"]})
         if ev["accuracy"] > self.best_val:
             self.best_val = ev["accuracy"]
-            save_atomic({"model": self.jem.f.state_dict(), "step": self.step, "val_accuracy": ev["accuracy"],
-                         "config": self.cfg.to_dict()}, self.run_dir / BEST)
+            self.run.save_best({"model": self.jem.f.state_dict(), "step": self.step, "val_accuracy": ev["accuracy"],
+                                "config": self.cfg.to_dict()})
 
     def finish(self) -> dict:
         """Test the best-validation model (or the final one without a validation split); write summary.json."""
-        last = evaluate(self.jem, self.x_test, self.y_test)
+        s = self.splits
+        last = accuracy_and_nll(self.jem, s.x_test, s.y_test)
         best = last
-        best_path = self.run_dir / BEST
-        if len(self.x_val) > 0 and best_path.exists():
+        if len(s.x_val) > 0 and self.run.best.exists():
             final_state = {k: v.clone() for k, v in self.jem.f.state_dict().items()}
-            self.jem.f.load_state_dict(load_safe(best_path, self.device)["model"])
-            best = evaluate(self.jem, self.x_test, self.y_test)
+            self.jem.f.load_state_dict(load_safe(self.run.best, self.device)["model"])
+            best = accuracy_and_nll(self.jem, s.x_test, s.y_test)
             self.jem.f.load_state_dict(final_state)
         summary = {
             "test_accuracy": best["accuracy"],
@@ -327,47 +259,13 @@ class Trainer:
             "torch": torch.__version__,
             "host": platform.node(),
         }
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        self.run.write_summary(summary)
         return summary
 
-    @torch.no_grad()
-    def write_samples(self, n_per_class: int = 10) -> None:
-        """Grids from the replay buffer: unconditional (100 random chains) and one row per class.
-
-        Rows: the buffer's class slices for a class-conditional buffer, else buffer samples grouped by the class the
-        model predicts (most confident first). Uses a forked RNG so it never changes the training trajectory.
-        """
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            g = torch.Generator().manual_seed(self.step)
-            buf = self.buffer.data
-            pick = torch.randperm(len(buf), generator=g)[:100].to(buf.device)
-            out = self.run_dir / "samples"
-            uncond = save_grid(buf[pick], out / f"uncond_{self.step:07d}.png", nrow=10)
-            cond = save_grid(self.samples_by_class(n_per_class, g), out / f"cond_{self.step:07d}.png", nrow=n_per_class)
-        shutil.copyfile(uncond, self.run_dir / "samples_uncond.png")  # the latest grids, at a fixed name
-        shutil.copyfile(cond, self.run_dir / "samples_cond.png")
-
-    @torch.no_grad()
-    def samples_by_class(self, n_per_class: int, g: torch.Generator) -> torch.Tensor:
-        buf, c = self.buffer.data, self.data.num_classes
-        if self.buffer.class_conditional:
-            per = len(buf) // c
-            return torch.cat([buf[k * per : k * per + min(n_per_class, per)] for k in range(c)])
-        pool = buf[torch.randperm(len(buf), generator=g)[: min(len(buf), 2000)].to(buf.device)]
-        was = self.jem.training
-        self.jem.eval()
-        probs = torch.cat([self.jem(pool[i : i + 500]).softmax(1) for i in range(0, len(pool), 500)])
-        self.jem.train(was)
-        conf, pred = probs.max(1)
-        rows = []
-        for k in range(c):
-            idx = torch.nonzero(pred == k).flatten()
-            idx = idx[conf[idx].argsort(descending=True)][:n_per_class]
-            row = pool[idx]
-            if len(row) < n_per_class:  # pad a short row with blank (white) tiles
-                row = torch.cat([row, torch.ones(n_per_class - len(row), *pool.shape[1:], device=pool.device)])
-            rows.append(row)
-        return torch.cat(rows)
+    def write_samples(self) -> None:
+        """Replay-buffer grids for this step (see figures.buffer_grids)."""
+        buffer_grids(self.buffer.data, self.jem, self.data.num_classes, self.buffer.class_conditional, self.step,
+                     self.run / SAMPLES_DIR, tuple(self.run / n for n in LATEST_SAMPLES))
 
     # ---------------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -386,8 +284,8 @@ class Trainer:
             "dataset": {"name": self.data.name, "shape": list(self.data.shape), "classes": self.data.classes},
         }
 
-    def save(self) -> Path:
-        return save_atomic(self.state_dict(), self.run_dir / CHECKPOINT)
+    def save(self) -> None:
+        self.run.save_checkpoint(self.state_dict())
 
     def load_state_dict(self, state: dict) -> None:
         try:
@@ -406,15 +304,8 @@ class Trainer:
 
     def resume(self) -> None:
         """Load ``RUN_DIR/checkpoint.pt`` and drop metrics logged after it, so the log reads like one run."""
-        self.load_state_dict(load_safe(self.run_dir / CHECKPOINT, self.device))
-        path = self.run_dir / "metrics.jsonl"
-        if path.exists():
-            keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= self.step]
-            path.write_text("".join(ln + "\n" for ln in keep))
-
-
-def _mean(v: list[float]) -> float:
-    return sum(v) / len(v)
+        self.load_state_dict(load_safe(self.run.checkpoint, self.device))
+        MetricsLog(self.run / METRICS).truncate_after(self.step)
 
 
 def _postfix(values: dict) -> dict:

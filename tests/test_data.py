@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from conftest import shared_data
-from jemtorch.data import (BatchStream, DatasetError, augment, labeled_subset, load_dataset, read_idx,
-                           stratified_split, to_float, to_uint8)
+from jemtorch.data import BatchStream, DatasetError, augment, labeled_subset, load_dataset, read_idx, stratified_split, to_float, to_uint8
 
 
 def write_idx(path, arr, gz=True):

@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 from jemtorch import JEM, create_model
+from jemtorch.attacks import Refined, parse_eps, pgd
 from jemtorch.cli import main
-from jemtorch.robustness import Refined, parse_eps, pgd
 
 
 @pytest.mark.parametrize("norm,eps", [("linf", 0.1), ("l2", 0.5)])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from . import register
+from .registry import register
 
 
 def _act() -> nn.Module:

@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import register
+from .registry import register
 
 NORMS = (None, "none", "batch", "instance", "layer")
 

@@ -1,0 +1,179 @@
+"""Everything drawn: image grids (PNG, no matplotlib) and matplotlib figures (reliability diagrams, score
+histograms, robustness curves, distal adversarials, training curves, replay-buffer sample grids).
+
+Figures take plain data (dicts, arrays, tensors) and a path; they never read run directories or metrics files.
+"""
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .data import to_uint8
+from .energy import JEM
+
+
+def make_grid(x: torch.Tensor, nrow: Optional[int] = None, pad: int = 2, min_tile: int = 48) -> np.ndarray:
+    """x: (B, C, H, W) floats in [-1, 1] → uint8 image (H', W', 3) with ``nrow`` images per row."""
+    x = to_uint8(x.detach().float().cpu())
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    b, _, h, w = x.shape
+    scale = max(1, math.ceil(min_tile / max(h, w)))
+    x = x.repeat_interleave(scale, 2).repeat_interleave(scale, 3)
+    h, w = h * scale, w * scale
+    nrow = nrow or math.ceil(math.sqrt(b))
+    ncol_rows = math.ceil(b / nrow)
+    grid = np.full((ncol_rows * (h + pad) + pad, nrow * (w + pad) + pad, 3), 255, dtype=np.uint8)
+    arr = x.permute(0, 2, 3, 1).numpy()
+    for i in range(b):
+        r, c = divmod(i, nrow)
+        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = arr[i]
+    return grid
+
+
+def save_grid(x: torch.Tensor, path: str | Path, nrow: Optional[int] = None, min_tile: int = 48) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(make_grid(x, nrow=nrow, min_tile=min_tile)).save(path)
+    return path
+
+
+def plt_module():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path, dpi: int = 110) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt_module().close(fig)
+    return path
+
+
+def reliability_figure(results: Sequence[dict], path: Path) -> Path:
+    """Confidence vs accuracy per bin, one panel per run, bin counts printed above the bars."""
+    plt = plt_module()
+    fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 4.2), squeeze=False)
+    for ax, r in zip(axes[0], results):
+        cal = r["calibration"]
+        edges = np.array(cal["edges"])
+        width = edges[1] - edges[0]
+        centers = edges[:-1] + width / 2
+        counts = np.array(cal["count"])
+        acc = np.where(counts > 0, cal["accuracy"], 0)
+        ax.bar(centers, acc, width=width * 0.95, color="#4C72B0", edgecolor="k", label="accuracy")
+        gap_bottom = np.minimum(acc, centers)
+        ax.bar(centers, np.abs(centers - acc) * (counts > 0), bottom=gap_bottom, width=width * 0.95, color="#DD8452",
+               alpha=0.5, label="gap to confidence")
+        ax.plot([0, 1], [0, 1], "k--", lw=1)
+        for x, a, c in zip(centers, acc, counts):
+            if c > 0:
+                ax.text(x, min(a, 0.93) + 0.02, str(c), ha="center", fontsize=6, rotation=90)
+        ax.set(xlim=(0, 1), ylim=(0, 1.05), xlabel="confidence", ylabel="accuracy",
+               title=f"{r['name']}\nECE = {100 * r['ece']:.2f}% ({cal['n_bins']} bins)")
+        ax.legend(loc="upper left", fontsize=7)
+    return _save(fig, path)
+
+
+def histogram_figure(results: Sequence[tuple[dict, dict]], score: str, path: Path) -> Path:
+    """Score histograms, in-distribution vs each OOD set (rows) for each run (columns).
+
+    ``results``: (metrics, hist) per run; hist: set → score → per-image scores, with "in" the in-distribution set."""
+    plt = plt_module()
+    sets = [k for k in results[0][1] if k != "in"]
+    fig, axes = plt.subplots(max(1, len(sets)), len(results), figsize=(4.2 * len(results), 2.4 * max(1, len(sets))),
+                             squeeze=False)
+    for j, (r, hist) in enumerate(results):
+        s_in = hist["in"][score]
+        for i, name in enumerate(sets):
+            ax = axes[i][j]
+            s_out = hist[name][score]
+            both = np.r_[s_in, s_out]
+            lo, hi = np.percentile(both, [0.5, 99.5])
+            bins = np.linspace(lo, hi if hi > lo else lo + 1, 50)
+            ax.hist(np.clip(s_in, lo, hi), bins=bins, alpha=0.6, density=True, label=f"in ({r['dataset']})")
+            ax.hist(np.clip(s_out, lo, hi), bins=bins, alpha=0.6, density=True, label=name)
+            auroc = r["ood"][name][score]["auroc"]
+            ax.set_title(f"{r['name']}: {score} vs {name} (AUROC {auroc:.3f})", fontsize=8)
+            ax.legend(fontsize=7)
+            ax.tick_params(labelsize=7)
+    return _save(fig, path, dpi=100)
+
+
+def curve_figure(curves: dict, path: Path, xlabel: str, ylabel: str, title: str) -> Path:
+    """Line plot of {label: ([x...], [y...])}; used for robustness curves."""
+    plt = plt_module()
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for label, (xs, ys) in curves.items():
+        ax.plot(xs, ys, marker="o", label=label)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title, ylim=(0, 1.02))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def distal_figure(rows: Sequence[tuple[str, dict]], title: str, path: Path) -> Path:
+    """Distal adversarials: one row per run; ``rows``: (label, {"x", "confidence", "log_px", "data_log_px"})."""
+    plt = plt_module()
+    n = len(rows[0][1]["confidence"])
+    fig, axes = plt.subplots(len(rows), n, figsize=(1.5 * n, 1.9 * len(rows)), squeeze=False)
+    for i, (label, d) in enumerate(rows):
+        imgs = to_uint8(d["x"]).permute(0, 2, 3, 1).numpy()
+        for j in range(n):
+            ax = axes[i][j]
+            ax.imshow(imgs[j].squeeze(-1) if imgs.shape[-1] == 1 else imgs[j], cmap="gray", vmin=0, vmax=255)
+            ax.set_title(f"p={d['confidence'][j]:.2f}\nlogp={d['log_px'][j]:.1f}", fontsize=7)
+            ax.set_xticks([]), ax.set_yticks([])
+        axes[i][0].set_ylabel(f"{label}\n(test data\nlogp {d['data_log_px']:.1f})", fontsize=7)
+    fig.suptitle(title, fontsize=8)
+    return _save(fig, path)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# replay-buffer grids written during training
+# ------------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def samples_by_class(buffer: torch.Tensor, jem: JEM, num_classes: int, n_per_class: int, g: torch.Generator,
+                     class_conditional: bool) -> torch.Tensor:
+    """``n_per_class`` buffer images per class, one row per class: the buffer's class slices for a
+    class-conditional buffer, else buffer samples grouped by the class the model predicts (most confident first;
+    short rows padded with blank tiles)."""
+    c = num_classes
+    if class_conditional:
+        per = len(buffer) // c
+        return torch.cat([buffer[k * per : k * per + min(n_per_class, per)] for k in range(c)])
+    pool = buffer[torch.randperm(len(buffer), generator=g)[: min(len(buffer), 2000)].to(buffer.device)]
+    conf, pred = jem.logits(pool).softmax(1).max(1)
+    rows = []
+    for k in range(c):
+        idx = torch.nonzero(pred == k).flatten()
+        idx = idx[conf[idx].argsort(descending=True)][:n_per_class]
+        row = pool[idx]
+        if len(row) < n_per_class:
+            row = torch.cat([row, torch.ones(n_per_class - len(row), *pool.shape[1:], device=pool.device)])
+        rows.append(row)
+    return torch.cat(rows)
+
+
+@torch.no_grad()
+def buffer_grids(buffer: torch.Tensor, jem: JEM, num_classes: int, class_conditional: bool, step: int,
+                 out_dir: Path, latest: tuple[Path, Path], n_per_class: int = 10) -> None:
+    """``out_dir/uncond_<step>.png`` (100 random chains) and ``out_dir/cond_<step>.png`` (one row per class), copied
+    to the ``latest`` paths. Uses its own generator, so it never changes a training trajectory."""
+    g = torch.Generator().manual_seed(step)
+    pick = torch.randperm(len(buffer), generator=g)[:100].to(buffer.device)
+    uncond = save_grid(buffer[pick], out_dir / f"uncond_{step:07d}.png", nrow=10)
+    cond = save_grid(samples_by_class(buffer, jem, num_classes, n_per_class, g, class_conditional),
+                     out_dir / f"cond_{step:07d}.png", nrow=n_per_class)
+    shutil.copyfile(uncond, latest[0])
+    shutil.copyfile(cond, latest[1])

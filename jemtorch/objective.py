@@ -1,0 +1,102 @@
+"""The JEM objective, as a pure function of the model and four batches.
+
+    L = w_clf·CE(f(x), y)                                    classification, −log p(y|x)
+      + w_px·(E(x_px) − E(x̂))                                generative, −log p(x) up to log Z (the energy gap)
+      + w_pxy·(f(x̂_y)[y] − f(x)[y])                          −log p(x, y) with class-conditional samples
+      + λ·(E(x_px)² + E(x̂)²)                                 optional energy-magnitude penalty (--energy-reg)
+
+Nothing here draws samples or touches a replay buffer: the training step draws x̂ and x̂_y and hands them in.
+Every tensor is passed through the network in named chunks, either in one concatenated forward pass (cheapest,
+right for networks without batch statistics) or chunk by chunk (``separate=True``: what networks with BatchNorm
+need, so data and samples do not share batch statistics — as the reference JEM++/SADA-JEM code does). In the
+separate mode only the labelled batch updates BatchNorm's running averages, so the statistics used at test time
+are data statistics.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .energy import JEM
+from .sampler import running_stats_frozen
+
+
+@dataclass(frozen=True)
+class Weights:
+    """Loss weights (TrainConfig: p_y_given_x_weight, p_x_weight, p_x_y_weight, energy_reg)."""
+
+    clf: float = 1.0
+    px: float = 1.0
+    pxy: float = 0.0
+    energy_reg: float = 0.0
+
+    @classmethod
+    def from_config(cls, cfg) -> Weights:
+        return cls(cfg.p_y_given_x_weight, cfg.p_x_weight, cfg.p_x_y_weight, cfg.energy_reg)
+
+
+def forward_chunks(jem: JEM, chunks: dict[str, torch.Tensor], separate: bool = False) -> dict[str, torch.Tensor]:
+    """Logits for every named chunk. Joint: one forward pass over the concatenation. Separate: one pass per chunk;
+    only the first chunk (the labelled batch) updates BatchNorm running statistics."""
+    names = list(chunks)
+    if not separate or len(names) == 1:
+        logits = jem(torch.cat([chunks[n] for n in names])).split([len(chunks[n]) for n in names])
+        return dict(zip(names, logits))
+    out = {names[0]: jem(chunks[names[0]])}
+    with running_stats_frozen(jem):
+        for n in names[1:]:
+            out[n] = jem(chunks[n])
+    return out
+
+
+def jem_loss(
+    jem: JEM,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    weights: Weights,
+    x_px: Optional[torch.Tensor] = None,
+    samples: Optional[torch.Tensor] = None,
+    samples_y: Optional[torch.Tensor] = None,
+    separate: bool = False,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The JEM loss of one step and its statistics (0-d tensors; no host sync).
+
+    ``x, y``: the labelled batch (augmented). ``x_px``: the p(x) batch when it is not ``x`` itself (semi-supervised
+    data, or un-augmented images). ``samples``: x̂ ~ p(x), needed when ``weights.px > 0``. ``samples_y``: x̂_y ~
+    p(x|y) for the labels ``y``, needed when ``weights.pxy > 0``.
+    """
+    if weights.px > 0 and samples is None:
+        raise ValueError("the p(x) term needs samples")
+    if weights.pxy > 0 and samples_y is None:
+        raise ValueError("the p(x, y) term needs class-conditional samples")
+    chunks = {"x": x}
+    if x_px is not None and weights.px > 0:
+        chunks["x_px"] = x_px
+    if weights.px > 0:
+        chunks["samples"] = samples
+    if weights.pxy > 0:
+        chunks["samples_y"] = samples_y
+    logits = forward_chunks(jem, chunks, separate)
+
+    l_clf = F.cross_entropy(logits["x"], y)
+    loss = weights.clf * l_clf
+    stats = {"l_clf": l_clf, "train_acc": (logits["x"].argmax(1) == y).float().mean()}
+    if weights.px > 0:
+        e_data = -jem.log_px(logits=logits.get("x_px", logits["x"]))
+        e_samples = -jem.log_px(logits=logits["samples"])
+        l_px = e_data.mean() - e_samples.mean()  # = −(LSE f(x) − LSE f(x̂)) = energy gap
+        loss = loss + weights.px * l_px
+        if weights.energy_reg > 0:
+            loss = loss + weights.energy_reg * (e_data.pow(2).mean() + e_samples.pow(2).mean())
+        stats.update(l_px=l_px, energy_gap=l_px, e_data=e_data.mean(), e_samples=e_samples.mean())
+    if weights.pxy > 0:
+        l_pxy = -jem.log_pxy(None, y, logits=logits["x"]).mean() + jem.log_pxy(None, y, logits=logits["samples_y"]).mean()
+        loss = loss + weights.pxy * l_pxy
+        stats["l_pxy"] = l_pxy
+        stats.setdefault("energy_gap", l_pxy)
+    stats["loss"] = loss
+    return loss, stats

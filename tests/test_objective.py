@@ -1,0 +1,71 @@
+"""The JEM loss as a pure function: every term checked against its definition, no sampler involved."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from jemtorch import JEM, Weights, create_model, jem_loss
+from jemtorch.objective import forward_chunks
+
+
+@pytest.fixture
+def batch():
+    torch.manual_seed(0)
+    jem = JEM(create_model("cnn-4", in_channels=1, num_classes=10))
+    x, x_px, x_q, x_qy = (torch.rand(6, 1, 8, 8) * 2 - 1 for _ in range(4))
+    return jem, x, torch.arange(6) % 10, x_px, x_q, x_qy
+
+
+def test_every_term_matches_its_definition(batch):
+    jem, x, y, x_px, x_q, x_qy = batch
+    w = Weights(clf=0.7, px=1.3, pxy=0.4, energy_reg=0.2)
+    loss, stats = jem_loss(jem, x, y, weights=w, x_px=x_px, samples=x_q, samples_y=x_qy)
+    with torch.no_grad():
+        ce = F.cross_entropy(jem(x), y)
+        gap = jem.energy(x_px).mean() - jem.energy(x_q).mean()
+        reg = jem.energy(x_px).pow(2).mean() + jem.energy(x_q).pow(2).mean()
+        pxy = -jem(x).gather(1, y[:, None]).mean() + jem(x_qy).gather(1, y[:, None]).mean()
+    assert stats["l_clf"].item() == pytest.approx(ce.item(), rel=1e-5)
+    assert stats["energy_gap"].item() == pytest.approx(gap.item(), rel=1e-5, abs=1e-6)
+    assert stats["l_pxy"].item() == pytest.approx(pxy.item(), rel=1e-5, abs=1e-6)
+    assert loss.item() == pytest.approx((0.7 * ce + 1.3 * gap + 0.2 * reg + 0.4 * pxy).item(), rel=1e-5)
+
+
+def test_px_batch_defaults_to_the_labelled_batch(batch):
+    jem, x, y, _, x_q, _ = batch
+    _, stats = jem_loss(jem, x, y, weights=Weights(), samples=x_q)
+    with torch.no_grad():
+        assert stats["e_data"].item() == pytest.approx(jem.energy(x).mean().item(), rel=1e-5)
+
+
+def test_classifier_only_needs_no_samples(batch):
+    jem, x, y, *_ = batch
+    loss, stats = jem_loss(jem, x, y, weights=Weights(px=0.0))
+    assert "energy_gap" not in stats and loss.item() == pytest.approx(F.cross_entropy(jem(x), y).item(), rel=1e-5)
+    with pytest.raises(ValueError, match="needs samples"):
+        jem_loss(jem, x, y, weights=Weights())
+
+
+def test_separate_forward_keeps_batchnorm_statistics_apart():
+    torch.manual_seed(0)
+    jem = JEM(create_model("wrn-10-1", in_channels=1, num_classes=3, norm="batch"))
+    jem.train()
+    bns = [m for m in jem.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    data, samples = torch.randn(8, 1, 8, 8), torch.randn(8, 1, 8, 8) * 5 + 3
+    start = [b.running_mean.clone() for b in bns]
+
+    def reset():
+        for b, r in zip(bns, start):
+            b.running_mean.copy_(r)
+
+    sep = forward_chunks(jem, {"x": data, "samples": samples}, separate=True)
+    after_sep = [b.running_mean.clone() for b in bns]
+    reset()
+    alone = jem(data)
+    after_alone = [b.running_mean.clone() for b in bns]
+    reset()
+    joint = forward_chunks(jem, {"x": data, "samples": samples}, separate=False)
+    # separately, the data's logits and the running statistics are those of the data alone; jointly they are not
+    torch.testing.assert_close(sep["x"], alone)
+    assert all(torch.equal(a, b) for a, b in zip(after_sep, after_alone))
+    assert not torch.allclose(joint["x"], alone, atol=1e-3)
+    assert not all(torch.allclose(b.running_mean, a) for b, a in zip(bns, after_alone))
