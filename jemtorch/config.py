@@ -17,7 +17,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
-from .data import dataset_preset
+from .data import dataset_preset, dataset_recipe
+from .sampler import CHAIN_UPDATES, INITIAL_DISTRIBUTIONS
 
 
 def _f(default: Any, help: str, **kw) -> Any:
@@ -37,6 +38,10 @@ class TrainConfig:
     out: Optional[str] = _f(None, "run directory (default runs/<name>, name defaults to <dataset>-<model>[-baseline])")
     seed: int = _f(0, "random seed (data order, initialisation, SGLD noise)")
     device: str = _f("auto", "auto, cpu, cuda, cuda:N")
+
+    recipe: str = _f("jem", "training recipe, every field set to that paper's official values (any can be overridden): "
+                            "jem (Grathwohl et al. 2020), jempp (JEM++, Yang & Ji 2021), sadajem (SADA-JEM, Yang et al. "
+                            "2023); the dataset's preset picks its default")
 
     # --- objective: L = w_clf·(−log p(y|x)) + w_px·(−log p(x)) + w_pxy·(−log p(x, y)) ---
     p_y_given_x_weight: float = _f(1.0, "weight of the classification term −log p(y|x)")
@@ -65,11 +70,16 @@ class TrainConfig:
     reinit_freq: float = _f(0.05, "probability ρ of restarting a chain from U(−1, 1) (paper: 0.05)")
     data_noise: float = _f(0.03, "std of Gaussian noise added to training images σ_data (paper: 0.03)")
     augment: bool = _f(True, "random crop (reflect pad) and flips where they fit the dataset")
+    px_augment: bool = _f(True, "the p(x) term sees augmented data too (paper: yes; SADA-JEM: no, un-augmented images)")
+    separate_forward: bool = _f(False, "pass data, p(x) data and samples through the network separately (needed with "
+                                       "BatchNorm: no shared batch statistics); off: one concatenated forward pass")
 
     # --- optimisation ---
     optimizer: str = _f("adam", "adam or sgd")
     lr: float = _f(1e-4, "learning rate (paper: Adam 1e-4)")
     momentum: float = _f(0.9, "SGD momentum")
+    sam_rho: float = _f(0.0, "sharpness-aware minimisation radius ρ (SADA-JEM: 2 with adaptive SAM); 0: off")
+    sam_adaptive: bool = _f(True, "adaptive SAM (ASAM, Kwon et al. 2021), as SADA-JEM uses for ρ ≥ 0.5")
     weight_decay: float = _f(0.0, "weight decay")
     warmup_iters: int = _f(1000, "linear learning-rate warm-up iterations (paper: 1000)")
     decay_epochs: tuple = _f((), "epochs at which the learning rate is multiplied by --decay-rate (paper: 160 180)")
@@ -81,10 +91,13 @@ class TrainConfig:
     clip_grad: float = _f(0.0, "clip the gradient norm to this value (0: off)")
     max_energy_gap: float = _f(200.0, "a step with |E(data) − E(samples)| above this, or a non-finite loss, counts "
                                       "as divergence")
-    max_rollbacks: int = _f(5, "on divergence roll back to the last snapshot and halve the lr, at most this many "
-                               "times (0: stop at the first divergence)")
+    max_rollbacks: int = _f(20, "recover from at most this many divergences (see README: the recovery ladder), then "
+                                "stop (0: stop at the first divergence)")
     snapshot_every: int = _f(100, "keep an in-memory snapshot of model, optimiser and replay buffer every N healthy "
                                   "iterations")
+    snapshots_kept: int = _f(4, "how many snapshots to keep; a repeated divergence steps further back")
+    inject_divergence: tuple = _f((), "fault injection for testing recovery: report a divergence at these iterations "
+                                      "(each once)")
 
     # --- logging, samples, checkpoints ---
     log_every: int = _f(20, "write a metrics.jsonl record every N iterations")
@@ -107,10 +120,10 @@ class TrainConfig:
         need(self.buffer_size >= 1, f"--buffer-size must be >= 1, got {self.buffer_size}")
         need(0 <= self.reinit_freq <= 1, f"--reinit-freq must be in [0, 1], got {self.reinit_freq}")
         need(self.data_noise >= 0, f"--data-noise must be >= 0, got {self.data_noise}")
-        need(self.sgld_update in ("sgld", "clamped", "pyld"),
-             f"--sgld-update must be sgld, clamped or pyld, got {self.sgld_update!r}")
-        need(self.sgld_init in ("uniform", "gmm", "gaussian"),
-             f"--sgld-init must be uniform, gmm or gaussian, got {self.sgld_init!r}")
+        need(self.sgld_update in CHAIN_UPDATES,
+             f"--sgld-update must be one of {', '.join(CHAIN_UPDATES)}, got {self.sgld_update!r}")
+        need(self.sgld_init in INITIAL_DISTRIBUTIONS,
+             f"--sgld-init must be one of {', '.join(INITIAL_DISTRIBUTIONS)}, got {self.sgld_init!r}")
         need(self.sample_mode in ("eval", "train"), f"--sample-mode must be eval or train, got {self.sample_mode!r}")
         need(self.pyld_inner_steps >= 0 and self.pyld_lr >= 0 and self.pyld_eps > 0,
              "--pyld-inner-steps, --pyld-lr must be >= 0 and --pyld-eps > 0")
@@ -133,10 +146,14 @@ class TrainConfig:
              "--log-every, --eval-every and --ckpt-every must be >= 1")
         need(self.max_rollbacks >= 0, "--max-rollbacks must be >= 0")
         need(self.snapshot_every >= 1, "--snapshot-every must be >= 1")
+        need(self.snapshots_kept >= 1, "--snapshots-kept must be >= 1")
+        need(self.recipe in RECIPES, f"--recipe must be one of {', '.join(RECIPES)}, got {self.recipe!r}")
+        need(self.sam_rho >= 0, f"--sam-rho must be >= 0, got {self.sam_rho}")
         need(self.max_energy_gap > 0, "--max-energy-gap must be > 0")
         need(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda") or self.device == "mps",
              f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         self.decay_epochs = tuple(int(e) for e in self.decay_epochs)
+        self.inject_divergence = tuple(int(e) for e in self.inject_divergence)
 
     # derived -----------------------------------------------------------------------------------------------------
     @property
@@ -172,6 +189,32 @@ class TrainConfig:
         return cls(**d)
 
 
+# Recipes: each paper's official values, read from its official scripts. Layered over the dataclass defaults (which
+# are the JEM paper's), under the dataset preset, config files and flags.
+RECIPES: dict[str, dict] = {
+    # Grathwohl et al. 2020, Algorithm 1 and wgrathwohl/JEM train_wrn_ebm.py: the dataclass defaults
+    "jem": {},
+    # Yang & Ji, ICCV 2021, sndnyang/JEMPP scripts/jempp_cifar10.sh and train_jempp.py: PYLD (5 outer steps, 5 inner
+    # steps at lr 0.2, eps 1, SGLD step 1, no noise), informative (class-Gaussian) initialisation, BatchNorm with the
+    # model in train mode while sampling and data/samples through the network separately ("alltrain1"),
+    # SGD 0.1 momentum 0.9 wd 4e-4, 1000 warm-up iterations, decay ×0.2 at epochs 50/100/125 of 150, σ_data 0.03
+    "jempp": {"sgld_update": "pyld", "sgld_steps": 5, "pyld_inner_steps": 5, "pyld_lr": 0.2, "pyld_eps": 1.0,
+              "sgld_lr": 1.0, "sgld_std": 0.0, "sgld_init": "gmm", "sample_mode": "train", "norm": "batch",
+              "separate_forward": True, "optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 4e-4,
+              "warmup_iters": 1000, "decay_epochs": (50, 100, 125), "decay_rate": 0.2, "epochs": 150,
+              "data_noise": 0.03},
+    # Yang, Ji et al., CVPR 2023, sndnyang/SADAJEM scripts/sadajem_cifar10.sh and train_sadajem.py: 5 steps of
+    # x ← clip(x + clip(∇, −1, 1), −1, 1) without noise, class-Gaussian initialisation, BatchNorm in train mode,
+    # separate forward passes, p(x) on un-augmented data (σ_data 0), adaptive SAM ρ=2 over SGD 0.1 momentum 0.9
+    # wd 5e-4, 1000 warm-up iterations, decay ×0.2 at epochs 60/120/180 of 200
+    "sadajem": {"sgld_update": "clamped", "sgld_steps": 5, "sgld_lr": 1.0, "sgld_std": 0.0, "sgld_init": "gmm",
+                "sample_mode": "train", "norm": "batch", "separate_forward": True, "px_augment": False,
+                "data_noise": 0.0, "optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4,
+                "sam_rho": 2.0, "sam_adaptive": True, "warmup_iters": 1000, "decay_epochs": (60, 120, 180),
+                "decay_rate": 0.2, "epochs": 200},
+}
+
+
 def load_config_file(path: str | Path) -> dict:
     """Read a JSON or TOML config file into a dict (keys may use - or _)."""
     path = Path(path)
@@ -199,7 +242,7 @@ def add_config_arguments(parser) -> None:
         help_ = f"{f.metadata['help']} (default: {f.default if f.default is not dataclasses.MISSING else []})"
         if f.type in ("bool", bool):
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_)
-        elif f.name == "decay_epochs":
+        elif f.name in ("decay_epochs", "inject_divergence"):
             parser.add_argument(flag, dest=f.name, type=int, nargs="*", default=None, help=help_)
         elif f.name == "norm":
             parser.add_argument(flag, dest=f.name, default=None, help=help_)
@@ -209,12 +252,19 @@ def add_config_arguments(parser) -> None:
 
 
 def resolve_config(args: dict, config_file: Optional[str] = None, base: Optional[dict] = None) -> TrainConfig:
-    """defaults < dataset preset < base (a resumed run's config) < config file < explicit CLI values (non-None)."""
+    """defaults < recipe < dataset preset < base (a resumed run's config) < config file < explicit CLI values.
+
+    The recipe is the one given (flag, file, resumed config), else the dataset preset's, else ``jem``. The dataset
+    preset has entries for every recipe and entries for one recipe only (see ``data.register_dataset``)."""
     given = dict(base or {})
     if config_file:
         given.update(load_config_file(config_file))
     given.update({k: v for k, v in args.items() if v is not None})
-    d = dataset_preset(given.get("dataset", TrainConfig.dataset))
+    dataset = given.get("dataset", TrainConfig.dataset)
+    recipe = given.get("recipe") or dataset_recipe(dataset) or TrainConfig.recipe
+    if recipe not in RECIPES:
+        raise ValueError(f"--recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
+    d = {"recipe": recipe, **RECIPES[recipe], **dataset_preset(dataset, recipe)}
     d.update(given)
     if d.get("norm") == "none":
         d["norm"] = None

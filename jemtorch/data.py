@@ -341,27 +341,39 @@ class DatasetSpec:
     reader: Callable[[Path, bool], ImageData]  # (root, download_missing) -> ImageData
     pad: Optional[int]  # random-crop padding (None: 4 for images of 32 px and more, else none)
     flip: bool  # horizontal flips fit this dataset
-    preset: dict  # TrainConfig entries layered over the defaults for this dataset (see config.py)
+    preset: dict  # TrainConfig entries layered over the recipe for this dataset, whatever the recipe (see config.py)
+    recipe: Optional[str] = None  # the recipe this dataset trains with by default
+    recipe_presets: dict = field(default_factory=dict)  # recipe name -> entries applied only with that recipe
 
 
 DATASETS: dict[str, DatasetSpec] = {}
 DEFAULT_ROOT = "./data"
 
 
-def register_dataset(name: str, *, pad: Optional[int] = 0, flip: bool = False, preset: Optional[dict] = None):
-    """Register ``reader(root, download_missing) -> ImageData`` as dataset ``name``."""
+def register_dataset(name: str, *, pad: Optional[int] = 0, flip: bool = False, preset: Optional[dict] = None,
+                     recipe: Optional[str] = None, recipe_presets: Optional[dict] = None):
+    """Register ``reader(root, download_missing) -> ImageData`` as dataset ``name``, with its augmentation, its
+    default training recipe and presets (entries for every recipe; entries for one recipe only)."""
 
     def deco(reader: Callable[[Path, bool], ImageData]) -> Callable[[Path, bool], ImageData]:
-        DATASETS[name] = DatasetSpec(name, reader, pad, flip, dict(preset or {}))
+        DATASETS[name] = DatasetSpec(name, reader, pad, flip, dict(preset or {}), recipe, dict(recipe_presets or {}))
         return reader
 
     return deco
 
 
-def dataset_preset(name: str) -> dict:
-    """The training preset registered with a dataset ({} for unknown names: load_dataset reports those)."""
+def dataset_preset(name: str, recipe: Optional[str] = None) -> dict:
+    """The training preset of a dataset for ``recipe`` ({} for unknown names: load_dataset reports those)."""
     spec = DATASETS.get(name)
-    return dict(spec.preset) if spec else {}
+    if spec is None:
+        return {}
+    return {**spec.preset, **spec.recipe_presets.get(recipe, {})}
+
+
+def dataset_recipe(name: str) -> Optional[str]:
+    """The recipe a dataset trains with unless told otherwise."""
+    spec = DATASETS.get(name)
+    return spec.recipe if spec else None
 
 
 @register_dataset("digits", pad=0, flip=False,

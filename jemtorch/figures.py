@@ -177,3 +177,36 @@ def buffer_grids(buffer: torch.Tensor, jem: JEM, num_classes: int, class_conditi
                      out_dir / f"cond_{step:07d}.png", nrow=n_per_class)
     shutil.copyfile(uncond, latest[0])
     shutil.copyfile(cond, latest[1])
+
+
+def training_curves(records: Sequence[dict], path: Path) -> Optional[Path]:
+    """Training curves from metrics.jsonl records: loss terms, energies and gap, accuracy, lr, sampler gradient norm;
+    rollbacks marked as red lines. None when there is nothing to draw yet."""
+    train = [r for r in records if r.get("kind") == "train"]
+    if not train:
+        return None
+    evals = [r for r in records if r.get("kind") == "eval"]
+    rollbacks = [r for r in records if r.get("kind") == "rollback"]
+    plt = plt_module()
+    panels = [("loss terms", ("loss", "l_clf", "l_px", "l_pxy")), ("energies", ("e_data", "e_samples", "energy_gap")),
+              ("accuracy", ("train_acc",)), ("learning rate", ("lr",)), ("sampler ‖∇x log p(x)‖", ("sgld_grad_norm",))]
+    panels = [(t, [k for k in keys if any(k in r for r in train)]) for t, keys in panels]
+    panels = [(t, keys) for t, keys in panels if keys]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.0), squeeze=False)
+    for ax, (title, keys) in zip(axes[0], panels):
+        for k in keys:
+            pts = [(r["step"], r[k]) for r in train if k in r]
+            ax.plot(*zip(*pts), lw=1, label=k)
+        if title == "accuracy" and evals:
+            ax.plot([r["step"] for r in evals], [r["val_accuracy"] for r in evals], "o-", ms=3, label="val_accuracy")
+        if title == "learning rate":
+            ax.set_yscale("log")
+        for r in rollbacks:
+            ax.axvline(r.get("diverged_at", r["step"]), color="r", lw=0.8, alpha=0.6)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("iteration", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=7)
+    if rollbacks:
+        fig.suptitle(f"{len(rollbacks)} divergence(s) recovered (red lines)", fontsize=9)
+    return _save(fig, path, dpi=90)

@@ -23,3 +23,53 @@ def lr_factor(cfg, iters_per_epoch: int, total_iters: int) -> Callable[[int], fl
         return warm * cfg.decay_rate ** sum(epoch >= e for e in cfg.decay_epochs)
 
     return factor
+
+
+class SAM:
+    """Sharpness-aware minimisation around a base optimiser (Foret et al. 2021; adaptive: Kwon et al. 2021), as used
+    by SADA-JEM (sndnyang/SADAJEM ``sam.py``, ρ=2, adaptive for ρ ≥ 0.5).
+
+    Usage per step: loss.backward(); ``first_step()`` moves the weights to w + e(w) (the sharpest nearby point within
+    radius ρ); recompute the loss there and backward; ``second_step()`` restores w and lets the base optimiser step
+    with the gradient from w + e(w).
+    """
+
+    def __init__(self, base: torch.optim.Optimizer, rho: float = 2.0, adaptive: bool = True):
+        if rho <= 0:
+            raise ValueError(f"SAM needs rho > 0, got {rho}")
+        self.base, self.rho, self.adaptive = base, rho, adaptive
+        self._e: dict[torch.nn.Parameter, torch.Tensor] = {}
+
+    @property
+    def param_groups(self):
+        return self.base.param_groups
+
+    def _params(self):
+        return [p for g in self.base.param_groups for p in g["params"] if p.grad is not None]
+
+    @torch.no_grad()
+    def first_step(self) -> None:
+        params = self._params()
+        scaled = [(p.abs() * p.grad if self.adaptive else p.grad) for p in params]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in scaled])) if scaled else 0
+        scale = self.rho / (norm + 1e-12)
+        self._e = {}
+        for p in params:
+            e = (p.pow(2) if self.adaptive else 1.0) * p.grad * scale
+            p.add_(e)
+            self._e[p] = e
+        self.base.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def second_step(self) -> None:
+        for p, e in self._e.items():
+            p.sub_(e)
+        self._e = {}
+        self.base.step()
+
+    def restore(self) -> None:
+        """Undo a first step without stepping (used when the second loss turns out non-finite)."""
+        with torch.no_grad():
+            for p, e in self._e.items():
+                p.sub_(e)
+        self._e = {}

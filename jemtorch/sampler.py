@@ -77,10 +77,12 @@ def sgld(
     noise: float = 0.01,
     callback: Optional[Callable[[int], None]] = None,
     clamp: Optional[tuple[float, float]] = None,
+    record: Optional[dict] = None,
 ) -> torch.Tensor:
     """Run ``n_steps`` of x ← x + step_size·∇ log_density(x) + noise·N(0, I); returns a detached tensor.
 
     ``clamp=(lo, hi)`` projects x back into [lo, hi] after every step (keeps chains in the image domain).
+    ``record``: a dict that receives ``grad_norm``, the mean per-chain ‖∇ log_density‖ at the last step (a tensor).
 
     ``log_density`` maps a batch to per-sample (unnormalised) log densities, shape (B,). With
     step_size = noise²/2 this is exact Langevin dynamics; JEM uses the paper's decoupled values (α=1, σ=0.01).
@@ -88,6 +90,8 @@ def sgld(
     x = x.detach().clone().requires_grad_(True)
     for t in range(n_steps):
         (grad,) = torch.autograd.grad(log_density(x).sum(), x)
+        if record is not None and t == n_steps - 1:
+            record["grad_norm"] = grad.flatten(1).norm(dim=1).mean().detach()
         with torch.no_grad():
             x.add_(grad, alpha=step_size)
             if noise > 0:
@@ -112,9 +116,10 @@ class SGLD:
     def __init__(self, step_size: float = 1.0, noise: float = 0.01, clamp: bool = False):
         self.step_size, self.noise = step_size, noise
         self.clamp = (-1.0, 1.0) if clamp else None
+        self.record: dict = {}
 
     def run(self, jem, log_density, x, n_steps, callback=None):
-        return sgld(log_density, x, n_steps, self.step_size, self.noise, callback, self.clamp)
+        return sgld(log_density, x, n_steps, self.step_size, self.noise, callback, self.clamp, self.record)
 
 
 class ClampedGradient:
@@ -123,11 +128,14 @@ class ClampedGradient:
 
     def __init__(self, step_size: float = 1.0, noise: float = 0.0):
         self.step_size, self.noise = step_size, noise
+        self.record: dict = {}
 
     def run(self, jem, log_density, x, n_steps, callback=None):
         x = x.detach().clone().requires_grad_(True)
         for t in range(n_steps):
             (grad,) = torch.autograd.grad(log_density(x).sum(), x)
+            if t == n_steps - 1:
+                self.record["grad_norm"] = grad.flatten(1).norm(dim=1).mean().detach()
             with torch.no_grad():
                 x.add_(grad.clamp_(-1, 1), alpha=self.step_size)
                 if self.noise > 0:
@@ -164,6 +172,7 @@ class PYLD:
                  noise: float = 0.0):
         self.step_size, self.inner_steps, self.inner_lr, self.inner_eps, self.noise = (
             step_size, inner_steps, inner_lr, inner_eps, noise)
+        self.record: dict = {}
 
     def run(self, jem, log_density, x, n_steps, callback=None):
         layer = first_layer(jem)
@@ -177,6 +186,8 @@ class PYLD:
                 logp = log_density(x).sum()
                 z = captured[0]
                 grad_x, p = torch.autograd.grad(logp, [x, z])
+                if t == n_steps - 1:
+                    self.record["grad_norm"] = grad_x.flatten(1).norm(dim=1).mean().detach()
                 with torch.no_grad():
                     x = x + self.step_size * grad_x
                 for _ in range(self.inner_steps):
@@ -407,7 +418,6 @@ class JEMSampler:
         self.update = update if update is not None else SGLD(step_size, noise, clamp)
         self.n_steps = n_steps
         self.model_mode = model_mode
-        self.last_grad_norm = 0.0  # mean per-sample ‖∇ₓ log p(x)‖ at the chains' last step (a health signal)
 
     @staticmethod
     def log_density(jem: JEM, y: Optional[torch.Tensor] = None) -> LogDensity:
@@ -422,6 +432,11 @@ class JEMSampler:
             return self.update.run(jem, self.log_density(jem, y), x0, self.n_steps if n_steps is None else n_steps,
                                    callback)
 
+    @property
+    def grad_norm(self) -> Optional[torch.Tensor]:
+        """Mean per-chain ‖∇ₓ log p(x)‖ at the last step of the latest chains (a health signal), or None."""
+        return getattr(self.update, "record", {}).get("grad_norm")
+
     def sample(self, jem: JEM, batch_size: int, y: Optional[torch.Tensor] = None,
                n_steps: Optional[int] = None) -> torch.Tensor:
         x0, idx = self.buffer.sample(batch_size, y)
@@ -430,28 +445,29 @@ class JEMSampler:
         return x
 
 
+# name → factory(cfg); adding a chain update or an initial distribution is one class and one entry here
+CHAIN_UPDATES: dict[str, Callable[..., ChainUpdate]] = {
+    "sgld": lambda cfg: SGLD(cfg.sgld_lr, cfg.sgld_std, cfg.sgld_clamp),
+    "clamped": lambda cfg: ClampedGradient(cfg.sgld_lr, cfg.sgld_std),
+    "pyld": lambda cfg: PYLD(cfg.sgld_lr, cfg.pyld_inner_steps, cfg.pyld_lr, cfg.pyld_eps, cfg.sgld_std),
+}
+# factory(x_u8, y, num_classes, shape, device) → InitialDistribution; x_u8/y are training images (None: unavailable)
+INITIAL_DISTRIBUTIONS: dict[str, Callable[..., InitialDistribution]] = {
+    "uniform": lambda x_u8, y, num_classes, shape, device: Uniform(shape, device),
+    "gmm": lambda x_u8, y, num_classes, shape, device: fit_gaussians_cached(x_u8, y, num_classes, device),
+    "gaussian": lambda x_u8, y, num_classes, shape, device: fit_gaussians_cached(x_u8, None, num_classes, device),
+}
+
+
 def build_sampler(cfg, shape: Sequence[int], num_classes: int, device: torch.device | str,
                   train_images: Optional[tuple[torch.Tensor, Optional[torch.Tensor]]] = None) -> JEMSampler:
-    """The sampler a config describes — the one place train, eval and attack build it.
-
-    ``train_images``: (uint8 images, labels) to fit the Gaussian initial distributions on; needed for
-    ``sgld_init`` gmm/gaussian (eval and attack, which run fresh chains from U(−1, 1), pass none)."""
+    """The sampler a config describes (``sgld_init``, ``sgld_update``, buffer, ``sample_mode``) — the one place
+    train, eval and attack build it. ``train_images``: (uint8 images, labels) the Gaussian initial distributions are
+    fitted on; without them the chains start from U(−1, 1)."""
     device = torch.device(device)
-    init: Optional[InitialDistribution] = None
-    if cfg.sgld_init in ("gmm", "gaussian") and train_images is not None:
-        x_u8, y = train_images
-        init = fit_gaussians_cached(x_u8, y if cfg.sgld_init == "gmm" else None, num_classes, device)
+    init_name = cfg.sgld_init if train_images is not None else "uniform"
+    x_u8, y = train_images if train_images is not None else (None, None)
+    init = INITIAL_DISTRIBUTIONS[init_name](x_u8, y, num_classes, tuple(shape), device)
     buffer = ReplayBuffer(cfg.buffer_size, shape, num_classes, cfg.reinit_freq, cfg.class_conditional, device, init)
-    update = make_update(cfg)
+    update = CHAIN_UPDATES[cfg.sgld_update](cfg)
     return JEMSampler(buffer, n_steps=cfg.sgld_steps, update=update, model_mode=cfg.sample_mode)
-
-
-def make_update(cfg) -> ChainUpdate:
-    """The chain update named by ``cfg.sgld_update`` with the config's step size and noise."""
-    if cfg.sgld_update == "sgld":
-        return SGLD(cfg.sgld_lr, cfg.sgld_std, cfg.sgld_clamp)
-    if cfg.sgld_update == "clamped":
-        return ClampedGradient(cfg.sgld_lr, cfg.sgld_std)
-    if cfg.sgld_update == "pyld":
-        return PYLD(cfg.sgld_lr, cfg.pyld_inner_steps, cfg.pyld_lr, cfg.pyld_eps, cfg.sgld_std)
-    raise ValueError(f"--sgld-update must be sgld, clamped or pyld, got {cfg.sgld_update!r}")

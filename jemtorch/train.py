@@ -9,9 +9,9 @@ One iteration, following one batch:
 
 The p(x) term equals the energy gap E(data) − E(samples): near 0 is healthy, large |gap| means the sampler has
 lost track of the model. A step whose loss is non-finite or whose |gap| exceeds ``max_energy_gap`` is a
-divergence: the step is not applied, model, optimiser and replay buffer roll back to the last in-memory snapshot
-(taken every ``snapshot_every`` healthy steps) and the learning rate is halved. After
-``max_rollbacks`` of these the run stops with TrainingDiverged (the official code stops with ``1/0`` at once).
+divergence: the step is not applied and the run recovers by the ladder in ``Recovery`` (roll back to an earlier
+snapshot, re-seed, lower the lr, refresh part of the buffer, raise the energy penalty, shrink the sampler's step),
+never restoring the same state twice. The official code stops with ``1/0`` at the first divergence.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import copy
 import math
 import platform
 import time
+from dataclasses import replace
 from typing import Optional
 
 import torch
@@ -29,11 +30,11 @@ from .checkpoint import CheckpointError, load_safe, rng_state, set_rng_state
 from .config import TrainConfig
 from .data import BatchStream, ImageData, augment, labeled_subset, load_dataset, to_float, training_splits
 from .energy import JEM, eval_mode, in_batches
-from .figures import buffer_grids
+from .figures import buffer_grids, training_curves
 from .objective import Weights, jem_loss
-from .optim import build_optimizer, lr_factor
-from .run import LATEST_SAMPLES, METRICS, SAMPLES_DIR, MetricsLog, RunDir, build_jem, pick_device
-from .sampler import ReplayBuffer, build_sampler
+from .optim import SAM, build_optimizer, lr_factor
+from .run import CURVES, LATEST_SAMPLES, METRICS, SAMPLES_DIR, MetricsLog, RunDir, build_jem, pick_device
+from .sampler import ReplayBuffer, build_sampler, running_stats_frozen
 
 
 class TrainingDiverged(RuntimeError):
@@ -48,6 +49,119 @@ def accuracy_and_nll(jem: JEM, x_u8: torch.Tensor, y: torch.Tensor, batch_size: 
     with eval_mode(jem):
         logits = in_batches(lambda xb: jem(to_float(xb)), x_u8, batch_size)
     return {"accuracy": (logits.argmax(1) == y).float().mean().item(), "nll": F.cross_entropy(logits, y).item()}
+
+
+class Recovery:
+    """Divergence recovery: snapshots of the healthy run and a ladder of escalating actions.
+
+    Every ``snapshot_every`` healthy iterations, model, optimiser and replay buffer are copied in memory (the last
+    ``snapshots_kept``). At a divergence the step is dropped and the run goes back to the newest snapshot; a
+    snapshot is used once, so a divergence soon after a rollback (within 2·snapshot_every healthy iterations) goes
+    further back and climbs one rung of the ladder, while a divergence after a healthy stretch starts again at rung 1:
+
+      1. restore, re-seed the random number generators, lr ×0.5 (the lr doubles back after each healthy stretch)
+      2. + restart 10% of the replay buffer from the initial distribution
+      3. + raise the energy penalty λ·(E(data)² + E(samples)²) to max(0.1, 2λ) (JEM issues #4/#8: "energy L2 ≈ 0.1")
+      4. + halve the sampler's step size
+
+    Past rung 4, with no snapshot left, or after ``max_rollbacks`` recoveries, the run stops with TrainingDiverged.
+    Each action is returned as a ``recovery`` record (metrics.jsonl) with a one-line message (the screen).
+    """
+
+    RUNGS = 4
+    REFRESH = 0.1
+
+    def __init__(self, trainer: Trainer):
+        self.t = trainer
+        cfg = trainer.cfg
+        self.snapshots: list[dict] = []
+        self.count = 0  # recoveries so far
+        self.level = 0  # rung of the last recovery
+        self.healthy = 0  # healthy iterations since the last recovery
+        self.lr_scale = 1.0
+        self.energy_reg = cfg.energy_reg
+        self.sampler_scale = 1.0
+        self.base_step = getattr(trainer.sampler.update, "step_size", None)
+
+    @property
+    def weights(self) -> Weights:
+        return replace(Weights.from_config(self.t.cfg), energy_reg=self.energy_reg)
+
+    def take_snapshot(self) -> None:
+        t = self.t
+        self.snapshots.append({"model": {k: v.detach().clone() for k, v in t.jem.f.state_dict().items()},
+                               "optimizer": copy.deepcopy(t.opt.state_dict()), "buffer": t.buffer.data.clone(),
+                               "step": t.step})
+        self.snapshots = self.snapshots[-t.cfg.snapshots_kept:]
+
+    def healthy_step(self) -> list[dict]:
+        """Called after every applied step: snapshots, and the lr creeping back after a healthy stretch."""
+        t, cfg, events = self.t, self.t.cfg, []
+        self.healthy += 1
+        if t.step % cfg.snapshot_every == 0:
+            self.take_snapshot()
+        if self.lr_scale < 1.0 and self.healthy % cfg.snapshot_every == 0:
+            self.lr_scale = min(1.0, 2 * self.lr_scale)
+            events.append({"kind": "recovery", "step": t.step, "action": "lr", "lr_scale": self.lr_scale,
+                           "message": f"recovery: {cfg.snapshot_every} healthy iterations, lr back to ×{self.lr_scale:g}"})
+        return events
+
+    def recover(self, values: dict) -> list[dict]:
+        t, cfg = self.t, self.t.cfg
+        soon = self.count > 0 and self.healthy < 2 * cfg.snapshot_every
+        level = self.level + 1 if soon else 1
+        gap = values.get("energy_gap", float("nan"))
+        if self.count >= cfg.max_rollbacks or level > self.RUNGS or not self.snapshots:
+            why = ("no earlier snapshot is left" if not self.snapshots else
+                   f"{self.count} recoveries (--max-rollbacks {cfg.max_rollbacks})" if self.count >= cfg.max_rollbacks
+                   else f"{self.RUNGS} recoveries in quick succession")
+            where = t.run.checkpoint if t.run.checkpoint.exists() else "none written yet"
+            raise TrainingDiverged(
+                f"training diverged at iteration {t.step} and cannot recover ({why}): non-finite loss or |energy gap| > "
+                f"{cfg.max_energy_gap:g} (gap {gap:.4g}, loss {values['loss']:.4g}). Last checkpoint: {where}; try "
+                f"--energy-reg 0.1, a lower --lr, more --warmup-iters or a smaller --sgld-lr.")
+        failed_at = t.step
+        snap = self.snapshots.pop()  # used once: a state that led to divergence is never restored again
+        t.jem.f.load_state_dict(snap["model"])
+        t.opt.load_state_dict(snap["optimizer"])
+        t.buffer.data = snap["buffer"].clone()
+        t.step = snap["step"]
+        self.count += 1
+        self.level = level
+        self.healthy = 0
+        torch.manual_seed(cfg.seed + 1_000_003 * self.count)  # a new trajectory from the restored state
+        self.lr_scale *= 0.5
+        actions = [f"rolled back to iteration {t.step}", "re-seeded", f"lr ×{self.lr_scale:g}"]
+        if level >= 2:
+            n = t.buffer.refresh(self.REFRESH)
+            actions.append(f"restarted {n} buffer chains from the initial distribution")
+        if level >= 3:
+            self.energy_reg = max(0.1, 2 * self.energy_reg)
+            actions.append(f"energy penalty {self.energy_reg:g}")
+        if level >= 4 and self.base_step is not None:
+            self.sampler_scale *= 0.5
+            self.apply_sampler_scale()
+            actions.append(f"sampler step ×{self.sampler_scale:g}")
+        t.sched.last_epoch = t.step - 1
+        t.sched.step()  # the lr of the restored step with the new scale
+        return [{"kind": "rollback", "step": t.step, "diverged_at": failed_at, "rung": level, "energy_gap": gap,
+                 "loss": values["loss"], "lr_scale": self.lr_scale, "energy_reg": self.energy_reg,
+                 "sampler_scale": self.sampler_scale,
+                 "message": f"divergence at iteration {failed_at} (gap {gap:.4g}); rung {level}: " + ", ".join(actions)}]
+
+    def apply_sampler_scale(self) -> None:
+        if self.base_step is not None:
+            self.t.sampler.update.step_size = self.base_step * self.sampler_scale
+
+    def state_dict(self) -> dict:
+        return {"count": self.count, "level": self.level, "healthy": self.healthy, "lr_scale": self.lr_scale,
+                "energy_reg": self.energy_reg, "sampler_scale": self.sampler_scale}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count, self.level, self.healthy = int(state["count"]), int(state["level"]), int(state["healthy"])
+        self.lr_scale, self.energy_reg = float(state["lr_scale"]), float(state["energy_reg"])
+        self.sampler_scale = float(state["sampler_scale"])
+        self.apply_sampler_scale()
 
 
 class Trainer:
@@ -79,89 +193,92 @@ class Trainer:
         # --- model, sampler, optimiser ---
         self.jem = build_jem(cfg, data.shape[0], data.num_classes).to(dev)
         self.uses_samples = cfg.uses_samples
-        self.weights = Weights.from_config(cfg)
         self.sampler = build_sampler(cfg, data.shape, data.num_classes, dev, (data.x_train, data.y_train))
         self.opt = build_optimizer(cfg, self.jem.parameters())
+        self.sam = SAM(self.opt, cfg.sam_rho, cfg.sam_adaptive) if cfg.sam_rho > 0 else None
         self.schedule = lr_factor(cfg, self.iters_per_epoch, self.total_iters)
-        self.lr_scale = 1.0  # halved at every rollback
+        self.recovery = Recovery(self)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self.lr_factor)
         self.step = 0
         self.best_val = -1.0
         self.train_seconds = 0.0
-        self.rollbacks = 0
-        self.snapshot: Optional[dict] = None
-        self.events: list[dict] = []  # rollbacks, written to metrics.jsonl
+        self.events: list[dict] = []  # recovery records, written to metrics.jsonl
+        self.injected: set[int] = set()  # --inject-divergence steps already used
 
     @property
     def buffer(self) -> ReplayBuffer:
         return self.sampler.buffer
 
+    @property
+    def rollbacks(self) -> int:
+        return self.recovery.count
+
+    @property
+    def lr_scale(self) -> float:
+        return self.recovery.lr_scale
+
     def lr_factor(self, step: int) -> float:
-        return self.lr_scale * self.schedule(step)
+        return self.recovery.lr_scale * self.schedule(step)
 
     # ---------------------------------------------------------------------------------------------------------
+    def batches(self) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """This step's labelled batch (augmented) and, when it differs from it, the p(x) batch."""
+        cfg = self.cfg
+        x_u8, y = self.labeled.batch(self.step)
+        x = augment(to_float(x_u8), self.pad, self.flip, cfg.data_noise)
+        if not self.uses_samples or (self.unlabeled is None and cfg.px_augment):
+            return x, y, None
+        px_u8 = self.unlabeled.batch(self.step)[0] if self.unlabeled is not None else x_u8
+        if cfg.px_augment:
+            return x, y, augment(to_float(px_u8), self.pad, self.flip, cfg.data_noise)
+        return x, y, augment(to_float(px_u8), 0, False, cfg.data_noise)  # SADA-JEM: p(x) on un-augmented images
+
     def train_step(self) -> dict:
         """One iteration of Algorithm 1. Returns the step's statistics as Python floats (one host sync)."""
         cfg = self.cfg
         self.jem.train()
-        x_u8, y = self.labeled.batch(self.step)
-        x = augment(to_float(x_u8), self.pad, self.flip, cfg.data_noise)
-        x_px = samples = samples_y = None
-        if self.uses_samples:
-            if self.unlabeled is not None:
-                x_px = augment(to_float(self.unlabeled.batch(self.step)[0]), self.pad, self.flip, cfg.data_noise)
-            if cfg.p_x_weight > 0:
-                samples = self.sampler.sample(self.jem, len(x))  # x̂ ~ p(x)
-            if cfg.p_x_y_weight > 0:
-                samples_y = self.sampler.sample(self.jem, len(x), y=y)  # x̂_y ~ p(x|y)
-        loss, stats = jem_loss(self.jem, x, y, weights=self.weights, x_px=x_px, samples=samples, samples_y=samples_y)
+        x, y, x_px = self.batches()
+        samples = samples_y = None
+        if cfg.p_x_weight > 0:
+            samples = self.sampler.sample(self.jem, len(x))  # x̂ ~ p(x)
+        if cfg.p_x_y_weight > 0:
+            samples_y = self.sampler.sample(self.jem, len(x), y=y)  # x̂_y ~ p(x|y)
 
+        def loss_fn() -> tuple[torch.Tensor, dict]:
+            return jem_loss(self.jem, x, y, weights=self.recovery.weights, x_px=x_px, samples=samples,
+                            samples_y=samples_y, separate=cfg.separate_forward)
+
+        loss, stats = loss_fn()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         max_norm = cfg.clip_grad if cfg.clip_grad > 0 else float("inf")
         stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.jem.parameters(), max_norm)
+        if self.uses_samples and self.sampler.grad_norm is not None:
+            stats["sgld_grad_norm"] = self.sampler.grad_norm
         names = list(stats)
         values = dict(zip(names, torch.stack([stats[k].detach().float() for k in names]).tolist()))
+        if self.step in cfg.inject_divergence and self.step not in self.injected:  # fault injection (tests)
+            self.injected.add(self.step)
+            values["energy_gap"] = float("inf")
 
         healthy = all(math.isfinite(v) for v in values.values()) and abs(values.get("energy_gap", 0.0)) <= cfg.max_energy_gap
         if not healthy:
-            self.roll_back(values)
+            self.opt.zero_grad(set_to_none=True)
+            self.events += self.recovery.recover(values)
             values["rollback"] = 1.0
             return values
-        self.opt.step()
+        if self.sam is not None:  # SAM: the gradient at the sharpest nearby weights, same batches and samples
+            self.sam.first_step()
+            with running_stats_frozen(self.jem):
+                loss_fn()[0].backward()
+            torch.nn.utils.clip_grad_norm_(self.jem.parameters(), max_norm)
+            self.sam.second_step()
+        else:
+            self.opt.step()
         self.sched.step()
         self.step += 1
-        if self.step % cfg.snapshot_every == 0:
-            self.take_snapshot()
+        self.events += self.recovery.healthy_step()
         return values
-
-    def take_snapshot(self) -> None:
-        self.snapshot = {"model": {k: v.detach().clone() for k, v in self.jem.f.state_dict().items()},
-                         "optimizer": copy.deepcopy(self.opt.state_dict()), "buffer": self.buffer.data.clone(),
-                         "step": self.step}
-
-    def roll_back(self, values: dict) -> None:
-        """Divergence: restore model, optimiser and replay buffer from the last snapshot and halve the lr — or give up.
-
-        (Restarting the buffer from noise instead would itself look like divergence: a trained model gives noise a
-        far higher energy than data, so the next gap would be huge.)"""
-        self.opt.zero_grad(set_to_none=True)
-        if self.rollbacks >= self.cfg.max_rollbacks or self.snapshot is None:
-            raise TrainingDiverged(
-                f"training diverged at iteration {self.step} after {self.rollbacks} rollbacks: non-finite loss or "
-                f"|energy gap| > {self.cfg.max_energy_gap:g} (gap {values.get('energy_gap', float('nan')):.4g}, "
-                f"loss {values['loss']:.4g}). Last checkpoint: {self.run.checkpoint}; try a lower --lr, more "
-                f"--warmup-iters or a smaller --sgld-lr.")
-        self.rollbacks += 1
-        self.lr_scale *= 0.5
-        self.jem.f.load_state_dict(self.snapshot["model"])
-        self.opt.load_state_dict(self.snapshot["optimizer"])
-        self.step = self.snapshot["step"]
-        self.sched.last_epoch = self.step - 1
-        self.sched.step()  # recompute the lr for the restored step with the new scale
-        self.buffer.data = self.snapshot["buffer"].clone()
-        self.events.append({"kind": "rollback", "step": self.step, "lr_scale": self.lr_scale,
-                            "energy_gap": values.get("energy_gap"), "loss": values["loss"]})
 
     # ---------------------------------------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -174,15 +291,15 @@ class Trainer:
         bar = tqdm(total=self.total_iters, initial=self.step, disable=not cfg.progress, dynamic_ncols=True,
                    desc=f"jem {cfg.run_name}", unit="it")
         t_last = time.perf_counter()
-        self.take_snapshot()
+        self.recovery.take_snapshot()
         try:
             while self.step < self.total_iters:
                 values = self.train_step()
+                for ev in self.events:
+                    log.write(ev)
+                    bar.write(ev["message"])
+                self.events.clear()
                 if values.get("rollback"):
-                    for ev in self.events:
-                        log.write(ev)
-                        bar.write(f"divergence: rolled back to iteration {ev['step']}, lr ×{ev['lr_scale']:g}")
-                    self.events.clear()
                     window.clear()
                     bar.n = self.step
                     continue
@@ -206,6 +323,8 @@ class Trainer:
                     window.clear()
                 if epoch_done and ((self.step // self.iters_per_epoch) % cfg.eval_every == 0 or last):
                     self.validate(log)
+                if epoch_done or last:
+                    training_curves(log.records(), self.run / CURVES)
                 if self.uses_samples and (self.step % sample_every == 0 or last):
                     self.write_samples()
                 if (epoch_done and (self.step // self.iters_per_epoch) % cfg.ckpt_every == 0) or last:
@@ -251,6 +370,7 @@ class Trainer:
             "iterations": self.step,
             "epochs": self.step / self.iters_per_epoch,
             "rollbacks": self.rollbacks,
+            "recipe": self.cfg.recipe,
             "dataset": self.cfg.dataset,
             "model": self.cfg.model,
             "num_params": sum(p.numel() for p in self.jem.parameters()),
@@ -278,8 +398,8 @@ class Trainer:
             "step": self.step,
             "best_val": self.best_val,
             "train_seconds": self.train_seconds,
-            "rollbacks": self.rollbacks,
-            "lr_scale": self.lr_scale,
+            "recovery": self.recovery.state_dict(),
+            "injected": sorted(self.injected),
             "config": self.cfg.to_dict(),
             "dataset": {"name": self.data.name, "shape": list(self.data.shape), "classes": self.data.classes},
         }
@@ -297,8 +417,8 @@ class Trainer:
             self.step = int(state["step"])
             self.best_val = float(state["best_val"])
             self.train_seconds = float(state["train_seconds"])
-            self.rollbacks = int(state["rollbacks"])
-            self.lr_scale = float(state["lr_scale"])
+            self.recovery.load_state_dict(state["recovery"])
+            self.injected = set(int(i) for i in state.get("injected", []))
         except (KeyError, RuntimeError, ValueError) as e:
             raise CheckpointError(f"checkpoint does not match this run's model/config: {str(e).splitlines()[0]}") from None
 

@@ -94,25 +94,47 @@ def test_checkpoint_refuses_arbitrary_objects(tmp_path):
         load_safe(tmp_path / "evil.pt")
 
 
-def test_divergence_rolls_back_then_stops(tmp_path):
+def test_divergence_climbs_the_recovery_ladder_then_stops(tmp_path):
     from jemtorch.train import TrainingDiverged
 
-    t = Trainer(cfg(tmp_path, epochs=1, max_rollbacks=2, snapshot_every=3))
-    t.take_snapshot()
-    for _ in range(4):
+    t = Trainer(cfg(tmp_path, epochs=1, snapshot_every=3, snapshots_kept=5, energy_reg=0.0))
+    t.recovery.take_snapshot()
+    for _ in range(9):
         t.train_step()
-    assert t.snapshot["step"] == 3
-    snap = {k: v.clone() for k, v in t.snapshot["model"].items()}
-    snap_buffer = t.snapshot["buffer"].clone()
+    assert [s["step"] for s in t.recovery.snapshots] == [0, 3, 6, 9]
+    snap = t.recovery.snapshots[-1]
+    snap_model = {k: v.clone() for k, v in snap["model"].items()}
+    snap_buffer = snap["buffer"].clone()
     t.cfg.max_energy_gap = 1e-9  # every step now counts as divergence
     values = t.train_step()
-    assert values["rollback"] == 1.0 and t.step == 3 and t.rollbacks == 1 and t.lr_scale == 0.5
-    assert all(torch.equal(v, snap[k]) for k, v in t.jem.f.state_dict().items())
-    assert t.opt.param_groups[0]["lr"] == pytest.approx(0.5 * 1e-3)
+    # rung 1: the newest snapshot, lr halved, nothing else touched
+    assert values["rollback"] == 1.0 and t.step == 9 and t.rollbacks == 1 and t.lr_scale == 0.5
+    assert all(torch.equal(v, snap_model[k]) for k, v in t.jem.f.state_dict().items())
     assert torch.equal(t.buffer.data, snap_buffer)
+    assert t.opt.param_groups[0]["lr"] == pytest.approx(0.5 * 1e-3)
+    # soon after: rung 2 goes one snapshot further back (the newest is never restored twice) and refreshes chains
     t.train_step()
-    with pytest.raises(TrainingDiverged, match="after 2 rollbacks"):
+    assert t.step == 6 and t.recovery.level == 2 and not torch.equal(t.buffer.data, t.recovery.snapshots[-1]["buffer"])
+    t.train_step()
+    assert t.step == 3 and t.recovery.energy_reg == 0.1  # rung 3: energy penalty
+    step_before = t.sampler.update.step_size
+    t.train_step()
+    assert t.step == 0 and t.sampler.update.step_size == 0.5 * step_before  # rung 4: smaller sampler step
+    with pytest.raises(TrainingDiverged, match="cannot recover"):
         t.train_step()
+
+
+def test_injected_divergences_recover_and_are_logged(tmp_path):
+    run = tmp_path / "r"
+    summary = train(cfg(run, epochs=3, snapshot_every=10, inject_divergence=(15, 40, 41, 90)))
+    recs = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    rollbacks = [r for r in recs if r["kind"] == "rollback"]
+    # 40 rolls back to the snapshot taken at 40; 41 follows at once, so rung 2 goes back one snapshot further (30)
+    assert [(r["diverged_at"], r["step"], r["rung"]) for r in rollbacks] == [(15, 10, 1), (40, 40, 1), (41, 30, 2),
+                                                                            (90, 90, 1)]
+    assert summary["rollbacks"] == 4 and summary["epochs"] == 3
+    assert [r["lr_scale"] for r in recs if r["kind"] == "recovery"][-1] == 1.0  # the lr came back after each
+    assert (run / "curves.png").is_file()
 
 
 def test_config_validation():

@@ -1,36 +1,44 @@
 """A small all-convolutional classifier that makes CPU JEM runs practical (digits, MNIST, CIFAR at low budget).
 
 Three stages of two 3×3 convolutions (widths w, 2w, 4w; stride-2 between stages), LeakyReLU(0.2) as in the
-official JEM code, no normalisation (batch-norm statistics would differ between data and SGLD samples), average
-pooling to a 4×4 map (keeps coarse layout: on Fashion-MNIST it learns markedly faster than global pooling) and a
-linear head. Works for any input size ≥ 4×4.
+official JEM code, average pooling to a 4×4 map (keeps coarse layout: on Fashion-MNIST it learns markedly faster
+than global pooling) and a linear head. Works for any input size ≥ 4×4.
+
+Normalisation (``norm``): none by default (the paper's choice: batch statistics would differ between data and
+samples); ``batch`` puts BatchNorm after every convolution, as the JEM++/SADA-JEM networks — train it with
+``--separate-forward`` so data and samples never share batch statistics (the jempp/sadajem recipes set it).
 """
 from __future__ import annotations
+
+from typing import Optional
 
 from torch import nn
 
 from .registry import register
+from .wrn import NORMS, make_norm
 
 
 def _act() -> nn.Module:
     return nn.LeakyReLU(0.2)
 
 
+def _conv(c_in: int, c_out: int, stride: int, norm: Optional[str]) -> list[nn.Module]:
+    plain = norm in (None, "none")
+    return [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=plain), make_norm(norm, c_out, momentum=0.1),
+            _act()]
+
+
 class SmallCNN(nn.Module):
-    def __init__(self, in_channels: int, num_classes: int, width: int = 32, dropout: float = 0.0):
+    def __init__(self, in_channels: int, num_classes: int, width: int = 32, dropout: float = 0.0,
+                 norm: Optional[str] = None):
         super().__init__()
         w = width
-        self.features = nn.Sequential(
-            nn.Conv2d(in_channels, w, 3, padding=1), _act(),
-            nn.Conv2d(w, w, 3, padding=1), _act(),
-            nn.Conv2d(w, 2 * w, 3, stride=2, padding=1), _act(),
-            nn.Conv2d(2 * w, 2 * w, 3, padding=1), _act(),
-            nn.Conv2d(2 * w, 4 * w, 3, stride=2, padding=1), _act(),
-            nn.Conv2d(4 * w, 4 * w, 3, padding=1), _act(),
-            nn.AdaptiveAvgPool2d(4),
-            nn.Flatten(),
-            nn.Dropout(dropout),
-        )
+        layers = []
+        for c_in, c_out, stride in ((in_channels, w, 1), (w, w, 1), (w, 2 * w, 2), (2 * w, 2 * w, 1),
+                                    (2 * w, 4 * w, 2), (4 * w, 4 * w, 1)):
+            layers += _conv(c_in, c_out, stride, norm)
+        self.features = nn.Sequential(*[m for m in layers if not isinstance(m, nn.Identity)],
+                                      nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Dropout(dropout))
         self.head = nn.Linear(4 * w * 16, num_classes)
 
     def forward(self, x):
@@ -39,7 +47,7 @@ class SmallCNN(nn.Module):
 
 @register("cnn")
 def _cnn(spec: str, *, in_channels: int, num_classes: int, dropout: float = 0.0, norm=None, **_) -> nn.Module:
-    if norm not in (None, "none"):
-        raise ValueError("the small cnn has no normalisation option; use a wrn model for --norm")
+    if norm not in NORMS:
+        raise ValueError(f"unknown norm {norm!r}; choose from none, batch, instance, layer")
     width = int(spec) if spec else 32
-    return SmallCNN(in_channels, num_classes, width=width, dropout=dropout)
+    return SmallCNN(in_channels, num_classes, width=width, dropout=dropout, norm=norm)

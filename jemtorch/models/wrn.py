@@ -15,11 +15,12 @@ from .registry import register
 NORMS = (None, "none", "batch", "instance", "layer")
 
 
-def make_norm(kind: Optional[str], channels: int) -> nn.Module:
+def make_norm(kind: Optional[str], channels: int, momentum: float = 0.9) -> nn.Module:
+    """``momentum=0.9`` is the official JEM wideresnet.py value (PyTorch convention: the new batch weighs 0.9)."""
     if kind in (None, "none"):
         return nn.Identity()
     if kind == "batch":
-        return nn.BatchNorm2d(channels, momentum=0.9)
+        return nn.BatchNorm2d(channels, momentum=momentum)
     if kind == "instance":
         return nn.InstanceNorm2d(channels, affine=True)
     if kind == "layer":
