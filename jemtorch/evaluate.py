@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .data import DATASETS, DatasetError, load_dataset, to_float, to_uint8
+from .data import DATASETS, DatasetError, load_dataset, to_float, to_uint8, training_splits
 from .energy import JEM, eval_mode, in_batches
 from .figures import histogram_figure, reliability_figure, save_grid
-from .metrics import calibration_bins, expected_calibration_error, frechet_distance, ood_metrics
+from .metrics import calibration_bins, expected_calibration_error, fit_temperature, frechet_distance, ood_metrics
 from .report import Report
 from .robustness import add_robustness_section
 from .run import EVAL_DIR, LoadedRun, load_run, load_runs
@@ -203,6 +203,15 @@ def evaluate_run(run: LoadedRun, opts: EvalOptions, reference: Optional[LoadedRu
     nll = F.cross_entropy(logits, data.y_test).item()
     bins = calibration_bins(probs, data.y_test, opts.bins)
     ece = expected_calibration_error(probs, data.y_test, opts.bins)
+    # temperature scaling fitted on the run's own validation split (the images jem train held out)
+    val = training_splits(data, run.cfg.n_valid, run.cfg.seed, "cpu")
+    temperature = ece_ts = bins_ts = None
+    if len(val.y_val) > 0:
+        val_logits = in_batches(lambda xb: run.jem.logits(to_float(xb)).cpu(), val.x_val, 500, run.device)
+        temperature = fit_temperature(val_logits, val.y_val)
+        probs_ts = (logits / temperature).softmax(1)
+        ece_ts = expected_calibration_error(probs_ts, data.y_test, opts.bins)
+        bins_ts = calibration_bins(probs_ts, data.y_test, opts.bins)
 
     # OOD detection
     root = opts.ood_root or opts.data_root or run.cfg.data_root
@@ -261,9 +270,13 @@ def evaluate_run(run: LoadedRun, opts: EvalOptions, reference: Optional[LoadedRu
         "test_accuracy": acc,
         "test_nll": nll,
         "ece": ece,
+        "ece_ts": ece_ts,
+        "temperature": temperature,
         "ece_bins": opts.bins,
-        "ece_binning": f"{opts.bins} equal-width confidence bins over [0, 1], L1 (torchmetrics)",
+        "ece_binning": f"{opts.bins} equal-width confidence bins over [0, 1], L1 (torchmetrics); ece_ts: after "
+                       f"temperature scaling fitted (NLL, LBFGS) on the run's {len(val.y_val)} validation images",
         "calibration": bins,
+        "calibration_ts": bins_ts,
         "ood": ood,
         "ood_protocol": f"{n} in-distribution test images vs {n} images per OOD set; in-distribution is the positive "
                         f"class; scores: logp = LogSumExp f(x), maxprob = max_y p(y|x), gradnorm = -||d logp/dx||_2",
@@ -329,8 +342,8 @@ def build_report(results: list[dict], figs: dict) -> Report:
     rep.table(["run", "dataset", "model", "p(x) weight"],
               [[r["name"], r["dataset"], r["model"], r["p_x_weight"]] for r in results])
     rep.h2("Classification and calibration")
-    rep.table(["run", "test accuracy", "test NLL", f"ECE ({results[0]['ece_bins']} bins)"],
-              [[r["name"], r["test_accuracy"], r["test_nll"], r["ece"]] for r in results])
+    rep.table(["run", "test accuracy", "test NLL", f"ECE ({results[0]['ece_bins']} bins)", "ECE after TS", "temperature"],
+              [[r["name"], r["test_accuracy"], r["test_nll"], r["ece"], r["ece_ts"], r["temperature"]] for r in results])
     rep.p(f"ECE: {results[0]['ece_binning']}.")
     rep.img(figs["reliability"], "Reliability diagrams (bar labels: images per bin)")
     rep.h2("Out-of-distribution detection")

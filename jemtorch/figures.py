@@ -61,27 +61,37 @@ def _save(fig, path: Path, dpi: int = 110) -> Path:
 
 
 def reliability_figure(results: Sequence[dict], path: Path) -> Path:
-    """Confidence vs accuracy per bin, one panel per run, bin counts printed above the bars."""
+    """Confidence vs accuracy per bin, one column per run, bin counts printed above the bars; a second row after
+    temperature scaling where the results have it (``calibration_ts``)."""
     plt = plt_module()
-    fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 4.2), squeeze=False)
-    for ax, r in zip(axes[0], results):
-        cal = r["calibration"]
-        edges = np.array(cal["edges"])
-        width = edges[1] - edges[0]
-        centers = edges[:-1] + width / 2
-        counts = np.array(cal["count"])
-        acc = np.where(counts > 0, cal["accuracy"], 0)
-        ax.bar(centers, acc, width=width * 0.95, color="#4C72B0", edgecolor="k", label="accuracy")
-        gap_bottom = np.minimum(acc, centers)
-        ax.bar(centers, np.abs(centers - acc) * (counts > 0), bottom=gap_bottom, width=width * 0.95, color="#DD8452",
-               alpha=0.5, label="gap to confidence")
-        ax.plot([0, 1], [0, 1], "k--", lw=1)
-        for x, a, c in zip(centers, acc, counts):
-            if c > 0:
-                ax.text(x, min(a, 0.93) + 0.02, str(c), ha="center", fontsize=6, rotation=90)
-        ax.set(xlim=(0, 1), ylim=(0, 1.05), xlabel="confidence", ylabel="accuracy",
-               title=f"{r['name']}\nECE = {100 * r['ece']:.2f}% ({cal['n_bins']} bins)")
-        ax.legend(loc="upper left", fontsize=7)
+    rows = [("calibration", "ece", "")]
+    if any(r.get("calibration_ts") for r in results):
+        rows.append(("calibration_ts", "ece_ts", "after temperature scaling, "))
+    fig, axes = plt.subplots(len(rows), len(results), figsize=(4.2 * len(results), 4.2 * len(rows)), squeeze=False)
+    for i, (key, ece_key, label) in enumerate(rows):
+        for ax, r in zip(axes[i], results):
+            cal = r.get(key)
+            if not cal:
+                ax.set_axis_off()
+                ax.set_title(f"{r['name']}: no validation split for temperature scaling", fontsize=8)
+                continue
+            edges = np.array(cal["edges"])
+            width = edges[1] - edges[0]
+            centers = edges[:-1] + width / 2
+            counts = np.array(cal["count"])
+            acc = np.where(counts > 0, cal["accuracy"], 0)
+            ax.bar(centers, acc, width=width * 0.95, color="#4C72B0", edgecolor="k", label="accuracy")
+            gap_bottom = np.minimum(acc, centers)
+            ax.bar(centers, np.abs(centers - acc) * (counts > 0), bottom=gap_bottom, width=width * 0.95,
+                   color="#DD8452", alpha=0.5, label="gap to confidence")
+            ax.plot([0, 1], [0, 1], "k--", lw=1)
+            for x, a, c in zip(centers, acc, counts):
+                if c > 0:
+                    ax.text(x, min(a, 0.93) + 0.02, str(c), ha="center", fontsize=6, rotation=90)
+            t = f", T = {r['temperature']:.2f}" if key == "calibration_ts" else ""
+            ax.set(xlim=(0, 1), ylim=(0, 1.05), xlabel="confidence", ylabel="accuracy",
+                   title=f"{r['name']}\n{label}ECE = {100 * r[ece_key]:.2f}% ({cal['n_bins']} bins{t})")
+            ax.legend(loc="upper left", fontsize=7)
     return _save(fig, path)
 
 

@@ -56,3 +56,19 @@ def frechet_distance(feat_a: np.ndarray, feat_b: np.ndarray) -> float:
     # tr sqrt(A B) = Σ sqrt(λ_i(A B)): A B is similar to the PSD matrix A^½ B A^½, so its eigenvalues are ≥ 0
     eig = np.linalg.eigvals(cov_a @ cov_b).real.clip(min=0)
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.sqrt(eig).sum())
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 200) -> float:
+    """Temperature scaling (Guo et al. 2017): the T > 0 minimising the NLL of softmax(logits / T) on held-out data."""
+    logits, labels = logits.detach().double(), labels.detach()
+    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=0.5, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(logits / log_t.exp(), labels)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return float(log_t.exp())

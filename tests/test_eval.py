@@ -8,7 +8,7 @@ from jemtorch import JEM, create_model
 from jemtorch.cli import main
 from jemtorch.data import DatasetError
 from jemtorch.evaluate import convert_images, make_ood_set, ood_scores
-from jemtorch.metrics import calibration_bins, expected_calibration_error, frechet_distance, ood_metrics
+from jemtorch.metrics import calibration_bins, expected_calibration_error, fit_temperature, frechet_distance, ood_metrics
 
 TINY = ["--model", "cnn-4", "--sgld-steps", "1", "--buffer-size", "100", "--epochs", "1", "--no-progress"]
 EVAL_TINY = ["--n", "60", "--sample-steps", "2", "--n-samples", "20", "--n-gen", "40", "--no-progress"]
@@ -33,6 +33,18 @@ def test_ece_of_overconfident_model_and_agreement_with_torchmetrics():
         assert calibration_bins(p, y, bins)["ece"] == pytest.approx(expected_calibration_error(p, y, bins), abs=1e-5)
     cal = calibration_bins(p, y, 15)
     assert sum(cal["count"]) == 500 and len(cal["accuracy"]) == 15
+
+
+def test_temperature_scaling_undoes_overconfidence():
+    """Labels drawn from softmax(z); logits 3z are over-confident by T = 3, which the fit must recover."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(20000, 5, generator=g) * 2
+    y = torch.multinomial(z.softmax(1), 1, generator=g).squeeze(1)
+    t = fit_temperature(3 * z, y)
+    assert t == pytest.approx(3.0, rel=0.05)
+    over = expected_calibration_error((3 * z).softmax(1), y)
+    after = expected_calibration_error((3 * z / t).softmax(1), y)
+    assert after < 0.02 < over
 
 
 def test_ood_metrics_extremes():
@@ -105,6 +117,7 @@ def test_eval_end_to_end_two_runs(trained_runs, capsys):
     summary = json.loads((jem / "summary.json").read_text())
     assert m["test_accuracy"] == pytest.approx(summary["test_accuracy"])
     assert 0 <= m["ece"] <= 1 and m["ece_bins"] == 15
+    assert 0 <= m["ece_ts"] <= 1 and m["temperature"] > 0 and m["calibration_ts"]["n_bins"] == 15
     for ood in ("interp", "uniform", "constant", "gaussian"):
         for score in ("logp", "maxprob", "gradnorm"):
             assert set(m["ood"][ood][score]) == {"auroc", "aupr", "fpr95"}
