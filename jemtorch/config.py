@@ -82,6 +82,8 @@ class TrainConfig:
     sam_adaptive: bool = _f(True, "adaptive SAM (ASAM, Kwon et al. 2021), as SADA-JEM uses for ρ ≥ 0.5")
     weight_decay: float = _f(0.0, "weight decay")
     warmup_iters: int = _f(1000, "linear learning-rate warm-up iterations (paper: 1000)")
+    schedule: str = _f("step", "learning-rate schedule after warm-up: step (×decay-rate at --decay-epochs; the papers') "
+                               "or cosine (to 0 at the last iteration)")
     decay_epochs: tuple = _f((), "epochs at which the learning rate is multiplied by --decay-rate (paper: 160 180)")
     decay_rate: float = _f(0.3, "learning-rate decay factor")
     batch_size: int = _f(64, "batch size (data and SGLD samples each; paper: 64)")
@@ -148,6 +150,7 @@ class TrainConfig:
         need(self.snapshot_every >= 1, "--snapshot-every must be >= 1")
         need(self.snapshots_kept >= 1, "--snapshots-kept must be >= 1")
         need(self.recipe in RECIPES, f"--recipe must be one of {', '.join(RECIPES)}, got {self.recipe!r}")
+        need(self.schedule in ("step", "cosine"), f"--schedule must be step or cosine, got {self.schedule!r}")
         need(self.sam_rho >= 0, f"--sam-rho must be >= 0, got {self.sam_rho}")
         need(self.max_energy_gap > 0, "--max-energy-gap must be > 0")
         need(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda") or self.device == "mps",

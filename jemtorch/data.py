@@ -400,20 +400,21 @@ def _fashion_mnist(root: Path, download_missing: bool) -> ImageData:
     return read_mnist_like(root, "FashionMNIST", "fashion-mnist", FASHION_CLASSES, download_missing)
 
 
-_CIFAR_PRESET = {"decay_epochs": (160, 180)}  # the official JEM schedule (wgrathwohl/JEM train_wrn_ebm.py)
+# the official JEM schedule (wgrathwohl/JEM train_wrn_ebm.py); jempp/sadajem bring their own
+_CIFAR_PRESETS = {"jem": {"decay_epochs": (160, 180)}}
 
 
-@register_dataset("cifar10", pad=4, flip=True, preset=_CIFAR_PRESET)
+@register_dataset("cifar10", pad=4, flip=True, recipe_presets=_CIFAR_PRESETS)
 def _cifar10(root: Path, download_missing: bool) -> ImageData:
     return read_cifar(root, "cifar10", download_missing)
 
 
-@register_dataset("cifar100", pad=4, flip=True, preset=_CIFAR_PRESET)
+@register_dataset("cifar100", pad=4, flip=True, recipe_presets=_CIFAR_PRESETS)
 def _cifar100(root: Path, download_missing: bool) -> ImageData:
     return read_cifar(root, "cifar100", download_missing)
 
 
-@register_dataset("svhn", pad=4, flip=False, preset=_CIFAR_PRESET)
+@register_dataset("svhn", pad=4, flip=False, recipe_presets=_CIFAR_PRESETS)
 def _svhn(root: Path, download_missing: bool) -> ImageData:
     return read_svhn(root, download_missing)
 

@@ -1,6 +1,7 @@
 """Optimisers and the learning-rate schedule of a run."""
 from __future__ import annotations
 
+import math
 from typing import Callable, Iterable
 
 import torch
@@ -14,11 +15,16 @@ def build_optimizer(cfg, params: Iterable[torch.nn.Parameter]) -> torch.optim.Op
 
 
 def lr_factor(cfg, iters_per_epoch: int, total_iters: int) -> Callable[[int], float]:
-    """Multiplier of ``cfg.lr`` at a step: linear warm-up over ``warmup_iters``, then ×``decay_rate`` at each of
-    ``decay_epochs`` (the official JEM schedule)."""
+    """Multiplier of ``cfg.lr`` at a step: linear warm-up over ``warmup_iters``, then either ×``decay_rate`` at each
+    of ``decay_epochs`` (``schedule=step``, the official JEM/JEM++/SADA-JEM schedule) or a cosine decay to 0 over the
+    remaining iterations (``schedule=cosine``: short runs end at a low lr without hand-placed decay epochs)."""
 
     def factor(step: int) -> float:
         warm = min(1.0, (step + 1) / cfg.warmup_iters) if cfg.warmup_iters > 0 else 1.0
+        if cfg.schedule == "cosine":
+            span = max(1, total_iters - cfg.warmup_iters)
+            progress = min(1.0, max(0, step - cfg.warmup_iters) / span)
+            return warm * 0.5 * (1 + math.cos(math.pi * progress))
         epoch = step // iters_per_epoch
         return warm * cfg.decay_rate ** sum(epoch >= e for e in cfg.decay_epochs)
 

@@ -84,3 +84,73 @@ def test_sgld_clamp_keeps_chains_in_the_image_range():
         jem_like.f.weight.fill_(10.0)
     x = JEMSampler(buf, step_size=1.0, noise=0.01, n_steps=3, clamp=True).sample(jem_like, 10)
     assert x.abs().max() <= 1
+
+
+def test_gaussians_fit_recovers_class_statistics():
+    from jemtorch.sampler import Gaussians
+
+    g = torch.Generator().manual_seed(0)
+    means = torch.tensor([[-0.5, 0.2], [0.4, -0.3]])
+    y = torch.arange(2).repeat_interleave(4000)
+    x = (means[y] + 0.1 * torch.randn(8000, 2, generator=g)).view(8000, 2, 1, 1)
+    gm = Gaussians.fit(x, y, num_classes=2)
+    torch.testing.assert_close(gm.mean, means, atol=0.01, rtol=0)
+    draws = gm.sample(4000, torch.ones(4000, dtype=torch.long))
+    assert draws.shape == (4000, 2, 1, 1)
+    torch.testing.assert_close(draws.flatten(1).mean(0), means[1], atol=0.01, rtol=0)
+    assert abs(draws.flatten(1).std(0).mean().item() - 0.1) < 0.01  # 0.1² + 1e-4 jitter
+    single = Gaussians.fit(x, None, num_classes=2)
+    assert single.num_classes == 1 and single.sample(5).shape == (5, 2, 1, 1)
+
+
+def test_gaussians_block_average_large_images():
+    from jemtorch.sampler import Gaussians
+
+    x = torch.rand(50, 1, 64, 64) * 2 - 1
+    gm = Gaussians.fit(x, None, num_classes=1, max_side=32)
+    assert gm.block == 2 and gm.chol.shape == (1, 1024, 1024)
+    s = gm.sample(3)
+    assert s.shape == (3, 1, 64, 64) and s.abs().max() <= 1
+    torch.testing.assert_close(s[:, :, ::2, ::2], s[:, :, 1::2, 1::2])  # upsampled by repetition
+
+
+def test_buffer_starts_with_equal_class_slices_from_the_class_gaussians():
+    from jemtorch.sampler import Gaussians
+
+    gm = Gaussians(torch.tensor([[-0.9], [0.9]]), torch.full((2, 1, 1), 1e-3), (1, 1, 1))
+    buf = ReplayBuffer(10, (1, 1, 1), num_classes=2, reinit_freq=1.0, class_conditional=True, init=gm)
+    assert (buf.data[:5] < 0).all() and (buf.data[5:] > 0).all()
+    x0, idx = buf.sample(6, torch.tensor([1, 1, 1, 0, 0, 0]))  # reinit draws from the slot's own class
+    assert (x0[:3] > 0).all() and (x0[3:] < 0).all()
+    buf.data.fill_(0.0)
+    assert buf.refresh(0.5) == 5 and (buf.data != 0).sum() == 5
+
+
+def test_clamped_update_is_sadajem_step():
+    from jemtorch.sampler import ClampedGradient
+
+    x0 = torch.tensor([[0.0, 0.5]])
+    # log density 3·x0 − 0.1·x1: gradient (3, −0.1) is clipped to (1, −0.1); the result is clipped to [−1, 1]
+    x = ClampedGradient(step_size=1.0).run(None, lambda x: (x * torch.tensor([3.0, -0.1])).sum(1), x0, n_steps=2)
+    torch.testing.assert_close(x, torch.tensor([[1.0, 0.3]]))
+
+
+def test_pyld_raises_log_px_and_stays_in_range():
+    from jemtorch.sampler import PYLD, first_layer
+
+    torch.manual_seed(0)
+    jem = JEM(create_model("cnn-4", in_channels=1, num_classes=3))
+    assert isinstance(first_layer(jem), torch.nn.Conv2d)
+    x0 = torch.rand(16, 1, 8, 8) * 2 - 1
+    x = PYLD(step_size=0.1, inner_steps=3, inner_lr=0.05).run(jem, jem.log_px, x0, n_steps=4)
+    assert x.abs().max() <= 1 and jem.log_px(x).mean() > jem.log_px(x0).mean()
+    assert not any(p.grad is not None for p in jem.parameters())
+
+
+def test_train_mode_sampling_leaves_batchnorm_statistics_alone():
+    jem = JEM(create_model("cnn-4", in_channels=1, num_classes=3, norm="batch"))
+    before = {k: v.clone() for k, v in jem.state_dict().items()}
+    sampler = JEMSampler(ReplayBuffer(20, (1, 8, 8), num_classes=3), n_steps=2, model_mode="train")
+    sampler.sample(jem, 8)
+    assert all(torch.equal(v, before[k]) for k, v in jem.state_dict().items() if "num_batches" not in k)
+    assert sampler.grad_norm is not None and sampler.grad_norm > 0

@@ -168,3 +168,41 @@ def test_energy_regulariser_adds_squared_energies():
     with torch.no_grad():
         expected = 0.5 * (jem.energy(x).pow(2).mean() + jem.energy(x_q).pow(2).mean())
     assert (l1 - l0).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_recipes_set_official_values_and_flags_still_win():
+    from jemtorch import make_config
+
+    s = make_config(dataset="cifar10", recipe="sadajem")
+    assert (s.sgld_update, s.sgld_steps, s.sgld_init, s.sample_mode, s.sam_rho, s.px_augment, s.optimizer, s.lr,
+            s.weight_decay, s.decay_epochs) == ("clamped", 5, "gmm", "train", 2.0, False, "sgd", 0.1, 5e-4, (60, 120, 180))
+    j = make_config(dataset="cifar10", recipe="jempp", pyld_lr=0.1)
+    assert (j.sgld_update, j.pyld_inner_steps, j.pyld_lr, j.weight_decay, j.norm) == ("pyld", 5, 0.1, 4e-4, "batch")
+    assert make_config(dataset="cifar10").recipe == "jem"
+    with pytest.raises(ValueError, match="--recipe must be one of"):
+        make_config(recipe="jem3")
+
+
+def test_sam_moves_to_the_sharp_point_and_back():
+    from jemtorch.optim import SAM
+
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    base = torch.optim.SGD([w], lr=0.1)
+    sam = SAM(base, rho=0.5, adaptive=False)
+    (w ** 2).sum().backward()  # grad (2, −4)
+    sam.first_step()
+    g = torch.tensor([2.0, -4.0])
+    torch.testing.assert_close(w.detach(), torch.tensor([1.0, -2.0]) + 0.5 * g / g.norm())
+    (w ** 2).sum().backward()
+    w_sharp_grad = w.grad.clone()
+    sam.second_step()
+    torch.testing.assert_close(w.detach(), torch.tensor([1.0, -2.0]) - 0.1 * w_sharp_grad)
+
+
+@pytest.mark.parametrize("recipe", ["jempp", "sadajem"])
+def test_modern_recipes_train(tmp_path, recipe):
+    t = Trainer(cfg(tmp_path, recipe=recipe, epochs=1, lr=0.01, warmup_iters=5, norm="batch", separate_forward=True,
+                    sample_mode="train", sgld_init="gmm", sgld_steps=2))
+    for _ in range(4):
+        values = t.train_step()
+    assert t.step == 4 and all(v == v for v in values.values()) and values["sgld_grad_norm"] > 0
