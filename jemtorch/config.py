@@ -87,6 +87,8 @@ class TrainConfig:
     decay_epochs: tuple = _f((), "epochs at which the learning rate is multiplied by --decay-rate (paper: 160 180)")
     decay_rate: float = _f(0.3, "learning-rate decay factor")
     batch_size: int = _f(64, "batch size (data and SGLD samples each; paper: 64)")
+    px_batch_size: int = _f(-1, "images and chains per step in the p(x) term when smaller than --batch-size (-1: the "
+                                "batch size, as the papers); the classifier keeps the full batch")
     epochs: int = _f(200, "training epochs (paper: 200 on CIFAR-10)")
     max_iters: int = _f(-1, "stop after this many iterations (-1: run all epochs)")
     n_valid: int = _f(-1, "held-out validation examples for best-checkpoint selection (-1: 10% of train, 0: none)")
@@ -135,6 +137,8 @@ class TrainConfig:
         need(self.warmup_iters >= 0, f"--warmup-iters must be >= 0, got {self.warmup_iters}")
         need(self.decay_rate > 0, f"--decay-rate must be > 0, got {self.decay_rate}")
         need(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
+        need(self.px_batch_size == -1 or 1 <= self.px_batch_size <= self.batch_size,
+             f"--px-batch-size must be -1 or in 1..--batch-size, got {self.px_batch_size}")
         need(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
         need(min(self.p_y_given_x_weight, self.p_x_weight, self.p_x_y_weight) >= 0, "loss weights must be >= 0")
         need(self.energy_reg >= 0, f"--energy-reg must be >= 0, got {self.energy_reg}")

@@ -222,13 +222,16 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------------------------
     def batches(self) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-        """This step's labelled batch (augmented) and, when it differs from it, the p(x) batch."""
+        """This step's labelled batch (augmented) and, when it is not the labelled batch itself, the p(x) batch."""
         cfg = self.cfg
         x_u8, y = self.labeled.batch(self.step)
         x = augment(to_float(x_u8), self.pad, self.flip, cfg.data_noise)
-        if not self.uses_samples or (self.unlabeled is None and cfg.px_augment):
+        n_px = cfg.px_batch_size if cfg.px_batch_size > 0 else len(x)
+        if not self.uses_samples or (self.unlabeled is None and cfg.px_augment and n_px >= len(x)):
             return x, y, None
-        px_u8 = self.unlabeled.batch(self.step)[0] if self.unlabeled is not None else x_u8
+        if self.unlabeled is None and cfg.px_augment:
+            return x, y, x[:n_px]
+        px_u8 = (self.unlabeled.batch(self.step)[0] if self.unlabeled is not None else x_u8)[:n_px]
         if cfg.px_augment:
             return x, y, augment(to_float(px_u8), self.pad, self.flip, cfg.data_noise)
         return x, y, augment(to_float(px_u8), 0, False, cfg.data_noise)  # SADA-JEM: p(x) on un-augmented images
@@ -240,7 +243,7 @@ class Trainer:
         x, y, x_px = self.batches()
         samples = samples_y = None
         if cfg.p_x_weight > 0:
-            samples = self.sampler.sample(self.jem, len(x))  # x̂ ~ p(x)
+            samples = self.sampler.sample(self.jem, len(x_px) if x_px is not None else len(x))  # x̂ ~ p(x)
         if cfg.p_x_y_weight > 0:
             samples_y = self.sampler.sample(self.jem, len(x), y=y)  # x̂_y ~ p(x|y)
 
