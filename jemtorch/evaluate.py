@@ -252,14 +252,15 @@ def evaluate_run(run: LoadedRun, opts: EvalOptions, reference: Optional[LoadedRu
         generation["fd_ref_protocol"] = (f"Fréchet distance in the penultimate-layer features of the reference "
                                          f"classifier {reference.run_dir} (NOT FID), {n_gen} images per set vs "
                                          f"{n_gen} real test images; fresh samples: {opts.sample_steps} SGLD steps "
-                                         f"from U(-1,1)")
+                                         f"from the initial distribution ({run.cfg.sgld_init})")
     else:
         generation["fd_ref"] = {"skipped": "no reference classifier: pass --reference RUN_DIR (e.g. a --p-x-weight 0 "
                                            "run on the same dataset) or evaluate together with a baseline run"}
     generation["inception"] = inception_metrics(samples["fresh"], to_float(data.x_test[:len(samples["fresh"])]),
                                                 opts.inception_weights)
     if "skipped" not in generation["inception"]:
-        generation["inception"]["protocol"] = f"{opts.n_samples} fresh samples ({opts.sample_steps} SGLD steps from U(-1,1)) vs test images"
+        generation["inception"]["protocol"] = (f"{opts.n_samples} fresh samples ({opts.sample_steps} chain steps from "
+                                               f"the initial distribution ({run.cfg.sgld_init})) vs test images")
 
     metrics = {
         "run": str(run.run_dir),
@@ -359,7 +360,8 @@ def build_report(results: list[dict], figs: dict) -> Report:
     rep.h2("Samples")
     for r in results:
         st = r["samples"]
-        for key, caption in (("buffer", "replay buffer"), ("fresh", f"fresh chains, {st['sample_steps']} SGLD steps from U(-1,1)"),
+        fresh = f"fresh chains, {st['sample_steps']} steps from the initial distribution"
+        for key, caption in (("buffer", "replay buffer"), ("fresh", fresh),
                              ("fresh_cond", "fresh class-conditional chains, one row per class")):
             if key in st.get("files", {}):
                 rep.img(Path(st["files"][key]), f"{r['name']}: {caption}")
