@@ -25,7 +25,7 @@ import torch
 
 from .checkpoint import CheckpointError, load_safe, save_atomic
 from .config import TrainConfig
-from .data import ImageData, load_dataset
+from .data import ImageData, labeled_subset, load_dataset, training_splits
 from .energy import JEM
 from .models import create_model
 from .sampler import JEMSampler, build_sampler
@@ -57,6 +57,16 @@ def build_jem(cfg: TrainConfig, in_channels: int, num_classes: int) -> JEM:
     """The run's classifier, wrapped as a JEM (the one place a model is built from a config)."""
     return JEM(create_model(cfg.model, in_channels=in_channels, num_classes=num_classes, norm=cfg.norm,
                             dropout=cfg.dropout))
+
+
+def init_images(cfg: TrainConfig, data: ImageData) -> tuple[torch.Tensor, torch.Tensor]:
+    """The labelled images a run's initial distribution is fitted on: the whole training set, or in a
+    semi-supervised run only its labelled subset (no label of an 'unlabelled' image is ever used)."""
+    if cfg.labels_per_class <= 0:
+        return data.x_train, data.y_train
+    s = training_splits(data, cfg.n_valid, cfg.seed, "cpu")
+    lab = labeled_subset(s.y_train, cfg.labels_per_class, cfg.seed)
+    return s.x_train[lab], s.y_train[lab]
 
 
 class RunDir:
@@ -167,7 +177,7 @@ class LoadedRun:
     def sampler(self) -> JEMSampler:
         """The run's sampler as configured (initial distribution fitted on the training images when it needs them)."""
         return build_sampler(self.cfg, self.data.shape, self.data.num_classes, self.device,
-                             (self.data.x_train, self.data.y_train))
+                             init_images(self.cfg, self.data))
 
 
 def load_run(run_dir: str | Path, device: str = "auto", data_root: Optional[str] = None,

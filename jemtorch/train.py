@@ -33,7 +33,7 @@ from .energy import JEM, eval_mode, in_batches
 from .figures import buffer_grids, training_curves
 from .objective import Weights, jem_loss
 from .optim import SAM, build_optimizer, lr_factor
-from .run import CURVES, LATEST_SAMPLES, METRICS, SAMPLES_DIR, MetricsLog, RunDir, build_jem, pick_device
+from .run import CURVES, LATEST_SAMPLES, METRICS, SAMPLES_DIR, MetricsLog, RunDir, build_jem, init_images, pick_device
 from .sampler import ReplayBuffer, build_sampler, running_stats_frozen
 
 
@@ -193,7 +193,7 @@ class Trainer:
         # --- model, sampler, optimiser ---
         self.jem = build_jem(cfg, data.shape[0], data.num_classes).to(dev)
         self.uses_samples = cfg.uses_samples
-        self.sampler = build_sampler(cfg, data.shape, data.num_classes, dev, (data.x_train, data.y_train))
+        self.sampler = build_sampler(cfg, data.shape, data.num_classes, dev, init_images(cfg, data))
         self.opt = build_optimizer(cfg, self.jem.parameters())
         self.sam = SAM(self.opt, cfg.sam_rho, cfg.sam_adaptive) if cfg.sam_rho > 0 else None
         self.schedule = lr_factor(cfg, self.iters_per_epoch, self.total_iters)

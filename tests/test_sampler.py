@@ -154,3 +154,14 @@ def test_train_mode_sampling_leaves_batchnorm_statistics_alone():
     sampler.sample(jem, 8)
     assert all(torch.equal(v, before[k]) for k, v in jem.state_dict().items() if "num_batches" not in k)
     assert sampler.grad_norm is not None and sampler.grad_norm > 0
+
+
+def test_semi_supervised_init_uses_only_the_kept_labels():
+    from jemtorch import make_config
+    from jemtorch.data import load_dataset
+    from jemtorch.run import init_images
+
+    data = load_dataset("digits")
+    x, y = init_images(make_config(labels_per_class=5), data)
+    assert len(y) == 50 and torch.equal(torch.bincount(y), torch.full((10,), 5))
+    assert len(init_images(make_config(), data)[1]) == len(data.y_train)
