@@ -47,6 +47,8 @@ class TrainConfig:
     p_y_given_x_weight: float = _f(1.0, "weight of the classification term −log p(y|x)")
     p_x_weight: float = _f(1.0, "weight of the generative term −log p(x); 0 trains a plain classifier")
     p_x_y_weight: float = _f(0.0, "weight of −log p(x, y) with class-conditional samples (paper's p(x|y) factored)")
+    px_start_epoch: int = _f(0, "train the classifier alone for this many epochs before the generative terms switch "
+                                "on (0: from the start, as the papers)")
     energy_reg: float = _f(0.0, "weight λ of λ·(E(data)² + E(samples)²), an energy-magnitude regulariser "
                                 "(Du & Mordatch 2019; not in the JEM paper)")
     class_cond_buffer: bool = _f(False, "split the replay buffer by class (implied by --p-x-y-weight > 0 alone)")
@@ -141,6 +143,7 @@ class TrainConfig:
              f"--px-batch-size must be -1 or in 1..--batch-size, got {self.px_batch_size}")
         need(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
         need(min(self.p_y_given_x_weight, self.p_x_weight, self.p_x_y_weight) >= 0, "loss weights must be >= 0")
+        need(self.px_start_epoch >= 0, f"--px-start-epoch must be >= 0, got {self.px_start_epoch}")
         need(self.energy_reg >= 0, f"--energy-reg must be >= 0, got {self.energy_reg}")
         need(self.p_y_given_x_weight + self.p_x_weight + self.p_x_y_weight > 0, "at least one loss weight must be > 0")
         need(self.labels_per_class == -1 or self.labels_per_class >= 1,

@@ -236,27 +236,35 @@ class Trainer:
             return x, y, augment(to_float(px_u8), self.pad, self.flip, cfg.data_noise)
         return x, y, augment(to_float(px_u8), 0, False, cfg.data_noise)  # SADA-JEM: p(x) on un-augmented images
 
+    @property
+    def generative(self) -> bool:
+        """Do the generative terms train at this step (on, and past ``px_start_epoch``)?"""
+        return self.uses_samples and self.step >= self.cfg.px_start_epoch * self.iters_per_epoch
+
     def train_step(self) -> dict:
         """One iteration of Algorithm 1. Returns the step's statistics as Python floats (one host sync)."""
         cfg = self.cfg
         self.jem.train()
         x, y, x_px = self.batches()
+        weights = self.recovery.weights
         samples = samples_y = None
-        if cfg.p_x_weight > 0:
+        if not self.generative:  # --px-start-epoch: a classifier step
+            weights, x_px = replace(weights, px=0.0, pxy=0.0), None
+        if weights.px > 0:
             samples = self.sampler.sample(self.jem, len(x_px) if x_px is not None else len(x))  # x̂ ~ p(x)
-        if cfg.p_x_y_weight > 0:
+        if weights.pxy > 0:
             samples_y = self.sampler.sample(self.jem, len(x), y=y)  # x̂_y ~ p(x|y)
 
         def loss_fn() -> tuple[torch.Tensor, dict]:
-            return jem_loss(self.jem, x, y, weights=self.recovery.weights, x_px=x_px, samples=samples,
-                            samples_y=samples_y, separate=cfg.separate_forward)
+            return jem_loss(self.jem, x, y, weights=weights, x_px=x_px, samples=samples, samples_y=samples_y,
+                            separate=cfg.separate_forward)
 
         loss, stats = loss_fn()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         max_norm = cfg.clip_grad if cfg.clip_grad > 0 else float("inf")
         stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.jem.parameters(), max_norm)
-        if self.uses_samples and self.sampler.grad_norm is not None:
+        if samples is not None and self.sampler.grad_norm is not None:
             stats["sgld_grad_norm"] = self.sampler.grad_norm
         names = list(stats)
         values = dict(zip(names, torch.stack([stats[k].detach().float() for k in names]).tolist()))
