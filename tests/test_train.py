@@ -220,3 +220,12 @@ def test_ten_injected_divergences_cost_at_most_one_point(tmp_path):
     assert len(rollbacks) == 10 == faulty["rollbacks"] and max(r["rung"] for r in rollbacks) >= 3
     assert faulty["iterations"] == clean["iterations"]
     assert abs(faulty["test_accuracy"] - clean["test_accuracy"]) <= 0.01, (faulty["test_accuracy"], clean["test_accuracy"])
+
+
+def test_px_start_epoch_trains_the_classifier_alone_first(tmp_path):
+    t = Trainer(cfg(tmp_path, epochs=2, px_start_epoch=1))
+    before = t.buffer.data.clone()
+    values = t.train_step()
+    assert "l_px" not in values and torch.equal(t.buffer.data, before)  # no chains moved
+    t.step = t.iters_per_epoch
+    assert "l_px" in t.train_step() and not torch.equal(t.buffer.data, before)
