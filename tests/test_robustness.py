@@ -140,3 +140,17 @@ def test_blackbox_alone_keeps_pgd_results(trained_runs):
     assert main(["attack", jem, "--n", "8", "--blackbox", "pointwise", "--no-progress"]) == 0
     m = json.loads((trained_runs / "jem/robustness/metrics.json").read_text())
     assert set(m["linf"]) == {"0", f"{2 / 255:.6g}"} and "pointwise" in m["blackbox"]
+
+
+def test_threat_model_flag_and_deprecated_norm_spelling(trained_runs, capsys):
+    jem = str(trained_runs / "jem")
+    common = ["--n", "4", "--steps", "1", "--no-progress"]
+    assert main(["attack", jem, "--threat-model", "l2", "--eps", "0,0.5", *common]) == 0
+    assert "deprecated" not in capsys.readouterr().err
+    assert main(["attack", jem, "--norm", "l2", "--eps", "0,0.25", *common]) == 0
+    assert "--norm is deprecated, use --threat-model" in capsys.readouterr().err
+    m = json.loads((trained_runs / "jem/robustness/metrics.json").read_text())
+    assert set(m["l2"]) == {"0", "0.25"}
+    with pytest.raises(SystemExit) as e:  # argparse: one line, exit 2
+        main(["attack", jem, "--threat-model", "l1", *common])
+    assert e.value.code == 2 and "invalid choice: 'l1'" in capsys.readouterr().err
