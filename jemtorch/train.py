@@ -80,6 +80,7 @@ class Recovery:
         self.healthy = 0  # healthy iterations since the last recovery
         self.lr_scale = 1.0
         self.energy_reg = cfg.energy_reg
+        self.raised_energy_reg: Optional[float] = None  # set by rung 3; a resumed run keeps it over its config
         self.sampler_scale = 1.0
         self.base_step = getattr(trainer.sampler.update, "step_size", None)
 
@@ -136,7 +137,7 @@ class Recovery:
             n = t.buffer.refresh(self.REFRESH)
             actions.append(f"restarted {n} buffer chains from the initial distribution")
         if level >= 3:
-            self.energy_reg = max(0.1, 2 * self.energy_reg)
+            self.energy_reg = self.raised_energy_reg = max(0.1, 2 * self.energy_reg)
             actions.append(f"energy penalty {self.energy_reg:g}")
         if level >= 4 and self.base_step is not None:
             self.sampler_scale *= 0.5
@@ -155,12 +156,16 @@ class Recovery:
 
     def state_dict(self) -> dict:
         return {"count": self.count, "level": self.level, "healthy": self.healthy, "lr_scale": self.lr_scale,
-                "energy_reg": self.energy_reg, "sampler_scale": self.sampler_scale}
+                "raised_energy_reg": self.raised_energy_reg, "sampler_scale": self.sampler_scale}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore the ladder's state; the config's own energy penalty (which a resume may change) is kept unless
+        the ladder had raised it above that."""
         self.count, self.level, self.healthy = int(state["count"]), int(state["level"]), int(state["healthy"])
-        self.lr_scale, self.energy_reg = float(state["lr_scale"]), float(state["energy_reg"])
-        self.sampler_scale = float(state["sampler_scale"])
+        self.lr_scale, self.sampler_scale = float(state["lr_scale"]), float(state["sampler_scale"])
+        raised = state.get("raised_energy_reg")
+        self.raised_energy_reg = None if raised is None else float(raised)
+        self.energy_reg = max(self.t.cfg.energy_reg, self.raised_energy_reg or 0.0)
         self.apply_sampler_scale()
 
 
