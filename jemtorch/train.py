@@ -362,7 +362,9 @@ class Trainer:
         ev = accuracy_and_nll(self.jem, s.x_val, s.y_val)
         log.write({"kind": "eval", "step": self.step, "epoch": self.step / self.iters_per_epoch,
                    "val_accuracy": ev["accuracy"], "val_nll": ev["nll"]})
-        if ev["accuracy"] > self.best_val:
+        # a JEM's best model is chosen among JEM epochs only, never among the classifier-only epochs before
+        # --px-start-epoch
+        if ev["accuracy"] > self.best_val and (self.generative or not self.uses_samples):
             self.best_val = ev["accuracy"]
             self.run.save_best({"model": self.jem.f.state_dict(), "step": self.step, "val_accuracy": ev["accuracy"],
                                 "config": self.cfg.to_dict()})

@@ -231,3 +231,6 @@ def test_px_start_epoch_trains_the_classifier_alone_first(tmp_path):
     assert "l_px" not in values and torch.equal(t.buffer.data, before)  # no chains moved
     t.step = t.iters_per_epoch
     assert "l_px" in t.train_step() and not torch.equal(t.buffer.data, before)
+    summary = train(cfg(tmp_path / "r", epochs=2, px_start_epoch=1))
+    best = torch.load(tmp_path / "r/best.pt", weights_only=True)
+    assert best["step"] == 2 * t.iters_per_epoch and summary["epochs"] == 2  # best chosen among JEM epochs only
