@@ -31,8 +31,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="jem", description="Train and use Joint Energy-based Models.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    t = sub.add_parser("train", help="train a JEM (default: digits, small CNN)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # config flags carry their defaults in their help text (flags default to None so only given ones override)
+    t = sub.add_parser("train", help="train a JEM (default: digits, small CNN)")
     t.add_argument("--config", help="JSON or TOML file of config entries (CLI flags override it)")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
     t.add_argument("--overwrite", action="store_true", help="start afresh in a run directory that already has a run")

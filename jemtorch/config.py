@@ -250,6 +250,7 @@ def add_config_arguments(parser) -> None:
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         help_ = f"{f.metadata['help']} (default: {f.default if f.default is not dataclasses.MISSING else []})"
+        help_ = help_.replace("%", "%%")  # argparse formats help strings with %
         if f.type in ("bool", bool):
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_)
         elif f.name in ("decay_epochs", "inject_divergence"):

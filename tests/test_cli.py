@@ -63,3 +63,11 @@ def test_cli_bad_flag_type_exits_nonzero():
     r = subprocess.run([sys.executable, "-m", "jemtorch.cli", "train", "--lr", "fast"], capture_output=True, text=True,
                        env={**os.environ, "PYTHONPATH": os.getcwd()})
     assert r.returncode == 2 and "invalid float value" in r.stderr
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "attack", "distal"])
+def test_help_works_for_every_command(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([command, "-h"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "usage: jem" in out and "(default: None)" not in out
