@@ -32,7 +32,7 @@ class TrainConfig:
     data_root: str = _f("./data", "folder holding the dataset in torchvision's layout (see README)")
     download: bool = _f(False, "download a missing dataset from its official URL (md5-verified)")
     model: str = _f("wrn-28-10", "model name: cnn, cnn-<width>, wrn-<depth>-<width> (paper: wrn-28-10)")
-    norm: Optional[str] = _f(None, "normalisation in wrn models: none, batch, instance, layer (paper: none)")
+    norm: Optional[str] = _f(None, "normalisation layers (cnn and wrn models): none, batch, instance, layer (paper: none)")
     dropout: float = _f(0.0, "dropout rate in the model")
     name: Optional[str] = _f(None, "run name; the run directory defaults to runs/<name>")
     out: Optional[str] = _f(None, "run directory (default runs/<name>, name defaults to <dataset>-<model>[-baseline])")
