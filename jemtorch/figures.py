@@ -189,14 +189,24 @@ def buffer_grids(buffer: torch.Tensor, jem: JEM, num_classes: int, class_conditi
     shutil.copyfile(cond, latest[1])
 
 
+def _final_trajectory(records: Sequence[dict], kind: str) -> list[dict]:
+    """Records of one kind along the trajectory the run kept: a rollback to step s discards what was logged after s."""
+    kept: list[dict] = []
+    for r in records:
+        if r.get("kind") == "rollback":
+            kept = [k for k in kept if k["step"] <= r["step"]]
+        elif r.get("kind") == kind:
+            kept.append(r)
+    return kept
+
+
 def training_curves(records: Sequence[dict], path: Path) -> Optional[Path]:
     """Training curves from metrics.jsonl records: loss terms, energies and gap, accuracy, lr, sampler gradient norm;
     rollbacks marked as red lines. None when there is nothing to draw yet."""
-    train = [r for r in records if r.get("kind") == "train"]
+    rollbacks = [r for r in records if r.get("kind") == "rollback"]
+    train, evals = _final_trajectory(records, "train"), _final_trajectory(records, "eval")
     if not train:
         return None
-    evals = [r for r in records if r.get("kind") == "eval"]
-    rollbacks = [r for r in records if r.get("kind") == "rollback"]
     plt = plt_module()
     panels = [("loss terms", ("loss", "l_clf", "l_px", "l_pxy")), ("energies", ("e_data", "e_samples", "energy_gap")),
               ("accuracy", ("train_acc",)), ("learning rate", ("lr",)), ("sampler ‖∇x log p(x)‖", ("sgld_grad_norm",))]

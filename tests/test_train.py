@@ -234,3 +234,13 @@ def test_px_start_epoch_trains_the_classifier_alone_first(tmp_path):
     summary = train(cfg(tmp_path / "r", epochs=2, px_start_epoch=1))
     best = torch.load(tmp_path / "r/best.pt", weights_only=True)
     assert best["step"] == 2 * t.iters_per_epoch and summary["epochs"] == 2  # best chosen among JEM epochs only
+
+
+def test_training_curves_draw_the_trajectory_the_run_kept(tmp_path):
+    from jemtorch.figures import _final_trajectory, training_curves
+
+    recs = [{"kind": "train", "step": s, "loss": 1.0} for s in (20, 40, 60)]
+    recs += [{"kind": "rollback", "step": 40, "diverged_at": 65}, {"kind": "train", "step": 60, "loss": 0.5}]
+    kept = _final_trajectory(recs, "train")
+    assert [(r["step"], r["loss"]) for r in kept] == [(20, 1.0), (40, 1.0), (60, 0.5)]
+    assert training_curves(recs, tmp_path / "c.png").is_file() and training_curves([], tmp_path / "d.png") is None
