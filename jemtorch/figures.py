@@ -66,7 +66,7 @@ def reliability_figure(results: Sequence[dict], path: Path) -> Path:
     plt = plt_module()
     rows = [("calibration", "ece", "")]
     if any(r.get("calibration_ts") for r in results):
-        rows.append(("calibration_ts", "ece_ts", "after temperature scaling, "))
+        rows.append(("calibration_ts", "ece_ts", "temperature-scaled: "))
     fig, axes = plt.subplots(len(rows), len(results), figsize=(4.2 * len(results), 4.2 * len(rows)), squeeze=False)
     for i, (key, ece_key, label) in enumerate(rows):
         for ax, r in zip(axes[i], results):
@@ -89,8 +89,8 @@ def reliability_figure(results: Sequence[dict], path: Path) -> Path:
                 if c > 0:
                     ax.text(x, min(a, 0.93) + 0.02, str(c), ha="center", fontsize=6, rotation=90)
             t = f", T = {r['temperature']:.2f}" if key == "calibration_ts" else ""
-            ax.set(xlim=(0, 1), ylim=(0, 1.05), xlabel="confidence", ylabel="accuracy",
-                   title=f"{r['name']}\n{label}ECE = {100 * r[ece_key]:.2f}% ({cal['n_bins']} bins{t})")
+            ax.set(xlim=(0, 1), ylim=(0, 1.05), xlabel="confidence", ylabel="accuracy")
+            ax.set_title(f"{r['name']}\n{label}ECE = {100 * r[ece_key]:.2f}% ({cal['n_bins']} bins{t})", fontsize=9)
             ax.legend(loc="upper left", fontsize=7)
     return _save(fig, path)
 
