@@ -395,11 +395,12 @@ def _digits(root: Path, download_missing: bool) -> ImageData:
 #   the first 3 of 12 epochs train the classifier alone (--px-start-epoch): with p(x) from the start, this budget
 #     left the JEM at 76.5/80.0/77.6% validation accuracy after epochs 1-3 where the classifier alone had 82/88/89%;
 #     a classifier step costs 0.08 s, so these epochs are nearly free (12 epochs: 25 minutes);
-#   no SAM (+25% time per step) and no energy penalty: trained from scratch at lr 0.1, E(data) ran away from
-#     E(samples) to −10⁸ within 600 iterations without either (BatchNorm in eval mode while sampling diverged the same
-#     way); after the classifier-only epochs it stays stable, and the penalty 0.1 cost accuracy (one JEM epoch from the
-#     same epoch-3 classifier: 76.9% validation accuracy with it, 81.7% without, p(x) weight 0.1). The recovery
-#     ladder adds the penalty if a run diverges.
+#   no SAM (+25% time per step) and no energy penalty: from scratch at lr 0.1, E(data) ran away from E(samples) to
+#     −10⁸ within 600 iterations without either (with BatchNorm in train or in eval mode while sampling); the penalty
+#     0.1 kept it stable but cost accuracy (one JEM epoch from the same epoch-3 classifier: 76.9% validation accuracy
+#     with it, 81.7% without, p(x) weight 0.1). Without it, the seed-0 benchmark run diverged 40 iterations after p(x)
+#     switched on and the recovery ladder added the penalty (README, Results) — a next preset should start the JEM
+#     phase with it, or at a lower lr.
 # The paper recipe (--recipe jem) keeps the settings measured for it in jemtorch 0.1: clamped chains at lr 3e-4.
 _MNIST_PRESETS = {
     "sadajem": {"model": "cnn-16", "epochs": 12, "px_start_epoch": 3, "batch_size": 128, "px_batch_size": 64,
