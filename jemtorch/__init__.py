@@ -10,6 +10,7 @@ Where things live:
     data.py       datasets registered by name (with their presets), splits, on-device batches and augmentation
     models/       model registry: cnn, wrn-<depth>-<width>
     config.py     every training knob (CLI flags = config entries)
+    inference.py  using a trained model: ``jemtorch.load``, ``jem score``, ``jem export`` (safetensors + card)
     evaluate.py   ``jem eval``: accuracy, calibration, OOD detection, samples, generation quality
     attacks.py    attack maths: PGD, the SGLD-refinement defence, black-box attacks, distal adversarials
     robustness.py ``jem attack`` / ``jem distal`` on trained runs
@@ -20,6 +21,7 @@ Where things live:
 from .config import TrainConfig, make_config
 from .data import ImageData, load_dataset
 from .energy import JEM
+from .inference import Predictor, export, load
 from .models import create_model, list_models
 from .objective import Weights, jem_loss
 from .run import LoadedRun, load_run
@@ -28,5 +30,5 @@ from .train import Trainer, train
 
 __all__ = ["JEM", "JEMSampler", "ReplayBuffer", "build_sampler", "sgld", "jem_loss", "Weights", "Trainer", "train",
            "TrainConfig", "make_config", "create_model", "list_models", "load_dataset", "ImageData", "LoadedRun",
-           "load_run"]
+           "load_run", "load", "export", "Predictor"]
 __version__ = "0.1.0"

@@ -2,6 +2,8 @@
 
     jem train [--dataset digits] [--model cnn] [--config FILE] [--any-config-flag VALUE ...]
     jem train --resume RUN_DIR [--epochs N ...]
+    jem eval RUN_DIR [RUN_DIR ...]        jem attack RUN_DIR ...        jem distal RUN_DIR --class C
+    jem score RUN_DIR PATH [PATH ...]     jem export RUN_DIR --out DIR
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from .checkpoint import CheckpointError
 from .config import add_config_arguments, resolve_config
 from .data import DatasetError
 from .evaluate import SCORES, EvalOptions, evaluate_runs
+from .inference import ScoreTable, export, load
 from .robustness import AttackOptions, attack_runs, distal_runs
 from .run import CONFIG, RunDir
 from .train import Trainer, TrainingDiverged
@@ -42,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     e.add_argument("runs", nargs="+", metavar="RUN_DIR", help="one or more run directories, compared side by side")
     e.add_argument("--ood", default="interp,uniform,gaussian,constant",
-                   help="comma-separated OOD sets: interp, uniform, gaussian, constant, or any dataset name")
+                   help="comma-separated OOD sets: interp, uniform, gaussian, constant, any dataset name, or a path "
+                        "to a folder of images (flat or class subfolders)")
     e.add_argument("--n", type=int, default=2000, help="test images scored, and images per OOD set (-1: all)")
     e.add_argument("--bins", type=int, default=15, help="equal-width bins for ECE and the reliability diagram")
     e.add_argument("--sample-steps", type=int, default=200, help="SGLD steps of the fresh sample chains")
@@ -84,6 +88,26 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=200)
     d.add_argument("--step-size", type=float, default=0.01, help="signed-gradient step in model units ([-1,1] images)")
     _add_common(d, progress=False)
+
+    sc = sub.add_parser("score", help="score new images: class, confidence, log p(x), gradient norm, OOD flag",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sc.add_argument("model", metavar="RUN_DIR", help="a run directory, or a folder written by jem export")
+    sc.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders (recursively), .npy/.npz arrays")
+    sc.add_argument("--out", help="write the scores to this .csv or .json file")
+    sc.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    sc.add_argument("--tpr", type=float, default=0.95, help="fraction of in-distribution validation images that "
+                    "must pass the OOD threshold")
+    sc.add_argument("--score", choices=SCORES, default=None, help="score behind the OOD flag (default: the one that "
+                    "separates validation images best from synthetic outliers, chosen once per run)")
+    sc.add_argument("--batch-size", type=int, default=250)
+    sc.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    sc.add_argument("--no-progress", action="store_true")
+
+    x = sub.add_parser("export", help="export a run's model: model.safetensors + model.json card (+ ONNX)")
+    x.add_argument("run", metavar="RUN_DIR")
+    x.add_argument("--out", required=True, help="folder to write the export to (new, empty, or an earlier export)")
+    x.add_argument("--onnx", action="store_true", help="also write model.onnx (images -> logits; needs onnx)")
+    x.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
     return parser
 
 
@@ -195,10 +219,60 @@ def cmd_distal(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_score(args: argparse.Namespace) -> int:
+    if not 0 < args.tpr <= 1 or args.batch_size < 1:
+        raise ValueError("--tpr must be in (0, 1] and --batch-size >= 1")
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        if out.suffix.lower() not in (".csv", ".json"):
+            raise ValueError(f"--out must end in .csv or .json, got {out}")
+        if out.is_dir() or (out.exists() and not args.overwrite):
+            raise ValueError(f"--out {out} already exists; pass --overwrite to replace it")
+        if not out.parent.is_dir():
+            raise ValueError(f"--out {out}: folder {out.parent} does not exist")
+    model = load(args.model, args.device)
+    cal = model.calibration
+    for note in model.notices:
+        print(f"jem score: {note}", file=sys.stderr)
+    table = model.score_paths(args.paths, tpr=args.tpr, score=args.score, batch_size=args.batch_size,
+                              progress=not args.no_progress)
+    score = table.score
+    how = cal.reason() if args.score is None else f"{score} (chosen with --score)"
+    print(f"OOD flag: {score} < {table.threshold:.4g} ({args.tpr:.0%} of validation images pass); score: {how}",
+          file=sys.stderr)
+    print("\t".join(ScoreTable.COLUMNS))
+    for r in table.rows:
+        print(f"{r['path']}\t{r['pred']}\t{r['class']}\t{r['confidence']:.4f}\t{r['logp']:.4f}\t{r['gradnorm']:.4g}\t"
+              f"{'OOD' if r['ood'] else 'in'}")
+    if table.converted:
+        print(f"jem score: {table.converted} images converted to the model's {model.input_shape} (channels by luma "
+              f"or repetition, bilinear resize with antialiasing, as jem eval does)", file=sys.stderr)
+    for path, err in table.failures:
+        print(f"jem score: skipped {path}: {err}", file=sys.stderr)
+    print(f"jem score: {len(table.rows)} images scored, {table.n_ood} flagged OOD, {len(table.failures)} skipped",
+          file=sys.stderr)
+    if out is not None:
+        table.write(out)
+        print(f"jem score: wrote {out}", file=sys.stderr)
+    if not table.rows:
+        print("jem: error: no image could be read", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    card = export(args.run, args.out, onnx=args.onnx, overwrite=args.overwrite)
+    files = ["model.safetensors", "model.json"] + ([card["onnx"]] if card.get("onnx") else [])
+    print(f"exported {args.run} to {args.out}: {', '.join(files)} (OOD score {card['ood']['score']}; load with "
+          f"jemtorch.load({str(args.out)!r}))")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        commands = {"train": cmd_train, "eval": cmd_eval, "attack": cmd_attack, "distal": cmd_distal}
+        commands = {"train": cmd_train, "eval": cmd_eval, "attack": cmd_attack, "distal": cmd_distal,
+                    "score": cmd_score, "export": cmd_export}
         return commands[args.command](args)
     except USER_ERRORS as e:
         print(f"jem: error: {e}", file=sys.stderr)

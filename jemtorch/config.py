@@ -28,10 +28,11 @@ def _f(default: Any, help: str, **kw) -> Any:
 @dataclass
 class TrainConfig:
     # --- what to train ---
-    dataset: str = _f("digits", "dataset name: digits, mnist, fashion-mnist, cifar10, cifar100, svhn, imagefolder")
+    dataset: str = _f("digits", "dataset name: digits, mnist, fashion-mnist, kmnist, cifar10, cifar100, svhn, imagefolder")
     data_root: str = _f("./data", "folder holding the dataset in torchvision's layout (see README)")
     download: bool = _f(False, "download a missing dataset from its official URL (md5-verified)")
-    model: str = _f("wrn-28-10", "model name: cnn, cnn-<width>, wrn-<depth>-<width> (paper: wrn-28-10)")
+    model: str = _f("wrn-28-10", "model name: cnn, cnn-<width>, wrn-<depth>-<width> (paper: wrn-28-10), or your "
+                    "own factory package.module:function or file.py:function (called with in_channels, num_classes)")
     norm: Optional[str] = _f(None, "normalisation layers (cnn and wrn models): none, batch, instance, layer (paper: none)")
     dropout: float = _f(0.0, "dropout rate in the model")
     name: Optional[str] = _f(None, "run name; the run directory defaults to runs/<name>")
@@ -111,8 +112,14 @@ class TrainConfig:
     eval_every: int = _f(1, "evaluate on the validation split every N epochs")
     ckpt_every: int = _f(1, "write the resumable checkpoint every N epochs (and at the end)")
     progress: bool = _f(True, "show a progress bar")
+    tensorboard: bool = _f(False, "also write metrics and sample grids as TensorBoard events to RUN/tb (needs the "
+                                  "tensorboard package: pip install tensorboard)")
 
     def __post_init__(self) -> None:
+        module, sep, fn = self.model.rpartition(":")
+        if sep and module.endswith(".py") and not Path(module).expanduser().is_absolute():
+            # a factory file: stored absolute, so eval/score/resume find it from any working directory
+            self.model = f"{Path(module).expanduser().resolve()}:{fn}"
         self.validate()
 
     def validate(self) -> None:
@@ -181,7 +188,8 @@ class TrainConfig:
         if self.name:
             return self.name
         tag = "" if self.uses_samples else "-baseline"
-        return f"{self.dataset}-{self.model}{tag}"
+        model = self.model.rpartition(":")[2] if ":" in self.model else self.model  # a factory: its function name
+        return f"{self.dataset}-{model}{tag}"
 
     @property
     def run_dir(self) -> Path:

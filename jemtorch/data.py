@@ -5,6 +5,7 @@
 | digits          | scikit-learn's bundled 8×8 digits (no files needed)                       |
 | mnist           | root/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]          |
 | fashion-mnist   | root/FashionMNIST/raw/... (same file names as MNIST)                      |
+| kmnist          | root/KMNIST/raw/... (Kuzushiji-MNIST, same file names as MNIST)           |
 | cifar10         | root/cifar-10-batches-py/{data_batch_1..5,test_batch}                     |
 | cifar100        | root/cifar-100-python/{train,test}                                        |
 | svhn            | root/{train,test}_32x32.mat                                               |
@@ -90,6 +91,13 @@ MNIST_MIRRORS = {
         "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
         "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
     }),
+    # Kuzushiji-MNIST (Clanuwat et al. 2018); checksums as in torchvision.datasets.KMNIST
+    "KMNIST": ("http://codh.rois.ac.jp/kmnist/dataset/kmnist/", {
+        "train-images-idx3-ubyte.gz": "bdb82020997e1d708af4cf47b453dcf7",
+        "train-labels-idx1-ubyte.gz": "e144d726b3acfaa3e44228e80efcd344",
+        "t10k-images-idx3-ubyte.gz": "5c965bf0a639b31b8f53240b1b52f4d7",
+        "t10k-labels-idx1-ubyte.gz": "7320c461ea6c1c855c0b718fb2a4b134",
+    }),
 }
 ARCHIVES = {  # name -> (url, md5, folder it unpacks to)
     "cifar10": ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a",
@@ -103,6 +111,7 @@ SVHN_FILES = {
 }
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                    "Ankle boot"]
+KMNIST_CLASSES = ["o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"]
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
@@ -320,6 +329,126 @@ def read_imagefolder(root: Path) -> ImageData:
     return ImageData.from_numpy("imagefolder", x_tr, y_tr, x_te, y_te, classes)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# image files and arrays from anywhere (jem score, OOD folders for jem eval)
+# ----------------------------------------------------------------------------------------------------------------
+ARRAY_EXTS = {".npy", ".npz"}
+
+
+@dataclass
+class ImageSource:
+    """One input image: a file, or image ``index`` of an array file (``key`` names the array inside an .npz)."""
+
+    path: Path
+    index: Optional[int] = None
+    key: Optional[str] = None
+
+    @property
+    def name(self) -> str:
+        if self.index is None:
+            return str(self.path)
+        return f"{self.path}" + (f":{self.key}" if self.key else "") + f"[{self.index}]"
+
+
+def image_files(folder: Path) -> list[Path]:
+    """Every image file under ``folder``, recursively (flat or with class subfolders), in sorted order."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+
+
+def read_image_file(path: Path) -> np.ndarray:
+    """One image file as uint8 (C, H, W): greyscale stays one channel, everything else becomes RGB."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("L" if im.mode in ("L", "1", "I;16", "I") else "RGB"))
+    except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for truncated, corrupt or unknown files
+        raise DatasetError(f"unreadable image {path} ({type(e).__name__}: {str(e)[:120]})") from None
+    return arr[None] if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def images_from_array(arr: np.ndarray, what: str) -> np.ndarray:
+    """An array of images as uint8 (N, C, H, W). Accepted: (N, H, W) greyscale, (N, C, H, W) with C in {1, 3},
+    (N, H, W, C) with C in {1, 3}; uint8 pixels in [0, 255] or floats in [0, 1] (torchvision's ToTensor scale)."""
+    if arr.ndim == 3:
+        arr = arr[:, None]
+    elif arr.ndim == 4 and arr.shape[1] not in (1, 3) and arr.shape[3] in (1, 3):
+        arr = arr.transpose(0, 3, 1, 2)
+    if arr.ndim != 4 or arr.shape[1] not in (1, 3):
+        raise DatasetError(f"{what}: expected images (N, H, W), (N, C, H, W) or (N, H, W, C) with 1 or 3 channels, "
+                           f"got shape {arr.shape}")
+    if arr.dtype == np.uint8:
+        return np.ascontiguousarray(arr)
+    if np.issubdtype(arr.dtype, np.floating):
+        if not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 1:
+            raise DatasetError(f"{what}: float images must be finite and in [0, 1] (or give uint8 pixels)")
+        return np.ascontiguousarray(np.round(arr * 255).astype(np.uint8))
+    raise DatasetError(f"{what}: images must be uint8 or float, got {arr.dtype}")
+
+
+def _load_array_file(path: Path) -> dict[Optional[str], np.ndarray]:
+    try:
+        loaded = np.load(path, allow_pickle=False)  # never unpickle user files
+        if isinstance(loaded, np.lib.npyio.NpzFile):
+            with loaded:
+                return {k: loaded[k] for k in loaded.files}
+        return {None: loaded}
+    except (OSError, ValueError, EOFError) as e:
+        raise DatasetError(f"unreadable array file {path} ({type(e).__name__}: {str(e)[:120]})") from None
+
+
+def find_images(paths) -> tuple[list[ImageSource], list[tuple[str, str]]]:
+    """Expand files, folders (recursively) and .npy/.npz arrays into image sources.
+
+    Returns (sources, failures): ``failures`` lists (path, reason) for paths that do not exist or array files that
+    cannot be read — each is skipped, never fatal to the others."""
+    sources: list[ImageSource] = []
+    failures: list[tuple[str, str]] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            sources += [ImageSource(f) for f in image_files(p)]
+        elif not p.exists():
+            failures.append((str(p), "no such file or folder"))
+        elif p.suffix.lower() in ARRAY_EXTS:
+            try:
+                for key, arr in _load_array_file(p).items():
+                    n = len(images_from_array(arr, f"{p}" + (f":{key}" if key else "")))
+                    sources += [ImageSource(p, i, key) for i in range(n)]
+            except DatasetError as e:
+                failures.append((str(p), str(e)))
+        else:
+            sources.append(ImageSource(p))
+    return sources, failures
+
+
+class ImageReader:
+    """Reads image sources as uint8 (C, H, W) arrays; array files are loaded once and kept while in use."""
+
+    def __init__(self):
+        self._arrays: dict[Path, dict[Optional[str], np.ndarray]] = {}
+
+    def read(self, src: ImageSource) -> np.ndarray:
+        if src.index is None:
+            return read_image_file(src.path)
+        if src.path not in self._arrays:
+            self._arrays = {src.path: {k: images_from_array(a, str(src.path))
+                                       for k, a in _load_array_file(src.path).items()}}
+        return self._arrays[src.path][src.key][src.index]
+
+
+def read_image_folder(folder: str | Path, limit: Optional[int] = None, seed: int = 0) -> list[np.ndarray]:
+    """Up to ``limit`` images (a seeded random choice) of a folder, recursively, as uint8 (C, H, W) arrays;
+    unreadable files are a one-line error."""
+    folder = Path(folder)
+    files = image_files(folder) if folder.is_dir() else []
+    if not files:
+        raise DatasetError(f"no images (*.png, *.jpg, ...) in {folder}")
+    if limit is not None and limit < len(files):
+        g = torch.Generator().manual_seed(seed)
+        files = [files[i] for i in sorted(torch.randperm(len(files), generator=g)[:limit].tolist())]
+    return [read_image_file(f) for f in files]
+
+
 def read_digits(seed: int = 0, test_fraction: float = 0.2) -> ImageData:
     """scikit-learn's bundled 8×8 digits (1797 images, 16 grey levels), stratified train/test split, fixed seed."""
     from sklearn.datasets import load_digits
@@ -419,6 +548,11 @@ def _fashion_mnist(root: Path, download_missing: bool) -> ImageData:
     return read_mnist_like(root, "FashionMNIST", "fashion-mnist", FASHION_CLASSES, download_missing)
 
 
+@register_dataset("kmnist", pad=2, flip=False, recipe="sadajem", recipe_presets=_MNIST_PRESETS)
+def _kmnist(root: Path, download_missing: bool) -> ImageData:
+    return read_mnist_like(root, "KMNIST", "kmnist", KMNIST_CLASSES, download_missing)
+
+
 # the official JEM schedule (wgrathwohl/JEM train_wrn_ebm.py); jempp/sadajem bring their own
 _CIFAR_PRESETS = {"jem": {"decay_epochs": (160, 180)}}
 
@@ -513,6 +647,35 @@ def to_float(x: torch.Tensor) -> torch.Tensor:
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """float [-1, 1] → uint8 [0, 255] (clamped)."""
     return ((x.clamp(-1, 1) + 1) * 127.5).round_().to(torch.uint8)
+
+
+def convert_images(x_u8: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+    """uint8 images → the model's (C, H, W): grey→RGB repeats the channel, RGB→grey uses luma; bilinear resize."""
+    c, h, w = shape
+    x = x_u8.float()
+    if x.shape[1] == 1 and c == 3:
+        x = x.expand(-1, 3, -1, -1)
+    elif x.shape[1] == 3 and c == 1:
+        x = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    elif x.shape[1] != c:
+        raise DatasetError(f"cannot convert {x.shape[1]}-channel images to {c} channels")
+    if x.shape[-2:] != (h, w):
+        x = F.interpolate(x, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
+    return x.round().clamp(0, 255).to(torch.uint8)
+
+
+def stack_converted(images: list[np.ndarray], shape: tuple[int, int, int]) -> tuple[torch.Tensor, int]:
+    """uint8 (C, H, W) arrays of any sizes → one uint8 (N, *shape) tensor via ``convert_images``; also returns how
+    many images needed converting."""
+    out = torch.empty((len(images), *shape), dtype=torch.uint8)
+    converted = 0
+    for i, im in enumerate(images):
+        t = torch.from_numpy(np.require(im, requirements=["C", "W"]))[None]  # writable: torch refuses read-only
+        if tuple(t.shape[1:]) != tuple(shape):
+            t = convert_images(t, shape)
+            converted += 1
+        out[i] = t[0]
+    return out, converted
 
 
 def augment(x: torch.Tensor, pad: int = 0, flip: bool = False, noise: float = 0.0) -> torch.Tensor:

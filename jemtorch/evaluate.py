@@ -4,7 +4,8 @@ Classification (accuracy, NLL) · calibration (ECE, reliability diagram) · OOD 
 (log p(x), max_y p(y|x), −‖∂ log p(x)/∂x‖₂; AUROC, AUPR, FPR@95%TPR) · samples (replay buffer and fresh SGLD chains) ·
 generation quality (Fréchet distance in a reference classifier's feature space; true FID/IS with Inception weights).
 
-OOD sets: any dataset name ``load_dataset`` knows (its test split, converted to the run's input shape: grey→RGB by
+OOD sets: a path to any folder of images (flat or with class subfolders, read recursively; named in the tables by
+the folder's name), any dataset name ``load_dataset`` knows (its test split, converted to the run's input shape: grey→RGB by
 repeating the channel, RGB→grey by ITU-R 601 luma, resized bilinearly with antialiasing), ``interp`` (midpoints
 λ=0.5 of random pairs of in-distribution test images, the paper's "Interp"), ``uniform`` (U(−1, 1) pixels),
 ``gaussian`` (N(0, 1) pixels clipped to [−1, 1]) and ``constant`` (one U(−1, 1) value per image and channel).
@@ -12,6 +13,7 @@ repeating the channel, RGB→grey by ITU-R 601 luma, resized bilinearly with ant
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -21,7 +23,17 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .data import DATASETS, DatasetError, load_dataset, to_float, to_uint8, training_splits
+from .data import (
+    DATASETS,
+    DatasetError,
+    convert_images,
+    load_dataset,
+    read_image_folder,
+    stack_converted,
+    to_float,
+    to_uint8,
+    training_splits,
+)
 from .energy import JEM, eval_mode, in_batches
 from .figures import histogram_figure, reliability_figure, save_grid
 from .metrics import calibration_bins, expected_calibration_error, fit_temperature, frechet_distance, ood_metrics
@@ -37,25 +49,32 @@ SCORES = ("logp", "maxprob", "gradnorm")
 # ------------------------------------------------------------------------------------------------------------------
 # inputs
 # ------------------------------------------------------------------------------------------------------------------
-def convert_images(x_u8: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
-    """uint8 images → the model's (C, H, W): grey→RGB repeats the channel, RGB→grey uses luma; bilinear resize."""
-    c, h, w = shape
-    x = x_u8.float()
-    if x.shape[1] == 1 and c == 3:
-        x = x.expand(-1, 3, -1, -1)
-    elif x.shape[1] == 3 and c == 1:
-        x = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
-    elif x.shape[1] != c:
-        raise DatasetError(f"cannot convert {x.shape[1]}-channel images to {c} channels")
-    if x.shape[-2:] != (h, w):
-        x = F.interpolate(x, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
-    return x.round().clamp(0, 255).to(torch.uint8)
+def is_folder_set(name: str) -> bool:
+    """An OOD set given as a path to a folder of images (rather than a dataset or synthetic set's name)."""
+    return "/" in name or os.sep in name or Path(name).is_dir()
+
+
+def ood_labels(names) -> dict[str, str]:
+    """How each OOD set is named in tables: its name, or a folder's own name (made unique when two collide)."""
+    labels: dict[str, str] = {}
+    for name in names:
+        label = Path(name.rstrip("/")).name or name if is_folder_set(name) else name
+        base, k = label, 2
+        while label in labels.values():
+            label, k = f"{base}-{k}", k + 1
+        labels[name] = label
+    return labels
 
 
 def check_ood_name(name: str, in_dataset: Optional[str] = None) -> None:
-    """Raise a one-line DatasetError for an unknown OOD set or one that is the in-distribution dataset."""
+    """Raise a one-line DatasetError for an unknown OOD set, a missing folder, or the in-distribution dataset."""
+    if is_folder_set(name):
+        if not Path(name).is_dir():
+            raise DatasetError(f"OOD folder {name} not found")
+        return
     if name not in SYNTHETIC_OOD and name not in DATASETS:
-        raise DatasetError(f"unknown OOD set {name!r}; choose from {', '.join(SYNTHETIC_OOD + tuple(DATASETS))}")
+        raise DatasetError(f"unknown OOD set {name!r}; choose from {', '.join(SYNTHETIC_OOD + tuple(DATASETS))}, "
+                           f"or give a path to a folder of images")
     if name == in_dataset:
         raise DatasetError(f"OOD set {name!r} is the in-distribution dataset")
 
@@ -76,6 +95,9 @@ def make_ood_set(name: str, x_in: torch.Tensor, n: int, seed: int = 0, data_root
         i = torch.randint(0, len(x_in), (n,), generator=g)
         j = (i + torch.randint(1, len(x_in), (n,), generator=g)) % len(x_in)  # a different image
         return 0.5 * x_in[i].cpu() + 0.5 * x_in[j].cpu()
+    if is_folder_set(name):  # any folder of images, flat or with class subfolders; no train/ needed
+        x, _ = stack_converted(read_image_folder(name, limit=n, seed=seed), shape)
+        return to_float(x)
     x = load_dataset(name, data_root).x_test  # a dataset name (checked above)
     x = x[torch.randperm(len(x), generator=g)[:n]]
     return to_float(convert_images(x, shape))
@@ -217,11 +239,12 @@ def evaluate_run(run: LoadedRun, opts: EvalOptions, reference: Optional[LoadedRu
     root = opts.ood_root or opts.data_root or run.cfg.data_root
     s_in = ood_scores(run.jem, x_in, progress=opts.progress, desc=f"{run.name}: in-dist scores")
     ood, hist = {}, {"in": {k: s_in[k] for k in SCORES}}
-    for name in opts.ood:
+    for name, label in ood_labels(opts.ood).items():
         x_out = make_ood_set(name, x_in, n, seed=opts.seed + 1, data_root=root, in_dataset=run.cfg.dataset)
-        s_out = ood_scores(run.jem, x_out, progress=opts.progress, desc=f"{run.name}: {name} scores")
-        ood[name] = {k: ood_metrics(s_in[k], s_out[k]) for k in SCORES}
-        hist[name] = {k: s_out[k] for k in SCORES}
+        s_out = ood_scores(run.jem, x_out, progress=opts.progress, desc=f"{run.name}: {label} scores")
+        ood[label] = {k: ood_metrics(s_in[k], s_out[k]) for k in SCORES}
+        ood[label]["n"] = len(x_out)
+        hist[label] = {k: s_out[k] for k in SCORES}
 
     # samples
     samples = {}

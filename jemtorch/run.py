@@ -7,6 +7,8 @@
       metrics.jsonl        one JSON record per line (kind: train | eval | rollback | recovery)
       summary.json         test accuracy of the best-validation model, time, iterations, ...
       curves.png           training curves, rewritten every epoch
+      tb/                  TensorBoard events (--tensorboard)
+      ood_calibration.json OOD thresholds of the weights, written by ``jem score`` / ``jemtorch.load(...).score``
       samples/             replay-buffer grids during training; samples_{uncond,cond}.png: the latest
       eval/                written by ``jem eval``
       robustness/          written by ``jem attack`` and ``jem distal``
@@ -28,6 +30,7 @@ from .config import TrainConfig
 from .data import ImageData, labeled_subset, load_dataset, training_splits
 from .energy import JEM
 from .models import create_model
+from .models.registry import check_logits
 from .sampler import JEMSampler, build_sampler
 
 CONFIG = "config.json"
@@ -36,12 +39,14 @@ BEST = "best.pt"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 CURVES = "curves.png"
+TENSORBOARD_DIR = "tb"
 SAMPLES_DIR = "samples"
 LATEST_SAMPLES = ("samples_uncond.png", "samples_cond.png")
 EVAL_DIR = "eval"
 ROBUSTNESS_DIR = "robustness"
 # what `jem train --overwrite` removes: only files jem train itself writes
-TRAIN_OUTPUTS = (CHECKPOINT, BEST, METRICS, SUMMARY, CURVES, *LATEST_SAMPLES)
+OOD_CALIBRATION = "ood_calibration.json"  # written by jem score / jemtorch.load (OOD thresholds of the weights)
+TRAIN_OUTPUTS = (CHECKPOINT, BEST, METRICS, SUMMARY, CURVES, OOD_CALIBRATION, *LATEST_SAMPLES)
 
 
 def pick_device(name: str) -> torch.device:
@@ -53,10 +58,12 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_jem(cfg: TrainConfig, in_channels: int, num_classes: int) -> JEM:
-    """The run's classifier, wrapped as a JEM (the one place a model is built from a config)."""
-    return JEM(create_model(cfg.model, in_channels=in_channels, num_classes=num_classes, norm=cfg.norm,
-                            dropout=cfg.dropout))
+def build_jem(cfg: TrainConfig, shape: tuple[int, int, int], num_classes: int) -> JEM:
+    """The run's classifier for (C, H, W) images, wrapped as a JEM (the one place a model is built from a config);
+    one blank forward pass checks that it returns ``num_classes`` logits."""
+    model = create_model(cfg.model, in_channels=shape[0], num_classes=num_classes, norm=cfg.norm, dropout=cfg.dropout)
+    check_logits(model, cfg.model, shape, num_classes)
+    return JEM(model)
 
 
 def init_images(cfg: TrainConfig, data: ImageData) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,14 +125,51 @@ class RunDir:
         for name in TRAIN_OUTPUTS:
             (self.path / name).unlink(missing_ok=True)
         shutil.rmtree(self.path / SAMPLES_DIR, ignore_errors=True)
+        shutil.rmtree(self.path / TENSORBOARD_DIR, ignore_errors=True)
+
+
+class TensorBoardLog:
+    """The metrics records as TensorBoard scalars (``<kind>/<key>``; rollbacks counted in ``events/rollbacks``, every
+    recovery message as text) and sample grids as images, in ``RUN/tb``. A resumed run purges events logged after
+    its checkpoint's step, as ``metrics.jsonl`` drops its records."""
+
+    def __init__(self, path: str | Path, start_step: int = 0, rollbacks: int = 0):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+        self.writer = SummaryWriter(str(path), purge_step=start_step or None)
+        self.rollbacks = rollbacks
+
+    def write(self, record: dict) -> None:
+        kind, step = record.get("kind", "train"), int(record["step"])
+        for key, value in record.items():
+            if key not in ("kind", "step") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(f"{kind}/{key}", value, step)
+        if kind == "rollback":
+            self.rollbacks += 1
+            self.writer.add_scalar("events/rollbacks", self.rollbacks, step)
+        if "message" in record:
+            self.writer.add_text(f"events/{kind}", str(record["message"]), step)
+
+    def image(self, tag: str, path: Path, step: int) -> None:
+        import numpy as np
+        from PIL import Image
+
+        with Image.open(path) as im:
+            self.writer.add_image(tag, np.asarray(im.convert("RGB")), step, dataformats="HWC")
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 class MetricsLog:
-    """``metrics.jsonl``: one JSON record per line, flushed as written."""
+    """``metrics.jsonl``: one JSON record per line, flushed as written (and mirrored to ``tensorboard`` if given)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, tensorboard: Optional[TensorBoardLog] = None):
         self.path = Path(path)
         self._file: Optional[IO[str]] = None
+        self.tensorboard = tensorboard
 
     def write(self, record: dict) -> None:
         if self._file is None:
@@ -133,11 +177,15 @@ class MetricsLog:
             self._file = open(self.path, "a")
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
+        if self.tensorboard is not None:
+            self.tensorboard.write(record)
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
     def records(self) -> list[dict]:
         if not self.path.exists():
@@ -199,7 +247,7 @@ def load_run(run_dir: str | Path, device: str = "auto", data_root: Optional[str]
     if key not in datasets:
         datasets[key] = load_dataset(cfg.dataset, cfg.data_root, download_missing=False)
     data: ImageData = datasets[key]
-    jem = build_jem(cfg, data.shape[0], data.num_classes).to(dev)
+    jem = build_jem(cfg, data.shape, data.num_classes).to(dev)
     weights = load_safe(rd.best, dev)["model"] if rd.best.is_file() else ckpt["model"]
     try:
         jem.f.load_state_dict(weights)

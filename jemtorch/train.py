@@ -33,7 +33,19 @@ from .energy import JEM, eval_mode, in_batches
 from .figures import buffer_grids, training_curves
 from .objective import Weights, jem_loss
 from .optim import SAM, build_optimizer, lr_factor
-from .run import CURVES, LATEST_SAMPLES, METRICS, SAMPLES_DIR, MetricsLog, RunDir, build_jem, init_images, pick_device
+from .run import (
+    CURVES,
+    LATEST_SAMPLES,
+    METRICS,
+    SAMPLES_DIR,
+    TENSORBOARD_DIR,
+    MetricsLog,
+    RunDir,
+    TensorBoardLog,
+    build_jem,
+    init_images,
+    pick_device,
+)
 from .sampler import ReplayBuffer, build_sampler, running_stats_frozen
 
 
@@ -196,7 +208,7 @@ class Trainer:
         self.flip = data.flip and cfg.augment
 
         # --- model, sampler, optimiser ---
-        self.jem = build_jem(cfg, data.shape[0], data.num_classes).to(dev)
+        self.jem = build_jem(cfg, data.shape, data.num_classes).to(dev)
         self.uses_samples = cfg.uses_samples
         self.sampler = build_sampler(cfg, data.shape, data.num_classes, dev, init_images(cfg, data))
         self.opt = build_optimizer(cfg, self.jem.parameters())
@@ -301,7 +313,8 @@ class Trainer:
         """Train until ``total_iters``; write metrics, samples, checkpoints; return the summary."""
         cfg = self.cfg
         self.run.write_config(cfg)
-        log = MetricsLog(self.run / METRICS)
+        tb = TensorBoardLog(self.run / TENSORBOARD_DIR, self.step, self.rollbacks) if cfg.tensorboard else None
+        log = MetricsLog(self.run / METRICS, tb)
         sample_every = cfg.sample_every if cfg.sample_every > 0 else 10 * self.iters_per_epoch
         window: dict[str, list[float]] = {}
         bar = tqdm(total=self.total_iters, initial=self.step, disable=not cfg.progress, dynamic_ncols=True,
@@ -342,7 +355,7 @@ class Trainer:
                 if epoch_done or last:
                     training_curves(log.records(), self.run / CURVES)
                 if self.uses_samples and (self.step % sample_every == 0 or last):
-                    self.write_samples()
+                    self.write_samples(tb)
                 if (epoch_done and (self.step // self.iters_per_epoch) % cfg.ckpt_every == 0) or last:
                     self.save()
                 t_last = time.perf_counter()  # bookkeeping above is not training time
@@ -400,10 +413,14 @@ class Trainer:
         self.run.write_summary(summary)
         return summary
 
-    def write_samples(self) -> None:
-        """Replay-buffer grids for this step (see figures.buffer_grids)."""
+    def write_samples(self, tb: Optional[TensorBoardLog] = None) -> None:
+        """Replay-buffer grids for this step (see figures.buffer_grids), also into TensorBoard when it is on."""
+        latest = tuple(self.run / n for n in LATEST_SAMPLES)
         buffer_grids(self.buffer.data, self.jem, self.data.num_classes, self.buffer.class_conditional, self.step,
-                     self.run / SAMPLES_DIR, tuple(self.run / n for n in LATEST_SAMPLES))
+                     self.run / SAMPLES_DIR, latest)
+        if tb is not None:
+            tb.image("samples/unconditional", latest[0], self.step)
+            tb.image("samples/by_class", latest[1], self.step)
 
     # ---------------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -1,0 +1,446 @@
+"""Using a trained JEM: ``jemtorch.load``, ``jem score`` and ``jem export``.
+
+    model = jemtorch.load("runs/fashion-mnist-cnn-16")      # a run directory, or a folder written by `jem export`
+    model.predict(images)                                    # class indices
+    model.score(images)                                      # pred, confidence, logp, gradnorm, ood flag
+    model.score_paths(["photos/", "more.npy"])               # files, folders (recursively), .npy/.npz arrays
+
+Images go in as uint8 pixels (any size and channel count: converted exactly as ``jem eval`` converts OOD sets) or as
+float tensors already in the model's units ([−1, 1], the model's (C, H, W)).
+
+The OOD flag: a score below a threshold chosen on in-distribution validation images so that a target fraction
+(``tpr``, default 0.95) of them passes. Which score: the one whose validation images are told apart best from
+synthetic outliers made from them (uniform, Gaussian and constant noise, midpoints of pairs: ``SYNTHETIC_OOD``), by
+mean AUROC — chosen once per run and said. The validation scores are kept as 1001 quantiles in
+``RUN/ood_calibration.json`` (and in an export's model card), so every later scoring of the run uses the same
+thresholds, for any ``tpr``.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import inspect
+import io
+import json
+import shutil
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoint import CheckpointError
+from .config import TrainConfig
+from .data import DatasetError, ImageReader, find_images, stack_converted, to_float, training_splits
+from .energy import JEM
+from .evaluate import SCORES, SYNTHETIC_OOD, make_ood_set, ood_scores
+from .metrics import ood_metrics
+from .models import create_model
+from .models.registry import check_logits
+from .run import CONFIG, OOD_CALIBRATION, SUMMARY, RunDir, load_run, pick_device
+
+__all__ = ["load", "Predictor", "OODCalibration", "export", "SCALING"]
+
+MODEL_CARD = "model.json"
+WEIGHTS = "model.safetensors"
+ONNX_FILE = "model.onnx"
+CARD_FORMAT = "jemtorch.model/1"
+SCALING = "uint8 pixels p in [0, 255] -> p / 127.5 - 1 in [-1, 1], channels first (C, H, W)"
+N_QUANTILES = 1001
+N_CALIBRATION = 2000  # validation images the OOD thresholds are fitted on (at most)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# OOD thresholds
+# ------------------------------------------------------------------------------------------------------------------
+@dataclass
+class OODCalibration:
+    """Quantiles of each score on in-distribution validation images, and the default score."""
+
+    score: str  # the default score
+    quantiles: dict[str, list[float]]  # score -> N_QUANTILES quantiles (levels 0, 0.001, ..., 1)
+    auroc: dict[str, float]  # score -> mean AUROC, validation images vs the synthetic outliers made from them
+    n_images: int
+
+    def threshold(self, tpr: float, score: Optional[str] = None) -> float:
+        """The score value that ``tpr`` of the validation images reach or exceed."""
+        if not 0 < tpr <= 1:
+            raise ValueError(f"--tpr must be in (0, 1], got {tpr}")
+        q = np.asarray(self.quantiles[score or self.score])
+        return float(np.interp(1.0 - tpr, np.linspace(0, 1, len(q)), q))
+
+    def reason(self) -> str:
+        return (f"{self.score} (mean AUROC {self.auroc[self.score]:.3f} on {self.n_images} validation images vs "
+                f"synthetic outliers made from them; " + ", ".join(f"{k} {v:.3f}" for k, v in self.auroc.items()) + ")")
+
+    def to_dict(self) -> dict:
+        return {"score": self.score, "auroc": self.auroc, "n_images": self.n_images, "quantiles": self.quantiles}
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str) -> OODCalibration:
+        try:
+            cal = cls(str(d["score"]), {k: [float(v) for v in d["quantiles"][k]] for k in SCORES},
+                      {k: float(v) for k, v in d["auroc"].items()}, int(d["n_images"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{where}: malformed OOD calibration ({type(e).__name__}: {e})") from None
+        if cal.score not in SCORES or any(len(q) < 2 or not np.all(np.isfinite(q)) for q in cal.quantiles.values()):
+            raise CheckpointError(f"{where}: malformed OOD calibration")
+        return cal
+
+    @classmethod
+    def fit(cls, jem: JEM, x_val: torch.Tensor, seed: int = 0, progress: bool = False) -> OODCalibration:
+        """Fit on float validation images ``x_val``."""
+        s_in = ood_scores(jem, x_val, progress=progress, desc="OOD calibration")
+        aurocs: dict[str, list[float]] = {k: [] for k in SCORES}
+        for name in SYNTHETIC_OOD:
+            s_out = ood_scores(jem, make_ood_set(name, x_val, len(x_val), seed=seed + 1))
+            for k in SCORES:
+                aurocs[k].append(ood_metrics(s_in[k], s_out[k])["auroc"])
+        auroc = {k: float(np.mean(v)) for k, v in aurocs.items()}
+        levels = np.linspace(0, 1, N_QUANTILES)
+        quantiles = {k: [float(v) for v in np.quantile(s_in[k].astype(np.float64), levels)] for k in SCORES}
+        for k, q in quantiles.items():
+            if not np.all(np.isfinite(q)):
+                raise ValueError(f"the model's {k} score is not finite on validation images; its weights are broken")
+        return cls(max(SCORES, key=lambda k: auroc[k]), quantiles, auroc, len(x_val))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# a model ready to use
+# ------------------------------------------------------------------------------------------------------------------
+@dataclass
+class Predictor:
+    """A trained JEM in eval mode, with what it takes to feed it: ``classes``, ``input_shape`` (C, H, W), ``SCALING``.
+
+    ``jem`` is the energy model itself (``jem.f`` the classifier); ``calibration`` the OOD thresholds (fitted on first
+    use for a run directory)."""
+
+    jem: JEM
+    classes: list[str]
+    input_shape: tuple[int, int, int]
+    source: Path
+    device: torch.device
+    card: dict = field(default_factory=dict)
+    calibration_: Optional[OODCalibration] = None
+    run_cfg: Optional[TrainConfig] = None
+    scaling: str = SCALING
+    notices: list[str] = field(default_factory=list)
+
+    # inputs -----------------------------------------------------------------------------------------------------
+    def prepare(self, images) -> torch.Tensor:
+        """uint8 images (any size/channels; (N, C, H, W) tensor or array, or a list of (C, H, W) arrays) → floats in
+        the model's shape; float tensors are taken as model units and must have the model's shape."""
+        if isinstance(images, (list, tuple)):
+            x, _ = stack_converted([np.asarray(im) for im in images], self.input_shape)
+            return to_float(x)
+        x = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
+        if x.ndim == 3:
+            x = x[None]
+        if x.dtype == torch.uint8:
+            x, _ = stack_converted(list(x.cpu().numpy()), self.input_shape)
+            return to_float(x)
+        if not x.is_floating_point() or tuple(x.shape[1:]) != tuple(self.input_shape):
+            raise ValueError(f"float images must be model units in [-1, 1] of shape (N, {', '.join(map(str, self.input_shape))})"
+                             f"; got {x.dtype} {tuple(x.shape)} (give uint8 pixels to have them converted)")
+        return x.float()
+
+    # outputs ----------------------------------------------------------------------------------------------------
+    def logits(self, images, batch_size: int = 500) -> torch.Tensor:
+        return self.jem.logits(self.prepare(images), batch_size).cpu()
+
+    def predict(self, images, batch_size: int = 500) -> torch.Tensor:
+        """Predicted class index of every image."""
+        return self.logits(images, batch_size).argmax(1)
+
+    def predict_proba(self, images, batch_size: int = 500) -> torch.Tensor:
+        """p(y|x) for every image, shape (N, classes)."""
+        return self.logits(images, batch_size).softmax(1)
+
+    @property
+    def calibration(self) -> OODCalibration:
+        if self.calibration_ is None:
+            self.calibration_ = self._fit_calibration()
+        return self.calibration_
+
+    def score(self, images, tpr: float = 0.95, score: Optional[str] = None, batch_size: int = 250) -> dict:
+        """Per image: ``pred`` (index), ``confidence`` (max p(y|x)), ``logp`` (LogSumExp f(x)), ``gradnorm``
+        (−‖∇ₓ log p(x)‖, higher = more in-distribution, as in ``jem eval``), ``ood`` (the chosen score is below the
+        threshold for ``tpr``). Numpy arrays."""
+        x = self.prepare(images)
+        return self._score_floats(x, tpr, score, batch_size)
+
+    def _score_floats(self, x: torch.Tensor, tpr: float, score: Optional[str], batch_size: int) -> dict:
+        score = self._check_score(score)
+        s = ood_scores(self.jem, x, batch_size=batch_size, device=self.device)
+        logits = self.jem.logits(x, batch_size).cpu()
+        probs = logits.softmax(1)
+        threshold = self.calibration.threshold(tpr, score)
+        return {"pred": probs.argmax(1).numpy(), "confidence": probs.max(1).values.numpy(), "logp": s["logp"],
+                "gradnorm": s["gradnorm"], "ood": s[score] < threshold}
+
+    def _check_score(self, score: Optional[str]) -> str:
+        score = score or self.calibration.score
+        if score not in SCORES:
+            raise ValueError(f"--score must be one of {', '.join(SCORES)}, got {score!r}")
+        return score
+
+    def score_paths(self, paths: Sequence[str | Path], tpr: float = 0.95, score: Optional[str] = None,
+                    batch_size: int = 250, progress: bool = False) -> ScoreTable:
+        """Score files, folders (recursively) and .npy/.npz arrays. Unreadable inputs are listed in the table's
+        ``failures`` and skipped; images of another size or channel count are converted (counted in ``converted``)."""
+        score = self._check_score(score)
+        threshold = self.calibration.threshold(tpr, score)
+        sources, failures = find_images(paths)
+        table = ScoreTable(score=score, tpr=tpr, threshold=threshold, failures=list(failures),
+                           classes=self.classes)
+        reader = ImageReader()
+        with tqdm(total=len(sources), desc="scoring", unit="img", disable=not progress, leave=False) as bar:
+            for i in range(0, len(sources), batch_size):
+                chunk, images = [], []
+                for src in sources[i : i + batch_size]:
+                    try:
+                        images.append(reader.read(src))
+                        chunk.append(src)
+                    except (DatasetError, IndexError, KeyError) as e:
+                        table.failures.append((src.name, str(e)))
+                if images:
+                    x, converted = stack_converted(images, self.input_shape)
+                    table.converted += converted
+                    out = self._score_floats(to_float(x), tpr, score, batch_size)
+                    table.add([s.name for s in chunk], out)
+                bar.update(len(sources[i : i + batch_size]))
+        return table
+
+    # OOD calibration of a run directory -------------------------------------------------------------------------
+    def _fit_calibration(self) -> OODCalibration:
+        if self.run_cfg is None:
+            raise CheckpointError(f"{self.source}: the export has no OOD calibration; re-export it from its run")
+        rd = RunDir(self.source)
+        path = rd / OOD_CALIBRATION
+        weights = _sha256(rd.best if rd.best.is_file() else rd.checkpoint)  # thresholds belong to these weights
+        if path.is_file():
+            try:
+                stored = json.loads(path.read_text())
+                if stored.get("weights_sha256") == weights:
+                    return OODCalibration.from_dict(stored, str(path))
+                self.notices.append(f"{path} belongs to other weights (the run trained on); fitting it again")
+            except (json.JSONDecodeError, CheckpointError, AttributeError):
+                self.notices.append(f"{path} is malformed; fitting the OOD thresholds again")
+        run = load_run(self.source, str(self.device))
+        cfg = self.run_cfg
+        val = training_splits(run.data, cfg.n_valid, cfg.seed, "cpu")
+        if len(val.x_val) == 0:
+            raise ValueError(f"{self.source} has no validation split (--n-valid 0): no images to fit OOD thresholds on")
+        x_val = to_float(val.x_val[:N_CALIBRATION])
+        cal = OODCalibration.fit(self.jem, x_val, seed=cfg.seed)
+        try:
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text(json.dumps({**cal.to_dict(), "weights_sha256": weights}) + "\n")
+            tmp.replace(path)
+            self.notices.append(f"OOD thresholds fitted on {cal.n_images} validation images and stored in {path}")
+        except OSError as e:
+            self.notices.append(f"OOD thresholds fitted on {cal.n_images} validation images but not stored "
+                                f"({path}: {e.strerror}); the next scoring fits them again")
+        return cal
+
+
+@dataclass
+class ScoreTable:
+    """What ``score_paths`` found: one row per scored image, plus the failures."""
+
+    score: str
+    tpr: float
+    threshold: float
+    classes: list[str]
+    rows: list[dict] = field(default_factory=list)
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    converted: int = 0
+
+    COLUMNS = ("path", "pred", "class", "confidence", "logp", "gradnorm", "ood")
+
+    def add(self, names: list[str], out: dict) -> None:
+        for j, name in enumerate(names):
+            pred = int(out["pred"][j])
+            self.rows.append({"path": name, "pred": pred, "class": self.classes[pred],
+                              "confidence": float(out["confidence"][j]), "logp": float(out["logp"][j]),
+                              "gradnorm": float(out["gradnorm"][j]), "ood": bool(out["ood"][j])})
+
+    @property
+    def n_ood(self) -> int:
+        return sum(r["ood"] for r in self.rows)
+
+    def write(self, path: Path) -> Path:
+        """``.csv`` (the columns above) or ``.json`` (rows, failures and the threshold used)."""
+        import csv
+
+        tmp = path.with_name(f".{path.name}.tmp")
+        if path.suffix.lower() == ".json":
+            tmp.write_text(json.dumps({"score": self.score, "tpr": self.tpr, "threshold": self.threshold,
+                                       "rows": self.rows, "failures": [{"path": p, "error": e} for p, e in self.failures]},
+                                      indent=1) + "\n")
+        else:
+            with open(tmp, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=self.COLUMNS)
+                w.writeheader()
+                w.writerows(self.rows)
+        tmp.replace(path)
+        return path
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# loading and exporting
+# ------------------------------------------------------------------------------------------------------------------
+def load(path: str | Path, device: str = "auto") -> Predictor:
+    """A trained JEM from a run directory (``jem train``) or an exported model folder (``jem export``), ready to
+    use: eval mode, on ``device``."""
+    path = Path(path)
+    if (path / MODEL_CARD).is_file():
+        return _load_export(path, device)
+    if (path / CONFIG).is_file():
+        run = load_run(path, device)
+        return Predictor(run.jem, list(run.data.classes), tuple(run.data.shape), run.run_dir, run.device,
+                         run_cfg=run.cfg)
+    raise FileNotFoundError(f"{path} is neither a run directory ({CONFIG}) nor an exported model ({MODEL_CARD})")
+
+
+def _load_export(path: Path, device: str) -> Predictor:
+    from safetensors.torch import load_file
+
+    card_path = path / MODEL_CARD
+    try:
+        card = json.loads(card_path.read_text())
+        if card.get("format") != CARD_FORMAT:
+            raise ValueError(f"format {card.get('format')!r}, expected {CARD_FORMAT!r}")
+        arch, classes, shape = card["architecture"], list(card["classes"]), tuple(int(v) for v in card["input_shape"])
+        if len(shape) != 3 or not classes:
+            raise ValueError("bad input_shape or classes")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{card_path}: not a jemtorch model card ({type(e).__name__}: {e})") from None
+    dev = pick_device(device)
+    model = create_model(arch["model"], in_channels=shape[0], num_classes=len(classes), norm=arch.get("norm"),
+                         dropout=float(arch.get("dropout", 0.0)))
+    weights_path = path / card.get("weights", WEIGHTS)
+    try:
+        state = load_file(str(weights_path))
+    except Exception as e:  # missing, truncated or not a safetensors file
+        raise CheckpointError(f"cannot load {weights_path}: {type(e).__name__}: {str(e)[:200]}") from None
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"{weights_path}: weights do not match the card's architecture: "
+                              f"{str(e).splitlines()[0]}") from None
+    check_logits(model, arch["model"], shape, len(classes))
+    jem = JEM(model).to(dev).eval()
+    cal = OODCalibration.from_dict(card["ood"], str(card_path)) if card.get("ood") else None
+    return Predictor(jem, classes, shape, path, dev, card=card, calibration_=cal)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def export(run_dir: str | Path, out: str | Path, onnx: bool = False, overwrite: bool = False,
+           device: str = "cpu") -> dict:
+    """Write ``out/model.safetensors`` (the run's best-validation weights) and ``out/model.json`` (the model card),
+    plus ``out/model.onnx`` (the classifier: images → logits) with ``onnx=True``. Returns the card."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
+    ours = {MODEL_CARD, WEIGHTS, ONNX_FILE, ONNX_FILE + ".data"}
+    if out.is_dir() and any(out.iterdir()):
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in ours)
+        if foreign:
+            raise ValueError(f"--out {out} holds files that are not an export ({', '.join(foreign[:3])}); "
+                             f"choose an empty or new folder")
+        if not overwrite:
+            raise ValueError(f"--out {out} already holds an export; pass --overwrite to replace it")
+    pred = load(run_dir, device)
+    if pred.run_cfg is None:
+        raise ValueError(f"{run_dir} is already an export; export from a run directory")
+    cal = pred.calibration
+    cfg = pred.run_cfg
+    summary = RunDir(run_dir).read_json(SUMMARY)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in pred.jem.f.state_dict().items()}
+    tmp = out / f".{WEIGHTS}.tmp"
+    save_file(state, str(tmp), metadata={"format": "pt"})
+    tmp.replace(out / WEIGHTS)
+    from . import __version__
+
+    card = {
+        "format": CARD_FORMAT,
+        "jemtorch_version": __version__,
+        "architecture": {"model": cfg.model, "norm": cfg.norm, "dropout": cfg.dropout},
+        "classes": pred.classes,
+        "input_shape": list(pred.input_shape),
+        "scaling": SCALING,
+        "dataset": cfg.dataset,
+        "recipe": cfg.recipe,
+        "p_x_weight": cfg.p_x_weight,
+        "training": {k: summary.get(k) for k in ("test_accuracy", "test_nll", "best_val_accuracy", "iterations",
+                                                  "epochs", "train_seconds", "rollbacks", "torch", "device")},
+        "weights": WEIGHTS,
+        "weights_sha256": _sha256(out / WEIGHTS),
+        "ood": cal.to_dict(),
+        "ood_default": f"flag images whose {cal.score} score is below calibration.threshold(tpr)",
+    }
+    if onnx:
+        card["onnx"] = export_onnx(pred, out / ONNX_FILE)
+    else:
+        for name in (ONNX_FILE, ONNX_FILE + ".data"):  # never leave a stale ONNX file beside new weights
+            (out / name).unlink(missing_ok=True)
+    tmp = out / f".{MODEL_CARD}.tmp"
+    tmp.write_text(json.dumps(card, indent=1) + "\n")
+    tmp.replace(out / MODEL_CARD)
+    for note in pred.notices:
+        print(f"jem export: {note}", file=sys.stderr)
+    return card
+
+
+def export_onnx(pred: Predictor, path: Path) -> str:
+    """The classifier as ONNX (input ``images``: float (N, C, H, W) in [−1, 1]; output ``logits``), dynamic batch.
+
+    Uses torch's ``torch.export``-based exporter when ``onnxscript`` is installed (it handles every jemtorch model),
+    else the TorchScript-based one (needs only ``onnx``; it cannot export an adaptive pooling whose output size does
+    not divide its input, as in the cnn models on 28×28 images)."""
+    import importlib.util
+
+    if importlib.util.find_spec("onnx") is None:
+        raise ValueError("--onnx needs the onnx package: pip install onnx onnxscript (or jemtorch[onnx])")
+    dynamo = importlib.util.find_spec("onnxscript") is not None
+    model = pred.jem.f.cpu().eval()
+    dummy = torch.zeros(2, *pred.input_shape)  # batch 2: a batch of 1 would be specialised away
+    tmp_dir = path.parent / f".{path.name}.tmp"  # big models get an external-data file named after the .onnx file
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    tmp_dir.mkdir()
+    tmp = tmp_dir / path.name
+    if dynamo:
+        kwargs: dict = {"dynamo": True, "dynamic_shapes": ({0: torch.export.Dim("batch")},)}
+    else:
+        legacy = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
+        kwargs = {"dynamic_axes": {"images": {0: "batch"}, "logits": {0: "batch"}}, **legacy}
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (dummy,), str(tmp), input_names=["images"], output_names=["logits"], **kwargs)
+    except Exception as e:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        hint = "" if dynamo else " (installing onnxscript enables torch's newer exporter)"
+        raise ValueError(f"ONNX export failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}{hint}") from None
+    finally:
+        pred.jem.to(pred.device)
+    names = sorted(p.name for p in tmp_dir.iterdir())
+    for name in names:
+        (tmp_dir / name).replace(path.parent / name)
+    tmp_dir.rmdir()
+    return ", ".join(names)
