@@ -18,17 +18,36 @@ class CheckpointError(ValueError):
 
 
 def save_atomic(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` to a temporary file, fsync, rename: the old file survives any failure, which is reported as
+    one-line CheckpointError (disk full, no permission)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch reports a failed write inside its zip writer as a RuntimeError
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:160]
+        raise CheckpointError(f"cannot write {path}: {reason} (disk full or not writable?); "
+                              f"{'the previous file is intact' if path.exists() else 'nothing was written'}") from None
     finally:
         tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_atomic(path: str | Path, text: str) -> Path:
+    """A small text file written whole or not at all."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"cannot write {path}: {e.strerror or e}") from None
     return path
 
 

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
 from .attacks import DEFAULT_EPS, THREAT_MODELS, check_threat_model, parse_eps
 from .checkpoint import CheckpointError
-from .config import add_config_arguments, resolve_config
+from .config import add_config_arguments, resolve_config, resume_changes
 from .data import DatasetError
 from .evaluate import SCORES, EvalOptions, evaluate_runs
 from .inference import ScoreTable, export, load
@@ -23,7 +24,13 @@ from .robustness import AttackOptions, attack_runs, distal_runs
 from .run import CONFIG, RunDir
 from .train import Trainer, TrainingDiverged
 
-USER_ERRORS = (ValueError, DatasetError, CheckpointError, FileNotFoundError)
+USER_ERRORS = (ValueError, DatasetError, CheckpointError)
+
+
+def _os_error_line(e: OSError) -> str:
+    """An OSError as one line: what failed, on which file."""
+    where = f": {e.filename}" if e.filename else ""
+    return f"{e.strerror or e}{where}"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -129,17 +136,20 @@ def cmd_train(args: argparse.Namespace) -> int:
         base = run.read_config()
         base["out"] = str(run.path)
         cfg = resolve_config(overrides, args.config, base)
+        changed = resume_changes(base, cfg)
     else:
         cfg = resolve_config(overrides, args.config)
         run = RunDir(cfg.run_dir)
+        run.check_new_run(args.overwrite)
         if run.has_run:
-            if not args.overwrite:
-                raise ValueError(f"{cfg.run_dir} already holds a run; use --resume {cfg.run_dir}, --overwrite, "
-                                 f"or another --out/--name")
             run.remove_train_outputs()
     trainer = Trainer(cfg)
+    trainer.run.write_config(cfg)  # the folder, its marker and config: an unwritable --out fails here, before training
     if args.resume:
-        trainer.resume()
+        trainer.resume(changed)
+        if changed:
+            print("jem train: resuming with " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()),
+                  file=sys.stderr)
     n_params = sum(p.numel() for p in trainer.jem.parameters())
     kind = "classifier baseline" if not trainer.uses_samples else f"JEM, {cfg.sgld_steps} SGLD steps/iteration"
     s = trainer.splits
@@ -195,6 +205,12 @@ def cmd_attack(args: argparse.Namespace) -> int:
         raise ValueError(f"unknown black-box attack {sorted(unknown)[0]!r}; choose from boundary, pointwise, square")
     if args.n == 0 or args.n < -1 or args.steps < 1 or args.restarts < 1 or min(refine, default=0) < 0:
         raise ValueError("--n must be -1 or >= 1; --steps, --restarts >= 1; --refine-steps >= 0")
+    if not (math.isfinite(args.step_size) and args.step_size > 0):
+        raise ValueError(f"--step-size must be a finite number > 0, got {args.step_size}")
+    if min(args.refine_chains, args.boundary_steps, args.square_queries, args.batch_size) < 1:
+        raise ValueError("--refine-chains, --boundary-steps, --square-queries and --batch-size must be >= 1")
+    if args.defense_grad not in ("full", "bpda"):
+        raise ValueError(f"--defense-grad must be full or bpda, got {args.defense_grad!r}")
     opts = AttackOptions(threat_model=threat_model, eps=eps, n=args.n, steps=args.steps, step_size=args.step_size,
                          restarts=args.restarts, refine_steps=refine, refine_chains=args.refine_chains,
                          defense_grad=args.defense_grad, blackbox=blackbox, boundary_steps=args.boundary_steps,
@@ -209,8 +225,8 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
 
 def cmd_distal(args: argparse.Namespace) -> int:
-    if args.n < 1 or args.steps < 1 or args.step_size <= 0:
-        raise ValueError("--n and --steps must be >= 1, --step-size > 0")
+    if args.n < 1 or args.steps < 1 or not (math.isfinite(args.step_size) and args.step_size > 0):
+        raise ValueError("--n and --steps must be >= 1, --step-size a finite number > 0")
     res = distal_runs(args.runs, args.cls, args.n, args.steps, args.step_size, args.seed, args.device, args.data_root)
     for name, d in res.items():
         print(f"{name}: class {args.cls}: mean p(y|x) {d['mean_confidence']:.3f}, mean log p(x) {d['mean_log_px']:.2f}")
@@ -276,6 +292,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return commands[args.command](args)
     except USER_ERRORS as e:
         print(f"jem: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # unwritable or read-only run directory, disk full, a file where a folder should be, ...
+        print(f"jem: error: {_os_error_line(e)}", file=sys.stderr)
         return 2
 
 

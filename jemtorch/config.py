@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
@@ -122,11 +123,42 @@ class TrainConfig:
             self.model = f"{Path(module).expanduser().resolve()}:{fn}"
         self.validate()
 
+    def check_types(self) -> None:
+        """Every entry has its field's type (config files and the Python API can hand in anything) and every number
+        is finite: a one-line ValueError naming the entry otherwise."""
+        for f in fields(self):
+            v, t, flag = getattr(self, f.name), str(f.type), "--" + f.name.replace("_", "-")
+            if t in ("int", "float") and isinstance(v, bool):
+                raise ValueError(f"{flag} must be a number, got {v!r}")
+            if t == "int":
+                if isinstance(v, float) and v.is_integer():
+                    v = int(v)
+                    setattr(self, f.name, v)
+                if not isinstance(v, int):
+                    raise ValueError(f"{flag} must be an integer, got {v!r}")
+            elif t == "float":
+                if not isinstance(v, (int, float)):
+                    raise ValueError(f"{flag} must be a number, got {v!r}")
+                if not math.isfinite(v):
+                    raise ValueError(f"{flag} must be finite, got {v!r}")
+                setattr(self, f.name, float(v))
+            elif t == "bool" and not isinstance(v, bool):
+                raise ValueError(f"{flag} must be true or false, got {v!r}")
+            elif t == "str" and not isinstance(v, str):
+                raise ValueError(f"{flag} must be a string, got {v!r}")
+            elif t == "Optional[str]" and v is not None and not isinstance(v, str):
+                raise ValueError(f"{flag} must be a string, got {v!r}")
+            elif f.name in ("decay_epochs", "inject_divergence"):
+                if not isinstance(v, (list, tuple)) or not all(isinstance(e, int) and not isinstance(e, bool)
+                                                               for e in v):
+                    raise ValueError(f"{flag} must be a list of integers, got {v!r}")
+
     def validate(self) -> None:
         def need(cond: bool, msg: str) -> None:
             if not cond:
                 raise ValueError(msg)
 
+        self.check_types()
         need(self.sgld_steps >= 0, f"--sgld-steps must be >= 0, got {self.sgld_steps}")
         need(self.sgld_lr >= 0, f"--sgld-lr must be >= 0, got {self.sgld_lr}")
         need(self.sgld_std >= 0, f"--sgld-std must be >= 0, got {self.sgld_std}")
@@ -150,6 +182,10 @@ class TrainConfig:
              f"--px-batch-size must be -1 or in 1..--batch-size, got {self.px_batch_size}")
         need(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
         need(min(self.p_y_given_x_weight, self.p_x_weight, self.p_x_y_weight) >= 0, "loss weights must be >= 0")
+        need(self.momentum >= 0, f"--momentum must be >= 0, got {self.momentum}")
+        need(self.clip_grad >= 0, f"--clip-grad must be >= 0 (0: off), got {self.clip_grad}")
+        need(self.max_iters >= -1, f"--max-iters must be -1 (no limit) or >= 0, got {self.max_iters}")
+        need(self.n_valid >= -1, f"--n-valid must be -1 (10%) or >= 0, got {self.n_valid}")
         need(self.px_start_epoch >= 0, f"--px-start-epoch must be >= 0, got {self.px_start_epoch}")
         need(self.energy_reg >= 0, f"--energy-reg must be >= 0, got {self.energy_reg}")
         need(self.p_y_given_x_weight + self.p_x_weight + self.p_x_y_weight > 0, "at least one loss weight must be > 0")
@@ -288,6 +324,24 @@ def resolve_config(args: dict, config_file: Optional[str] = None, base: Optional
     if d.get("norm") == "none":
         d["norm"] = None
     return TrainConfig.from_dict(d)
+
+
+# what a resumed run cannot change: the checkpoint's weights, buffer, optimiser state and data order are built on them
+RESUME_FIXED = ("dataset", "model", "norm", "dropout", "seed", "n_valid", "labels_per_class", "batch_size",
+                "buffer_size", "class_cond_buffer", "optimizer", "recipe")
+RESUME_IGNORED = ("out", "name", "progress")  # changes that are not worth a log line
+
+
+def resume_changes(old: dict, new: TrainConfig) -> dict:
+    """Entries a resume changes, {name: [old, new]}; a one-line ValueError for one it cannot change."""
+    new_d = json.loads(json.dumps(new.to_dict()))
+    changed = {k: [old.get(k), v] for k, v in new_d.items() if k in old and old[k] != v and k not in RESUME_IGNORED}
+    fixed = [k for k in changed if k in RESUME_FIXED]
+    if fixed:
+        what = ", ".join(f"--{k.replace('_', '-')} ({changed[k][0]} -> {changed[k][1]})" for k in fixed)
+        raise ValueError(f"--resume cannot change {what}: the checkpoint was trained with the old value; start a new "
+                         f"run instead (--out)")
+    return changed
 
 
 def make_config(config_file: Optional[str] = None, **entries) -> TrainConfig:

@@ -311,7 +311,14 @@ def read_imagefolder(root: Path) -> ImageData:
     classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
     if not classes:
         raise DatasetError(f"no class folders in {train_dir}")
-    stamp = f"{root.resolve()}|{train_dir.stat().st_mtime_ns}|{test_dir.stat().st_mtime_ns}|{classes}"
+    # the cache key covers every image file's path, size and modification time: a file added, removed, replaced or
+    # rewritten in place gives another key, so the cache never serves images that no longer match the files
+    listing = hashlib.sha1(str(root.resolve()).encode())
+    for split_dir in (train_dir, test_dir):
+        for f in image_files(split_dir):
+            st = f.stat()
+            listing.update(f"{f.relative_to(root)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    stamp = f"{listing.hexdigest()}|{classes}"
     cache_dir = Path(os.environ.get("JEMTORCH_CACHE", Path.home() / ".cache" / "jemtorch"))
     cache = cache_dir / f"imagefolder-{hashlib.sha1(stamp.encode()).hexdigest()[:16]}.npz"
     if cache.exists():

@@ -220,6 +220,9 @@ def evaluate_run(run: LoadedRun, opts: EvalOptions, reference: Optional[LoadedRu
 
     # classification and calibration on the whole test set
     logits = in_batches(lambda xb: run.jem.logits(to_float(xb)).cpu(), data.x_test, 500, run.device)
+    if not torch.isfinite(logits).all():
+        raise ValueError(f"{run.run_dir}: the model's logits are not finite on the test set (NaN/inf weights); "
+                         f"nothing was evaluated")
     probs = logits.softmax(1)
     acc = (probs.argmax(1) == data.y_test).float().mean().item()
     nll = F.cross_entropy(logits, data.y_test).item()

@@ -9,8 +9,17 @@ import numpy as np
 import torch
 
 
+def require_finite(name: str, *arrays) -> None:
+    """Metrics of non-finite inputs are meaningless numbers: refuse them, naming what was not finite."""
+    for a in arrays:
+        finite = torch.isfinite(a).all().item() if isinstance(a, torch.Tensor) else np.isfinite(np.asarray(a, np.float64)).all()
+        if not finite:
+            raise ValueError(f"{name}: inputs are not finite (NaN or infinite scores: the model's weights are broken)")
+
+
 def calibration_bins(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> dict:
     """Equal-width confidence bins over (0, 1]: per bin count, mean confidence, accuracy; and the ECE they give."""
+    require_finite("calibration", probs)
     conf, pred = probs.max(1)
     correct = (pred == labels).float()
     edges = torch.linspace(0, 1, n_bins + 1)
@@ -29,6 +38,8 @@ def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, n_bins
     """ECE (L1, equal-width bins) via torchmetrics."""
     from torchmetrics.functional.classification import multiclass_calibration_error
 
+    require_finite("ECE", probs)
+
     return float(multiclass_calibration_error(probs, labels, num_classes=probs.shape[1], n_bins=n_bins, norm="l1"))
 
 
@@ -41,6 +52,7 @@ def ood_metrics(score_in: np.ndarray, score_out: np.ndarray) -> dict:
     from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
     s_in, s_out = np.asarray(score_in, np.float64), np.asarray(score_out, np.float64)
+    require_finite("OOD metrics", s_in, s_out)
     y = np.r_[np.ones(len(s_in)), np.zeros(len(s_out))]
     s = np.r_[s_in, s_out]
     fpr, tpr, _ = roc_curve(y, s)
@@ -51,6 +63,7 @@ def ood_metrics(score_in: np.ndarray, score_out: np.ndarray) -> dict:
 def frechet_distance(feat_a: np.ndarray, feat_b: np.ndarray) -> float:
     """Fréchet distance between Gaussians fitted to two feature sets (the formula behind FID)."""
     a, b = np.asarray(feat_a, np.float64), np.asarray(feat_b, np.float64)
+    require_finite("Fréchet distance", a, b)
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     # tr sqrt(A B) = Σ sqrt(λ_i(A B)): A B is similar to the PSD matrix A^½ B A^½, so its eigenvalues are ≥ 0
@@ -61,6 +74,7 @@ def frechet_distance(feat_a: np.ndarray, feat_b: np.ndarray) -> float:
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 200) -> float:
     """Temperature scaling (Guo et al. 2017): the T > 0 minimising the NLL of softmax(logits / T) on held-out data."""
     logits, labels = logits.detach().double(), labels.detach()
+    require_finite("temperature scaling", logits)
     log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([log_t], lr=0.5, max_iter=max_iter, line_search_fn="strong_wolfe")
 

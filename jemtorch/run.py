@@ -19,13 +19,14 @@ Every command finds these files through this module (file names live here only),
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Optional
 
 import torch
 
-from .checkpoint import CheckpointError, load_safe, save_atomic
+from .checkpoint import CheckpointError, load_safe, save_atomic, write_atomic
 from .config import TrainConfig
 from .data import ImageData, labeled_subset, load_dataset, training_splits
 from .energy import JEM
@@ -33,6 +34,7 @@ from .models import create_model
 from .models.registry import check_logits
 from .sampler import JEMSampler, build_sampler
 
+MARKER = ".jemtorch-run"  # written first by jem train: the folder is a run directory
 CONFIG = "config.json"
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
@@ -95,22 +97,59 @@ class RunDir:
 
     @property
     def has_run(self) -> bool:
+        """Has training started here (a checkpoint or a metrics log)?"""
         return self.checkpoint.exists() or (self.path / METRICS).exists()
+
+    @property
+    def is_run_dir(self) -> bool:
+        """Is this folder a jemtorch run directory: the marker ``jem train`` writes first, or (runs of jemtorch 0.1,
+        before the marker) a config beside a checkpoint?"""
+        return (self.path / MARKER).is_file() or ((self.path / CONFIG).is_file() and self.checkpoint.is_file())
+
+    def check_new_run(self, overwrite: bool) -> None:
+        """Refuse (one line) to start a run where it would replace anything that is not an earlier run's output."""
+        p = self.path
+        if p.exists() and not p.is_dir():
+            raise ValueError(f"--out {p} is a file, not a folder")
+        if p.is_dir() and any(p.iterdir()) and not self.is_run_dir:
+            raise ValueError(f"--out {p} holds files and is not a jemtorch run directory; choose a new or empty "
+                             f"folder (nothing was changed)")
+        if self.has_run and not overwrite:
+            raise ValueError(f"{p} already holds a run; use --resume {p}, --overwrite, or another --out/--name")
 
     def write_config(self, cfg: TrainConfig) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
-        (self.path / CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        if not (self.path / MARKER).is_file():
+            (self.path / MARKER).write_text("a jemtorch run directory (jem train writes here; do not store other files)\n")
+        write_atomic(self.path / CONFIG, json.dumps(cfg.to_dict(), indent=2) + "\n")
 
     def read_config(self) -> dict:
-        return json.loads((self.path / CONFIG).read_text())
+        d = self.read_json(CONFIG)
+        if not d:
+            raise CheckpointError(f"{self.path / CONFIG} is missing or empty")
+        return d
 
     def write_summary(self, summary: dict) -> None:
-        (self.path / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+        write_atomic(self.path / SUMMARY, json.dumps(summary, indent=2) + "\n")
 
     def read_json(self, name: str) -> dict:
-        """A JSON file of the run (``summary.json``, ``eval/metrics.json``, ...), or {} when absent."""
+        """A JSON object file of the run (``summary.json``, ``eval/metrics.json``, ...), or {} when absent."""
         p = self.path / name
-        return json.loads(p.read_text()) if p.is_file() else {}
+        if not p.is_file():
+            return {}
+        try:
+            d = json.loads(p.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{p} is not valid JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise CheckpointError(f"{p} does not hold a JSON object")
+        return d
+
+    def remove_stale_temporaries(self) -> None:
+        """Delete the temporary files of checkpoint writes a kill interrupted (``.checkpoint.pt.<pid>.tmp``)."""
+        for name in (CHECKPOINT, BEST):
+            for tmp in self.path.glob(f".{name}.*.tmp"):
+                tmp.unlink(missing_ok=True)
 
     def save_checkpoint(self, state: dict) -> Path:
         return save_atomic(state, self.checkpoint)
@@ -119,13 +158,19 @@ class RunDir:
         return save_atomic(state, self.best)
 
     def remove_train_outputs(self) -> None:
-        """``--overwrite``: delete what ``jem train`` wrote, and nothing else."""
-        import shutil
-
+        """``--overwrite``: delete what ``jem train`` wrote, and nothing else (files of other names in ``samples/``
+        and ``tb/`` stay, and so do ``eval/`` and ``robustness/``)."""
         for name in TRAIN_OUTPUTS:
             (self.path / name).unlink(missing_ok=True)
-        shutil.rmtree(self.path / SAMPLES_DIR, ignore_errors=True)
-        shutil.rmtree(self.path / TENSORBOARD_DIR, ignore_errors=True)
+        self.remove_stale_temporaries()
+        for folder, pattern in ((SAMPLES_DIR, r"(un)?cond_\d+\.png"), (TENSORBOARD_DIR, r"events\.out\.tfevents\..*")):
+            d = self.path / folder
+            if d.is_dir():
+                for f in d.iterdir():
+                    if f.is_file() and re.fullmatch(pattern, f.name):
+                        f.unlink()
+                if not any(d.iterdir()):
+                    d.rmdir()
 
 
 class TensorBoardLog:
@@ -188,15 +233,30 @@ class MetricsLog:
             self.tensorboard.close()
 
     def records(self) -> list[dict]:
+        """Every record. A torn last line (a crash in the middle of a write) is dropped; any other line that is not
+        JSON is a CheckpointError naming the file and line."""
         if not self.path.exists():
             return []
-        return [json.loads(ln) for ln in self.path.read_text().splitlines() if ln.strip()]
+        lines = [ln for ln in self.path.read_text().splitlines() if ln.strip()]
+        out = []
+        for i, ln in enumerate(lines):
+            try:
+                rec = json.loads(ln)
+                if not isinstance(rec, dict) or "step" not in rec:
+                    raise ValueError("not a metrics record")
+            except ValueError as e:
+                if i == len(lines) - 1:
+                    break  # torn by a crash mid-write
+                raise CheckpointError(f"{self.path}, line {i + 1}: not a metrics record ({e})") from None
+            out.append(rec)
+        return out
 
     def truncate_after(self, step: int) -> None:
-        """Drop records logged after ``step`` (a resumed run continues from its checkpoint's step)."""
+        """Drop records logged after ``step`` (a resumed run continues from its checkpoint's step), and a torn last
+        line."""
         if self.path.exists():
-            keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-            self.path.write_text("".join(ln + "\n" for ln in keep))
+            keep = [r for r in self.records() if r["step"] <= step]
+            write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -228,6 +288,28 @@ class LoadedRun:
                              init_images(self.cfg, self.data))
 
 
+# entries of config.json that must agree with the config stored inside a checkpoint
+IDENTITY = ("dataset", "model", "norm", "labels_per_class")
+
+
+def checked_state(state, path: Path, cfg: TrainConfig, keys: tuple[str, ...]) -> dict:
+    """A loaded checkpoint, checked: a dict with ``keys`` whose stored config names the same dataset and model as
+    the run's config.json (a checkpoint copied in from another run is refused instead of evaluated)."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} is not a jemtorch checkpoint (it holds a {type(state).__name__})")
+    missing = [k for k in keys if k not in state]
+    if missing:
+        raise CheckpointError(f"{path} is not a jemtorch checkpoint (no {', '.join(missing)})")
+    stored = state.get("config")
+    if isinstance(stored, dict):
+        other = {k: stored.get(k) for k in IDENTITY if k in stored and stored.get(k) != getattr(cfg, k)}
+        if other:
+            raise CheckpointError(f"{path} was trained with " + ", ".join(f"{k}={v}" for k, v in other.items()) +
+                                  ", but the run's config.json says " +
+                                  ", ".join(f"{k}={getattr(cfg, k)}" for k in other) + "; it belongs to another run")
+    return state
+
+
 def load_run(run_dir: str | Path, device: str = "auto", data_root: Optional[str] = None,
              datasets: Optional[dict] = None) -> LoadedRun:
     """A trained run: its config, model (best-validation weights when kept), replay buffer and dataset.
@@ -241,20 +323,23 @@ def load_run(run_dir: str | Path, device: str = "auto", data_root: Optional[str]
         cfg_dict["data_root"] = data_root
     cfg = TrainConfig.from_dict(cfg_dict)
     dev = pick_device(device)
-    ckpt = load_safe(rd.checkpoint, dev)
+    ckpt = checked_state(load_safe(rd.checkpoint, dev), rd.checkpoint, cfg, ("model", "buffer") if cfg.uses_samples
+                         else ("model",))
     datasets = {} if datasets is None else datasets
     key = (cfg.dataset, cfg.data_root)
     if key not in datasets:
         datasets[key] = load_dataset(cfg.dataset, cfg.data_root, download_missing=False)
     data: ImageData = datasets[key]
     jem = build_jem(cfg, data.shape, data.num_classes).to(dev)
-    weights = load_safe(rd.best, dev)["model"] if rd.best.is_file() else ckpt["model"]
+    weights = checked_state(load_safe(rd.best, dev), rd.best, cfg, ("model",))["model"] if rd.best.is_file() else ckpt["model"]
     try:
         jem.f.load_state_dict(weights)
     except RuntimeError as e:
         raise CheckpointError(f"{rd.path}: weights do not match the run's config: {str(e).splitlines()[0]}") from None
     jem.eval()
-    buffer = ckpt["buffer"]["data"] if cfg.uses_samples else None
+    buffer = ckpt["buffer"].get("data") if cfg.uses_samples and isinstance(ckpt["buffer"], dict) else None
+    if cfg.uses_samples and not isinstance(buffer, torch.Tensor):
+        raise CheckpointError(f"{rd.checkpoint} has no replay buffer (not a checkpoint of this run)")
     return LoadedRun(rd.path, cfg, jem, data, buffer, dev, rd.read_json(SUMMARY))
 
 

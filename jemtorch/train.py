@@ -15,12 +15,15 @@ never restoring the same state twice. The official code stops with ``1/0`` at th
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import platform
+import signal
+import threading
 import time
 from dataclasses import replace
-from typing import Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -220,6 +223,7 @@ class Trainer:
         self.best_val = -1.0
         self.train_seconds = 0.0
         self.events: list[dict] = []  # recovery records, written to metrics.jsonl
+        self.window: dict[str, list[float]] = {}  # per-step values averaged into the next log record
         self.injected: set[int] = set()  # --inject-divergence steps already used
 
     @property
@@ -313,55 +317,58 @@ class Trainer:
         """Train until ``total_iters``; write metrics, samples, checkpoints; return the summary."""
         cfg = self.cfg
         self.run.write_config(cfg)
+        self.run.remove_stale_temporaries()
         tb = TensorBoardLog(self.run / TENSORBOARD_DIR, self.step, self.rollbacks) if cfg.tensorboard else None
         log = MetricsLog(self.run / METRICS, tb)
         sample_every = cfg.sample_every if cfg.sample_every > 0 else 10 * self.iters_per_epoch
-        window: dict[str, list[float]] = {}
+        window = self.window  # values since the last log record (checkpointed: a resumed run logs the same)
         bar = tqdm(total=self.total_iters, initial=self.step, disable=not cfg.progress, dynamic_ncols=True,
                    desc=f"jem {cfg.run_name}", unit="it")
         t_last = time.perf_counter()
         self.recovery.take_snapshot()
         try:
-            while self.step < self.total_iters:
-                values = self.train_step()
-                for ev in self.events:
-                    log.write(ev)
-                    bar.write(ev["message"])
-                self.events.clear()
-                if values.get("rollback"):
-                    window.clear()
-                    bar.n = self.step
-                    continue
-                for k, v in values.items():
-                    window.setdefault(k, []).append(v)
-                bar.update(1)
-                bar.set_postfix(_postfix(values), refresh=False)
-                # validation and logging happen at fixed steps only, so a stopped-and-resumed run logs and selects
-                # its best checkpoint exactly as an uninterrupted one
-                epoch_done = self.step % self.iters_per_epoch == 0
-                last = self.step == self.total_iters
-                now = time.perf_counter()
-                self.train_seconds += now - t_last
-                t_last = now
+            with deferred_interrupt(lambda: bar.write("interrupt: finishing this iteration, then saving a checkpoint "
+                                                      "(Ctrl-C again stops at once; the last checkpoint stays)")) as stop:
+                while self.step < self.total_iters:
+                    if stop.asked:  # between iterations the state is whole: save it, then stop
+                        self.save()
+                        raise KeyboardInterrupt
+                    values = self.train_step()
+                    for ev in self.events:
+                        log.write(ev)
+                        bar.write(ev["message"])
+                    self.events.clear()
+                    if values.get("rollback"):
+                        window.clear()
+                        bar.n = self.step
+                        continue
+                    for k, v in values.items():
+                        window.setdefault(k, []).append(v)
+                    bar.update(1)
+                    bar.set_postfix(_postfix(values), refresh=False)
+                    # validation and logging happen at fixed steps only, so a stopped-and-resumed run logs and selects
+                    # its best checkpoint exactly as an uninterrupted one
+                    epoch_done = self.step % self.iters_per_epoch == 0
+                    last = self.step == self.total_iters
+                    now = time.perf_counter()
+                    self.train_seconds += now - t_last
+                    t_last = now
 
-                if self.step % cfg.log_every == 0:
-                    rec = {"kind": "train", "step": self.step, "epoch": self.step / self.iters_per_epoch,
-                           "lr": self.opt.param_groups[0]["lr"], "time": round(self.train_seconds, 3)}
-                    rec.update({k: sum(v) / len(v) for k, v in window.items()})
-                    log.write(rec)
-                    window.clear()
-                if epoch_done and ((self.step // self.iters_per_epoch) % cfg.eval_every == 0 or last):
-                    self.validate(log)
-                if epoch_done or last:
-                    training_curves(log.records(), self.run / CURVES)
-                if self.uses_samples and (self.step % sample_every == 0 or last):
-                    self.write_samples(tb)
-                if (epoch_done and (self.step // self.iters_per_epoch) % cfg.ckpt_every == 0) or last:
-                    self.save()
-                t_last = time.perf_counter()  # bookkeeping above is not training time
-        except KeyboardInterrupt:
-            self.save()
-            raise
+                    if self.step % cfg.log_every == 0:
+                        rec = {"kind": "train", "step": self.step, "epoch": self.step / self.iters_per_epoch,
+                               "lr": self.opt.param_groups[0]["lr"], "time": round(self.train_seconds, 3)}
+                        rec.update({k: sum(v) / len(v) for k, v in window.items()})
+                        log.write(rec)
+                        window.clear()
+                    if epoch_done and ((self.step // self.iters_per_epoch) % cfg.eval_every == 0 or last):
+                        self.validate(log)
+                    if epoch_done or last:
+                        training_curves(log.records(), self.run / CURVES)
+                    if self.uses_samples and (self.step % sample_every == 0 or last):
+                        self.write_samples(tb)
+                    if (epoch_done and (self.step // self.iters_per_epoch) % cfg.ckpt_every == 0) or last:
+                        self.save()
+                    t_last = time.perf_counter()  # bookkeeping above is not training time
         finally:
             bar.close()
             log.close()
@@ -385,6 +392,10 @@ class Trainer:
     def finish(self) -> dict:
         """Test the best-validation model (or the final one without a validation split); write summary.json."""
         s = self.splits
+        bad = [n for n, p in self.jem.f.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
+        if bad:
+            raise TrainingDiverged(f"the final weights are not finite ({', '.join(bad[:3])}); no summary was written. "
+                                   f"The last good checkpoint: {self.run.checkpoint}")
         last = accuracy_and_nll(self.jem, s.x_test, s.y_test)
         best = last
         if len(s.x_val) > 0 and self.run.best.exists():
@@ -435,6 +446,7 @@ class Trainer:
             "train_seconds": self.train_seconds,
             "recovery": self.recovery.state_dict(),
             "injected": sorted(self.injected),
+            "window": {k: list(v) for k, v in self.window.items()},
             "config": self.cfg.to_dict(),
             "dataset": {"name": self.data.name, "shape": list(self.data.shape), "classes": self.data.classes},
         }
@@ -454,13 +466,63 @@ class Trainer:
             self.train_seconds = float(state["train_seconds"])
             self.recovery.load_state_dict(state["recovery"])
             self.injected = set(int(i) for i in state.get("injected", []))
-        except (KeyError, RuntimeError, ValueError) as e:
+            self.window = {str(k): [float(v) for v in vs] for k, vs in state.get("window", {}).items()}
+        except (KeyError, RuntimeError, ValueError, TypeError, AttributeError, IndexError) as e:
             raise CheckpointError(f"checkpoint does not match this run's model/config: {str(e).splitlines()[0]}") from None
 
-    def resume(self) -> None:
-        """Load ``RUN_DIR/checkpoint.pt`` and drop metrics logged after it, so the log reads like one run."""
-        self.load_state_dict(load_safe(self.run.checkpoint, self.device))
-        MetricsLog(self.run / METRICS).truncate_after(self.step)
+    def resume(self, changed: Optional[dict] = None) -> None:
+        """Load ``RUN_DIR/checkpoint.pt`` and drop metrics logged after it, so the log reads like one run.
+
+        ``changed``: config entries given new values for this resume ({name: [old, new]}, see
+        ``config.resume_changes``). The optimiser's own hyper-parameters (lr, momentum, weight decay) come back from
+        the checkpoint, so they are set again from the config here; everything else is read from the config at
+        every step. The change is logged as a ``kind: resume`` record."""
+        state = load_safe(self.run.checkpoint, self.device)
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{self.run.checkpoint} is not a jemtorch checkpoint (it holds a "
+                                  f"{type(state).__name__})")
+        self.load_state_dict(state)
+        for group in self.opt.param_groups:
+            group["initial_lr"] = self.cfg.lr
+            group["weight_decay"] = self.cfg.weight_decay
+            if "momentum" in group:
+                group["momentum"] = self.cfg.momentum
+        self.sched.base_lrs = [self.cfg.lr for _ in self.opt.param_groups]
+        for group in self.opt.param_groups:
+            group["lr"] = self.cfg.lr * self.lr_factor(self.sched.last_epoch)
+        log = MetricsLog(self.run / METRICS)
+        log.truncate_after(self.step)
+        if changed:
+            log.write({"kind": "resume", "step": self.step, "changed": changed,
+                       "message": "resumed with " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())})
+            log.close()
+
+
+class _Interrupt:
+    asked = False
+
+
+@contextlib.contextmanager
+def deferred_interrupt(notice: Callable[[], None]) -> Iterator[_Interrupt]:
+    """Ctrl-C (SIGINT) inside the block only sets ``asked``: the loop finishes its iteration, saves a checkpoint of a
+    whole state and stops (an interrupt in the middle of a step would save half a step: buffer and RNG advanced,
+    weights not). A second Ctrl-C raises KeyboardInterrupt at once; the last checkpoint on disk stays intact."""
+    flag = _Interrupt()
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread only
+        yield flag
+        return
+
+    def handler(signum, frame):
+        if flag.asked:
+            raise KeyboardInterrupt
+        flag.asked = True
+        notice()
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _postfix(values: dict) -> dict:
