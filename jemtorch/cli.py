@@ -293,6 +293,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except USER_ERRORS as e:
         print(f"jem: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # jem train handles its own (checkpoint first); the other commands just stop
+        print("\njem: interrupted", file=sys.stderr)
+        return 130
     except OSError as e:  # unwritable or read-only run directory, disk full, a file where a folder should be, ...
         print(f"jem: error: {_os_error_line(e)}", file=sys.stderr)
         return 2

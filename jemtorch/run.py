@@ -336,6 +336,10 @@ def load_run(run_dir: str | Path, device: str = "auto", data_root: Optional[str]
         jem.f.load_state_dict(weights)
     except RuntimeError as e:
         raise CheckpointError(f"{rd.path}: weights do not match the run's config: {str(e).splitlines()[0]}") from None
+    bad = [n for n, p in jem.f.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
+    if bad:
+        raise CheckpointError(f"{rd.path}: the weights are not finite ({', '.join(bad[:3])}: NaN or inf); the run "
+                              f"diverged, nothing can be measured on it")
     jem.eval()
     buffer = ckpt["buffer"].get("data") if cfg.uses_samples and isinstance(ckpt["buffer"], dict) else None
     if cfg.uses_samples and not isinstance(buffer, torch.Tensor):

@@ -208,8 +208,10 @@ def test_non_finite_weights_are_named_not_scored(small_run, capsys):
     first = next(iter(state["model"]))
     state["model"][first].fill_(float("nan"))
     torch.save(state, small_run / "best.pt")
-    assert main(["eval", str(small_run), "--n", "20", "--no-progress"]) == 2
-    one_line_error(capsys, "not finite")
+    for argv in (["eval", str(small_run), "--n", "20"], ["attack", str(small_run), "--n", "20"],
+                 ["score", str(small_run), str(small_run)]):
+        assert main([*argv, "--no-progress"]) == 2
+        one_line_error(capsys, "weights are not finite")
 
 
 def test_metric_functions_refuse_non_finite_inputs():
