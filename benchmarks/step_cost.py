@@ -6,7 +6,8 @@ an SGLD step ≈ forward + input-only backward ≈ 2, the loss ≈ forward+backw
 classifier step ≈ forward+backward on data ≈ 3.
 
     python benchmarks/step_cost.py                       # cnn on 1×8×8 and 3×32×32, wrn-10-2 on 3×32×32, K=20
-    python benchmarks/step_cost.py --device cuda --amp   # on a GPU, with bf16 autocast
+    python benchmarks/step_cost.py --amp bf16 --channels-last --compile   # each case plain, then with these settings
+    python benchmarks/step_cost.py --device cuda --cases wrn-28-10:3x32x32 --batch 64 --k 20 --amp bf16
 """
 from __future__ import annotations
 
@@ -31,10 +32,11 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def bench(model: str, shape, k: int, batch: int, device: str, rounds: int, steps: int, warmup: int) -> dict:
+def bench(model: str, shape, k: int, batch: int, device: str, rounds: int, steps: int, warmup: int,
+          speed: dict) -> dict:
     data = synthetic(shape)
     common = dict(dataset="imagefolder", model=model, batch_size=batch, sgld_steps=k, device=device, progress=False,
-                  n_valid=0, buffer_size=1000, warmup_iters=0)
+                  n_valid=0, buffer_size=1000, warmup_iters=0, **speed)
     trainers = {"clf": Trainer(make_config(p_x_weight=0.0, **common), data),
                 "jem": Trainer(make_config(p_x_weight=1.0, **common), data)}
     times = {name: [] for name in trainers}
@@ -51,7 +53,8 @@ def bench(model: str, shape, k: int, batch: int, device: str, rounds: int, steps
             times[name].append((time.perf_counter() - t0) / steps)
     clf, jem = statistics.median(times["clf"]), statistics.median(times["jem"])
     floor = (2 * k + 6) / 3
-    return {"model": model, "input": "×".join(map(str, shape)), "K": k, "batch": batch, "clf_ms": clf * 1e3,
+    label = ", ".join(f"{k}={v}" for k, v in speed.items() if v not in (False, "none")) or "plain"
+    return {"settings": label, "model": model, "input": "×".join(map(str, shape)), "K": k, "batch": batch, "clf_ms": clf * 1e3,
             "jem_ms": jem * 1e3, "ratio": jem / clf, "floor": floor, "ratio/floor": jem / clf / floor}
 
 
@@ -64,16 +67,23 @@ def main():
     p.add_argument("--steps", type=int, default=3, help="steps per round and kind")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--cases", default="cnn:1x8x8,cnn:3x32x32,wrn-10-2:3x32x32")
+    p.add_argument("--amp", default="none", choices=["none", "bf16"], help="also measure each case with bf16 autocast")
+    p.add_argument("--channels-last", action="store_true", help="also measure each case in channels-last format")
+    p.add_argument("--compile", action="store_true", help="also measure each case with torch.compile")
     args = p.parse_args()
+    speed = {"amp": args.amp, "channels_last": args.channels_last, "compile": args.compile}
+    variants = [{}] + ([speed] if any(v not in (False, "none") for v in speed.values()) else [])
     print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}")
-    print("| model | input | K | batch | classifier step (ms) | JEM step (ms) | JEM/classifier | floor (2K+6)/3 | ratio/floor |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| settings | model | input | K | batch | classifier step (ms) | JEM step (ms) | JEM/classifier | floor (2K+6)/3 "
+          "| ratio/floor |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for case in args.cases.split(","):
         model, shape = case.split(":")
-        r = bench(model, tuple(int(v) for v in shape.split("x")), args.k, args.batch, args.device, args.rounds,
-                  args.steps, args.warmup)
-        print(f"| {r['model']} | {r['input']} | {r['K']} | {r['batch']} | {r['clf_ms']:.1f} | {r['jem_ms']:.1f} | "
-              f"{r['ratio']:.2f} | {r['floor']:.2f} | {r['ratio/floor']:.2f} |", flush=True)
+        for variant in variants:
+            r = bench(model, tuple(int(v) for v in shape.split("x")), args.k, args.batch, args.device, args.rounds,
+                      args.steps, args.warmup, variant)
+            print(f"| {r['settings']} | {r['model']} | {r['input']} | {r['K']} | {r['batch']} | {r['clf_ms']:.1f} | "
+                  f"{r['jem_ms']:.1f} | {r['ratio']:.2f} | {r['floor']:.2f} | {r['ratio/floor']:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from .attacks import DEFAULT_EPS, THREAT_MODELS, check_threat_model, parse_eps
 from .checkpoint import CheckpointError
 from .config import add_config_arguments, resolve_config, resume_changes
 from .data import DatasetError
+from .distributed import Dist
 from .evaluate import SCORES, EvalOptions, evaluate_runs
 from .inference import ScoreTable, export, load
 from .robustness import AttackOptions, attack_runs, distal_runs
@@ -140,33 +141,46 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         cfg = resolve_config(overrides, args.config)
         run = RunDir(cfg.run_dir)
+    dist = Dist.from_env(cfg.device)  # torchrun: join the process group; otherwise one process
+    try:
+        return _train(args, cfg, run, dist, changed if args.resume else None)
+    finally:
+        dist.close()
+
+
+def _train(args: argparse.Namespace, cfg, run: RunDir, dist: Dist, changed: Optional[dict]) -> int:
+    say = (lambda msg: print(msg, file=sys.stderr)) if dist.is_main else (lambda msg: None)
+    if not args.resume and dist.is_main:  # rank 0 alone decides about and writes into the run directory
         run.check_new_run(args.overwrite)
         if run.has_run:
             run.remove_train_outputs()
-    trainer = Trainer(cfg)
-    trainer.run.write_config(cfg)  # the folder, its marker and config: an unwritable --out fails here, before training
+    trainer = Trainer(cfg, dist=dist)
+    if dist.is_main:
+        trainer.run.write_config(cfg)  # folder, marker, config: an unwritable --out fails here, before training
     if args.resume:
         trainer.resume(changed)
         if changed:
-            print("jem train: resuming with " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()),
-                  file=sys.stderr)
+            say("jem train: resuming with " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
     n_params = sum(p.numel() for p in trainer.jem.parameters())
     kind = "classifier baseline" if not trainer.uses_samples else f"JEM, {cfg.sgld_steps} SGLD steps/iteration"
     s = trainer.splits
-    print(f"jem train: {cfg.dataset} {tuple(trainer.data.shape)} ({len(s.x_train)} train / {len(s.x_val)} "
-          f"val / {len(s.x_test)} test), {cfg.model} ({n_params / 1e6:.2f}M params), {kind}, "
-          f"{trainer.total_iters} iterations on {trainer.device}" + (f" from {trainer.step}" if args.resume else "")
-          + f"; run directory {cfg.run_dir}", file=sys.stderr)
+    procs = (f", {dist.world_size} processes × batch {cfg.batch_size} = global batch {cfg.batch_size * dist.world_size}"
+             if dist.enabled else "")
+    say(f"jem train: {cfg.dataset} {tuple(trainer.data.shape)} ({len(s.x_train)} train / {len(s.x_val)} "
+        f"val / {len(s.x_test)} test), {cfg.model} ({n_params / 1e6:.2f}M params), {kind}, "
+        f"{trainer.total_iters} iterations on {trainer.device}" + (f" from {trainer.step}" if args.resume else "")
+        + procs + f"; run directory {cfg.run_dir}")
     try:
         summary = trainer.fit()
     except TrainingDiverged as e:
         print(f"jem: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"\ninterrupted; checkpoint saved. Continue with: jem train --resume {cfg.run_dir}", file=sys.stderr)
+        say(f"\ninterrupted; checkpoint saved. Continue with: jem train --resume {cfg.run_dir}")
         return 130
-    print(json.dumps(summary, indent=2))
-    print(f"run directory: {cfg.run_dir}")
+    if dist.is_main:
+        print(json.dumps(summary, indent=2))
+        print(f"run directory: {cfg.run_dir}")
     return 0
 
 

@@ -40,6 +40,12 @@ class TrainConfig:
     out: Optional[str] = _f(None, "run directory (default runs/<name>, name defaults to <dataset>-<model>[-baseline])")
     seed: int = _f(0, "random seed (data order, initialisation, SGLD noise)")
     device: str = _f("auto", "auto, cpu, cuda, cuda:N")
+    amp: str = _f("none", "mixed precision: none, or bf16 (autocast for the network's forward passes in sampling and "
+                          "the loss; chains, loss and weights stay fp32)")
+    channels_last: bool = _f(False, "channels-last memory format for the network and its inputs (faster convolutions "
+                                    "on recent GPUs)")
+    compile: bool = _f(False, "torch.compile the network (needs a working Inductor backend: a C++ compiler on CPU, "
+                              "Triton on GPU)")
 
     recipe: str = _f("jem", "training recipe, every field set to that paper's official values (any can be overridden): "
                             "jem (Grathwohl et al. 2020), jempp (JEM++, Yang & Ji 2021), sadajem (SADA-JEM, Yang et al. "
@@ -201,6 +207,7 @@ class TrainConfig:
         need(self.snapshots_kept >= 1, "--snapshots-kept must be >= 1")
         need(self.recipe in RECIPES, f"--recipe must be one of {', '.join(RECIPES)}, got {self.recipe!r}")
         need(self.schedule in ("step", "cosine"), f"--schedule must be step or cosine, got {self.schedule!r}")
+        need(self.amp in ("none", "bf16"), f"--amp must be none or bf16, got {self.amp!r}")
         need(self.sam_rho >= 0, f"--sam-rho must be >= 0, got {self.sam_rho}")
         need(self.max_energy_gap > 0, "--max-energy-gap must be > 0")
         need(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda") or self.device == "mps",
@@ -329,7 +336,7 @@ def resolve_config(args: dict, config_file: Optional[str] = None, base: Optional
 # what a resumed run cannot change: the checkpoint's weights, buffer, optimiser state and data order are built on them
 RESUME_FIXED = ("dataset", "model", "norm", "dropout", "seed", "n_valid", "labels_per_class", "batch_size",
                 "buffer_size", "class_cond_buffer", "optimizer", "recipe")
-RESUME_IGNORED = ("out", "name", "progress")  # changes that are not worth a log line
+RESUME_IGNORED = ("out", "name", "progress", "device")  # changes that are not worth a log line
 
 
 def resume_changes(old: dict, new: TrainConfig) -> dict:

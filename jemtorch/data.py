@@ -711,13 +711,19 @@ class BatchStream:
     resumed run sees exactly the batches an uninterrupted run would.
     """
 
-    def __init__(self, x: torch.Tensor, y: Optional[torch.Tensor], batch_size: int, seed: int):
+    def __init__(self, x: torch.Tensor, y: Optional[torch.Tensor], batch_size: int, seed: int, rank: int = 0,
+                 world_size: int = 1):
         if len(x) == 0:
             raise DatasetError("cannot draw batches from an empty dataset")
         self.x, self.y = x, y
-        self.batch_size = min(batch_size, len(x))
+        self.rank, self.world_size = rank, world_size
+        self.batch_size = min(batch_size, len(x) // world_size)
+        if self.batch_size < 1:
+            raise DatasetError(f"{len(x)} training images cannot feed {world_size} processes")
         self.seed = seed
-        self.batches_per_epoch = len(x) // self.batch_size  # drop_last
+        # drop_last; under torch.distributed the step's global batch is world_size × batch_size consecutive images of
+        # the epoch's permutation, rank r taking the r-th slice: disjoint shards, a pure function of the step
+        self.batches_per_epoch = len(x) // (self.batch_size * world_size)
         self._perm_epoch, self._perm = -1, None
 
     def _permutation(self, epoch: int) -> torch.Tensor:
@@ -729,5 +735,6 @@ class BatchStream:
 
     def batch(self, i: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         epoch, pos = divmod(i, self.batches_per_epoch)
-        idx = self._permutation(epoch)[pos * self.batch_size : (pos + 1) * self.batch_size]
+        start = (pos * self.world_size + self.rank) * self.batch_size
+        idx = self._permutation(epoch)[start : start + self.batch_size]
         return self.x[idx], (self.y[idx] if self.y is not None else None)

@@ -211,12 +211,15 @@ class TensorBoardLog:
 class MetricsLog:
     """``metrics.jsonl``: one JSON record per line, flushed as written (and mirrored to ``tensorboard`` if given)."""
 
-    def __init__(self, path: str | Path, tensorboard: Optional[TensorBoardLog] = None):
+    def __init__(self, path: str | Path, tensorboard: Optional[TensorBoardLog] = None, enabled: bool = True):
         self.path = Path(path)
         self._file: Optional[IO[str]] = None
         self.tensorboard = tensorboard
+        self.enabled = enabled  # False on ranks other than 0: they log nothing
 
     def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
         if self._file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(self.path, "a")

@@ -18,8 +18,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import os
 import platform
 import signal
+import sys
 import threading
 import time
 from dataclasses import replace
@@ -32,6 +34,7 @@ from tqdm.auto import tqdm
 from .checkpoint import CheckpointError, load_safe, rng_state, set_rng_state
 from .config import TrainConfig
 from .data import BatchStream, ImageData, augment, labeled_subset, load_dataset, to_float, training_splits
+from .distributed import Dist
 from .energy import JEM, eval_mode, in_batches
 from .figures import buffer_grids, training_curves
 from .objective import Weights, jem_loss
@@ -57,13 +60,22 @@ class TrainingDiverged(RuntimeError):
 
 
 @torch.no_grad()
-def accuracy_and_nll(jem: JEM, x_u8: torch.Tensor, y: torch.Tensor, batch_size: int = 500) -> dict:
-    """Accuracy and NLL of p(y|x) on uint8 images (no augmentation, no noise)."""
+def accuracy_and_nll(jem: JEM, x_u8: torch.Tensor, y: torch.Tensor, batch_size: int = 500,
+                     dist: Optional[Dist] = None) -> dict:
+    """Accuracy and NLL of p(y|x) on uint8 images (no augmentation, no noise). Under torch.distributed every rank
+    scores its shard (every world_size-th image) and the sums are all-reduced: the numbers of one process."""
+    dist = dist or Dist.single()
     if len(x_u8) == 0:
         return {"accuracy": 0.0, "nll": 0.0}
+    xs, ys = (x_u8[dist.rank :: dist.world_size], y[dist.rank :: dist.world_size]) if dist.enabled else (x_u8, y)
     with eval_mode(jem):
-        logits = in_batches(lambda xb: jem(to_float(xb)), x_u8, batch_size)
-    return {"accuracy": (logits.argmax(1) == y).float().mean().item(), "nll": F.cross_entropy(logits, y).item()}
+        logits = in_batches(lambda xb: jem(to_float(xb)), xs, batch_size) if len(xs) else torch.zeros(0, 1)
+    if not dist.enabled:
+        return {"accuracy": (logits.argmax(1) == y).float().mean().item(), "nll": F.cross_entropy(logits, y).item()}
+    sums = torch.tensor([(logits.argmax(1) == ys).sum().item(), F.cross_entropy(logits, ys, reduction="sum").item()
+                         if len(xs) else 0.0, len(xs)], dtype=torch.float64, device=x_u8.device)
+    correct, nll, n = dist.all_reduce_sum(sums).tolist()
+    return {"accuracy": correct / n, "nll": nll / n}
 
 
 class Recovery:
@@ -145,7 +157,7 @@ class Recovery:
         self.count += 1
         self.level = level
         self.healthy = 0
-        torch.manual_seed(cfg.seed + 1_000_003 * self.count)  # a new trajectory from the restored state
+        torch.manual_seed(cfg.seed + 1_000_003 * self.count + t.rank_seed)  # a new trajectory from the restored state
         self.lr_scale *= 0.5
         actions = [f"rolled back to iteration {t.step}", "re-seeded", f"lr ×{self.lr_scale:g}"]
         if level >= 2:
@@ -187,10 +199,12 @@ class Recovery:
 class Trainer:
     """Holds the model, sampler, optimiser and data streams of one run; ``fit()`` runs the loop."""
 
-    def __init__(self, cfg: TrainConfig, data: Optional[ImageData] = None):
+    def __init__(self, cfg: TrainConfig, data: Optional[ImageData] = None, dist: Optional[Dist] = None):
         self.cfg = cfg
-        self.device = dev = pick_device(cfg.device)
+        self.dist = dist = dist or Dist.single()
+        self.device = dev = pick_device(dist.device(cfg.device))
         self.run = RunDir(cfg.run_dir)
+        self.rank_seed = 7919 * dist.rank  # ranks share the model's seed and differ in everything sampled after it
         torch.manual_seed(cfg.seed)
 
         # --- data: whole dataset as uint8 tensors on the device ---
@@ -198,10 +212,12 @@ class Trainer:
         self.splits = s = training_splits(data, cfg.n_valid, cfg.seed, dev)
         if cfg.labels_per_class > 0:  # semi-supervised: labels for a few, p(x) on all training images
             lab = labeled_subset(s.y_train.cpu(), cfg.labels_per_class, cfg.seed).to(dev)
-            self.labeled = BatchStream(s.x_train[lab], s.y_train[lab], cfg.batch_size, cfg.seed)
-            self.unlabeled: Optional[BatchStream] = BatchStream(s.x_train, None, cfg.batch_size, cfg.seed + 1)
+            self.labeled = BatchStream(s.x_train[lab], s.y_train[lab], cfg.batch_size, cfg.seed, dist.rank,
+                                       dist.world_size)
+            self.unlabeled: Optional[BatchStream] = BatchStream(s.x_train, None, cfg.batch_size, cfg.seed + 1,
+                                                                dist.rank, dist.world_size)
         else:
-            self.labeled = BatchStream(s.x_train, s.y_train, cfg.batch_size, cfg.seed)
+            self.labeled = BatchStream(s.x_train, s.y_train, cfg.batch_size, cfg.seed, dist.rank, dist.world_size)
             self.unlabeled = None
         self.iters_per_epoch = (self.unlabeled or self.labeled).batches_per_epoch
         self.total_iters = cfg.epochs * self.iters_per_epoch
@@ -212,8 +228,19 @@ class Trainer:
 
         # --- model, sampler, optimiser ---
         self.jem = build_jem(cfg, data.shape, data.num_classes).to(dev)
+        self.autocast = speed_settings(cfg, self.jem, dev, data.shape)
         self.uses_samples = cfg.uses_samples
-        self.sampler = build_sampler(cfg, data.shape, data.num_classes, dev, init_images(cfg, data))
+        self.loss_jem = self.jem  # what the loss runs through: the DDP wrapper under torch.distributed
+        if dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # the loss goes through DDP (gradients all-reduced once per step); sampling uses the unwrapped self.jem,
+            # so the K sampler steps cost no communication. Each rank keeps its own share of the replay buffer.
+            self.loss_jem = JEM(DistributedDataParallel(self.jem.f, device_ids=[dev.index] if dev.type == "cuda"
+                                                        else None))
+            torch.manual_seed(cfg.seed + self.rank_seed)
+        sampler_cfg = replace(cfg, buffer_size=max(1, cfg.buffer_size // dist.world_size)) if dist.enabled else cfg
+        self.sampler = build_sampler(sampler_cfg, data.shape, data.num_classes, dev, init_images(cfg, data))
         self.opt = build_optimizer(cfg, self.jem.parameters())
         self.sam = SAM(self.opt, cfg.sam_rho, cfg.sam_adaptive) if cfg.sam_rho > 0 else None
         self.schedule = lr_factor(cfg, self.iters_per_epoch, self.total_iters)
@@ -247,6 +274,8 @@ class Trainer:
         cfg = self.cfg
         x_u8, y = self.labeled.batch(self.step)
         x = augment(to_float(x_u8), self.pad, self.flip, cfg.data_noise)
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         n_px = cfg.px_batch_size if cfg.px_batch_size > 0 else len(x)
         if not self.uses_samples or (self.unlabeled is None and cfg.px_augment and n_px >= len(x)):
             return x, y, None
@@ -265,20 +294,22 @@ class Trainer:
     def train_step(self) -> dict:
         """One iteration of Algorithm 1. Returns the step's statistics as Python floats (one host sync)."""
         cfg = self.cfg
-        self.jem.train()
+        self.loss_jem.train()
         x, y, x_px = self.batches()
         weights = self.recovery.weights
         samples = samples_y = None
         if not self.generative:  # --px-start-epoch: a classifier step
             weights, x_px = replace(weights, px=0.0, pxy=0.0), None
-        if weights.px > 0:
-            samples = self.sampler.sample(self.jem, len(x_px) if x_px is not None else len(x))  # x̂ ~ p(x)
-        if weights.pxy > 0:
-            samples_y = self.sampler.sample(self.jem, len(x), y=y)  # x̂_y ~ p(x|y)
+        with self.autocast():  # --amp bf16: the network's forward passes; the chains themselves stay fp32
+            if weights.px > 0:
+                samples = self.sampler.sample(self.jem, len(x_px) if x_px is not None else len(x))  # x̂ ~ p(x)
+            if weights.pxy > 0:
+                samples_y = self.sampler.sample(self.jem, len(x), y=y)  # x̂_y ~ p(x|y)
 
         def loss_fn() -> tuple[torch.Tensor, dict]:
-            return jem_loss(self.jem, x, y, weights=weights, x_px=x_px, samples=samples, samples_y=samples_y,
-                            separate=cfg.separate_forward)
+            with self.autocast():
+                return jem_loss(self.loss_jem, x, y, weights=weights, x_px=x_px, samples=samples,
+                                samples_y=samples_y, separate=cfg.separate_forward)
 
         loss, stats = loss_fn()
         self.opt.zero_grad(set_to_none=True)
@@ -287,13 +318,22 @@ class Trainer:
         stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.jem.parameters(), max_norm)
         if samples is not None and self.sampler.grad_norm is not None:
             stats["sgld_grad_norm"] = self.sampler.grad_norm
-        names = list(stats)
-        values = dict(zip(names, torch.stack([stats[k].detach().float() for k in names]).tolist()))
-        if self.step in cfg.inject_divergence and self.step not in self.injected:  # fault injection (tests)
+        if self.step in cfg.inject_divergence and self.step not in self.injected:  # fault injection, on rank 0
             self.injected.add(self.step)
-            values["energy_gap"] = float("inf")
+            if self.dist.is_main:
+                stats["energy_gap"] = torch.tensor(float("inf"), device=self.device)
+            elif "energy_gap" not in stats:
+                stats["energy_gap"] = torch.zeros((), device=self.device)
+        names = list(stats)
+        vec = torch.stack([stats[k].detach().float() for k in names])
+        gap = stats.get("energy_gap")
+        bad = ~torch.isfinite(vec).all() | (gap.detach().abs() > cfg.max_energy_gap if gap is not None else False)
+        # one host sync; under torch.distributed one all-reduce: the statistics are means over ranks and a divergence
+        # on any rank (a non-finite value or a runaway gap there) is seen by all, which all roll back together
+        *means, n_bad = self.dist.all_reduce_mean(torch.cat([vec, bad.float().view(1)])).tolist()
+        values = dict(zip(names, means))
 
-        healthy = all(math.isfinite(v) for v in values.values()) and abs(values.get("energy_gap", 0.0)) <= cfg.max_energy_gap
+        healthy = n_bad == 0 and all(math.isfinite(v) for v in values.values())
         if not healthy:
             self.opt.zero_grad(set_to_none=True)
             self.events += self.recovery.recover(values)
@@ -315,14 +355,15 @@ class Trainer:
     # ---------------------------------------------------------------------------------------------------------
     def fit(self) -> dict:
         """Train until ``total_iters``; write metrics, samples, checkpoints; return the summary."""
-        cfg = self.cfg
-        self.run.write_config(cfg)
-        self.run.remove_stale_temporaries()
-        tb = TensorBoardLog(self.run / TENSORBOARD_DIR, self.step, self.rollbacks) if cfg.tensorboard else None
-        log = MetricsLog(self.run / METRICS, tb)
+        cfg, main = self.cfg, self.dist.is_main  # rank 0 alone writes files
+        if main:
+            self.run.write_config(cfg)
+            self.run.remove_stale_temporaries()
+        tb = TensorBoardLog(self.run / TENSORBOARD_DIR, self.step, self.rollbacks) if cfg.tensorboard and main else None
+        log = MetricsLog(self.run / METRICS, tb, enabled=main)
         sample_every = cfg.sample_every if cfg.sample_every > 0 else 10 * self.iters_per_epoch
         window = self.window  # values since the last log record (checkpointed: a resumed run logs the same)
-        bar = tqdm(total=self.total_iters, initial=self.step, disable=not cfg.progress, dynamic_ncols=True,
+        bar = tqdm(total=self.total_iters, initial=self.step, disable=not (cfg.progress and main), dynamic_ncols=True,
                    desc=f"jem {cfg.run_name}", unit="it")
         t_last = time.perf_counter()
         self.recovery.take_snapshot()
@@ -330,6 +371,8 @@ class Trainer:
             with deferred_interrupt(lambda: bar.write("interrupt: finishing this iteration, then saving a checkpoint "
                                                       "(Ctrl-C again stops at once; the last checkpoint stays)")) as stop:
                 while self.step < self.total_iters:
+                    if self.dist.enabled:  # every rank stops at the same iteration, or none does
+                        stop.asked = self.dist.all_reduce_sum(torch.tensor([float(stop.asked)], device=self.device)).item() > 0
                     if stop.asked:  # between iterations the state is whole: save it, then stop
                         self.save()
                         raise KeyboardInterrupt
@@ -362,9 +405,9 @@ class Trainer:
                         window.clear()
                     if epoch_done and ((self.step // self.iters_per_epoch) % cfg.eval_every == 0 or last):
                         self.validate(log)
-                    if epoch_done or last:
+                    if (epoch_done or last) and main:
                         training_curves(log.records(), self.run / CURVES)
-                    if self.uses_samples and (self.step % sample_every == 0 or last):
+                    if self.uses_samples and (self.step % sample_every == 0 or last) and main:
                         self.write_samples(tb)
                     if (epoch_done and (self.step // self.iters_per_epoch) % cfg.ckpt_every == 0) or last:
                         self.save()
@@ -379,14 +422,15 @@ class Trainer:
         s = self.splits
         if len(s.x_val) == 0:
             return
-        ev = accuracy_and_nll(self.jem, s.x_val, s.y_val)
+        ev = accuracy_and_nll(self.jem, s.x_val, s.y_val, dist=self.dist)
         log.write({"kind": "eval", "step": self.step, "epoch": self.step / self.iters_per_epoch,
                    "val_accuracy": ev["accuracy"], "val_nll": ev["nll"]})
         # a JEM's best model is chosen among JEM epochs only, never among the classifier-only epochs before
         # --px-start-epoch
         if ev["accuracy"] > self.best_val and (self.generative or not self.uses_samples):
             self.best_val = ev["accuracy"]
-            self.run.save_best({"model": self.jem.f.state_dict(), "step": self.step, "val_accuracy": ev["accuracy"],
+            if self.dist.is_main:
+                self.run.save_best({"model": self.jem.f.state_dict(), "step": self.step, "val_accuracy": ev["accuracy"],
                                 "config": self.cfg.to_dict()})
 
     def finish(self) -> dict:
@@ -396,13 +440,20 @@ class Trainer:
         if bad:
             raise TrainingDiverged(f"the final weights are not finite ({', '.join(bad[:3])}); no summary was written. "
                                    f"The last good checkpoint: {self.run.checkpoint}")
-        last = accuracy_and_nll(self.jem, s.x_test, s.y_test)
+        d = self.dist
+        last = accuracy_and_nll(self.jem, s.x_test, s.y_test, dist=d)
         best = last
-        if len(s.x_val) > 0 and self.run.best.exists():
+        # rank 0 wrote best.pt; it hands the weights to the others (no shared file system needed)
+        best_weights = d.broadcast_object(load_safe(self.run.best, "cpu")["model"] if d.is_main and len(s.x_val) > 0
+                                          and self.run.best.exists() else None)
+        if best_weights is not None:
             final_state = {k: v.clone() for k, v in self.jem.f.state_dict().items()}
-            self.jem.f.load_state_dict(load_safe(self.run.best, self.device)["model"])
-            best = accuracy_and_nll(self.jem, s.x_test, s.y_test)
+            self.jem.f.load_state_dict(best_weights)
+            best = accuracy_and_nll(self.jem, s.x_test, s.y_test, dist=d)
             self.jem.f.load_state_dict(final_state)
+        # every rank must hold the same weights (DDP's promise): checked, not assumed
+        fingerprint = float(sum(p.detach().double().sum() + p.detach().double().abs().sum() for p in self.jem.f.parameters()))
+        in_sync = len(set(d.all_gather_object(fingerprint))) == 1
         summary = {
             "test_accuracy": best["accuracy"],
             "test_nll": best["nll"],
@@ -420,8 +471,15 @@ class Trainer:
             "device": str(self.device),
             "torch": torch.__version__,
             "host": platform.node(),
+            "world_size": d.world_size,
+            "global_batch": self.cfg.batch_size * d.world_size,
         }
-        self.run.write_summary(summary)
+        if d.enabled:
+            summary["ranks_in_sync"] = in_sync
+        if d.is_main:
+            self.run.write_summary(summary)
+        if not in_sync:
+            raise TrainingDiverged("the ranks' weights differ at the end of training (a DDP fault); see summary.json")
         return summary
 
     def write_samples(self, tb: Optional[TensorBoardLog] = None) -> None:
@@ -452,7 +510,39 @@ class Trainer:
         }
 
     def save(self) -> None:
-        self.run.save_checkpoint(self.state_dict())
+        """The checkpoint. Under torch.distributed (a collective: every rank calls it at the same step) it holds every
+        rank's buffer and RNG state (``ranks``) and, as ``buffer``, all buffers concatenated; rank 0 writes it."""
+        state = self.state_dict()
+        if self.dist.enabled:
+            parts = self.dist.all_gather_object({"buffer": {k: v.cpu() for k, v in state["buffer"].items()},
+                                                 "rng": state["rng"]})
+            state["ranks"] = {"world_size": self.dist.world_size, "buffers": [p["buffer"] for p in parts],
+                              "rng": [p["rng"] for p in parts]}
+            state["buffer"] = {"data": torch.cat([p["buffer"]["data"] for p in parts])}
+        if self.dist.is_main:
+            self.run.save_checkpoint(state)
+        self.dist.barrier()
+
+    def rank_state(self, state: dict) -> Optional[str]:
+        """Put this rank's replay buffer and RNG state into ``state`` (in place). Same world size as the checkpoint:
+        each rank gets its own back, exactly. Another world size: the saved buffers are pooled and dealt out again
+        (every world_size-th chain), RNG states seeded afresh; returns a message saying so."""
+        d, ranks = self.dist, state.get("ranks")
+        saved_world = int(ranks["world_size"]) if isinstance(ranks, dict) else 1
+        if saved_world == d.world_size:
+            if d.enabled:
+                state["buffer"], state["rng"] = ranks["buffers"][d.rank], ranks["rng"][d.rank]
+            return None
+        pooled = state["buffer"]["data"]
+        mine = pooled[d.rank :: d.world_size][: len(self.buffer.data)].to(self.device)
+        if len(mine) < len(self.buffer.data):  # fewer saved chains than this rank holds: the rest start afresh
+            mine = torch.cat([mine, self.buffer.init.sample(len(self.buffer.data) - len(mine))])
+        state["buffer"] = {"data": mine}
+        torch.manual_seed(self.cfg.seed + self.rank_seed + int(state["step"]))
+        state["rng"] = rng_state()
+        return (f"checkpoint written by {saved_world} process(es), resumed by {d.world_size}: the {len(pooled)} saved "
+                f"chains were dealt out again ({len(mine)} per process) and the random streams re-seeded, so this "
+                f"resume does not reproduce an uninterrupted run")
 
     def load_state_dict(self, state: dict) -> None:
         try:
@@ -477,11 +567,16 @@ class Trainer:
         ``config.resume_changes``). The optimiser's own hyper-parameters (lr, momentum, weight decay) come back from
         the checkpoint, so they are set again from the config here; everything else is read from the config at
         every step. The change is logged as a ``kind: resume`` record."""
-        state = load_safe(self.run.checkpoint, self.device)
+        d = self.dist
+        state = load_safe(self.run.checkpoint, self.device) if not d.enabled else d.broadcast_object(
+            load_safe(self.run.checkpoint, "cpu") if d.is_main else None)  # rank 0 reads, hands it to the others
         if not isinstance(state, dict):
             raise CheckpointError(f"{self.run.checkpoint} is not a jemtorch checkpoint (it holds a "
                                   f"{type(state).__name__})")
+        note = self.rank_state(state)
         self.load_state_dict(state)
+        if note and d.is_main:
+            print(f"jem train: {note}", file=sys.stderr)
         for group in self.opt.param_groups:
             group["initial_lr"] = self.cfg.lr
             group["weight_decay"] = self.cfg.weight_decay
@@ -490,12 +585,36 @@ class Trainer:
         self.sched.base_lrs = [self.cfg.lr for _ in self.opt.param_groups]
         for group in self.opt.param_groups:
             group["lr"] = self.cfg.lr * self.lr_factor(self.sched.last_epoch)
+        if not d.is_main:
+            return
         log = MetricsLog(self.run / METRICS)
         log.truncate_after(self.step)
         if changed:
             log.write({"kind": "resume", "step": self.step, "changed": changed,
                        "message": "resumed with " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())})
             log.close()
+
+
+def speed_settings(cfg: TrainConfig, jem: JEM, device: torch.device,
+                   shape: tuple[int, int, int]) -> Callable[[], contextlib.AbstractContextManager]:
+    """Apply ``--channels-last`` and ``--compile`` to the network, TF32 on CUDA; return the autocast context of
+    ``--amp``. A compile that fails is a one-line error here, before training starts."""
+    if device.type == "cuda":  # TF32 matmuls/convolutions on Ampere and later (ignored by older GPUs)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if cfg.channels_last:
+        jem.f.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        jem.f.compile()  # in place: parameter names, checkpoints and state_dicts stay those of the plain network
+        try:
+            with eval_mode(jem), torch.no_grad():
+                jem.f(torch.zeros(2, *shape, device=device))
+        except Exception as e:
+            raise ValueError(f"--compile failed on this machine ({type(e).__name__}: "
+                             f"{str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}); train without it") from None
+    if cfg.amp == "bf16":
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
 
 
 class _Interrupt:
@@ -518,11 +637,14 @@ def deferred_interrupt(notice: Callable[[], None]) -> Iterator[_Interrupt]:
         flag.asked = True
         notice()
 
-    previous = signal.signal(signal.SIGINT, handler)
+    # under torchrun, Ctrl-C reaches the launcher, which passes SIGTERM on to the workers: treated alike
+    signals = [signal.SIGINT] + ([signal.SIGTERM] if int(os.environ.get("WORLD_SIZE", "1")) > 1 else [])
+    previous = {sig: signal.signal(sig, handler) for sig in signals}
     try:
         yield flag
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, h in previous.items():
+            signal.signal(sig, h)
 
 
 def _postfix(values: dict) -> dict:
