@@ -45,7 +45,12 @@ def train_pair(flags: dict, out: Path, data) -> dict:
     for kind, over in (("jem", {}), ("baseline", {"p_x_weight": 0.0, "p_x_y_weight": 0.0})):
         cfg = resolve_config({**flags, **over, "out": str(out / kind)})
         run_dir = out / kind
-        if (run_dir / "summary.json").is_file():  # already trained with this command: reuse
+        if (run_dir / "summary.json").is_file():  # already trained with this very configuration: reuse
+            saved = json.loads((run_dir / "config.json").read_text())
+            if saved != json.loads(json.dumps(cfg.to_dict())):
+                diff = sorted(k for k in saved if saved.get(k) != json.loads(json.dumps(cfg.to_dict())).get(k))
+                sys.exit(f"quality: {run_dir} was trained with another configuration ({', '.join(diff)}); "
+                         f"choose another --out or remove it")
             res[kind] = json.loads((run_dir / "summary.json").read_text())
             continue
         t0 = time.perf_counter()

@@ -6,6 +6,7 @@ Where things live:
     sampler.py    initial distributions, chain updates (SGLD, clamped, PYLD), the replay buffer, build_sampler
     train.py      the training loop (Algorithm 1): step, divergence recovery, validation, checkpoints
     optim.py      optimisers and the learning-rate schedule
+    distributed.py  torchrun / DistributedDataParallel: ranks, the few collectives training uses
     run.py        the run directory: file names, metrics log, building and loading a trained run
     data.py       datasets registered by name (with their presets), splits, on-device batches and augmentation
     models/       model registry: cnn, wrn-<depth>-<width>

@@ -18,7 +18,6 @@ thresholds, for any ``tpr``.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import inspect
 import io
 import json
@@ -35,7 +34,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointError
 from .config import TrainConfig
-from .data import DatasetError, ImageReader, find_images, stack_converted, to_float, training_splits
+from .data import DatasetError, ImageReader, file_digest, find_images, stack_converted, to_float, training_splits
 from .energy import JEM
 from .evaluate import SCORES, SYNTHETIC_OOD, make_ood_set, ood_scores
 from .metrics import ood_metrics
@@ -340,11 +339,7 @@ def _load_export(path: Path, device: str) -> Predictor:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_digest(path, "sha256")
 
 
 def export(run_dir: str | Path, out: str | Path, onnx: bool = False, overwrite: bool = False,

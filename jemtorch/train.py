@@ -29,6 +29,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointError, load_safe, rng_state, set_rng_state
@@ -232,8 +233,6 @@ class Trainer:
         self.uses_samples = cfg.uses_samples
         self.loss_jem = self.jem  # what the loss runs through: the DDP wrapper under torch.distributed
         if dist.enabled:
-            from torch.nn.parallel import DistributedDataParallel
-
             # the loss goes through DDP (gradients all-reduced once per step); sampling uses the unwrapped self.jem,
             # so the K sampler steps cost no communication. Each rank keeps its own share of the replay buffer.
             self.loss_jem = JEM(DistributedDataParallel(self.jem.f, device_ids=[dev.index] if dev.type == "cuda"

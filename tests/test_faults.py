@@ -89,11 +89,14 @@ def test_imagefolder_cache_follows_the_files(tmp_path):
 def test_ctrl_c_then_resume_reproduces_the_uninterrupted_run(tmp_path):
     args = ["train", "--model", "cnn-4", "--sgld-steps", "5", "--buffer-size", "200", "--epochs", "8",
             "--batch-size", "32", "--log-every", "1", "--no-progress"]
-    assert main([*args, "--out", str(tmp_path / "full")]) == 0
+    # every run in a process of its own with one thread: the same float reduction order in all three
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    jem = lambda *a, **kw: subprocess.Popen([sys.executable, "-m", "jemtorch", *a], env=env, stdout=subprocess.PIPE,
+                                            stderr=subprocess.PIPE, text=True, **kw)
+    full = jem(*args, "--out", str(tmp_path / "full"))
+    assert full.wait(timeout=300) == 0, full.communicate()[1]
     run = tmp_path / "cut"
-    proc = subprocess.Popen([sys.executable, "-m", "jemtorch", *args, "--out", str(run)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = jem(*args, "--out", str(run))
     log = run / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and (not log.exists() or log.read_text().count('"train"') < 30):
@@ -104,7 +107,8 @@ def test_ctrl_c_then_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert "checkpoint saved" in err and "Traceback" not in err
     cut_at = load_safe(run / "checkpoint.pt")["step"]
     assert 30 <= cut_at < 8 * 40
-    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    resumed = jem("train", "--resume", str(run), "--no-progress")
+    assert resumed.wait(timeout=300) == 0, resumed.communicate()[1]
     a, b = load_safe(tmp_path / "full/checkpoint.pt"), load_safe(run / "checkpoint.pt")
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
@@ -257,3 +261,13 @@ def test_numeric_options_are_checked(small_run, tmp_path, capsys, argv, msg):
     extra = ["--out", str(tmp_path / "new"), "--no-progress"] if argv[0] == "train" else []
     assert main([*argv, *extra]) == 2
     one_line_error(capsys, msg)
+
+
+def test_a_second_blackbox_attack_keeps_the_first(trained_runs):
+    pytest.importorskip("foolbox")
+    pytest.importorskip("torchattacks")
+    jem = str(trained_runs / "jem")
+    assert main(["attack", jem, "--n", "8", "--blackbox", "pointwise", "--no-progress"]) == 0
+    assert main(["attack", jem, "--n", "8", "--blackbox", "square", "--square-queries", "20", "--no-progress"]) == 0
+    bb = json.loads((trained_runs / "jem/robustness/metrics.json").read_text())["blackbox"]
+    assert {"pointwise", "square"} <= set(bb)
