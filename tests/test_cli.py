@@ -65,7 +65,7 @@ def test_cli_bad_flag_type_exits_nonzero():
     assert r.returncode == 2 and "invalid float value" in r.stderr
 
 
-@pytest.mark.parametrize("command", ["train", "eval", "attack", "distal"])
+@pytest.mark.parametrize("command", ["train", "eval", "attack", "distal", "score", "export"])
 def test_help_works_for_every_command(command, capsys):
     with pytest.raises(SystemExit) as e:
         main([command, "-h"])
