@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, write_atomic
 from .config import TrainConfig
 from .data import DatasetError, ImageReader, file_digest, find_images, stack_converted, to_float, training_splits
 from .energy import JEM
@@ -237,13 +237,11 @@ class Predictor:
         x_val = to_float(val.x_val[:N_CALIBRATION])
         cal = OODCalibration.fit(self.jem, x_val, seed=cfg.seed)
         try:
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text(json.dumps({**cal.to_dict(), "weights_sha256": weights}) + "\n")
-            tmp.replace(path)
+            write_atomic(path, json.dumps({**cal.to_dict(), "weights_sha256": weights}) + "\n")
             self.notices.append(f"OOD thresholds fitted on {cal.n_images} validation images and stored in {path}")
-        except OSError as e:
+        except CheckpointError as e:
             self.notices.append(f"OOD thresholds fitted on {cal.n_images} validation images but not stored "
-                                f"({path}: {e.strerror}); the next scoring fits them again")
+                                f"({e}); the next scoring fits them again")
         return cal
 
 
@@ -276,18 +274,16 @@ class ScoreTable:
         """``.csv`` (the columns above) or ``.json`` (rows, failures and the threshold used)."""
         import csv
 
-        tmp = path.with_name(f".{path.name}.tmp")
         if path.suffix.lower() == ".json":
-            tmp.write_text(json.dumps({"score": self.score, "tpr": self.tpr, "threshold": self.threshold,
-                                       "rows": self.rows, "failures": [{"path": p, "error": e} for p, e in self.failures]},
-                                      indent=1) + "\n")
+            text = json.dumps({"score": self.score, "tpr": self.tpr, "threshold": self.threshold, "rows": self.rows,
+                               "failures": [{"path": p, "error": e} for p, e in self.failures]}, indent=1) + "\n"
         else:
-            with open(tmp, "w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=self.COLUMNS)
-                w.writeheader()
-                w.writerows(self.rows)
-        tmp.replace(path)
-        return path
+            buf = io.StringIO(newline="")
+            w = csv.DictWriter(buf, fieldnames=self.COLUMNS)
+            w.writeheader()
+            w.writerows(self.rows)
+            text = buf.getvalue()
+        return write_atomic(path, text)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -394,9 +390,7 @@ def export(run_dir: str | Path, out: str | Path, onnx: bool = False, overwrite: 
     else:
         for name in (ONNX_FILE, ONNX_FILE + ".data"):  # never leave a stale ONNX file beside new weights
             (out / name).unlink(missing_ok=True)
-    tmp = out / f".{MODEL_CARD}.tmp"
-    tmp.write_text(json.dumps(card, indent=1) + "\n")
-    tmp.replace(out / MODEL_CARD)
+    write_atomic(out / MODEL_CARD, json.dumps(card, indent=1) + "\n")
     for note in pred.notices:
         print(f"jem export: {note}", file=sys.stderr)
     return card
