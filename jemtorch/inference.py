@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointError, write_atomic
 from .config import TrainConfig
-from .data import DatasetError, ImageReader, file_digest, find_images, stack_converted, to_float, training_splits
+from .data import DatasetError, ImageData, ImageReader, file_digest, find_images, stack_converted, to_float, training_splits
 from .energy import JEM
 from .evaluate import SCORES, SYNTHETIC_OOD, make_ood_set, ood_scores
 from .metrics import ood_metrics
@@ -126,6 +126,7 @@ class Predictor:
     card: dict = field(default_factory=dict)
     calibration_: Optional[OODCalibration] = None
     run_cfg: Optional[TrainConfig] = None
+    run_data: Optional[ImageData] = None  # a run directory's dataset (its validation split fits the OOD thresholds)
     scaling: str = SCALING
     notices: list[str] = field(default_factory=list)
 
@@ -229,9 +230,8 @@ class Predictor:
                 self.notices.append(f"{path} belongs to other weights (the run trained on); fitting it again")
             except (json.JSONDecodeError, CheckpointError, AttributeError):
                 self.notices.append(f"{path} is malformed; fitting the OOD thresholds again")
-        run = load_run(self.source, str(self.device))
         cfg = self.run_cfg
-        val = training_splits(run.data, cfg.n_valid, cfg.seed, "cpu")
+        val = training_splits(self.run_data, cfg.n_valid, cfg.seed, "cpu")
         if len(val.x_val) == 0:
             raise ValueError(f"{self.source} has no validation split (--n-valid 0): no images to fit OOD thresholds on")
         x_val = to_float(val.x_val[:N_CALIBRATION])
@@ -298,7 +298,7 @@ def load(path: str | Path, device: str = "auto") -> Predictor:
     if (path / CONFIG).is_file():
         run = load_run(path, device)
         return Predictor(run.jem, list(run.data.classes), tuple(run.data.shape), run.run_dir, run.device,
-                         run_cfg=run.cfg)
+                         run_cfg=run.cfg, run_data=run.data)
     raise FileNotFoundError(f"{path} is neither a run directory ({CONFIG}) nor an exported model ({MODEL_CARD})")
 
 
