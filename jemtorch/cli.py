@@ -18,7 +18,7 @@ from .attacks import DEFAULT_EPS, THREAT_MODELS, check_threat_model, parse_eps
 from .checkpoint import CheckpointError
 from .config import add_config_arguments, resolve_config, resume_changes
 from .data import DatasetError
-from .distributed import Dist
+from .distributed import Dist, exit_process
 from .evaluate import SCORES, EvalOptions, evaluate_runs
 from .inference import ScoreTable, export, load
 from .robustness import AttackOptions, attack_runs, distal_runs
@@ -142,10 +142,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = resolve_config(overrides, args.config)
         run = RunDir(cfg.run_dir)
     dist = Dist.from_env(cfg.device)  # torchrun: join the process group; otherwise one process
+    ok = False
     try:
-        return _train(args, cfg, run, dist, changed if args.resume else None)
+        rc = _train(args, cfg, run, dist, changed if args.resume else None)
+        ok = True
+        return rc
     finally:
-        dist.close()
+        dist.close(ok)
 
 
 def _train(args: argparse.Namespace, cfg, run: RunDir, dist: Dist, changed: Optional[dict]) -> int:
@@ -299,6 +302,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    code = _main(argv)
+    exit_process(code)  # a torchrun worker ends here (see distributed.exit_process); everything else returns
+    return code
+
+
+def _main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         commands = {"train": cmd_train, "eval": cmd_eval, "attack": cmd_attack, "distal": cmd_distal,

@@ -10,7 +10,9 @@ rank does, and why, is in ``train.Trainer`` and the README ("Multi-process train
 from __future__ import annotations
 
 import datetime
+import gc
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +48,8 @@ class Dist:
         if world <= 1:
             return cls.single()
         rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+        global _JOINED
+        _JOINED = True
         if not dist.is_initialized():
             cuda = torch.cuda.is_available() and device != "cpu"
             if cuda:
@@ -87,6 +91,33 @@ class Dist:
         if self.enabled:
             dist.barrier()
 
-    def close(self) -> None:
-        if self.enabled and dist.is_initialized():
-            dist.destroy_process_group()
+    def close(self, ok: bool = True) -> None:
+        """Leave the process group. After a clean run every rank meets at a barrier, drops what still refers to the
+        group (the DDP wrapper, pending work) and destroys it. After an error it is left alone: destroying a group
+        while another rank still waits in a collective can hang (torchtitan PR #1342); the process exits instead
+        (``exit_process``) and the other ranks see the broken connection."""
+        if not (self.enabled and dist.is_initialized()) or not ok:
+            return
+        dist.barrier()
+        gc.collect()
+        dist.destroy_process_group()
+
+
+_JOINED = False  # set once this process has joined a torchrun process group
+
+
+def exit_process(code: int) -> None:
+    """End a torchrun worker with ``code`` without the interpreter's teardown, once its files are closed.
+
+    Interpreter finalisation can run while gloo's worker threads still hold tensors; the process then aborts with
+    "terminate called without an active exception" (SIGABRT) even though training finished (seen once in CI on the
+    2-rank test; pytorch/pytorch#179291, #190489). A worker that has nothing left to do exits at once instead. A
+    process that never joined a group (every plain ``jem`` call) returns and exits normally."""
+    if not _JOINED:
+        return
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)

@@ -367,8 +367,9 @@ class Trainer:
         t_last = time.perf_counter()
         self.recovery.take_snapshot()
         try:
-            with deferred_interrupt(lambda: bar.write("interrupt: finishing this iteration, then saving a checkpoint "
-                                                      "(Ctrl-C again stops at once; the last checkpoint stays)")) as stop:
+            with deferred_interrupt(lambda: main and bar.write("interrupt: finishing this iteration, then saving a "
+                                                               "checkpoint (Ctrl-C again stops at once; the last "
+                                                               "checkpoint stays)")) as stop:
                 while self.step < self.total_iters:
                     if self.dist.enabled:  # every rank stops at the same iteration, or none does
                         stop.asked = self.dist.all_reduce_sum(torch.tensor([float(stop.asked)], device=self.device)).item() > 0
@@ -378,7 +379,8 @@ class Trainer:
                     values = self.train_step()
                     for ev in self.events:
                         log.write(ev)
-                        bar.write(ev["message"])
+                        if main:  # every rank sees the same events; one prints them
+                            bar.write(ev["message"])
                     self.events.clear()
                     if values.get("rollback"):
                         window.clear()

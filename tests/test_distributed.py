@@ -83,7 +83,7 @@ def test_jem_ranks_share_weights_not_buffers_and_roll_back_together(tmp_path):
     assert len(ck["buffer"]["data"]) == 100
     log = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
     assert sum(r["kind"] == "rollback" for r in log) == 1  # rank 0 alone writes the log
-    assert r.stderr.count("jem train: digits") == 1  # and prints
+    assert r.stderr.count("jem train: digits") == 1 and r.stdout.count("divergence at iteration 25") == 1  # and prints
     # the 2-process checkpoint resumes in one process: chains dealt out again, with a message
     assert main(["train", "--resume", str(run), "--epochs", "3"]) == 0
     assert summary(run)["world_size"] == 1
