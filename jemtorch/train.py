@@ -55,6 +55,8 @@ from .run import (
 )
 from .sampler import ReplayBuffer, build_sampler, running_stats_frozen
 
+CURVES_EVERY_S = 30.0  # the training-curves figure is redrawn after an epoch at most this often (and at the end)
+
 
 class TrainingDiverged(RuntimeError):
     pass
@@ -364,7 +366,7 @@ class Trainer:
         window = self.window  # values since the last log record (checkpointed: a resumed run logs the same)
         bar = tqdm(total=self.total_iters, initial=self.step, disable=not (cfg.progress and main), dynamic_ncols=True,
                    desc=f"jem {cfg.run_name}", unit="it")
-        t_last = time.perf_counter()
+        t_last, curves_drawn = time.perf_counter(), -math.inf  # the first epoch's figure is drawn at once
         self.recovery.take_snapshot()
         try:
             with deferred_interrupt(lambda: main and bar.write("interrupt: finishing this iteration, then saving a "
@@ -406,8 +408,11 @@ class Trainer:
                         window.clear()
                     if epoch_done and ((self.step // self.iters_per_epoch) % cfg.eval_every == 0 or last):
                         self.validate(log)
-                    if (epoch_done or last) and main:
+                    # the figure costs ~1.4 s to draw: after every epoch, but not more often than every
+                    # CURVES_EVERY_S seconds (digits' epochs last ~6 s), and always at the end
+                    if main and (last or (epoch_done and now - curves_drawn >= CURVES_EVERY_S)):
                         training_curves(log.records(), self.run / CURVES)
+                        curves_drawn = time.perf_counter()
                     if self.uses_samples and (self.step % sample_every == 0 or last) and main:
                         self.write_samples(tb)
                     if (epoch_done and (self.step // self.iters_per_epoch) % cfg.ckpt_every == 0) or last:
