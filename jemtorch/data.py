@@ -519,9 +519,11 @@ def dataset_recipe(name: str) -> Optional[str]:
 
 @register_dataset("digits", pad=0, flip=False,
                   # 8×8 images, 20 iterations per epoch: a small CNN for 60 epochs; the paper's 1000-iteration
-                  # warm-up alone would last 50 epochs here, so 100, and Adam at lr 1e-3 for the paper recipe
+                  # warm-up alone would last 50 epochs here, so 100, and Adam at lr 1e-3 for the paper recipe.
+                  # 10 SGLD steps instead of the paper's 20: seed 0, `jem train` with --sgld-steps 20 vs 10 gave
+                  # 98.33% vs 98.06% test accuracy (one image of 360) in 322 s vs 202 s of training (2026-11-26)
                   preset={"model": "cnn", "epochs": 60, "warmup_iters": 100},
-                  recipe_presets={"jem": {"lr": 1e-3}})
+                  recipe_presets={"jem": {"lr": 1e-3, "sgld_steps": 10}})
 def _digits(root: Path, download_missing: bool) -> ImageData:
     return read_digits()
 

@@ -150,7 +150,7 @@ def test_dataset_presets_sit_under_explicit_values():
     from jemtorch import make_config
 
     d = make_config()
-    assert (d.dataset, d.model, d.lr, d.sgld_steps, d.sgld_lr, d.sgld_std, d.reinit_freq) == ("digits", "cnn", 1e-3, 20, 1.0, 0.01, 0.05)
+    assert (d.dataset, d.model, d.lr, d.sgld_steps, d.sgld_lr, d.sgld_std, d.reinit_freq) == ("digits", "cnn", 1e-3, 10, 1.0, 0.01, 0.05)
     assert make_config(lr=5e-4).lr == 5e-4
     c = make_config(dataset="cifar10")
     assert (c.model, c.lr, c.warmup_iters, c.decay_epochs, c.buffer_size, c.data_noise) == (
