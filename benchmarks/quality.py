@@ -46,9 +46,9 @@ def train_pair(flags: dict, out: Path, data) -> dict:
         cfg = resolve_config({**flags, **over, "out": str(out / kind)})
         run_dir = out / kind
         if (run_dir / "summary.json").is_file():  # already trained with this very configuration: reuse
-            saved = json.loads((run_dir / "config.json").read_text())
-            if saved != json.loads(json.dumps(cfg.to_dict())):
-                diff = sorted(k for k in saved if saved.get(k) != json.loads(json.dumps(cfg.to_dict())).get(k))
+            saved, wanted = json.loads((run_dir / "config.json").read_text()), json.loads(json.dumps(cfg.to_dict()))
+            if saved != wanted:
+                diff = sorted(k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k))
                 sys.exit(f"quality: {run_dir} was trained with another configuration ({', '.join(diff)}); "
                          f"choose another --out or remove it")
             res[kind] = json.loads((run_dir / "summary.json").read_text())

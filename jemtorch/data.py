@@ -124,10 +124,6 @@ def file_digest(path: Path, algorithm: str = "md5") -> str:
     return h.hexdigest()
 
 
-def md5sum(path: Path) -> str:
-    return file_digest(path, "md5")
-
-
 def download(url: str, dest: Path, md5: str, timeout: float = 30.0) -> Path:
     """Fetch ``url`` to ``dest`` (atomically) and verify its md5; raise DatasetError when offline or corrupt."""
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -139,7 +135,7 @@ def download(url: str, dest: Path, md5: str, timeout: float = 30.0) -> Path:
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise DatasetError(f"could not download {url} ({e}); place the file at {dest} by hand") from None
-    if md5sum(tmp) != md5:
+    if file_digest(tmp, "md5") != md5:
         tmp.unlink(missing_ok=True)
         raise DatasetError(f"download of {url} failed its md5 check ({md5}); nothing was kept")
     os.replace(tmp, dest)

@@ -221,7 +221,7 @@ class Predictor:
             raise CheckpointError(f"{self.source}: the export has no OOD calibration; re-export it from its run")
         rd = RunDir(self.source)
         path = rd / OOD_CALIBRATION
-        weights = _sha256(rd.best if rd.best.is_file() else rd.checkpoint)  # thresholds belong to these weights
+        weights = file_digest(rd.best if rd.best.is_file() else rd.checkpoint, "sha256")  # thresholds belong to these weights
         if path.is_file():
             try:
                 stored = json.loads(path.read_text())
@@ -334,10 +334,6 @@ def _load_export(path: Path, device: str) -> Predictor:
     return Predictor(jem, classes, shape, path, dev, card=card, calibration_=cal)
 
 
-def _sha256(path: Path) -> str:
-    return file_digest(path, "sha256")
-
-
 def export(run_dir: str | Path, out: str | Path, onnx: bool = False, overwrite: bool = False,
            device: str = "cpu") -> dict:
     """Write ``out/model.safetensors`` (the run's best-validation weights) and ``out/model.json`` (the model card),
@@ -381,7 +377,7 @@ def export(run_dir: str | Path, out: str | Path, onnx: bool = False, overwrite: 
         "training": {k: summary.get(k) for k in ("test_accuracy", "test_nll", "best_val_accuracy", "iterations",
                                                   "epochs", "train_seconds", "rollbacks", "torch", "device")},
         "weights": WEIGHTS,
-        "weights_sha256": _sha256(out / WEIGHTS),
+        "weights_sha256": file_digest(out / WEIGHTS, "sha256"),
         "ood": cal.to_dict(),
         "ood_default": f"flag images whose {cal.score} score is below calibration.threshold(tpr)",
     }
