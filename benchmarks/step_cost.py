@@ -33,10 +33,10 @@ def sync(device):
 
 
 def bench(model: str, shape, k: int, batch: int, device: str, rounds: int, steps: int, warmup: int,
-          speed: dict) -> dict:
+          speed: dict, recipe: str = "jem") -> dict:
     data = synthetic(shape)
-    common = dict(dataset="imagefolder", model=model, batch_size=batch, sgld_steps=k, device=device, progress=False,
-                  n_valid=0, buffer_size=1000, warmup_iters=0, **speed)
+    common = dict(dataset="imagefolder", recipe=recipe, model=model, batch_size=batch, sgld_steps=k, device=device,
+                  progress=False, n_valid=0, buffer_size=1000, warmup_iters=0, **speed)
     trainers = {"clf": Trainer(make_config(p_x_weight=0.0, **common), data),
                 "jem": Trainer(make_config(p_x_weight=1.0, **common), data)}
     times = {name: [] for name in trainers}
@@ -70,10 +70,13 @@ def main():
     p.add_argument("--amp", default="none", choices=["none", "bf16"], help="also measure each case with bf16 autocast")
     p.add_argument("--channels-last", action="store_true", help="also measure each case in channels-last format")
     p.add_argument("--compile", action="store_true", help="also measure each case with torch.compile")
+    p.add_argument("--recipe", default="jem", help="the recipe both steps follow (jem, jempp, sadajem); the floor "
+                   "counts SGLD passes only, so it is exact for jem alone")
     args = p.parse_args()
     speed = {"amp": args.amp, "channels_last": args.channels_last, "compile": args.compile}
     variants = [{}] + ([speed] if any(v not in (False, "none") for v in speed.values()) else [])
-    print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}")
+    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, device {args.device} ({name}), recipe {args.recipe}")
     print("| settings | model | input | K | batch | classifier step (ms) | JEM step (ms) | JEM/classifier | floor (2K+6)/3 "
           "| ratio/floor |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -81,7 +84,7 @@ def main():
         model, shape = case.split(":")
         for variant in variants:
             r = bench(model, tuple(int(v) for v in shape.split("x")), args.k, args.batch, args.device, args.rounds,
-                      args.steps, args.warmup, variant)
+                      args.steps, args.warmup, variant, args.recipe)
             print(f"| {r['settings']} | {r['model']} | {r['input']} | {r['K']} | {r['batch']} | {r['clf_ms']:.1f} | "
                   f"{r['jem_ms']:.1f} | {r['ratio']:.2f} | {r['floor']:.2f} | {r['ratio/floor']:.2f} |", flush=True)
 

@@ -101,6 +101,9 @@ class TrainConfig:
                                 "batch size, as the papers); the classifier keeps the full batch")
     epochs: int = _f(200, "training epochs (paper: 200 on CIFAR-10)")
     max_iters: int = _f(-1, "stop after this many iterations (-1: run all epochs)")
+    time_limit: float = _f(0.0, "training-time budget in seconds (0: none): stop after the last whole epoch that fits "
+                                "(judged by the mean epoch time so far), or mid-epoch once the budget is spent; then "
+                                "validate, test and save as at the end. The lr schedule stays the one for --epochs")
     n_valid: int = _f(-1, "held-out validation examples for best-checkpoint selection (-1: 10% of train, 0: none)")
     clip_grad: float = _f(0.0, "clip the gradient norm to this value (0: off)")
     max_energy_gap: float = _f(200.0, "a step with |E(data) − E(samples)| above this, or a non-finite loss, counts "
@@ -191,6 +194,7 @@ class TrainConfig:
         need(self.momentum >= 0, f"--momentum must be >= 0, got {self.momentum}")
         need(self.clip_grad >= 0, f"--clip-grad must be >= 0 (0: off), got {self.clip_grad}")
         need(self.max_iters >= -1, f"--max-iters must be -1 (no limit) or >= 0, got {self.max_iters}")
+        need(self.time_limit >= 0, f"--time-limit must be >= 0 seconds (0: no limit), got {self.time_limit}")
         need(self.n_valid >= -1, f"--n-valid must be -1 (10%) or >= 0, got {self.n_valid}")
         need(self.px_start_epoch >= 0, f"--px-start-epoch must be >= 0, got {self.px_start_epoch}")
         need(self.energy_reg >= 0, f"--energy-reg must be >= 0, got {self.energy_reg}")

@@ -189,7 +189,7 @@ def buffer_grids(buffer: torch.Tensor, jem: JEM, num_classes: int, class_conditi
     shutil.copyfile(cond, latest[1])
 
 
-def _final_trajectory(records: Sequence[dict], kind: str) -> list[dict]:
+def final_trajectory(records: Sequence[dict], kind: str) -> list[dict]:
     """Records of one kind along the trajectory the run kept: a rollback to step s discards what was logged after s."""
     kept: list[dict] = []
     for r in records:
@@ -204,7 +204,7 @@ def training_curves(records: Sequence[dict], path: Path) -> Optional[Path]:
     """Training curves from metrics.jsonl records: loss terms, energies and gap, accuracy, lr, sampler gradient norm;
     rollbacks marked as red lines. None when there is nothing to draw yet."""
     rollbacks = [r for r in records if r.get("kind") == "rollback"]
-    train, evals = _final_trajectory(records, "train"), _final_trajectory(records, "eval")
+    train, evals = final_trajectory(records, "train"), final_trajectory(records, "eval")
     if not train:
         return None
     plt = plt_module()

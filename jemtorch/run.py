@@ -4,7 +4,7 @@
       config.json          the resolved TrainConfig
       checkpoint.pt        everything needed to resume (model, optimiser, scheduler, buffer, RNG, step, config)
       best.pt              model weights with the best validation accuracy
-      metrics.jsonl        one JSON record per line (kind: train | eval | rollback | recovery)
+      metrics.jsonl        one JSON record per line (kind: train | eval | rollback | recovery | resume | time_limit)
       summary.json         test accuracy of the best-validation model, time, iterations, ...
       curves.png           training curves, rewritten every epoch
       tb/                  TensorBoard events (--tensorboard)

@@ -226,6 +226,7 @@ class Trainer:
         self.total_iters = cfg.epochs * self.iters_per_epoch
         if cfg.max_iters >= 0:
             self.total_iters = min(self.total_iters, cfg.max_iters)
+        self.planned_iters = self.total_iters  # --time-limit may end the run sooner (total_iters is then lowered)
         self.pad = data.pad if cfg.augment else 0
         self.flip = data.flip and cfg.augment
 
@@ -250,6 +251,7 @@ class Trainer:
         self.step = 0
         self.best_val = -1.0
         self.train_seconds = 0.0
+        self.epoch_started_at: Optional[float] = 0.0  # training seconds at the start of this epoch (None: unknown)
         self.events: list[dict] = []  # recovery records, written to metrics.jsonl
         self.window: dict[str, list[float]] = {}  # per-step values averaged into the next log record
         self.injected: set[int] = set()  # --inject-divergence steps already used
@@ -395,10 +397,19 @@ class Trainer:
                     # validation and logging happen at fixed steps only, so a stopped-and-resumed run logs and selects
                     # its best checkpoint exactly as an uninterrupted one
                     epoch_done = self.step % self.iters_per_epoch == 0
-                    last = self.step == self.total_iters
                     now = time.perf_counter()
                     self.train_seconds += now - t_last
                     t_last = now
+                    if cfg.time_limit > 0 and self.step < self.total_iters and self.out_of_time(epoch_done):
+                        self.total_iters = self.step  # --time-limit: this iteration is the last
+                        ev = {"kind": "time_limit", "step": self.step, "epoch": self.step / self.iters_per_epoch,
+                              "time": round(self.train_seconds, 3), "message": f"time limit: stopping at iteration "
+                              f"{self.step} (epoch {self.step / self.iters_per_epoch:.2f}) after "
+                              f"{self.train_seconds:.0f} s of training (--time-limit {cfg.time_limit:g})"}
+                        log.write(ev)
+                        if main:
+                            bar.write(ev["message"])
+                    last = self.step == self.total_iters
 
                     if self.step % cfg.log_every == 0:
                         rec = {"kind": "train", "step": self.step, "epoch": self.step / self.iters_per_epoch,
@@ -406,7 +417,10 @@ class Trainer:
                         rec.update({k: sum(v) / len(v) for k, v in window.items()})
                         log.write(rec)
                         window.clear()
-                    if epoch_done and ((self.step // self.iters_per_epoch) % cfg.eval_every == 0 or last):
+                    # a mid-epoch end is validated only when the time limit chose it (a --max-iters stop is a pause
+                    # that a resume continues, and must log exactly what an uninterrupted run logs)
+                    if (epoch_done and ((self.step // self.iters_per_epoch) % cfg.eval_every == 0 or last)) or \
+                            (last and self.time_limited):
                         self.validate(log)
                     # the figure costs ~1.4 s to draw: after every epoch, but not more often than every
                     # CURVES_EVERY_S seconds (digits' epochs last ~6 s), and always at the end
@@ -422,6 +436,25 @@ class Trainer:
             bar.close()
             log.close()
         return self.finish()
+
+    @property
+    def time_limited(self) -> bool:
+        """Did --time-limit end this run before its epochs?"""
+        return self.cfg.time_limit > 0 and self.total_iters < self.planned_iters
+
+    def out_of_time(self, epoch_done: bool) -> bool:
+        """--time-limit: stop now? At an epoch's end, when one more epoch of the mean length so far would not fit;
+        within an epoch, once the budget is spent. Under torch.distributed the ranks agree (any rank's 'yes')."""
+        spent, limit = self.train_seconds, self.cfg.time_limit
+        up = spent >= limit
+        if epoch_done:  # the next epoch is predicted to last as long as the longest of: the mean one, the last one
+            mean = spent / (self.step / self.iters_per_epoch)
+            last = spent - self.epoch_started_at if self.epoch_started_at is not None else 0.0
+            up = up or spent + max(mean, last) > limit
+            self.epoch_started_at = spent
+        if self.dist.enabled:
+            up = self.dist.all_reduce_sum(torch.tensor([float(up)], device=self.device)).item() > 0
+        return up
 
     def validate(self, log: MetricsLog) -> None:
         """Validation accuracy/NLL into the log; a new best is saved as ``best.pt``."""
@@ -469,6 +502,7 @@ class Trainer:
             "iterations": self.step,
             "epochs": self.step / self.iters_per_epoch,
             "rollbacks": self.rollbacks,
+            "time_limited": self.time_limited,
             "recipe": self.cfg.recipe,
             "dataset": self.cfg.dataset,
             "model": self.cfg.model,
@@ -560,6 +594,7 @@ class Trainer:
             self.step = int(state["step"])
             self.best_val = float(state["best_val"])
             self.train_seconds = float(state["train_seconds"])
+            self.epoch_started_at = self.train_seconds if self.step % self.iters_per_epoch == 0 else None
             self.recovery.load_state_dict(state["recovery"])
             self.injected = set(int(i) for i in state.get("injected", []))
             self.window = {str(k): [float(v) for v in vs] for k, vs in state.get("window", {}).items()}

@@ -76,6 +76,28 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert strip(tmp_path / "a/metrics.jsonl") == strip(tmp_path / "b/metrics.jsonl")
 
 
+def test_time_limit_ends_the_run_like_its_last_iteration(tmp_path):
+    out = train(cfg(tmp_path, epochs=3, time_limit=1e-6))  # spent after the first iteration
+    assert out["iterations"] == 1 and out["time_limited"] is True
+    recs = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["kind"] for r in recs if r["kind"] != "train"] == ["time_limit", "eval"]
+    assert (tmp_path / "best.pt").is_file() and load_safe(tmp_path / "checkpoint.pt")["step"] == 1
+    assert train(cfg(tmp_path / "free", epochs=1))["time_limited"] is False
+
+
+def test_time_limit_stops_after_the_last_epoch_that_fits(tmp_path):
+    t = Trainer(cfg(tmp_path, epochs=5, time_limit=100.0))
+    ipe = t.iters_per_epoch
+    t.step, t.train_seconds = ipe, 30.0  # epoch 1 took 30 s: a second fits (60 ≤ 100)
+    assert not t.out_of_time(epoch_done=True)
+    t.step, t.train_seconds = 2 * ipe, 75.0  # epoch 2 took 45 s: a third (≥ 45 s) would end at 120 > 100
+    assert t.out_of_time(epoch_done=True)
+    t.step, t.train_seconds = 2 * ipe + 1, 99.0  # within an epoch: only a spent budget stops
+    assert not t.out_of_time(epoch_done=False)
+    t.train_seconds = 100.0
+    assert t.out_of_time(epoch_done=False)
+
+
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     train(cfg(tmp_path, epochs=1))
     ck = tmp_path / "checkpoint.pt"
@@ -237,10 +259,10 @@ def test_px_start_epoch_trains_the_classifier_alone_first(tmp_path):
 
 
 def test_training_curves_draw_the_trajectory_the_run_kept(tmp_path):
-    from jemtorch.figures import _final_trajectory, training_curves
+    from jemtorch.figures import final_trajectory, training_curves
 
     recs = [{"kind": "train", "step": s, "loss": 1.0} for s in (20, 40, 60)]
     recs += [{"kind": "rollback", "step": 40, "diverged_at": 65}, {"kind": "train", "step": 60, "loss": 0.5}]
-    kept = _final_trajectory(recs, "train")
+    kept = final_trajectory(recs, "train")
     assert [(r["step"], r["loss"]) for r in kept] == [(20, 1.0), (40, 1.0), (60, 0.5)]
     assert training_curves(recs, tmp_path / "c.png").is_file() and training_curves([], tmp_path / "d.png") is None

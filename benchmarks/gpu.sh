@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# The CUDA checks and GPU benchmarks of BENCHMARKS.md ("On a GPU"), as one script per part, each step bounded by a
+# timeout so that a slow or failing step cannot eat the others' time. Logs go to $OUT (default runs/gpu).
+#
+#   benchmarks/gpu.sh smoke   CIFAR_ROOT          every command once on CUDA, the recipes on wrn-28-10 for a few
+#                                                  iterations, NCCL with one rank, step costs of wrn-28-10
+#   benchmarks/gpu.sh recipes CIFAR_ROOT SECONDS  CIFAR-10 wrn-28-10: jempp and sadajem for SECONDS of training each,
+#                                                  then the baseline for as many epochs (benchmarks/recipes.py)
+#   benchmarks/gpu.sh compile                     step costs of wrn-28-10 with torch.compile
+#
+# CIFAR_ROOT holds {train,test}/<class>/*.png (the PNG copy in ../shared/data, or a subset of it).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-runs/gpu}
+RUNS=${RUNS:-/tmp/jemtorch-gpu}
+mkdir -p "$OUT" "$RUNS"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+PY=${PY:-python3}
+DEV=${DEV:-cuda}          # DEV=cpu MODEL=cnn-8 try the script out on a CPU
+MODEL=${MODEL:-wrn-28-10}
+JEM="$PY -m jemtorch"
+step() {  # step SECONDS NAME command...: run, log, never stop the script
+    local limit=$1 name=$2; shift 2
+    echo "=== $name ($(date +%T), limit ${limit}s): $*"
+    local t0=$SECONDS
+    timeout "$limit" "$@"
+    echo "=== $name: exit $? after $((SECONDS - t0)) s"
+}
+
+case "${1:-}" in
+smoke)
+    cifar=$2
+    {
+        nvidia-smi -L || true
+        $PY -c "import torch; print('torch', torch.__version__, torch.version.cuda, torch.cuda.is_available() and torch.cuda.get_device_name())"
+        step 90 "digits JEM on cuda" $JEM train --device $DEV --epochs 2 --no-progress --out "$RUNS/digits"
+        step 90 "eval" $JEM eval "$RUNS/digits" --device $DEV --n 300 --n-gen 100 --sample-steps 20 --no-progress
+        step 90 "attack" $JEM attack "$RUNS/digits" --device $DEV --n 64 --steps 5 --eps 0,2/255,8/255 \
+            --refine-steps 0,2 --no-progress
+        step 60 "distal" $JEM distal "$RUNS/digits" --class 3 --device $DEV --n 4 --steps 20
+        step 60 "export" $JEM export "$RUNS/digits" --out "$RUNS/digits-export" --onnx
+        step 90 "NCCL, one rank" $PY -m torch.distributed.run --nproc-per-node 1 -m jemtorch train --device $DEV \
+            --epochs 1 --no-progress --out "$RUNS/digits-nccl"
+        for recipe in jempp sadajem; do
+            step 150 "cifar wrn-28-10 $recipe" $JEM train --dataset imagefolder --data-root "$cifar" \
+                --model $MODEL --recipe "$recipe" --device $DEV --amp bf16 --channels-last --max-iters 20 \
+                --no-progress --out "$RUNS/cifar-$recipe"
+        done
+        for recipe in jempp sadajem; do
+            step 120 "step cost $recipe" $PY benchmarks/step_cost.py --device $DEV --cases $MODEL:3x32x32 \
+                --k 5 --batch 64 --rounds 3 --steps 3 --recipe "$recipe" --amp bf16 --channels-last
+        done
+        step 120 "step cost jem K=20" $PY benchmarks/step_cost.py --device $DEV --cases $MODEL:3x32x32 --k 20 \
+            --batch 64 --rounds 3 --steps 2 --amp bf16 --channels-last
+    } 2>&1 | tee "$OUT/smoke.log"
+    tar -czf "$OUT/smoke-runs.tar.gz" -C "$RUNS" --exclude='*.pt' --exclude='*.safetensors' --exclude='*.onnx*' . ;;
+recipes)
+    cifar=$2 seconds=$3
+    step $((4 * seconds + 240)) "recipes" $PY benchmarks/recipes.py --dataset imagefolder --data-root "$cifar" \
+        --model $MODEL --device $DEV --recipes jempp sadajem --time-limit "$seconds" --eval \
+        --out "$RUNS/recipes" -- --amp bf16 --channels-last 2>&1 | tee "$OUT/recipes.log"
+    cp "$RUNS/recipes/recipes.md" "$RUNS/recipes/recipes.json" "$OUT/" 2>/dev/null
+    tar -czf "$OUT/recipes-runs.tar.gz" -C "$RUNS/recipes" --exclude='*.pt' --exclude='samples' --exclude='report.html' . ;;
+compile)
+    step 300 "step cost, compiled" $PY benchmarks/step_cost.py --device $DEV --cases $MODEL:3x32x32 --k 5 \
+        --batch 64 --rounds 3 --steps 3 --recipe jempp --compile 2>&1 | tee "$OUT/compile.log" ;;
+*)
+    echo "usage: benchmarks/gpu.sh smoke CIFAR_ROOT | recipes CIFAR_ROOT SECONDS | compile" >&2
+    exit 2 ;;
+esac
