@@ -147,6 +147,25 @@ def first_layer(module: nn.Module) -> nn.Module:
     raise ValueError("PYLD needs a model whose first layer is an nn.Conv2d or nn.Linear")
 
 
+class _FirstLayerFeed:
+    """A forward hook, registered once on a layer, that makes the layer return ``z`` instead of its output while ``z``
+    is set (PYLD feeds the first layer's output in as a leaf tensor; unset, the layer is untouched)."""
+
+    def __init__(self):
+        self.z: Optional[torch.Tensor] = None
+
+    def __call__(self, module, inputs, output):
+        return output if self.z is None else self.z
+
+    @classmethod
+    def on(cls, layer: nn.Module) -> _FirstLayerFeed:
+        feed = layer.__dict__.get("_jemtorch_feed")
+        if feed is None:
+            feed = layer.__dict__["_jemtorch_feed"] = cls()
+            layer.register_forward_hook(feed)
+        return feed
+
+
 class PYLD:
     """JEM++'s Proximal YOPO-based Langevin dynamics (sndnyang/JEMPP ``train_jempp.py``, ``sample_q``).
 
@@ -157,8 +176,10 @@ class PYLD:
     5 inner steps, α=1, η=0.2, ε=1, noise 0.
 
     Differs from the official code: the first layer is found by module order (the official YOPO WRN names it
-    ``layer_one``), and the official final ``(-H).backward()``, whose parameter gradients its caller discards with
-    ``zero_grad``, is not made.
+    ``layer_one``) and must be applied once per forward pass; its output z is computed outside the network and fed
+    in as a leaf (a forward hook), so that p exists under ``--compile`` too, and ∇ₓ = Jᵀp (plus any gradient of a
+    direct use of x) — the same numbers; the official final ``(-H).backward()``, whose parameter gradients its caller
+    discards with ``zero_grad``, is not made.
     """
 
     def __init__(self, step_size: float = 1.0, inner_steps: int = 5, inner_lr: float = 0.2, inner_eps: float = 1.0,
@@ -169,36 +190,39 @@ class PYLD:
 
     def run(self, jem, log_density, x, n_steps, callback=None):
         layer = first_layer(jem)
-        captured: list[torch.Tensor] = []
-        hook = layer.register_forward_hook(lambda mod, inp, out: captured.append(out))
+        feed = _FirstLayerFeed.on(layer)
         x = x.detach().clone()
-        try:
-            for t in range(n_steps):
-                captured.clear()
-                x.requires_grad_(True)
+        for t in range(n_steps):
+            # z = layer₁(x) is computed here and fed to the network as a leaf, so p = ∂ log p(x)/∂z exists even
+            # when the network is compiled (a compiled graph does not hand out its intermediate tensors)
+            x.requires_grad_(True)
+            z = layer(x)
+            feed.z = z_leaf = z.detach().requires_grad_(True)
+            try:
                 logp = log_density(x).sum()
-                z = captured[0]
-                grad_x, p = torch.autograd.grad(logp, [x, z])
-                if t == n_steps - 1:
-                    self.record["grad_norm"] = grad_x.flatten(1).norm(dim=1).mean().detach()
+            finally:
+                feed.z = None
+            direct, p = torch.autograd.grad(logp, [x, z_leaf], allow_unused=True)
+            (grad_x,) = torch.autograd.grad(z, x, p)  # ∇ₓ = Jᵀp through the first layer (+ any direct use of x)
+            if direct is not None:
+                grad_x = grad_x + direct
+            if t == n_steps - 1:
+                self.record["grad_norm"] = grad_x.flatten(1).norm(dim=1).mean().detach()
+            with torch.no_grad():
+                x = x + self.step_size * grad_x
+            for _ in range(self.inner_steps):
+                x = x.detach().requires_grad_(True)
+                (g,) = torch.autograd.grad((layer(x) * p).sum(), x)
                 with torch.no_grad():
-                    x = x + self.step_size * grad_x
-                for _ in range(self.inner_steps):
-                    x = x.detach().requires_grad_(True)
-                    captured.clear()
-                    (g,) = torch.autograd.grad((layer(x) * p).sum(), x)
-                    with torch.no_grad():
-                        x = (x + self.inner_lr * g.clamp(-self.inner_eps, self.inner_eps)).clamp(-1, 1)
-                with torch.no_grad():
-                    if self.inner_steps == 0:
-                        x = x.clamp(-1, 1)
-                    if self.noise > 0:
-                        x = x + self.noise * torch.randn_like(x)
-                x = x.detach()
-                if callback is not None:
-                    callback(t)
-        finally:
-            hook.remove()
+                    x = (x + self.inner_lr * g.clamp(-self.inner_eps, self.inner_eps)).clamp(-1, 1)
+            with torch.no_grad():
+                if self.inner_steps == 0:
+                    x = x.clamp(-1, 1)
+                if self.noise > 0:
+                    x = x + self.noise * torch.randn_like(x)
+            x = x.detach()
+            if callback is not None:
+                callback(t)
         return x.detach()
 
 
