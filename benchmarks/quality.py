@@ -124,12 +124,17 @@ def main() -> int:
             ece = np.array([r["ece"] for r in good])
             lines.append(f"| mean ± sd | {kind} | {100 * acc.mean():.2f} ± {100 * acc.std(ddof=1):.2f}% | "
                          f"{100 * ece.mean():.2f} ± {100 * ece.std(ddof=1):.2f}% |")
+    write_table(out_root, "quality", head, lines, rows)
+    return 0
+
+
+def write_table(out: Path, name: str, head: str, lines: list[str], rows: list[dict]) -> None:
+    """Print the markdown table; write it to out/<name>.md and the rows to out/<name>.json."""
     table = "\n".join(lines)
     print(table)
-    out_root.mkdir(parents=True, exist_ok=True)
-    (out_root / "quality.md").write_text(table + "\n")
-    (out_root / "quality.json").write_text(json.dumps({"header": head, "rows": rows}, indent=2) + "\n")
-    return 0
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.md").write_text(table + "\n")
+    (out / f"{name}.json").write_text(json.dumps({"header": head, "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import math
 import sys
 from pathlib import Path
 
-from quality import train_flags  # benchmarks/ is on sys.path when this script runs
+from quality import train_flags, write_table  # benchmarks/ is on sys.path when this script runs
 
 from jemtorch.config import resolve_config
 from jemtorch.data import load_dataset
@@ -120,11 +120,7 @@ def main() -> int:
             vals += [f"{row['auroc_logp'][o]:.3f}" for o in ood]
         lines.append("| " + " | ".join(map(str, vals)) + " |")
         rows.append(row)
-    table = "\n".join(lines)
-    print(table)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "recipes.md").write_text(table + "\n")
-    (out / "recipes.json").write_text(json.dumps({"header": head, "rows": rows}, indent=2) + "\n")
+    write_table(out, "recipes", head, lines, rows)
     return 0
 
 

@@ -102,8 +102,9 @@ class TrainConfig:
     epochs: int = _f(200, "training epochs (paper: 200 on CIFAR-10)")
     max_iters: int = _f(-1, "stop after this many iterations (-1: run all epochs)")
     time_limit: float = _f(0.0, "training-time budget in seconds (0: none): stop after the last whole epoch that fits "
-                                "(judged by the mean epoch time so far), or mid-epoch once the budget is spent; then "
-                                "validate, test and save as at the end. The lr schedule stays the one for --epochs")
+                                "(judged by the longer of the mean and the last epoch), or mid-epoch once the budget "
+                                "is spent; then validate, test and save as at the end. The lr schedule stays the one "
+                                "for --epochs")
     n_valid: int = _f(-1, "held-out validation examples for best-checkpoint selection (-1: 10% of train, 0: none)")
     clip_grad: float = _f(0.0, "clip the gradient norm to this value (0: off)")
     max_energy_gap: float = _f(200.0, "a step with |E(data) − E(samples)| above this, or a non-finite loss, counts "

@@ -443,8 +443,9 @@ class Trainer:
         return self.cfg.time_limit > 0 and self.total_iters < self.planned_iters
 
     def out_of_time(self, epoch_done: bool) -> bool:
-        """--time-limit: stop now? At an epoch's end, when one more epoch of the mean length so far would not fit;
-        within an epoch, once the budget is spent. Under torch.distributed the ranks agree (any rank's 'yes')."""
+        """--time-limit: stop now? At an epoch's end, when one more epoch, as long as the longer of the mean and the
+        last epoch, would not fit; within an epoch, once the budget is spent. Under torch.distributed the ranks agree
+        (any rank's 'yes': one all-reduce per iteration while a limit is set)."""
         spent, limit = self.train_seconds, self.cfg.time_limit
         up = spent >= limit
         if epoch_done:  # the next epoch is predicted to last as long as the longest of: the mean one, the last one

@@ -1,0 +1,22 @@
+"""The benchmark scripts run end to end (tiny settings: this checks the wiring, never a timing)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_recipes_benchmark_gives_the_baseline_the_longest_jems_epochs(tmp_path):
+    out = tmp_path / "rec"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks/recipes.py"), "--dataset", "digits", "--model", "cnn-4",
+                        "--recipes", "jempp", "--time-limit", "0.5", "--out", str(out), "--", "--buffer-size", "200",
+                        "--batch-size", "128", "--max-rollbacks", "0"],
+                       capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = {row["run"]: row for row in json.loads((out / "recipes.json").read_text())["rows"]}
+    jem, base = rows["jempp"], rows["baseline"]
+    assert "failed" not in jem and 0 < jem["epochs"] < 60  # the time limit ended it (the preset has 60 epochs)
+    assert base["epochs"] == -(-jem["epochs"] // 1)  # as many whole epochs as the JEM began
+    assert set(jem["val_curve"]) == {str(e) for e in range(1, int(jem["epochs"]) + 1)}
+    assert "| jempp | jempp |" in (out / "recipes.md").read_text()
