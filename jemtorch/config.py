@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .data import dataset_preset, dataset_recipe
+from .objective import ENERGY_REG_FORMS
 from .sampler import CHAIN_UPDATES, INITIAL_DISTRIBUTIONS
 
 
@@ -59,6 +60,10 @@ class TrainConfig:
                                 "on (0: from the start, as the papers)")
     energy_reg: float = _f(0.0, "weight λ of λ·(E(data)² + E(samples)²), an energy-magnitude regulariser "
                                 "(Du & Mordatch 2019; not in the JEM paper)")
+    energy_reg_form: str = _f("per-example", "what --energy-reg squares: per-example (the mean of E², Du & Mordatch "
+                                             "2019, M-EBM: holds every image's energy at the same value) or batch-mean "
+                                             "(the square of the batch's mean E: holds only the level, so confident "
+                                             "images keep a larger LogSumExp)")
     class_cond_buffer: bool = _f(False, "split the replay buffer by class (implied by --p-x-y-weight > 0 alone)")
     labels_per_class: int = _f(-1, "semi-supervised: keep labels for this many examples per class (-1: all)")
 
@@ -179,6 +184,8 @@ class TrainConfig:
              f"--sgld-update must be one of {', '.join(CHAIN_UPDATES)}, got {self.sgld_update!r}")
         need(self.sgld_init in INITIAL_DISTRIBUTIONS,
              f"--sgld-init must be one of {', '.join(INITIAL_DISTRIBUTIONS)}, got {self.sgld_init!r}")
+        need(self.energy_reg_form in ENERGY_REG_FORMS,
+             f"--energy-reg-form must be one of {', '.join(ENERGY_REG_FORMS)}, got {self.energy_reg_form!r}")
         need(self.sample_mode in ("eval", "train"), f"--sample-mode must be eval or train, got {self.sample_mode!r}")
         need(self.pyld_inner_steps >= 0 and self.pyld_lr >= 0 and self.pyld_eps > 0,
              "--pyld-inner-steps, --pyld-lr must be >= 0 and --pyld-eps > 0")

@@ -69,3 +69,31 @@ def test_separate_forward_keeps_batchnorm_statistics_apart():
     assert all(torch.equal(a, b) for a, b in zip(after_sep, after_alone))
     assert not torch.allclose(joint["x"], alone, atol=1e-3)
     assert not all(torch.allclose(b.running_mean, a) for b, a in zip(bns, after_alone))
+
+
+def test_energy_penalty_forms():
+    """per-example squares every energy (its gradient grows with each image's |E|, so it pulls every image to the same
+    energy); batch-mean squares the batch mean (the same pull on every image: only the level is held)."""
+    from jemtorch.objective import energy_penalty
+
+    e_data = torch.tensor([-1.0, -3.0, -8.0], requires_grad=True)
+    e_samples = torch.tensor([2.0, 4.0], requires_grad=True)
+    per = energy_penalty(e_data, e_samples, "per-example")
+    assert per.item() == pytest.approx((1 + 9 + 64) / 3 + (4 + 16) / 2)
+    (g_per,) = torch.autograd.grad(per, e_data)
+    assert torch.allclose(g_per, 2 * e_data.detach() / 3)
+    mean = energy_penalty(e_data, e_samples, "batch-mean")
+    assert mean.item() == pytest.approx(4.0 ** 2 + 3.0 ** 2)
+    (g_mean,) = torch.autograd.grad(mean, e_data)
+    assert torch.allclose(g_mean, torch.full((3,), 2 * -4.0 / 3))
+    with pytest.raises(ValueError, match="per-example, batch-mean"):
+        energy_penalty(e_data, e_samples, "median")
+
+
+def test_batch_mean_penalty_reaches_the_loss(batch):
+    jem, x, y, x_px, x_q, _ = batch
+    l0, _ = jem_loss(jem, x, y, weights=Weights(), x_px=x_px, samples=x_q)
+    l1, _ = jem_loss(jem, x, y, weights=Weights(energy_reg=0.3, energy_reg_form="batch-mean"), x_px=x_px, samples=x_q)
+    with torch.no_grad():
+        expected = 0.3 * (jem.energy(x_px).mean() ** 2 + jem.energy(x_q).mean() ** 2)
+    assert (l1 - l0).item() == pytest.approx(expected.item(), rel=1e-5)

@@ -203,6 +203,8 @@ def test_recipes_set_official_values_and_flags_still_win():
     assert make_config(dataset="cifar10").recipe == "jem"
     with pytest.raises(ValueError, match="--recipe must be one of"):
         make_config(recipe="jem3")
+    with pytest.raises(ValueError, match="--energy-reg-form must be one of per-example, batch-mean"):
+        make_config(energy_reg_form="per-sample")
 
 
 def test_sam_moves_to_the_sharp_point_and_back():
