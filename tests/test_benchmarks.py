@@ -20,3 +20,12 @@ def test_recipes_benchmark_gives_the_baseline_the_longest_jems_epochs(tmp_path):
     assert base["epochs"] == -(-jem["epochs"] // 1)  # as many whole epochs as the JEM began
     assert set(jem["val_curve"]) == {str(e) for e in range(1, int(jem["epochs"]) + 1)}
     assert "| jempp | jempp |" in (out / "recipes.md").read_text()
+    # probe_calibration.py reads the same runs back: the best-validation weights' accuracy on the validation split
+    c = subprocess.run([sys.executable, str(ROOT / "benchmarks/probe_calibration.py"), str(out / "baseline")],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert c.returncode == 0, c.stderr[-2000:]
+    line = c.stdout.strip().splitlines()[-1]
+    assert line.startswith(f"| {out / 'baseline'} | {100 * max(base['val_curve'].values()):.2f}% |"), line
+    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks/probe_calibration.py"), str(tmp_path)],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert bad.returncode != 0
