@@ -524,30 +524,39 @@ def _digits(root: Path, download_missing: bool) -> ImageData:
     return read_digits()
 
 
-# 28×28 greyscale. The default is SADA-JEM's recipe (BatchNorm, class-Gaussian init, 5 clamped-gradient steps, p(x) on
-# un-augmented images), sized for ≤ 30 minutes of JEM training on a 2-core CPU (measured: 0.375 s per JEM iteration):
+# 28×28 greyscale. The default is SADA-JEM's recipe (BatchNorm, class-Gaussian init, clamped-gradient steps, p(x) on
+# un-augmented images), sized for ≤ 30 minutes of JEM training on a 2-core CPU (measured: 0.24 s per JEM iteration,
+# 1414 s for the 16 epochs):
 #   cnn-16 with BatchNorm: wider networks cost the same factor per JEM step and leave too few epochs;
 #   batch 128 for the classifier, 64 images and chains for p(x) (--px-batch-size): sampling costs 8× a classifier
 #     step here, so the classifier sees twice the data per step for +25% time;
 #   SGD lr 0.1 with a 500-iteration warm-up and a cosine decay (a short run ends at a low lr without hand-placed
 #     decay epochs; SADA-JEM's 60/120/180 assume 200 epochs);
-#   the first 3 of 12 epochs train the classifier alone (--px-start-epoch): with p(x) from the start, this budget
+#   the first 3 of 16 epochs train the classifier alone (--px-start-epoch): with p(x) from the start, this budget
 #     left the JEM at 76.5/80.0/77.6% validation accuracy after epochs 1-3 where the classifier alone had 82/88/89%;
-#     a classifier step costs 0.08 s, so these epochs are nearly free (12 epochs: 25 minutes);
+#     a classifier step costs 0.07 s, so these epochs are nearly free;
+#   16 epochs: what 2 sampler steps leave room for in 30 minutes (12 with SADA-JEM's 5); the baseline reaches 92%;
 #   no SAM (+25% time per step);
 #   sampler step α=100 (--sgld-lr) instead of SADA-JEM's 1: this network's input gradients are ~0.005 per pixel where
 #     SADA-JEM's WRN's reach the ±1 clip, so α=1 barely moves the chains and p(x) becomes a data-vs-Gaussian
 #     discriminator. Two-epoch probes (epoch 1 classifier, epoch 2 JEM, seed 0; validation accuracy; README, Results):
 #     no p(x) 88.7%; α=1 77.7%; α=5 83.4%; α=20 83.7%; α=100 86.0%; α=300 86.3%; α=1000 86.2% (p(x) weight 0.1 at
 #     α=1: 80.3%) — the smallest α on the plateau;
+#   2 sampler steps (--sgld-steps) instead of SADA-JEM's 5: with α=100 the chains saturate within a step or two and
+#     the buffer is persistent; two-epoch probes (validation accuracy) gave K=1 84.2%, K=2 83.7%, K=3 82.4%,
+#     K=5 83.6% (within one seed's noise) at 0.19/0.24/0.29/0.36 s per JEM iteration;
 #   energy penalty 0.1 (--energy-reg) from the start of the JEM phase: every probe and the earlier seed-0 run
 #     diverged within ~50 iterations of p(x) switching on at lr 0.1 without it, and the recovery ladder settled on
-#     0.1 each time after 3 rollbacks.
+#     0.1 each time after 3 rollbacks;
+#   the penalty on the batch means (--energy-reg-form batch-mean), not per example: the per-example penalty holds
+#     every image at E = −1/(2λ) (LogSumExp 4.9 ± 0.5 over validation images, the classifier alone 8.9 ± 2.5) and the
+#     JEM came out under-confident (temperature 0.69-0.74, ECE 4.4%); on the batch means: LogSumExp 5.0 ± 2.1,
+#     probe ECE 2.3% vs 5.5%, same accuracy (BENCHMARKS.md, "Probes: fewer sampler steps ...").
 # The paper recipe (--recipe jem) keeps the settings measured for it in jemtorch 0.1: clamped chains at lr 3e-4.
 _MNIST_PRESETS = {
-    "sadajem": {"model": "cnn-16", "epochs": 12, "px_start_epoch": 3, "batch_size": 128, "px_batch_size": 64,
+    "sadajem": {"model": "cnn-16", "epochs": 16, "px_start_epoch": 3, "batch_size": 128, "px_batch_size": 64,
                 "lr": 0.1, "warmup_iters": 500, "schedule": "cosine", "sam_rho": 0.0, "sgld_lr": 100.0,
-                "energy_reg": 0.1},
+                "sgld_steps": 2, "energy_reg": 0.1, "energy_reg_form": "batch-mean"},
     "jem": {"model": "cnn", "epochs": 10, "lr": 3e-4, "warmup_iters": 200, "sgld_clamp": True},
 }
 
