@@ -58,6 +58,8 @@ class TrainConfig:
     p_x_y_weight: float = _f(0.0, "weight of −log p(x, y) with class-conditional samples (paper's p(x|y) factored)")
     px_start_epoch: int = _f(0, "train the classifier alone for this many epochs before the generative terms switch "
                                 "on (0: from the start, as the papers)")
+    px_ramp_iters: int = _f(0, "once the generative terms switch on, raise their weights (and the energy penalty's) "
+                               "linearly from 0 to their values over this many iterations (0: at once, as the papers)")
     energy_reg: float = _f(0.0, "weight λ of λ·(E(data)² + E(samples)²), an energy-magnitude regulariser "
                                 "(Du & Mordatch 2019; not in the JEM paper)")
     energy_reg_form: str = _f("per-example", "what --energy-reg squares: per-example (the mean of E², Du & Mordatch "
@@ -205,6 +207,7 @@ class TrainConfig:
         need(self.time_limit >= 0, f"--time-limit must be >= 0 seconds (0: no limit), got {self.time_limit}")
         need(self.n_valid >= -1, f"--n-valid must be -1 (10%) or >= 0, got {self.n_valid}")
         need(self.px_start_epoch >= 0, f"--px-start-epoch must be >= 0, got {self.px_start_epoch}")
+        need(self.px_ramp_iters >= 0, f"--px-ramp-iters must be >= 0, got {self.px_ramp_iters}")
         need(self.energy_reg >= 0, f"--energy-reg must be >= 0, got {self.energy_reg}")
         need(self.p_y_given_x_weight + self.p_x_weight + self.p_x_y_weight > 0, "at least one loss weight must be > 0")
         need(self.labels_per_class == -1 or self.labels_per_class >= 1,

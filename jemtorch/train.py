@@ -303,6 +303,11 @@ class Trainer:
         samples = samples_y = None
         if not self.generative:  # --px-start-epoch: a classifier step
             weights, x_px = replace(weights, px=0.0, pxy=0.0), None
+        elif cfg.px_ramp_iters > 0:  # --px-ramp-iters: the generative part of the loss fades in
+            into = self.step - cfg.px_start_epoch * self.iters_per_epoch + 1
+            if into < cfg.px_ramp_iters:
+                r = into / cfg.px_ramp_iters
+                weights = replace(weights, px=r * weights.px, pxy=r * weights.pxy, energy_reg=r * weights.energy_reg)
         with self.autocast():  # --amp bf16: the network's forward passes; the chains themselves stay fp32
             if weights.px > 0:
                 samples = self.sampler.sample(self.jem, len(x_px) if x_px is not None else len(x))  # x̂ ~ p(x)

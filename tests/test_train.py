@@ -271,3 +271,21 @@ def test_training_curves_draw_the_trajectory_the_run_kept(tmp_path):
     kept = final_trajectory(recs, "train")
     assert [(r["step"], r["loss"]) for r in kept] == [(20, 1.0), (40, 1.0), (60, 0.5)]
     assert training_curves(recs, tmp_path / "c.png").is_file() and training_curves([], tmp_path / "d.png") is None
+
+
+def test_px_ramp_fades_the_generative_terms_in(tmp_path, monkeypatch):
+    import importlib
+
+    train_module = importlib.import_module("jemtorch.train")  # the module (jemtorch.train is also a function's name)
+    seen = []
+    real = train_module.jem_loss
+    monkeypatch.setattr(train_module, "jem_loss", lambda *a, **k: (seen.append(k["weights"]), real(*a, **k))[1])
+    t = Trainer(cfg(tmp_path, epochs=2, px_start_epoch=1, px_ramp_iters=4, energy_reg=0.2, p_x_weight=0.5))
+    for _ in range(t.iters_per_epoch + 5):
+        t.train_step()
+    assert all(w.px == 0 for w in seen[:t.iters_per_epoch])  # epoch 1: classifier steps
+    ramp = seen[t.iters_per_epoch:]
+    assert [w.px for w in ramp] == pytest.approx([0.125, 0.25, 0.375, 0.5, 0.5])
+    assert [w.energy_reg for w in ramp[:4]] == pytest.approx([0.05, 0.1, 0.15, 0.2])
+    with pytest.raises(ValueError, match="--px-ramp-iters must be >= 0"):
+        cfg(tmp_path, px_ramp_iters=-1)
