@@ -50,7 +50,8 @@ class Weights:
 
 
 def energy_penalty(e_data: torch.Tensor, e_samples: torch.Tensor, form: str) -> torch.Tensor:
-    """E(data)² + E(samples)²: per example (mean of squares) or of the batch means (square of means)."""
+    """E(data)² + E(samples)²: per example (mean of squares) or of the batch means (square of means; under torchrun,
+    each rank's batch)."""
     if form == "per-example":
         return e_data.pow(2).mean() + e_samples.pow(2).mean()
     if form == "batch-mean":
