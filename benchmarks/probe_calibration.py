@@ -1,7 +1,8 @@
 """Calibration of trained runs on their own validation split: accuracy, ECE raw, fitted temperature, ECE after
 temperature scaling, and the spread of LogSumExp f(x) (= −E(x)) over the validation images, one line per run.
 
-A quick look for probe runs (no test set touched, no OOD sets built; `jem eval` does the full evaluation). The
+A quick look for probe runs (no test set touched, no OOD sets built; `jem eval` does the full evaluation, with the
+temperature fitted on the validation split and ECE measured on the test set — here both are the validation split). The
 LogSumExp spread shows what an energy penalty does to the classifier: a per-example penalty holds every image at the
 same energy (small spread, under-confident), a plain classifier lets confident images reach larger LogSumExp.
 
@@ -27,6 +28,8 @@ def calibration(run: str, n_bins: int = 15) -> dict:
         raise SystemExit(f"error: {run} is not a run directory (an export has no validation split)")
     cfg = model.run_cfg
     val = training_splits(model.run_data, cfg.n_valid, cfg.seed, "cpu")
+    if len(val.y_val) == 0:
+        raise SystemExit(f"error: {run} was trained without a validation split (--n-valid 0)")
     logits = model.jem.logits(to_float(val.x_val), 500).float().cpu()
     t = fit_temperature(logits, val.y_val)
     lse = torch.logsumexp(logits, 1)

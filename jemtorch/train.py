@@ -290,9 +290,14 @@ class Trainer:
         return x, y, augment(to_float(px_u8), 0, False, cfg.data_noise)  # SADA-JEM: p(x) on un-augmented images
 
     @property
+    def px_start_iter(self) -> int:
+        """The first iteration of the generative terms (--px-start-epoch)."""
+        return self.cfg.px_start_epoch * self.iters_per_epoch
+
+    @property
     def generative(self) -> bool:
         """Do the generative terms train at this step (on, and past ``px_start_epoch``)?"""
-        return self.uses_samples and self.step >= self.cfg.px_start_epoch * self.iters_per_epoch
+        return self.uses_samples and self.step >= self.px_start_iter
 
     def train_step(self) -> dict:
         """One iteration of Algorithm 1. Returns the step's statistics as Python floats (one host sync)."""
@@ -304,7 +309,7 @@ class Trainer:
         if not self.generative:  # --px-start-epoch: a classifier step
             weights, x_px = replace(weights, px=0.0, pxy=0.0), None
         elif cfg.px_ramp_iters > 0:  # --px-ramp-iters: the generative part of the loss fades in
-            into = self.step - cfg.px_start_epoch * self.iters_per_epoch + 1
+            into = self.step - self.px_start_iter + 1
             if into < cfg.px_ramp_iters:
                 r = into / cfg.px_ramp_iters
                 weights = replace(weights, px=r * weights.px, pxy=r * weights.pxy, energy_reg=r * weights.energy_reg)
