@@ -34,8 +34,11 @@ def trained_runs(tmp_path_factory):
     from jemtorch.cli import main
 
     root = tmp_path_factory.mktemp("runs")
-    args = ["--model", "cnn-8", "--sgld-steps", "1", "--buffer-size", "100", "--epochs", "3", "--lr", "0.005",
-            "--no-progress"]
+    # 6 epochs without warm-up: the digits preset's 100 warm-up iterations would outlast a 3-epoch run (60
+    # iterations) and leave the model at chance, and the attack tests need images it classifies correctly (a chance
+    # model got 0 of 8 right in one clean-clone CI run: tests/test_robustness.py::test_blackbox_attacks)
+    args = ["--model", "cnn-8", "--sgld-steps", "1", "--buffer-size", "100", "--epochs", "6", "--lr", "0.005",
+            "--warmup-iters", "0", "--no-progress"]
     assert main(["train", *args, "--out", str(root / "jem")]) == 0
     assert main(["train", *args, "--p-x-weight", "0", "--out", str(root / "base")]) == 0
     return root
