@@ -11,7 +11,9 @@ OOD AUROC for the paper's three scores (log p(x), max p(y|x), −‖∂ log p(x)
 
 Any ``jem train`` flag can follow ``--`` and applies to both runs, e.g. ``-- --epochs 5 --model cnn-32``. Runs land
 in ``--out`` (default runs/quality/<dataset>[-ssl<k>]/seed<s>/{jem,baseline}); the table is printed as markdown and
-written to ``--out/quality.md`` and ``quality.json``.
+written to ``--out/quality.md`` and ``quality.json``. A run already in ``--out`` is reused (evaluated, not trained
+again) when it was trained with the same configuration; a baseline also when the two differ only in settings of the
+generative terms, which a baseline never reads (``jemtorch.config.GENERATIVE_ONLY``).
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from jemtorch.cli import build_parser
-from jemtorch.config import resolve_config
+from jemtorch.config import resolve_config, training_differences
 from jemtorch.data import load_dataset
 from jemtorch.evaluate import SCORES, EvalOptions, evaluate_runs
 from jemtorch.train import Trainer, TrainingDiverged
@@ -45,10 +47,10 @@ def train_pair(flags: dict, out: Path, data) -> dict:
     for kind, over in (("jem", {}), ("baseline", {"p_x_weight": 0.0, "p_x_y_weight": 0.0})):
         cfg = resolve_config({**flags, **over, "out": str(out / kind)})
         run_dir = out / kind
-        if (run_dir / "summary.json").is_file():  # already trained with this very configuration: reuse
+        if (run_dir / "summary.json").is_file():  # already trained with this configuration: reuse
             saved, wanted = json.loads((run_dir / "config.json").read_text()), json.loads(json.dumps(cfg.to_dict()))
-            if saved != wanted:
-                diff = sorted(k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k))
+            diff = training_differences(saved, wanted)  # a baseline ignores the generative settings
+            if diff:
                 sys.exit(f"quality: {run_dir} was trained with another configuration ({', '.join(diff)}); "
                          f"choose another --out or remove it")
             res[kind] = json.loads((run_dir / "summary.json").read_text())

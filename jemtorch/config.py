@@ -352,6 +352,19 @@ def resolve_config(args: dict, config_file: Optional[str] = None, base: Optional
 RESUME_FIXED = ("dataset", "model", "norm", "dropout", "seed", "n_valid", "labels_per_class", "batch_size",
                 "buffer_size", "class_cond_buffer", "optimizer", "recipe")
 RESUME_IGNORED = ("out", "name", "progress", "device")  # changes that are not worth a log line
+# what a run without generative terms (a classifier baseline, p_x_weight = p_x_y_weight = 0) never reads: it trains
+# to the same weights whatever their values (tests/test_train.py checks it), so benchmarks/quality.py reuses a
+# baseline across presets that differ only in these
+GENERATIVE_ONLY = ("px_start_epoch", "px_ramp_iters", "energy_reg", "energy_reg_form", "sgld_steps", "sgld_lr",
+                   "sgld_std", "sgld_clamp", "sgld_update", "pyld_inner_steps", "pyld_lr", "pyld_eps")
+
+
+def training_differences(saved: dict, wanted: dict) -> list[str]:
+    """The config fields two runs differ in that change what is trained: neither where a run is written
+    (RESUME_IGNORED) nor, when both are baselines, the generative terms' settings (GENERATIVE_ONLY)."""
+    baselines = all(d.get("p_x_weight", 1) == 0 and d.get("p_x_y_weight", 0) == 0 for d in (saved, wanted))
+    ignored = set(RESUME_IGNORED) | (set(GENERATIVE_ONLY) if baselines else set())
+    return sorted(k for k in saved.keys() | wanted.keys() if k not in ignored and saved.get(k) != wanted.get(k))
 
 
 def resume_changes(old: dict, new: TrainConfig) -> dict:

@@ -289,3 +289,26 @@ def test_px_ramp_fades_the_generative_terms_in(tmp_path, monkeypatch):
     assert [w.energy_reg for w in ramp[:4]] == pytest.approx([0.05, 0.1, 0.15, 0.2])
     with pytest.raises(ValueError, match="--px-ramp-iters must be >= 0"):
         cfg(tmp_path, px_ramp_iters=-1)
+
+
+def test_a_baseline_never_reads_the_generative_settings(tmp_path):
+    """config.GENERATIVE_ONLY: quality.py reuses a baseline across them, so they must not change its weights."""
+    from jemtorch.config import GENERATIVE_ONLY, training_differences
+
+    other = dict(px_start_epoch=1, px_ramp_iters=7, energy_reg=0.3, energy_reg_form="batch-mean", sgld_steps=5,
+                 sgld_lr=3.0, sgld_std=0.1, sgld_clamp=True, sgld_update="pyld", pyld_inner_steps=2, pyld_lr=0.5,
+                 pyld_eps=0.5)
+    assert set(other) == set(GENERATIVE_ONLY)
+    weights, configs = [], []
+    for name, kw in (("a", {}), ("b", other)):  # one after the other: augmentation draws from the global RNG
+        t = Trainer(cfg(tmp_path / name, p_x_weight=0, epochs=1, **kw))
+        for _ in range(6):
+            t.train_step()
+        weights.append(t.jem.state_dict())
+        configs.append(t.cfg.to_dict())
+    for k, v in weights[0].items():
+        assert torch.equal(v, weights[1][k]), k
+    da, db = configs
+    assert training_differences(da, db) == []
+    assert training_differences({**da, "p_x_weight": 1.0}, {**db, "p_x_weight": 1.0}) == sorted(GENERATIVE_ONLY)
+    assert training_differences(da, {**da, "lr": 0.5, "out": "elsewhere"}) == ["lr"]
