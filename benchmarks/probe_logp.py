@@ -1,0 +1,72 @@
+"""Where a trained run puts its density: mean ± sd of log p(x) = LogSumExp f(x) (up to the constant log Z) on its
+validation images, on its replay buffer, and on synthetic inputs made like `jem eval`'s OOD sets — one line per run.
+
+Why: an OOD AUROC says *that* log p(x) fails to tell two sets apart, not *where* the model put the mass. The buffer
+column shows what the p(x) term has been pushing down (and ``buffer ±1`` how many of its pixels sit at the clip
+bounds: chains that saturate teach the model about saturated noise only); ``±1 noise`` is uniform noise with every
+pixel pushed to −1 or +1, the kind of image saturated chains produce. Scores above the data's mean are inputs the
+model thinks likelier than its own training images.
+
+    python benchmarks/probe_logp.py runs/quality/fm-v3/seed0/jem runs/quality/fm-v3/seed0/baseline
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+import jemtorch
+from jemtorch.checkpoint import CheckpointError, load_safe
+from jemtorch.data import to_float, training_splits
+from jemtorch.evaluate import make_ood_set
+
+SETS = ("uniform", "gaussian", "constant", "interp")
+
+
+def log_px(model, x: torch.Tensor) -> torch.Tensor:
+    return torch.logsumexp(model.jem.logits(x, 500).float().cpu(), 1)
+
+
+def probe(run: str, n: int = 1000, seed: int = 0) -> dict:
+    try:
+        model = jemtorch.load(run, device="cpu")
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    if model.run_cfg is None or model.run_data is None:
+        raise SystemExit(f"error: {run} is not a run directory (an export keeps neither data nor buffer)")
+    cfg = model.run_cfg
+    val = training_splits(model.run_data, cfg.n_valid, cfg.seed, "cpu")
+    if len(val.y_val) == 0:
+        raise SystemExit(f"error: {run} was trained without a validation split (--n-valid 0)")
+    x = to_float(val.x_val[:n])
+    try:
+        buffer = load_safe(Path(run) / "checkpoint.pt")["buffer"]["data"][:n].float()
+    except (CheckpointError, KeyError, OSError) as e:
+        raise SystemExit(f"error: {run}: no replay buffer in checkpoint.pt ({e})") from None
+    g = torch.Generator().manual_seed(seed)
+    sets = {"data": x, "buffer": buffer,
+            "±1 noise": torch.where(torch.rand(x.shape, generator=g) < 0.5, -1.0, 1.0)}
+    sets.update({name: make_ood_set(name, x, len(x), seed) for name in SETS})
+    out = {"run": run, "buffer_saturated": (buffer.abs() > 0.99).float().mean().item()}
+    for name, z in sets.items():
+        v = log_px(model, z)
+        out[name] = (v.mean().item(), v.std().item())
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("runs", nargs="+", help="run directories")
+    ap.add_argument("--n", type=int, default=1000, help="images per set")
+    args = ap.parse_args()
+    cols = ["data", "buffer", "±1 noise", *SETS]
+    print("| run | " + " | ".join(cols) + " | buffer pixels at ±1 |\n|---|" + "---|" * (len(cols) + 1))
+    for run in args.runs:
+        p = probe(run, args.n)
+        cells = " | ".join(f"{p[c][0]:.2f} ± {p[c][1]:.2f}" for c in cols)
+        print(f"| {run} | {cells} | {100 * p['buffer_saturated']:.0f}% |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
