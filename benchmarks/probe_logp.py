@@ -5,7 +5,8 @@ Why: an OOD AUROC says *that* log p(x) fails to tell two sets apart, not *where*
 column shows what the p(x) term has been pushing down (and ``buffer ±1`` how many of its pixels sit at the clip
 bounds: chains that saturate teach the model about saturated noise only); ``±1 noise`` is uniform noise with every
 pixel pushed to −1 or +1, the kind of image saturated chains produce. Scores above the data's mean are inputs the
-model thinks likelier than its own training images.
+model thinks likelier than its own training images. In brackets: the AUROC of log p(x) between the validation images
+(positive) and that set — the validation split's counterpart of `jem eval`'s test-set AUROC.
 
     python benchmarks/probe_logp.py runs/quality/fm-v3/seed0/jem runs/quality/fm-v3/seed0/baseline
 """
@@ -20,6 +21,7 @@ import jemtorch
 from jemtorch.checkpoint import CheckpointError, load_safe
 from jemtorch.data import to_float, training_splits
 from jemtorch.evaluate import make_ood_set
+from jemtorch.metrics import ood_metrics
 
 SETS = ("uniform", "gaussian", "constant", "interp")
 
@@ -49,9 +51,10 @@ def probe(run: str, n: int = 1000, seed: int = 0) -> dict:
             "±1 noise": torch.where(torch.rand(x.shape, generator=g) < 0.5, -1.0, 1.0)}
     sets.update({name: make_ood_set(name, x, len(x), seed) for name in SETS})
     out = {"run": run, "buffer_saturated": (buffer.abs() > 0.99).float().mean().item()}
-    for name, z in sets.items():
-        v = log_px(model, z)
-        out[name] = (v.mean().item(), v.std().item())
+    scores = {name: log_px(model, z) for name, z in sets.items()}
+    for name, v in scores.items():
+        auroc = ood_metrics(scores["data"].numpy(), v.numpy())["auroc"] if name != "data" else float("nan")
+        out[name] = (v.mean().item(), v.std().item(), auroc)
     return out
 
 
@@ -64,7 +67,8 @@ def main() -> None:
     print("| run | " + " | ".join(cols) + " | buffer pixels at ±1 |\n|---|" + "---|" * (len(cols) + 1))
     for run in args.runs:
         p = probe(run, args.n)
-        cells = " | ".join(f"{p[c][0]:.2f} ± {p[c][1]:.2f}" for c in cols)
+        cells = " | ".join(f"{p[c][0]:.2f} ± {p[c][1]:.2f}" + (f" ({p[c][2]:.3f})" if c != "data" else "")
+                           for c in cols)
         print(f"| {run} | {cells} | {100 * p['buffer_saturated']:.0f}% |", flush=True)
 
 
