@@ -80,10 +80,6 @@ class TrainConfig:
                                    "class fitted on the training images), gaussian (M-EBM: one Gaussian)")
     sample_mode: str = _f("eval", "network mode while sampling: eval, or train (BatchNorm uses batch statistics, as "
                                   "JEM++/SADA-JEM; running averages untouched)")
-    px_norm: str = _f("batch", "how BatchNorm normalises the p(x) term's images (data and samples) in the loss: batch "
-                               "(each batch by its own statistics, as JEM++/SADA-JEM) or running (by the running "
-                               "averages, as at evaluation: the energy trained is the one jem eval scores; pair it "
-                               "with --sample-mode eval)")
     pyld_inner_steps: int = _f(5, "PYLD inner proximal steps per outer step (JEM++ script: 5)")
     pyld_lr: float = _f(0.2, "PYLD inner step size (JEM++ script: 0.2)")
     pyld_eps: float = _f(1.0, "PYLD inner gradient clip (JEM++: 1)")
@@ -193,7 +189,6 @@ class TrainConfig:
         need(self.energy_reg_form in ENERGY_REG_FORMS,
              f"--energy-reg-form must be one of {', '.join(ENERGY_REG_FORMS)}, got {self.energy_reg_form!r}")
         need(self.sample_mode in ("eval", "train"), f"--sample-mode must be eval or train, got {self.sample_mode!r}")
-        need(self.px_norm in ("batch", "running"), f"--px-norm must be batch or running, got {self.px_norm!r}")
         need(self.pyld_inner_steps >= 0 and self.pyld_lr >= 0 and self.pyld_eps > 0,
              "--pyld-inner-steps, --pyld-lr must be >= 0 and --pyld-eps > 0")
         need(self.optimizer in ("adam", "sgd"), f"--optimizer must be adam or sgd, got {self.optimizer!r}")
@@ -361,7 +356,7 @@ RESUME_IGNORED = ("out", "name", "progress", "device")  # changes that are not w
 # to the same weights whatever their values (tests/test_train.py checks it), so benchmarks/quality.py reuses a
 # baseline across presets that differ only in these
 GENERATIVE_ONLY = ("px_start_epoch", "px_ramp_iters", "energy_reg", "energy_reg_form", "sgld_steps", "sgld_lr",
-                   "sgld_std", "sgld_clamp", "sgld_update", "pyld_inner_steps", "pyld_lr", "pyld_eps", "px_norm")
+                   "sgld_std", "sgld_clamp", "sgld_update", "pyld_inner_steps", "pyld_lr", "pyld_eps")
 
 
 def training_differences(saved: dict, wanted: dict) -> list[str]:

@@ -23,7 +23,7 @@ are data statistics.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -59,30 +59,17 @@ def energy_penalty(e_data: torch.Tensor, e_samples: torch.Tensor, form: str) -> 
     raise ValueError(f"energy penalty form must be one of {', '.join(ENERGY_REG_FORMS)}, got {form!r}")
 
 
-def forward_chunks(jem: JEM, chunks: dict[str, torch.Tensor], separate: bool = False,
-                   as_evaluated: Sequence[str] = ()) -> dict[str, torch.Tensor]:
+def forward_chunks(jem: JEM, chunks: dict[str, torch.Tensor], separate: bool = False) -> dict[str, torch.Tensor]:
     """Logits for every named chunk. Joint: one forward pass over the concatenation. Separate: one pass per chunk;
-    only the first chunk (the labelled batch) updates BatchNorm running statistics. Chunks named in
-    ``as_evaluated`` go through the network in eval mode, one pass each, after the others: BatchNorm normalises them
-    with its running averages, as at evaluation (gradients still reach every weight)."""
-    names = [n for n in chunks if n not in as_evaluated]
+    only the first chunk (the labelled batch) updates BatchNorm running statistics."""
+    names = list(chunks)
     if not separate or len(names) == 1:
         logits = jem(torch.cat([chunks[n] for n in names])).split([len(chunks[n]) for n in names])
-        out = dict(zip(names, logits))
-    else:
-        out = {names[0]: jem(chunks[names[0]])}
-        with running_stats_frozen(jem):
-            for n in names[1:]:
-                out[n] = jem(chunks[n])
-    fixed = [n for n in chunks if n in as_evaluated]
-    if fixed:
-        was_training = jem.training
-        jem.eval()
-        try:
-            for n in fixed:
-                out[n] = jem(chunks[n])
-        finally:
-            jem.train(was_training)
+        return dict(zip(names, logits))
+    out = {names[0]: jem(chunks[names[0]])}
+    with running_stats_frozen(jem):
+        for n in names[1:]:
+            out[n] = jem(chunks[n])
     return out
 
 
@@ -96,22 +83,17 @@ def jem_loss(
     samples: Optional[torch.Tensor] = None,
     samples_y: Optional[torch.Tensor] = None,
     separate: bool = False,
-    px_norm: str = "batch",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The JEM loss of one step and its statistics (0-d tensors; no host sync).
 
     ``x, y``: the labelled batch (augmented). ``x_px``: the p(x) batch when it is not ``x`` itself (semi-supervised
     data, or un-augmented images). ``samples``: x̂ ~ p(x), needed when ``weights.px > 0``. ``samples_y``: x̂_y ~
-    p(x|y) for the labels ``y``, needed when ``weights.pxy > 0``. ``px_norm``: ``batch`` — the p(x) term's data and
-    samples are normalised by their own batch statistics (JEM++/SADA-JEM); ``running`` — by BatchNorm's running
-    averages, as ``jem eval`` scores them (the data then get a pass of their own even when ``x_px`` is ``x``).
+    p(x|y) for the labels ``y``, needed when ``weights.pxy > 0``.
     """
     if weights.px > 0 and samples is None:
         raise ValueError("the p(x) term needs samples")
     if weights.pxy > 0 and samples_y is None:
         raise ValueError("the p(x, y) term needs class-conditional samples")
-    if px_norm == "running" and weights.px > 0 and x_px is None:
-        x_px = x
     chunks = {"x": x}
     if x_px is not None and weights.px > 0:
         chunks["x_px"] = x_px
@@ -119,7 +101,7 @@ def jem_loss(
         chunks["samples"] = samples
     if weights.pxy > 0:
         chunks["samples_y"] = samples_y
-    logits = forward_chunks(jem, chunks, separate, ("x_px", "samples") if px_norm == "running" else ())
+    logits = forward_chunks(jem, chunks, separate)
 
     l_clf = F.cross_entropy(logits["x"], y)
     loss = weights.clf * l_clf

@@ -322,7 +322,7 @@ class Trainer:
         def loss_fn() -> tuple[torch.Tensor, dict]:
             with self.autocast():
                 return jem_loss(self.loss_jem, x, y, weights=weights, x_px=x_px, samples=samples,
-                                samples_y=samples_y, separate=cfg.separate_forward, px_norm=cfg.px_norm)
+                                samples_y=samples_y, separate=cfg.separate_forward)
 
         loss, stats = loss_fn()
         self.opt.zero_grad(set_to_none=True)

@@ -71,53 +71,6 @@ def test_separate_forward_keeps_batchnorm_statistics_apart():
     assert not all(torch.allclose(b.running_mean, a) for b, a in zip(bns, after_alone))
 
 
-def test_px_norm_running_scores_the_px_term_as_evaluation_does():
-    """--px-norm running: the p(x) term's data and samples are normalised by BatchNorm's running averages (what
-    jem eval scores), the labelled batch by its own statistics; the model stays in train mode and the gradient still
-    reaches the normalisation's affine weights."""
-    torch.manual_seed(0)
-    jem = JEM(create_model("wrn-10-1", in_channels=1, num_classes=3, norm="batch"))
-    bns = [m for m in jem.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    jem.train()
-    for _ in range(3):  # running averages away from their initial 0/1
-        jem(torch.randn(16, 1, 8, 8) * 0.5 + 0.2)
-    x, x_px, samples = torch.randn(8, 1, 8, 8), torch.randn(8, 1, 8, 8), torch.randn(8, 1, 8, 8) * 3 + 1
-    y = torch.arange(8) % 3
-    start = [(b.running_mean.clone(), b.running_var.clone()) for b in bns]
-
-    def reset():
-        for b, (m, v) in zip(bns, start):
-            b.running_mean.copy_(m), b.running_var.copy_(v)
-
-    with torch.no_grad():
-        e_s_batch = jem.energy(samples).mean()  # train mode: the samples' own batch statistics
-        reset()
-        jem(x)  # the labelled batch goes first and updates the running averages the p(x) term then uses
-        jem.eval()
-        e_px, e_s = jem.energy(x_px).mean(), jem.energy(samples).mean()
-        jem.train()
-    reset()
-    jem.zero_grad()
-    loss, stats = jem_loss(jem, x, y, weights=Weights(px=1.0), x_px=x_px, samples=samples, separate=True,
-                           px_norm="running")
-    loss.backward()
-    assert jem.training
-    assert stats["e_data"].item() == pytest.approx(e_px.item(), rel=1e-5)
-    assert stats["e_samples"].item() == pytest.approx(e_s.item(), rel=1e-5)
-    assert abs(e_s.item() - e_s_batch.item()) > 1e-2  # the batch statistics would have given another energy
-    assert bns[0].weight.grad is not None and bns[0].weight.grad.abs().sum() > 0
-    reset()
-    _, batch_stats = jem_loss(jem, x, y, weights=Weights(px=1.0), x_px=x_px, samples=samples, separate=True)
-    assert batch_stats["e_samples"].item() == pytest.approx(e_s_batch.item(), rel=1e-5)
-    # without its own p(x) batch the labelled images get a pass of their own, in eval mode
-    reset()
-    _, own = jem_loss(jem, x, y, weights=Weights(px=1.0), samples=samples, separate=True, px_norm="running")
-    with torch.no_grad():
-        jem.eval()
-        assert own["e_data"].item() == pytest.approx(jem.energy(x).mean().item(), rel=1e-5)
-        jem.train()
-
-
 def test_energy_penalty_forms():
     """per-example squares every energy (its gradient grows with each image's |E|, so it pulls every image to the same
     energy); batch-mean squares the batch mean (the same pull on every image: only the level is held)."""
