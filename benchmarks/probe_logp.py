@@ -6,7 +6,9 @@ column shows what the p(x) term has been pushing down (and ``buffer ±1`` how ma
 bounds: chains that saturate teach the model about saturated noise only); ``±1 noise`` is uniform noise with every
 pixel pushed to −1 or +1, the kind of image saturated chains produce. Scores above the data's mean are inputs the
 model thinks likelier than its own training images. In brackets: the AUROC of log p(x) between the validation images
-(positive) and that set — the validation split's counterpart of `jem eval`'s test-set AUROC.
+(positive) and that set — the validation split's counterpart of `jem eval`'s test-set AUROC. ``--batch-stats``
+scores every set as the training loss saw p(x)'s images — BatchNorm normalising each batch by its own statistics —
+which shows whether the density was learnt and only fails to carry over to the running averages evaluation uses.
 
     python benchmarks/probe_logp.py runs/quality/fm-v3/seed0/jem runs/quality/fm-v3/seed0/baseline
 """
@@ -22,15 +24,21 @@ from jemtorch.checkpoint import CheckpointError, load_safe
 from jemtorch.data import to_float, training_splits
 from jemtorch.evaluate import make_ood_set
 from jemtorch.metrics import ood_metrics
+from jemtorch.sampler import frozen
 
 SETS = ("uniform", "gaussian", "constant", "interp")
 
 
-def log_px(model, x: torch.Tensor) -> torch.Tensor:
-    return torch.logsumexp(model.jem.logits(x, 500).float().cpu(), 1)
+def log_px(model, x: torch.Tensor, batch_stats: int = 0) -> torch.Tensor:
+    """LogSumExp f(x) as evaluation scores it (BatchNorm's running averages), or with ``batch_stats`` > 0 in batches
+    of that many images normalised by their own statistics — as the training loss saw p(x)'s data and samples."""
+    if not batch_stats:
+        return torch.logsumexp(model.jem.logits(x, 500).float().cpu(), 1)
+    with torch.no_grad(), frozen(model.jem, "train"):
+        return torch.cat([torch.logsumexp(model.jem(c).float(), 1) for c in x.split(batch_stats)])
 
 
-def probe(run: str, n: int = 1000, seed: int = 0) -> dict:
+def probe(run: str, n: int = 1000, seed: int = 0, batch_stats: bool = False) -> dict:
     try:
         model = jemtorch.load(run, device="cpu")
     except (OSError, ValueError) as e:
@@ -51,7 +59,8 @@ def probe(run: str, n: int = 1000, seed: int = 0) -> dict:
             "±1 noise": torch.where(torch.rand(x.shape, generator=g) < 0.5, -1.0, 1.0)}
     sets.update({name: make_ood_set(name, x, len(x), seed) for name in SETS})
     out = {"run": run, "buffer_saturated": (buffer.abs() > 0.99).float().mean().item()}
-    scores = {name: log_px(model, z) for name, z in sets.items()}
+    chunk = (cfg.px_batch_size if cfg.px_batch_size > 0 else cfg.batch_size) if batch_stats else 0
+    scores = {name: log_px(model, z, chunk) for name, z in sets.items()}
     for name, v in scores.items():
         auroc = ood_metrics(scores["data"].numpy(), v.numpy())["auroc"] if name != "data" else float("nan")
         out[name] = (v.mean().item(), v.std().item(), auroc)
@@ -62,11 +71,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", help="run directories")
     ap.add_argument("--n", type=int, default=1000, help="images per set")
+    ap.add_argument("--batch-stats", action="store_true",
+                    help="normalise each set by its own batch statistics, in batches of the run's p(x) batch size, as "
+                         "the training loss did (a diagnosis, not an OOD score: it depends on the batch's company)")
     args = ap.parse_args()
     cols = ["data", "buffer", "±1 noise", *SETS]
     print("| run | " + " | ".join(cols) + " | buffer pixels at ±1 |\n|---|" + "---|" * (len(cols) + 1))
     for run in args.runs:
-        p = probe(run, args.n)
+        p = probe(run, args.n, batch_stats=args.batch_stats)
         cells = " | ".join(f"{p[c][0]:.2f} ± {p[c][1]:.2f}" + (f" ({p[c][2]:.3f})" if c != "data" else "")
                            for c in cols)
         print(f"| {run} | {cells} | {100 * p['buffer_saturated']:.0f}% |", flush=True)

@@ -30,12 +30,16 @@ def test_recipes_benchmark_gives_the_baseline_the_longest_jems_epochs(tmp_path):
                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert bad.returncode != 0
     # probe_logp.py: log p(x) of the validation images, the buffer and synthetic sets, one row per run
-    lp = subprocess.run([sys.executable, str(ROOT / "benchmarks/probe_logp.py"), str(out / "jempp"), "--n", "50"],
-                        capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert lp.returncode == 0, lp.stderr[-2000:]
-    cells = lp.stdout.strip().splitlines()[-1].strip("| ").split(" | ")
-    assert cells[0] == str(out / "jempp") and len(cells) == 9 and all(" ± " in c for c in cells[1:8]), cells
-    assert cells[8].endswith("%")
+    rows = []
+    for extra in ([], ["--batch-stats"]):  # as evaluated (running averages), as the loss saw it (batch statistics)
+        lp = subprocess.run([sys.executable, str(ROOT / "benchmarks/probe_logp.py"), str(out / "jempp"), "--n", "50",
+                             *extra], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert lp.returncode == 0, lp.stderr[-2000:]
+        cells = lp.stdout.strip().splitlines()[-1].strip("| ").split(" | ")
+        assert cells[0] == str(out / "jempp") and len(cells) == 9 and all(" ± " in c for c in cells[1:8]), cells
+        assert all(c.endswith(")") for c in cells[2:8]) and cells[8].endswith("%")  # (AUROC vs the data)
+        rows.append(cells)
+    assert rows[0][1] != rows[1][1]  # BatchNorm's statistics differ, so do the data's scores
     bad = subprocess.run([sys.executable, str(ROOT / "benchmarks/probe_logp.py"), str(tmp_path)],
                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert bad.returncode != 0 and bad.stderr.strip().startswith("error:"), bad.stderr[-500:]
