@@ -15,27 +15,22 @@ import argparse
 import torch
 
 import jemtorch
-from jemtorch.data import to_float, training_splits
+from jemtorch.data import to_float
 from jemtorch.metrics import expected_calibration_error, fit_temperature
 
 
 def calibration(run: str, n_bins: int = 15) -> dict:
     try:
         model = jemtorch.load(run, device="cpu")
+        x_val, y_val = model.validation_split()
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
-    if model.run_cfg is None or model.run_data is None:
-        raise SystemExit(f"error: {run} is not a run directory (an export has no validation split)")
-    cfg = model.run_cfg
-    val = training_splits(model.run_data, cfg.n_valid, cfg.seed, "cpu")
-    if len(val.y_val) == 0:
-        raise SystemExit(f"error: {run} was trained without a validation split (--n-valid 0)")
-    logits = model.jem.logits(to_float(val.x_val), 500).float().cpu()
-    t = fit_temperature(logits, val.y_val)
+    logits = model.jem.logits(to_float(x_val), 500).float().cpu()
+    t = fit_temperature(logits, y_val)
     lse = torch.logsumexp(logits, 1)
-    return {"run": run, "val_accuracy": (logits.argmax(1) == val.y_val).float().mean().item(),
-            "ece": expected_calibration_error(logits.softmax(1), val.y_val, n_bins), "temperature": t,
-            "ece_ts": expected_calibration_error((logits / t).softmax(1), val.y_val, n_bins),
+    return {"run": run, "val_accuracy": (logits.argmax(1) == y_val).float().mean().item(),
+            "ece": expected_calibration_error(logits.softmax(1), y_val, n_bins), "temperature": t,
+            "ece_ts": expected_calibration_error((logits / t).softmax(1), y_val, n_bins),
             "lse_mean": lse.mean().item(), "lse_std": lse.std().item()}
 
 

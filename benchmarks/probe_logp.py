@@ -21,7 +21,7 @@ import torch
 
 import jemtorch
 from jemtorch.checkpoint import CheckpointError, load_safe
-from jemtorch.data import to_float, training_splits
+from jemtorch.data import to_float
 from jemtorch.evaluate import make_ood_set
 from jemtorch.metrics import ood_metrics
 from jemtorch.sampler import frozen
@@ -41,15 +41,10 @@ def log_px(model, x: torch.Tensor, batch_stats: int = 0) -> torch.Tensor:
 def probe(run: str, n: int = 1000, seed: int = 0, batch_stats: bool = False) -> dict:
     try:
         model = jemtorch.load(run, device="cpu")
+        x = to_float(model.validation_split()[0][:n])
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
-    if model.run_cfg is None or model.run_data is None:
-        raise SystemExit(f"error: {run} is not a run directory (an export keeps neither data nor buffer)")
     cfg = model.run_cfg
-    val = training_splits(model.run_data, cfg.n_valid, cfg.seed, "cpu")
-    if len(val.y_val) == 0:
-        raise SystemExit(f"error: {run} was trained without a validation split (--n-valid 0)")
-    x = to_float(val.x_val[:n])
     try:
         buffer = load_safe(Path(run) / "checkpoint.pt")["buffer"]["data"][:n].float()
     except (CheckpointError, KeyError, OSError) as e:

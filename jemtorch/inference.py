@@ -215,6 +215,16 @@ class Predictor:
                 bar.update(len(sources[i : i + batch_size]))
         return table
 
+    def validation_split(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A run directory's validation images (uint8, (N, C, H, W)) and labels, split exactly as training split
+        them. ValueError for an export (it keeps no data) or a run trained without one (--n-valid 0)."""
+        if self.run_cfg is None or self.run_data is None:
+            raise ValueError(f"{self.source} is an export, not a run directory: it keeps no validation images")
+        val = training_splits(self.run_data, self.run_cfg.n_valid, self.run_cfg.seed, "cpu")
+        if len(val.y_val) == 0:
+            raise ValueError(f"{self.source} has no validation split (--n-valid 0)")
+        return val.x_val, val.y_val
+
     # OOD calibration of a run directory -------------------------------------------------------------------------
     def _fit_calibration(self) -> OODCalibration:
         if self.run_cfg is None:
@@ -230,12 +240,11 @@ class Predictor:
                 self.notices.append(f"{path} belongs to other weights (the run trained on); fitting it again")
             except (json.JSONDecodeError, CheckpointError, AttributeError):
                 self.notices.append(f"{path} is malformed; fitting the OOD thresholds again")
-        cfg = self.run_cfg
-        val = training_splits(self.run_data, cfg.n_valid, cfg.seed, "cpu")
-        if len(val.x_val) == 0:
-            raise ValueError(f"{self.source} has no validation split (--n-valid 0): no images to fit OOD thresholds on")
-        x_val = to_float(val.x_val[:N_CALIBRATION])
-        cal = OODCalibration.fit(self.jem, x_val, seed=cfg.seed)
+        try:
+            x_val = to_float(self.validation_split()[0][:N_CALIBRATION])
+        except ValueError as e:
+            raise ValueError(f"{e}: no images to fit OOD thresholds on") from None
+        cal = OODCalibration.fit(self.jem, x_val, seed=self.run_cfg.seed)
         try:
             write_atomic(path, json.dumps({**cal.to_dict(), "weights_sha256": weights}) + "\n")
             self.notices.append(f"OOD thresholds fitted on {cal.n_images} validation images and stored in {path}")

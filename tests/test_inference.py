@@ -98,6 +98,11 @@ def test_export_roundtrip_identical_logits(trained_runs, tmp_path, capsys):
     assert torch.equal(from_run.logits(x), from_export.logits(x))
     s_run, s_exp = from_run.score(x), from_export.score(x)
     assert np.array_equal(s_run["ood"], s_exp["ood"])  # the same thresholds travel with the export
+    x_val, y_val = from_run.validation_split()  # the run's own split, as training drew it; an export has none
+    split = training_splits(from_run.run_data, from_run.run_cfg.n_valid, from_run.run_cfg.seed, "cpu")
+    assert len(x_val) > 0 and torch.equal(x_val, split.x_val) and torch.equal(y_val, split.y_val)
+    with pytest.raises(ValueError, match="is an export"):
+        from_export.validation_split()
     # no pickles: the weights are a safetensors file
     from safetensors.torch import load_file
 
