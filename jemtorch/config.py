@@ -361,8 +361,12 @@ GENERATIVE_ONLY = ("px_start_epoch", "px_ramp_iters", "energy_reg", "energy_reg_
 
 def training_differences(saved: dict, wanted: dict) -> list[str]:
     """The config fields two runs differ in that change what is trained: neither where a run is written
-    (RESUME_IGNORED) nor, when both are baselines, the generative terms' settings (GENERATIVE_ONLY)."""
-    baselines = all(d.get("p_x_weight", 1) == 0 and d.get("p_x_y_weight", 0) == 0 for d in (saved, wanted))
+    (RESUME_IGNORED) nor, when both are baselines, the generative terms' settings (GENERATIVE_ONLY). A field missing
+    from a config saved before it existed counts as its default: fields are added with the earlier behaviour as
+    their default."""
+    defaults = json.loads(json.dumps(TrainConfig().to_dict()))  # as saved: tuples become lists
+    saved, wanted = {**defaults, **saved}, {**defaults, **wanted}
+    baselines = all(d["p_x_weight"] == 0 and d["p_x_y_weight"] == 0 for d in (saved, wanted))
     ignored = set(RESUME_IGNORED) | (set(GENERATIVE_ONLY) if baselines else set())
     return sorted(k for k in saved.keys() | wanted.keys() if k not in ignored and saved.get(k) != wanted.get(k))
 

@@ -312,3 +312,5 @@ def test_a_baseline_never_reads_the_generative_settings(tmp_path):
     assert training_differences(da, db) == []
     assert training_differences({**da, "p_x_weight": 1.0}, {**db, "p_x_weight": 1.0}) == sorted(GENERATIVE_ONLY)
     assert training_differences(da, {**da, "lr": 0.5, "out": "elsewhere"}) == ["lr"]
+    older = {k: v for k, v in da.items() if k != "time_limit"}  # saved before --time-limit existed: its default
+    assert training_differences(older, da) == [] and training_differences(older, {**da, "time_limit": 9.0}) != []
