@@ -5,7 +5,7 @@
 #   benchmarks/gpu.sh smoke   CIFAR_ROOT          every command once on CUDA, the recipes on wrn-28-10 for a few
 #                                                  iterations, NCCL with one rank, step costs of wrn-28-10
 #   benchmarks/gpu.sh recipes CIFAR_ROOT SECONDS  CIFAR-10 wrn-28-10: jempp and sadajem for SECONDS of training each,
-#                                                  then the baseline for as many epochs (benchmarks/recipes.py)
+#                                                  then each one's baseline for as many epochs (benchmarks/recipes.py)
 #   benchmarks/gpu.sh compile                     step costs of wrn-28-10 with torch.compile
 #
 # CIFAR_ROOT holds {train,test}/<class>/*.png (the PNG copy in ../shared/data, or a subset of it).

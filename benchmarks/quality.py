@@ -2,8 +2,9 @@
 
 Both runs use the same resolved configuration (dataset preset and recipe, model, data, epochs, seed, optimiser,
 schedule); the baseline only sets ``p_x_weight = 0`` (no samples are drawn). Each pair is then evaluated with
-``jem eval``'s code: test accuracy, ECE before and after temperature scaling (fitted on the validation split), and
-OOD AUROC for the paper's three scores (log p(x), max p(y|x), −‖∂ log p(x)/∂x‖) on the sets given by ``--ood``.
+``jem eval``'s code: test accuracy, ECE before and after temperature scaling (fitted on the validation split) — the
+JEM's raw ECE minus the baseline's with a 95% paired-bootstrap interval over the test images — and OOD AUROC for the
+paper's three scores (log p(x), max p(y|x), −‖∂ log p(x)/∂x‖) on the sets given by ``--ood``.
 
     python benchmarks/quality.py --dataset fashion-mnist --data-root ../shared/data --seeds 0 1 2
     python benchmarks/quality.py --dataset fashion-mnist --data-root ../shared/data --labels-per-class 100
@@ -99,14 +100,14 @@ def main() -> int:
             if m:
                 row.update(test_accuracy=m["test_accuracy"], ece=m["ece"], ece_ts=m["ece_ts"],
                            temperature=m["temperature"], train_seconds=s["train_seconds"], rollbacks=s["rollbacks"],
-                           recipe=s.get("recipe"),
+                           recipe=s.get("recipe"), ece_vs_baseline=m.get("ece_vs_reference", {}).get("raw"),
                            auroc={o: {sc: m["ood"][o][sc]["auroc"] for sc in SCORES} for o in ood})
             rows.append(row)
 
     cfg = resolve_config({**flags, "seed": args.seeds[0]})
     head = (f"{args.dataset}, recipe {cfg.recipe}, model {cfg.model}, {cfg.epochs} epochs, batch {cfg.batch_size}, "
             f"labels/class {'all' if args.labels_per_class < 0 else args.labels_per_class}, seeds {args.seeds}")
-    cols = ["seed", "run", "test acc", "ECE", "ECE (TS)", "T", "train s", "rollbacks"]
+    cols = ["seed", "run", "test acc", "ECE", "ECE − baseline's [95%]", "ECE (TS)", "T", "train s", "rollbacks"]
     cols += [f"{o} {sc}" for o in ood for sc in SCORES]
     lines = [f"**{head}** — OOD: AUROC (in-distribution positive) of log p(x) / max p(y|x) / −‖∇ log p(x)‖", "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -114,7 +115,9 @@ def main() -> int:
         if r.get("failed") or "test_accuracy" not in r:
             lines.append(f"| {r['seed']} | {r['run']} | FAILED: {r.get('failed')} |")
             continue
+        d = r["ece_vs_baseline"]
         vals = [r["seed"], r["run"], f"{100 * r['test_accuracy']:.2f}%", f"{100 * r['ece']:.2f}%",
+                f"{100 * d['diff']:+.2f} [{100 * d['ci'][0]:+.2f}, {100 * d['ci'][1]:+.2f}]" if d else "—",
                 f"{100 * r['ece_ts']:.2f}%" if r["ece_ts"] is not None else "—",
                 f"{r['temperature']:.2f}" if r["temperature"] else "—", f"{r['train_seconds']:.0f}", r["rollbacks"]]
         vals += [f"{r['auroc'][o][sc]:.3f}" for o in ood for sc in SCORES]

@@ -1,18 +1,19 @@
-"""Recipes side by side: each recipe's JEM and one classifier baseline, same data, model and seed, a time budget each.
+"""Recipes side by side: each recipe's JEM and its classifier baseline, same data, model and seed, a time budget each.
 
 Made for the GPU figures of the quality issue (CIFAR-10, wrn-28-10, the ``jempp`` and ``sadajem`` recipes): time per
 epoch, and accuracy after the epochs the budget allows. Each JEM trains under ``--time-limit`` (it stops after the
-last whole epoch that fits); the baseline — the first recipe's configuration with p(x) off, so the same optimiser,
-schedule, BatchNorm and augmentation — then trains for as many epochs as the longest JEM did. The schedules are the
-recipes' step schedules (warm-up, then decays at epoch 50 and later), so a run stopped early followed the very
-learning rates of a longer one. Validation accuracy is logged after every epoch, so the table also compares every
-JEM with the baseline at its own epoch count.
+last whole epoch that fits); each recipe's baseline — that recipe's configuration with p(x) off, so the same
+optimiser (SADA-JEM's SAM included), weight decay, schedule, BatchNorm and augmentation — then trains for as many
+epochs as its JEM began (run ``<recipe>-baseline``). The schedules are the recipes' step schedules (warm-up, then
+decays at epoch 50 and later), so a run stopped early followed the very learning rates of a longer one. Validation
+accuracy is logged after every epoch, so the table also compares every JEM with its baseline at the JEM's epoch
+count.
 
     python benchmarks/recipes.py --dataset imagefolder --data-root data/cifar10 --model wrn-28-10 --device cuda \\
         --recipes jempp sadajem --time-limit 150 --eval -- --amp bf16 --channels-last
     python benchmarks/recipes.py --dataset digits --model cnn-8 --recipes jempp sadajem --time-limit 10   # a CPU smoke
 
-Any ``jem train`` flag can follow ``--`` and applies to every run. Runs land in ``--out``/{<recipe>,baseline}; the
+Any ``jem train`` flag can follow ``--`` and applies to every run. Runs land in ``--out``/{<recipe>,<recipe>-baseline}; the
 table is printed as markdown and written to ``--out``/recipes.md and recipes.json.
 """
 from __future__ import annotations
@@ -72,13 +73,15 @@ def main() -> int:
         common["model"] = args.model
     data = load_dataset(args.dataset, args.data_root)
 
-    summaries = {}
+    summaries, baseline_of = {}, {}
     for recipe in args.recipes:
         summaries[recipe] = fit({**common, "recipe": recipe, "time_limit": args.time_limit}, out / recipe, data)
-    done = [s["epochs"] for s in summaries.values() if "failed" not in s]
-    epochs = max(1, math.ceil(max(done))) if done else 1
-    summaries["baseline"] = fit({**common, "recipe": args.recipes[0], "p_x_weight": 0.0, "p_x_y_weight": 0.0,
-                                 "epochs": epochs}, out / "baseline", data)
+    for recipe in args.recipes:  # each JEM against the same recipe without p(x): SAM, weight decay etc. stay equal
+        done = summaries[recipe]
+        epochs = max(1, math.ceil(done["epochs"])) if "failed" not in done else 1
+        name = baseline_of[recipe] = f"{recipe}-baseline"
+        summaries[name] = fit({**common, "recipe": recipe, "p_x_weight": 0.0, "p_x_y_weight": 0.0, "epochs": epochs},
+                              out / name, data)
 
     metrics = {}
     ok = [k for k, s in summaries.items() if "failed" not in s]
@@ -87,8 +90,8 @@ def main() -> int:
                            sample_steps=50, data_root=args.data_root)
         metrics = dict(zip(ok, evaluate_runs([str(out / k) for k in ok], opts, device=args.device)))
 
-    base_curve = val_curve(out / "baseline") if "baseline" in ok else {}
-    cols = ["run", "recipe", "epochs", "s/epoch", "s/iteration", "val acc (epoch: %)", "baseline val acc, same epoch",
+    curves = {k: val_curve(out / k) for k in ok}
+    cols = ["run", "recipe", "epochs", "s/epoch", "s/iteration", "val acc (epoch: %)", "its baseline's val acc, same epoch",
             "test acc", "rollbacks"]
     ood = args.ood.split(",")
     if metrics:
@@ -103,12 +106,13 @@ def main() -> int:
             lines.append(f"| {name} | FAILED: {s['failed']} |")
             rows.append({"run": name, "failed": s["failed"]})
             continue
-        curve = val_curve(out / name)
+        curve = curves[name]
         last = max(curve) if curve else None
+        base = baseline_of.get(name)  # None: this row is a baseline
         row = {"run": name, "recipe": s["recipe"], "epochs": s["epochs"], "train_seconds": s["train_seconds"],
                "s_per_epoch": s["train_seconds"] / s["epochs"], "s_per_iteration": s["train_seconds"] / s["iterations"],
-               "val_curve": curve, "test_accuracy": s["test_accuracy"], "rollbacks": s["rollbacks"],
-               "baseline_val_same_epoch": base_curve.get(last) if name != "baseline" else None}
+               "val_curve": curve, "test_accuracy": s["test_accuracy"], "rollbacks": s["rollbacks"], "baseline": base,
+               "baseline_val_same_epoch": curves.get(base, {}).get(last) if base else None}
         vals = [name, s["recipe"], f"{s['epochs']:.2f}", f"{row['s_per_epoch']:.1f}", f"{row['s_per_iteration']:.3f}",
                 ", ".join(f"{e}: {100 * a:.1f}" for e, a in sorted(curve.items())),
                 f"{100 * row['baseline_val_same_epoch']:.1f}% (epoch {last})" if row["baseline_val_same_epoch"]

@@ -36,7 +36,15 @@ from .data import (
 )
 from .energy import JEM, eval_mode, in_batches
 from .figures import histogram_figure, reliability_figure, save_grid
-from .metrics import calibration_bins, expected_calibration_error, fit_temperature, frechet_distance, ood_metrics
+from .metrics import (
+    bootstrap_ece,
+    calibration_bins,
+    expected_calibration_error,
+    fit_temperature,
+    frechet_distance,
+    ood_metrics,
+    paired_difference,
+)
 from .report import Report
 from .robustness import add_robustness_section
 from .run import EVAL_DIR, LoadedRun, load_run, load_runs
@@ -196,17 +204,20 @@ class EvalOptions:
     ood_root: Optional[str] = None  # where OOD datasets are read (default: data_root, else the run's root)
     inception_weights: Optional[str] = None
     seed: int = 0
+    n_boot: int = 1000  # bootstrap resamples of the test set for the ECE intervals
     progress: bool = True
 
 
 @dataclass
 class EvalResult:
     """One run's evaluation: ``metrics`` (what eval/metrics.json holds), and the arrays its figures are drawn from:
-    ``hist`` (set → score → per-image scores; "in" is the in-distribution set) and ``samples`` (grid name → images)."""
+    ``hist`` (set → score → per-image scores; "in" is the in-distribution set) and ``samples`` (grid name → images);
+    ``ece_boot``: ECE (raw, "ts") of the shared bootstrap resamples of the test set, for paired comparisons."""
 
     metrics: dict
     hist: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     samples: dict[str, torch.Tensor] = field(default_factory=dict)
+    ece_boot: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def evaluate_run(run: LoadedRun, opts: EvalOptions, reference: Optional[LoadedRun] = None) -> EvalResult:
@@ -237,6 +248,10 @@ def evaluate_run(run: LoadedRun, opts: EvalOptions, reference: Optional[LoadedRu
         probs_ts = (logits / temperature).softmax(1)
         ece_ts = expected_calibration_error(probs_ts, data.y_test, opts.bins)
         bins_ts = calibration_bins(probs_ts, data.y_test, opts.bins)
+    # the same resamples of the test images for every run (they depend on the test set's size and the seed only)
+    ece_boot = {"raw": bootstrap_ece(probs, data.y_test, opts.bins, opts.n_boot, opts.seed)}
+    if ece_ts is not None:
+        ece_boot["ts"] = bootstrap_ece(probs_ts, data.y_test, opts.bins, opts.n_boot, opts.seed)
 
     # OOD detection
     root = opts.ood_root or opts.data_root or run.cfg.data_root
@@ -304,13 +319,15 @@ def evaluate_run(run: LoadedRun, opts: EvalOptions, reference: Optional[LoadedRu
                        f"temperature scaling fitted (NLL, LBFGS) on the run's {len(val.y_val)} validation images",
         "calibration": bins,
         "calibration_ts": bins_ts,
+        "ece_bootstrap": {k: {"ci": np.quantile(v, [0.025, 0.975]).tolist(), "level": 0.95, "n_boot": len(v),
+                              "seed": opts.seed} for k, v in ece_boot.items()},
         "ood": ood,
         "ood_protocol": f"{n} in-distribution test images vs {n} images per OOD set; in-distribution is the positive "
                         f"class; scores: logp = LogSumExp f(x), maxprob = max_y p(y|x), gradnorm = -||d logp/dx||_2",
         "samples": {"sample_steps": opts.sample_steps, "sgld_lr": run.cfg.sgld_lr, "sgld_std": run.cfg.sgld_std},
         "generation": generation,
     }
-    return EvalResult(metrics, hist, samples)
+    return EvalResult(metrics, hist, samples, ece_boot)
 
 
 def evaluate_runs(run_dirs: list, opts: EvalOptions, reference_dir: Optional[str] = None,
@@ -337,9 +354,15 @@ def evaluate_runs(run_dirs: list, opts: EvalOptions, reference_dir: Optional[str
         raise DatasetError(f"reference {reference.run_dir} was trained on {reference.cfg.dataset}, not "
                            f"{runs[0].cfg.dataset}")
 
-    results: list[EvalResult] = []
-    for run in runs:
-        res = evaluate_run(run, opts, reference)
+    results = [evaluate_run(run, opts, reference) for run in runs]
+    ref = next((res for run, res in zip(runs, results)
+                if reference is not None and Path(run.run_dir).resolve() == Path(reference.run_dir).resolve()), None)
+    for res in results:  # ECE minus the reference's, with a paired bootstrap interval (the same test resamples)
+        if ref is not None and res is not ref:
+            res.metrics["ece_vs_reference"] = {"reference": ref.metrics["name"], **{
+                k: paired_difference(res.ece_boot[k], ref.ece_boot[k], res.metrics[key] - ref.metrics[key])
+                for k, key in (("raw", "ece"), ("ts", "ece_ts")) if k in res.ece_boot and k in ref.ece_boot}}
+    for run, res in zip(runs, results):
         out = run.run_dir / EVAL_DIR
         out.mkdir(parents=True, exist_ok=True)
         c = run.data.num_classes
@@ -349,7 +372,6 @@ def evaluate_runs(run_dirs: list, opts: EvalOptions, reference_dir: Optional[str
             files[key] = str(save_grid(x, out / f"samples_{key}.png", nrow=nrow))
         res.metrics["samples"]["files"] = files
         (out / "metrics.json").write_text(json.dumps(res.metrics, indent=2) + "\n")
-        results.append(res)
 
     metrics = [r.metrics for r in results]
     for run in runs:  # every run's report shows all runs
@@ -372,6 +394,16 @@ def build_report(results: list[dict], figs: dict) -> Report:
     rep.table(["run", "test accuracy", "test NLL", f"ECE ({results[0]['ece_bins']} bins)", "ECE after TS", "temperature"],
               [[r["name"], r["test_accuracy"], r["test_nll"], r["ece"], r["ece_ts"], r["temperature"]] for r in results])
     rep.p(f"ECE: {results[0]['ece_binning']}.")
+    versus = [r for r in results if "ece_vs_reference" in r]
+    if versus:
+        def cell(d):
+            return f"{100 * d['diff']:+.2f} [{100 * d['ci'][0]:+.2f}, {100 * d['ci'][1]:+.2f}]" if d else "—"
+        rep.table(["run", "reference", "ECE − reference's (points) [95% interval]", "after TS"],
+                  [[r["name"], r["ece_vs_reference"]["reference"], cell(r["ece_vs_reference"].get("raw")),
+                    cell(r["ece_vs_reference"].get("ts"))] for r in versus])
+        rep.p(f"Intervals: paired bootstrap over the test images ({versus[0]['ece_bootstrap']['raw']['n_boot']} "
+              f"resamples shared by every run, percentile); they measure the test set's sampling noise, not the "
+              f"spread between training seeds.")
     rep.img(figs["reliability"], "Reliability diagrams (bar labels: images per bin)")
     rep.h2("Out-of-distribution detection")
     rep.p(results[0]["ood_protocol"] + ".")

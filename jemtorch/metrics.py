@@ -20,11 +20,8 @@ def require_finite(name: str, *arrays) -> None:
 def calibration_bins(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> dict:
     """Equal-width confidence bins over (0, 1]: per bin count, mean confidence, accuracy; and the ECE they give."""
     require_finite("calibration", probs)
-    conf, pred = probs.max(1)
-    correct = (pred == labels).float()
+    conf, correct, idx = _confidence_bins(probs, labels, n_bins)
     edges = torch.linspace(0, 1, n_bins + 1)
-    # bin i holds confidences in (edges[i], edges[i+1]]
-    idx = torch.bucketize(conf, edges[1:-1], right=False).clamp(max=n_bins - 1)
     count = torch.bincount(idx, minlength=n_bins).float()
     conf_sum = torch.bincount(idx, weights=conf, minlength=n_bins)
     acc_sum = torch.bincount(idx, weights=correct, minlength=n_bins)
@@ -32,6 +29,44 @@ def calibration_bins(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15
     ece = ((conf_sum - acc_sum).abs().sum() / max(len(labels), 1)).item()
     return {"edges": edges.tolist(), "count": count.long().tolist(), "confidence": (conf_sum / nz).tolist(),
             "accuracy": (acc_sum / nz).tolist(), "ece": ece, "n_bins": n_bins}
+
+
+def _confidence_bins(probs: torch.Tensor, labels: torch.Tensor, n_bins: int):
+    """Per image: confidence, correctness (float) and its equal-width bin; bin i holds confidences in
+    (i/n_bins, (i+1)/n_bins]."""
+    conf, pred = probs.max(1)
+    edges = torch.linspace(0, 1, n_bins + 1)
+    return conf, (pred == labels).float(), torch.bucketize(conf, edges[1:-1], right=False).clamp(max=n_bins - 1)
+
+
+def bootstrap_ece(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15, n_boot: int = 1000,
+                  seed: int = 0) -> np.ndarray:
+    """ECE (the binning of ``calibration_bins``) of ``n_boot`` resamples of the images, drawn with replacement.
+
+    The resamples depend only on (number of images, ``n_boot``, ``seed``): two models scored on the same test set
+    get the same resamples, so the differences of their replicates give a paired interval for the difference of
+    their ECEs (the test images' own sampling noise, not the training's)."""
+    require_finite("bootstrap ECE", probs)
+    conf, correct, idx = _confidence_bins(probs.detach().cpu().double(), labels.cpu(), n_bins)
+    n = len(labels)
+    g = torch.Generator().manual_seed(seed)
+    out = np.empty(n_boot)
+    for start in range(0, n_boot, 100):  # 100 resamples at a time: (100, n) indices, a few MB
+        pick = torch.randint(n, (min(100, n_boot - start), n), generator=g)
+        rows = torch.arange(len(pick)).unsqueeze(1).expand_as(pick)
+        key = (rows * n_bins + idx[pick]).flatten()  # (resample, bin) → one flat slot
+        gap = torch.zeros(len(pick) * n_bins, dtype=torch.float64)
+        gap.index_add_(0, key, (conf[pick] - correct[pick]).flatten())
+        out[start:start + len(pick)] = gap.view(len(pick), n_bins).abs().sum(1).numpy() / n
+    return out
+
+
+def paired_difference(a: np.ndarray, b: np.ndarray, point: float, level: float = 0.95) -> dict:
+    """``point`` (a statistic of model A minus model B) with the percentile interval of the paired bootstrap
+    replicates ``a - b``."""
+    d = np.asarray(a) - np.asarray(b)
+    lo, hi = np.quantile(d, [(1 - level) / 2, (1 + level) / 2])
+    return {"diff": float(point), "ci": [float(lo), float(hi)], "level": level, "n_boot": len(d)}
 
 
 def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> float:

@@ -4,28 +4,38 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_recipes_benchmark_gives_the_baseline_the_longest_jems_epochs(tmp_path):
+def test_recipes_benchmark_gives_each_recipe_its_own_baseline_for_its_epochs(tmp_path):
     out = tmp_path / "rec"
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks/recipes.py"), "--dataset", "digits", "--model", "cnn-4",
-                        "--recipes", "jempp", "--time-limit", "0.5", "--out", str(out), "--", "--buffer-size", "200",
-                        "--batch-size", "128", "--max-rollbacks", "0"],
+                        "--recipes", "jempp", "sadajem", "--time-limit", "0.5", "--out", str(out), "--",
+                        "--buffer-size", "200", "--batch-size", "128", "--max-rollbacks", "0"],
                        capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = {row["run"]: row for row in json.loads((out / "recipes.json").read_text())["rows"]}
-    jem, base = rows["jempp"], rows["baseline"]
-    assert "failed" not in jem and 0 < jem["epochs"] < 60  # the time limit ended it (the preset has 60 epochs)
-    assert base["epochs"] == -(-jem["epochs"] // 1)  # as many whole epochs as the JEM began
-    assert set(jem["val_curve"]) == {str(e) for e in range(1, int(jem["epochs"]) + 1)}
+    assert set(rows) == {"jempp", "sadajem", "jempp-baseline", "sadajem-baseline"}
+    for recipe in ("jempp", "sadajem"):
+        jem, base = rows[recipe], rows[f"{recipe}-baseline"]
+        assert "failed" not in jem and 0 < jem["epochs"] < 60  # the time limit ended it (the preset has 60 epochs)
+        assert base["epochs"] == -(-jem["epochs"] // 1)  # as many whole epochs as its JEM began
+        assert set(jem["val_curve"]) == {str(e) for e in range(1, int(jem["epochs"]) + 1)}
+        assert jem["baseline"] == f"{recipe}-baseline" and base["baseline"] is None
+        saved = json.loads((out / f"{recipe}-baseline" / "config.json").read_text())
+        assert saved["recipe"] == recipe and saved["p_x_weight"] == 0  # its recipe's optimiser, without p(x)
+    sam = {k: json.loads((out / k / "config.json").read_text())["sam_rho"] for k in ("jempp-baseline", "sadajem-baseline")}
+    assert sam["jempp-baseline"] == 0 < sam["sadajem-baseline"]  # SADA-JEM's SAM on both of its sides
     assert "| jempp | jempp |" in (out / "recipes.md").read_text()
+    base = rows["jempp-baseline"]
     # probe_calibration.py reads the same runs back: the best-validation weights' accuracy on the validation split
-    c = subprocess.run([sys.executable, str(ROOT / "benchmarks/probe_calibration.py"), str(out / "baseline")],
+    c = subprocess.run([sys.executable, str(ROOT / "benchmarks/probe_calibration.py"), str(out / "jempp-baseline")],
                        capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert c.returncode == 0, c.stderr[-2000:]
     line = c.stdout.strip().splitlines()[-1]
-    assert line.startswith(f"| {out / 'baseline'} | {100 * max(base['val_curve'].values()):.2f}% |"), line
+    assert line.startswith(f"| {out / 'jempp-baseline'} | {100 * max(base['val_curve'].values()):.2f}% |"), line
     bad = subprocess.run([sys.executable, str(ROOT / "benchmarks/probe_calibration.py"), str(tmp_path)],
                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert bad.returncode != 0
@@ -43,3 +53,27 @@ def test_recipes_benchmark_gives_the_baseline_the_longest_jems_epochs(tmp_path):
     bad = subprocess.run([sys.executable, str(ROOT / "benchmarks/probe_logp.py"), str(tmp_path)],
                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert bad.returncode != 0 and bad.stderr.strip().startswith("error:"), bad.stderr[-500:]
+
+
+def test_quality_benchmark_table_and_reuse(tmp_path):
+    """quality.py trains a JEM and its baseline, prints one table with the paired ECE interval, and reuses both
+    runs when run again (evaluated, not trained)."""
+    out = tmp_path / "q"
+    cmd = [sys.executable, str(ROOT / "benchmarks/quality.py"), "--dataset", "digits", "--seeds", "0", "--n", "60",
+           "--ood", "uniform,constant", "--out", str(out), "--", "--model", "cnn-4", "--epochs", "2",
+           "--warmup-iters", "0", "--buffer-size", "100", "--sgld-steps", "1"]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "[quality] seed0 jem" in first.stderr and "[quality] seed0 baseline" in first.stderr
+    rows = {r["run"]: r for r in json.loads((out / "quality.json").read_text())["rows"]}
+    jem, base = rows["jem"], rows["baseline"]
+    assert jem["ece_vs_baseline"]["diff"] == pytest.approx(jem["ece"] - base["ece"]) and base["ece_vs_baseline"] is None
+    lo, hi = jem["ece_vs_baseline"]["ci"]
+    table = (out / "quality.md").read_text()
+    assert "ECE − baseline's [95%]" in table and f"[{100 * lo:+.2f}, {100 * hi:+.2f}]" in table
+    assert set(jem["auroc"]) == {"uniform", "constant"}
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert again.returncode == 0 and "[quality]" not in again.stderr  # nothing trained twice
+    assert json.loads((out / "quality.json").read_text())["rows"][0]["test_accuracy"] == jem["test_accuracy"]
+    other = subprocess.run(cmd + ["--lr", "0.5"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert other.returncode != 0 and "another configuration (lr)" in other.stderr  # never mixes configurations

@@ -8,7 +8,15 @@ from jemtorch import JEM, create_model
 from jemtorch.cli import main
 from jemtorch.data import DatasetError
 from jemtorch.evaluate import convert_images, make_ood_set, ood_scores
-from jemtorch.metrics import calibration_bins, expected_calibration_error, fit_temperature, frechet_distance, ood_metrics
+from jemtorch.metrics import (
+    bootstrap_ece,
+    calibration_bins,
+    expected_calibration_error,
+    fit_temperature,
+    frechet_distance,
+    ood_metrics,
+    paired_difference,
+)
 
 TINY = ["--model", "cnn-4", "--sgld-steps", "1", "--buffer-size", "100", "--epochs", "1", "--no-progress"]
 EVAL_TINY = ["--n", "60", "--sample-steps", "2", "--n-samples", "20", "--n-gen", "40", "--no-progress"]
@@ -33,6 +41,23 @@ def test_ece_of_overconfident_model_and_agreement_with_torchmetrics():
         assert calibration_bins(p, y, bins)["ece"] == pytest.approx(expected_calibration_error(p, y, bins), abs=1e-5)
     cal = calibration_bins(p, y, 15)
     assert sum(cal["count"]) == 500 and len(cal["accuracy"]) == 15
+
+
+def test_bootstrap_ece_resamples_are_shared_and_give_a_paired_interval():
+    g = torch.Generator().manual_seed(1)
+    y = torch.randint(0, 10, (400,), generator=g)
+    sharp = torch.softmax(torch.randn(400, 10, generator=g) * 4, 1)
+    boot = bootstrap_ece(sharp, y, 15, n_boot=250, seed=3)
+    # replicate i is the ECE of resample i: the i-th row of the draws the function makes (100 rows at a time)
+    pick = torch.randint(400, (100, 400), generator=torch.Generator().manual_seed(3))[7]
+    assert boot[7] == pytest.approx(calibration_bins(sharp[pick], y[pick], 15)["ece"], abs=1e-6)
+    assert len(boot) == 250 and np.allclose(boot, bootstrap_ece(sharp, y, 15, n_boot=250, seed=3))
+    same = paired_difference(boot, bootstrap_ece(sharp, y, 15, n_boot=250, seed=3), 0.0)
+    assert same["ci"] == [0.0, 0.0]  # a model against itself: every resample agrees
+    flat = torch.full_like(sharp, 0.1)  # always 10% confident: ECE = |accuracy − 0.1| ≈ 0 on random labels
+    d = paired_difference(boot, bootstrap_ece(flat, y, 15, n_boot=250, seed=3),
+                          calibration_bins(sharp, y)["ece"] - calibration_bins(flat, y)["ece"])
+    assert 0 < d["ci"][0] <= d["diff"] <= d["ci"][1] and d["n_boot"] == 250  # the over-confident one is worse
 
 
 def test_temperature_scaling_undoes_overconfidence():
@@ -118,6 +143,14 @@ def test_eval_end_to_end_two_runs(trained_runs, capsys):
     assert m["test_accuracy"] == pytest.approx(summary["test_accuracy"])
     assert 0 <= m["ece"] <= 1 and m["ece_bins"] == 15
     assert 0 <= m["ece_ts"] <= 1 and m["temperature"] > 0 and m["calibration_ts"]["n_bins"] == 15
+    mb = json.loads((base / "eval/metrics.json").read_text())
+    versus = m["ece_vs_reference"]  # the baseline is the reference: the JEM's ECE minus its, paired bootstrap
+    assert versus["reference"] == "base" and "ece_vs_reference" not in mb
+    assert versus["raw"]["diff"] == pytest.approx(m["ece"] - mb["ece"])
+    assert versus["ts"]["diff"] == pytest.approx(m["ece_ts"] - mb["ece_ts"])
+    assert versus["raw"]["ci"][0] < versus["raw"]["ci"][1] and versus["raw"]["n_boot"] == 1000
+    lo, hi = m["ece_bootstrap"]["raw"]["ci"]
+    assert 0 <= lo < hi <= 1 and m["ece_bootstrap"]["raw"]["n_boot"] == 1000
     for ood in ("interp", "uniform", "constant", "gaussian"):
         for score in ("logp", "maxprob", "gradnorm"):
             assert set(m["ood"][ood][score]) == {"auroc", "aupr", "fpr95"}
@@ -129,6 +162,7 @@ def test_eval_end_to_end_two_runs(trained_runs, capsys):
         assert (jem / "eval" / name).is_file(), name
     html = (jem / "eval/report.html").read_text()
     assert "data:image/png;base64," in html and "base" in html and "jem" in html
+    assert "ECE − reference" in (jem / "eval/report.md").read_text()
     assert not (base / "eval/samples_buffer.png").exists()  # a baseline has no replay buffer
 
 
