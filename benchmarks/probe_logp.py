@@ -9,8 +9,9 @@ model thinks likelier than its own training images. In brackets: the AUROC of lo
 (positive) and that set — the validation split's counterpart of `jem eval`'s test-set AUROC. ``--batch-stats``
 scores every set as the training loss saw p(x)'s images — BatchNorm normalising each batch by its own statistics —
 which shows whether the density was learnt and only fails to carry over to the running averages evaluation uses.
+``--levels K`` adds a table of flat images at K grey levels: where along the constant set the density lies.
 
-    python benchmarks/probe_logp.py runs/quality/fm-v3/seed0/jem runs/quality/fm-v3/seed0/baseline
+    python benchmarks/probe_logp.py runs/quality/fm-v3/seed0/jem runs/quality/fm-v3/seed0/baseline --levels 11
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def log_px(model, x: torch.Tensor, batch_stats: int = 0) -> torch.Tensor:
         return torch.cat([torch.logsumexp(model.jem(c).float(), 1) for c in x.split(batch_stats)])
 
 
-def probe(run: str, n: int = 1000, seed: int = 0, batch_stats: bool = False) -> dict:
+def probe(run: str, n: int = 1000, seed: int = 0, batch_stats: bool = False, levels: int = 0) -> dict:
     try:
         model = jemtorch.load(run, device="cpu")
         x = to_float(model.validation_split()[0][:n])
@@ -59,6 +60,11 @@ def probe(run: str, n: int = 1000, seed: int = 0, batch_stats: bool = False) -> 
     for name, v in scores.items():
         auroc = ood_metrics(scores["data"].numpy(), v.numpy())["auroc"] if name != "data" else float("nan")
         out[name] = (v.mean().item(), v.std().item(), auroc)
+    if levels:  # flat images, one grey level each, as evaluated: where along the constant set the density lies
+        c = torch.linspace(-1, 1, levels)
+        flat = log_px(model, c.view(-1, *[1] * (x.dim() - 1)).expand(-1, *x.shape[1:]).contiguous())
+        data = scores["data"] if not batch_stats else log_px(model, x)
+        out["levels"] = [(a, b, (data < b).float().mean().item()) for a, b in zip(c.tolist(), flat.tolist())]
     return out
 
 
@@ -69,14 +75,26 @@ def main() -> None:
     ap.add_argument("--batch-stats", action="store_true",
                     help="normalise each set by its own batch statistics, in batches of the run's p(x) batch size, as "
                          "the training loss did (a diagnosis, not an OOD score: it depends on the batch's company)")
+    ap.add_argument("--levels", type=int, default=0, metavar="K",
+                    help="also score flat images at K grey levels from −1 to 1, as evaluated (running averages): log "
+                         "p(x) and, in brackets, the share of validation images the model rates less likely")
     args = ap.parse_args()
+    if args.levels < 0:
+        ap.error(f"--levels must be ≥ 0, got {args.levels}")
     cols = ["data", "buffer", "±1 noise", *SETS]
     print("| run | " + " | ".join(cols) + " | buffer pixels at ±1 |\n|---|" + "---|" * (len(cols) + 1))
+    flat = []
     for run in args.runs:
-        p = probe(run, args.n, batch_stats=args.batch_stats)
+        p = probe(run, args.n, batch_stats=args.batch_stats, levels=args.levels)
         cells = " | ".join(f"{p[c][0]:.2f} ± {p[c][1]:.2f}" + (f" ({p[c][2]:.3f})" if c != "data" else "")
                            for c in cols)
         print(f"| {run} | {cells} | {100 * p['buffer_saturated']:.0f}% |", flush=True)
+        flat.append(p.get("levels"))
+    if args.levels:
+        print("\nflat images: log p(x) (share of validation images below it)\n\n| run | "
+              + " | ".join(f"{round(c, 6) + 0.0:+.2f}" for c, _, _ in flat[0]) + " |\n|---|" + "---|" * args.levels)
+        for run, row in zip(args.runs, flat):
+            print(f"| {run} | " + " | ".join(f"{v:.2f} ({q:.2f})" for _, v, q in row) + " |")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from jemtorch.cli import build_parser
 from jemtorch.config import resolve_config, training_differences
 from jemtorch.data import load_dataset
 from jemtorch.evaluate import SCORES, EvalOptions, evaluate_runs
+from jemtorch.metrics import format_difference
 from jemtorch.train import Trainer, TrainingDiverged
 
 DEFAULT_OOD = {"fashion-mnist": "mnist,uniform,constant,interp", "mnist": "fashion-mnist,uniform,constant,interp",
@@ -115,9 +116,8 @@ def main() -> int:
         if r.get("failed") or "test_accuracy" not in r:
             lines.append(f"| {r['seed']} | {r['run']} | FAILED: {r.get('failed')} |")
             continue
-        d = r["ece_vs_baseline"]
         vals = [r["seed"], r["run"], f"{100 * r['test_accuracy']:.2f}%", f"{100 * r['ece']:.2f}%",
-                f"{100 * d['diff']:+.2f} [{100 * d['ci'][0]:+.2f}, {100 * d['ci'][1]:+.2f}]" if d else "—",
+                format_difference(r["ece_vs_baseline"]),
                 f"{100 * r['ece_ts']:.2f}%" if r["ece_ts"] is not None else "—",
                 f"{r['temperature']:.2f}" if r["temperature"] else "—", f"{r['train_seconds']:.0f}", r["rollbacks"]]
         vals += [f"{r['auroc'][o][sc]:.3f}" for o in ood for sc in SCORES]

@@ -101,13 +101,16 @@ def _project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> tor
 def pgd(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor, eps: float, norm: str = "linf",
         steps: int = 20, step_size: Optional[float] = None, restarts: int = 1, random_start: bool = True) -> torch.Tensor:
     """Untargeted PGD on images in [−1, 1]; ``eps`` and ``step_size`` in model units. ``model`` returns log-probs or
-    logits. Returns, per image, an adversarial that fools the model in some restart (else the last restart's)."""
+    logits. Returns, per image, an adversarial that fools the model in some restart (else the last restart's); an
+    image the model already gets wrong is returned as it is — a random start inside the ε-ball must not count as a
+    correct, "robust" answer (robust accuracy never exceeds clean accuracy, as in AutoAttack's protocol)."""
     check_threat_model(norm, "threat model")
     if eps == 0:
         return x.clone()
     step_size = step_size if step_size is not None else 2.5 * eps / max(steps, 1)
     best = x.clone()
-    fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+    with torch.no_grad():
+        fooled = model(x).argmax(1) != y
     view = (-1, *[1] * (x.dim() - 1))
     for _ in range(restarts):
         if random_start and norm == "linf":

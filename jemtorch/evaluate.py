@@ -41,6 +41,7 @@ from .metrics import (
     calibration_bins,
     expected_calibration_error,
     fit_temperature,
+    format_difference,
     frechet_distance,
     ood_metrics,
     paired_difference,
@@ -396,11 +397,9 @@ def build_report(results: list[dict], figs: dict) -> Report:
     rep.p(f"ECE: {results[0]['ece_binning']}.")
     versus = [r for r in results if "ece_vs_reference" in r]
     if versus:
-        def cell(d):
-            return f"{100 * d['diff']:+.2f} [{100 * d['ci'][0]:+.2f}, {100 * d['ci'][1]:+.2f}]" if d else "—"
         rep.table(["run", "reference", "ECE − reference's (points) [95% interval]", "after TS"],
-                  [[r["name"], r["ece_vs_reference"]["reference"], cell(r["ece_vs_reference"].get("raw")),
-                    cell(r["ece_vs_reference"].get("ts"))] for r in versus])
+                  [[r["name"], r["ece_vs_reference"]["reference"], format_difference(r["ece_vs_reference"].get("raw")),
+                    format_difference(r["ece_vs_reference"].get("ts"))] for r in versus])
         rep.p(f"Intervals: paired bootstrap over the test images ({versus[0]['ece_bootstrap']['raw']['n_boot']} "
               f"resamples shared by every run, percentile); they measure the test set's sampling noise, not the "
               f"spread between training seeds.")

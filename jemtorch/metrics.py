@@ -69,6 +69,11 @@ def paired_difference(a: np.ndarray, b: np.ndarray, point: float, level: float =
     return {"diff": float(point), "ci": [float(lo), float(hi)], "level": level, "n_boot": len(d)}
 
 
+def format_difference(d: dict | None) -> str:
+    """A :func:`paired_difference` of two rates as "+0.37 [-0.10, +0.74]" (percentage points); "—" when absent."""
+    return f"{100 * d['diff']:+.2f} [{100 * d['ci'][0]:+.2f}, {100 * d['ci'][1]:+.2f}]" if d else "—"
+
+
 def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> float:
     """ECE (L1, equal-width bins) via torchmetrics."""
     from torchmetrics.functional.classification import multiclass_calibration_error

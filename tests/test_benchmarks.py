@@ -41,14 +41,20 @@ def test_recipes_benchmark_gives_each_recipe_its_own_baseline_for_its_epochs(tmp
     assert bad.returncode != 0
     # probe_logp.py: log p(x) of the validation images, the buffer and synthetic sets, one row per run
     rows = []
-    for extra in ([], ["--batch-stats"]):  # as evaluated (running averages), as the loss saw it (batch statistics)
+    for extra in (["--levels", "3"], ["--batch-stats"]):  # as evaluated (running averages), as the loss saw it
         lp = subprocess.run([sys.executable, str(ROOT / "benchmarks/probe_logp.py"), str(out / "jempp"), "--n", "50",
                              *extra], capture_output=True, text=True, timeout=300, cwd=tmp_path)
         assert lp.returncode == 0, lp.stderr[-2000:]
-        cells = lp.stdout.strip().splitlines()[-1].strip("| ").split(" | ")
+        lines = [ln for ln in lp.stdout.splitlines() if ln.startswith(f"| {out / 'jempp'} |")]
+        assert len(lines) == (2 if extra[0] == "--levels" else 1), lp.stdout
+        cells = lines[0].strip("| ").split(" | ")
         assert cells[0] == str(out / "jempp") and len(cells) == 9 and all(" ± " in c for c in cells[1:8]), cells
         assert all(c.endswith(")") for c in cells[2:8]) and cells[8].endswith("%")  # (AUROC vs the data)
         rows.append(cells)
+        if extra[0] == "--levels":  # flat images at grey levels −1, 0, 1: log p(x) (share of the data below it)
+            flat = lines[1].strip("| ").split(" | ")[1:]
+            assert lp.stdout.count("| -1.00 | +0.00 | +1.00 |") == 1 and len(flat) == 3, lp.stdout
+            assert all(0 <= float(c.split("(")[1].rstrip(")")) <= 1 for c in flat), flat
     assert rows[0][1] != rows[1][1]  # BatchNorm's statistics differ, so do the data's scores
     bad = subprocess.run([sys.executable, str(ROOT / "benchmarks/probe_logp.py"), str(tmp_path)],
                          capture_output=True, text=True, timeout=300, cwd=tmp_path)

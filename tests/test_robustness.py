@@ -35,12 +35,26 @@ def test_linf_attack_on_linear_model_matches_closed_form():
         lin.weight.copy_(torch.stack([torch.zeros(16), w]))
     model = nn.Sequential(nn.Flatten(), lin)
     x = torch.rand(8, 1, 4, 4) * 0.5 - 0.25  # interior: the [-1, 1] clamp never binds
+    x = torch.where((x.flatten(1) @ w > 0).view(-1, 1, 1, 1), -x, x)  # all classified right (0) before the attack
     y = torch.zeros(8, dtype=torch.long)
     eps = 0.1
     adv = pgd(model, x, y, eps, "linf", steps=20, restarts=1)
     torch.testing.assert_close(adv, x + eps * w.sign().view(1, 1, 4, 4))
     margin = lambda z: model(z)[:, 1] - model(z)[:, 0]
     torch.testing.assert_close(margin(adv), margin(x) + eps * w.abs().sum())
+
+
+def test_pgd_never_turns_a_wrong_answer_right():
+    """An image the model gets wrong stays an adversarial: the random start must not make it count as robust. The
+    model is wrong only at 0 and right everywhere else, so any random start inside the ball would be 'correct'."""
+    def model(z):  # class 0 within radius 0.01 of the origin, class 1 elsewhere
+        return torch.stack([1e-4 - z.flatten(1).pow(2).sum(1), torch.zeros(len(z))], 1) * 100
+
+    x, y = torch.zeros(8, 1, 2, 2), torch.ones(8, dtype=torch.long)
+    for norm, steps in (("linf", 0), ("linf", 1), ("l2", 0)):
+        adv = pgd(model, x, y, 0.5, norm, steps=steps)
+        assert (model(adv).argmax(1) != y).all() and torch.equal(adv, x), (norm, steps)
+    assert (model(x + 0.1).argmax(1) == y).all()  # the ball around it is classified right
 
 
 def test_zero_refinement_equals_plain_classification():
