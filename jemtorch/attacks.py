@@ -103,7 +103,8 @@ def pgd(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch
     """Untargeted PGD on images in [−1, 1]; ``eps`` and ``step_size`` in model units. ``model`` returns log-probs or
     logits. Returns, per image, an adversarial that fools the model in some restart (else the last restart's); an
     image the model already gets wrong is returned as it is — a random start inside the ε-ball must not count as a
-    correct, "robust" answer (robust accuracy never exceeds clean accuracy, as in AutoAttack's protocol)."""
+    correct, "robust" answer (for a deterministic model robust accuracy never exceeds clean accuracy, as in
+    AutoAttack's protocol; the stochastic SGLD-refined model is judged on one clean draw)."""
     check_threat_model(norm, "threat model")
     if eps == 0:
         return x.clone()
