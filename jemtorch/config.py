@@ -282,9 +282,12 @@ RECIPES: dict[str, dict] = {
     # Yang, Ji et al., CVPR 2023, sndnyang/SADAJEM scripts/sadajem_cifar10.sh and train_sadajem.py: 5 steps of
     # x ← clip(x + clip(∇, −1, 1), −1, 1) without noise, class-Gaussian initialisation, BatchNorm in train mode,
     # separate forward passes, p(x) on un-augmented data (σ_data 0), adaptive SAM ρ=2 over SGD 0.1 momentum 0.9
-    # wd 5e-4, 1000 warm-up iterations, decay ×0.2 at epochs 60/120/180 of 200
+    # wd 5e-4, 1000 warm-up iterations, decay ×0.2 at epochs 60/120/180 of 200; 128 labelled images per step and
+    # 64 images and chains for p(x) (utils.py get_data: `label_bs = 128` for the labelled loader, --batch_size 64
+    # for the p(x) loader and the sampler; an epoch is a pass over the labelled loader)
     "sadajem": {"sgld_update": "clamped", "sgld_steps": 5, "sgld_lr": 1.0, "sgld_std": 0.0, "sgld_init": "gmm",
                 "sample_mode": "train", "norm": "batch", "separate_forward": True, "px_augment": False,
+                "batch_size": 128, "px_batch_size": 64,
                 "data_noise": 0.0, "optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4,
                 "sam_rho": 2.0, "sam_adaptive": True, "warmup_iters": 1000, "decay_epochs": (60, 120, 180),
                 "decay_rate": 0.2, "epochs": 200},

@@ -198,6 +198,7 @@ def test_recipes_set_official_values_and_flags_still_win():
     s = make_config(dataset="cifar10", recipe="sadajem")
     assert (s.sgld_update, s.sgld_steps, s.sgld_init, s.sample_mode, s.sam_rho, s.px_augment, s.optimizer, s.lr,
             s.weight_decay, s.decay_epochs) == ("clamped", 5, "gmm", "train", 2.0, False, "sgd", 0.1, 5e-4, (60, 120, 180))
+    assert (s.batch_size, s.px_batch_size) == (128, 64)  # train_sadajem.py: 128 labelled, 64 for p(x) and chains
     j = make_config(dataset="cifar10", recipe="jempp", pyld_lr=0.1)
     assert (j.sgld_update, j.pyld_inner_steps, j.pyld_lr, j.weight_decay, j.norm) == ("pyld", 5, 0.1, 4e-4, "batch")
     assert make_config(dataset="cifar10").recipe == "jem"
