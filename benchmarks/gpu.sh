@@ -6,7 +6,12 @@
 #                                                  iterations, NCCL with one rank, step costs of wrn-28-10
 #   benchmarks/gpu.sh recipes CIFAR_ROOT SECONDS  CIFAR-10 wrn-28-10: jempp and sadajem for SECONDS of training each,
 #                                                  then each one's baseline for as many epochs (benchmarks/recipes.py)
+#   benchmarks/gpu.sh sadajem CIFAR_ROOT SECONDS  SADA-JEM's warm-up divergence (BENCHMARKS.md, "Again on an NVIDIA
+#                                                  H100"): the recipe in fp32, then bf16 with the energy penalty of the
+#                                                  Fashion-MNIST preset, each against its SAM baseline
 #   benchmarks/gpu.sh compile                     step costs of wrn-28-10 with torch.compile
+#
+# The device has no `unzip`: unpack a zipped subset with `python3 -m zipfile -e SUBSET.zip DIR`.
 #
 # CIFAR_ROOT holds {train,test}/<class>/*.png (the PNG copy in ../shared/data, or a subset of it).
 set -uo pipefail
@@ -61,10 +66,24 @@ recipes)
         --out "$RUNS/recipes" -- --amp bf16 --channels-last 2>&1 | tee "$OUT/recipes.log"
     cp "$RUNS/recipes/recipes.md" "$RUNS/recipes/recipes.json" "$OUT/" 2>/dev/null
     tar -czf "$OUT/recipes-runs.tar.gz" -C "$RUNS/recipes" --exclude='*.pt' --exclude='samples' --exclude='report.html' . ;;
+sadajem)
+    cifar=$2 seconds=$3
+    for variant in fp32 bf16-penalty; do
+        case $variant in
+        fp32) flags=() ;;
+        bf16-penalty) flags=(--amp bf16 --channels-last --energy-reg 0.1 --energy-reg-form batch-mean) ;;
+        esac
+        step $((2 * seconds + 150)) "sadajem $variant" $PY benchmarks/recipes.py --dataset imagefolder \
+            --data-root "$cifar" --model $MODEL --device $DEV --recipes sadajem --time-limit "$seconds" --eval \
+            --out "$RUNS/sadajem-$variant" -- "${flags[@]}" 2>&1 | tee "$OUT/sadajem-$variant.log"
+        cp "$RUNS/sadajem-$variant/recipes.md" "$OUT/sadajem-$variant.md" 2>/dev/null
+    done
+    tar -czf "$OUT/sadajem-runs.tar.gz" -C "$RUNS" --exclude='*.pt' --exclude='samples' --exclude='report.html' \
+        sadajem-fp32 sadajem-bf16-penalty ;;
 compile)
     step 300 "step cost, compiled" $PY benchmarks/step_cost.py --device $DEV --cases $MODEL:3x32x32 --k 5 \
         --batch 64 --rounds 3 --steps 3 --recipe jempp --compile 2>&1 | tee "$OUT/compile.log" ;;
 *)
-    echo "usage: benchmarks/gpu.sh smoke CIFAR_ROOT | recipes CIFAR_ROOT SECONDS | compile" >&2
+    echo "usage: benchmarks/gpu.sh smoke CIFAR_ROOT | recipes CIFAR_ROOT SECONDS | sadajem CIFAR_ROOT SECONDS | compile" >&2
     exit 2 ;;
 esac
