@@ -203,8 +203,8 @@ def test_recipes_set_official_values_and_flags_still_win():
     assert (j.sgld_update, j.pyld_inner_steps, j.pyld_lr, j.weight_decay, j.norm) == ("pyld", 5, 0.1, 4e-4, "batch")
     assert make_config(dataset="cifar10").recipe == "jem"
     f = make_config(dataset="fashion-mnist")  # the preset's measured choices (jemtorch/data.py, README Results)
-    assert (f.recipe, f.epochs, f.sgld_steps, f.sgld_lr, f.energy_reg, f.energy_reg_form, f.px_ramp_iters) == (
-        "sadajem", 16, 2, 100.0, 0.1, "batch-mean", 421)
+    assert (f.recipe, f.epochs, f.sgld_steps, f.sgld_lr, f.clip_grad, f.energy_reg, f.energy_reg_form,
+            f.px_ramp_iters) == ("sadajem", 16, 2, 1.0, 3.0, 0.1, "batch-mean", 421)
     with pytest.raises(ValueError, match="--recipe must be one of"):
         make_config(recipe="jem3")
     with pytest.raises(ValueError, match="--energy-reg-form must be one of per-example, batch-mean"):
