@@ -562,8 +562,8 @@ def _digits(root: Path, download_missing: bool) -> ImageData:
 #   the generative terms and the penalty fade in over their first epoch (--px-ramp-iters 421, one epoch of 421
 #     iterations): switched on at once, the classification loss jumped from 0.37 to 6 within 60 iterations and the
 #     JEM ended 2.40 / 0.97 / 1.07 points below its baseline (seeds 0-2); faded in, 0.05 / 0.04 / 0.12 points below
-#     (92.20 ± 0.10% vs 92.27 ± 0.08%), raw ECE 0.70% vs 1.06% (both at α=100; BENCHMARKS.md, "The Fashion-MNIST
-#     preset").
+#     (92.20 ± 0.10% vs 92.27 ± 0.08%), raw ECE 0.70% vs 1.06% (both at α=100; BENCHMARKS.md, "The α=100
+#     Fashion-MNIST preset").
 # The paper recipe (--recipe jem) keeps the settings measured for it in jemtorch 0.1: clamped chains at lr 3e-4.
 _MNIST_PRESETS = {
     "sadajem": {"model": "cnn-16", "epochs": 16, "px_start_epoch": 3, "batch_size": 128, "px_batch_size": 64,
