@@ -1,6 +1,6 @@
 """Cost of a JEM training step relative to a plain classifier step, measured side by side.
 
-Both steps run through the same Trainer.train_step (the classifier is ``p_x_weight=0``), same model, batch and
+Both steps run through the same Trainer.iteration (the classifier is ``p_x_weight=0``), same model, batch and
 device, interleaved round by round so machine noise hits both alike. The floor is (2K+6)/3 network-pass units:
 an SGLD step ≈ forward + input-only backward ≈ 2, the loss ≈ forward+backward on data and samples ≈ 6, a
 classifier step ≈ forward+backward on data ≈ 3.
@@ -42,13 +42,13 @@ def bench(model: str, shape, k: int, batch: int, device: str, rounds: int, steps
     times = {name: [] for name in trainers}
     for t in trainers.values():
         for _ in range(warmup):
-            t.train_step()
+            t.iteration()
     for _ in range(rounds):
         for name, t in trainers.items():
             sync(t.device)
             t0 = time.perf_counter()
             for _ in range(steps):
-                t.train_step()
+                t.iteration()
             sync(t.device)
             times[name].append((time.perf_counter() - t0) / steps)
     clf, jem = statistics.median(times["clf"]), statistics.median(times["jem"])

@@ -19,13 +19,13 @@ Where things live:
     figures.py    image grids and matplotlib figures;  report.py: markdown/HTML reports
     cli.py        the ``jem`` command
 """
+from .build import LoadedRun, load_run
 from .config import TrainConfig, make_config
 from .data import ImageData, load_dataset
 from .energy import JEM
 from .inference import Predictor, export, load
 from .models import create_model, list_models
 from .objective import Weights, jem_loss
-from .run import LoadedRun, load_run
 from .sampler import JEMSampler, ReplayBuffer, build_sampler, sgld
 from .train import Trainer, train
 

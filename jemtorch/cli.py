@@ -22,7 +22,7 @@ from .distributed import Dist, exit_process
 from .evaluate import SCORES, EvalOptions, evaluate_runs
 from .inference import ScoreTable, export, load
 from .robustness import AttackOptions, attack_runs, distal_runs
-from .run import CONFIG, RunDir
+from .rundir import CONFIG, RunDir
 from .train import Trainer, TrainingDiverged
 
 USER_ERRORS = (ValueError, DatasetError, CheckpointError)

@@ -58,8 +58,9 @@ class TrainConfig:
     p_x_y_weight: float = _f(0.0, "weight of −log p(x, y) with class-conditional samples (paper's p(x|y) factored)")
     px_start_epoch: int = _f(0, "train the classifier alone for this many epochs before the generative terms switch "
                                 "on (0: from the start, as the papers)")
-    px_ramp_iters: int = _f(0, "once the generative terms switch on, raise their weights (and the energy penalty's) "
-                               "linearly from 0 to their values over this many iterations (0: at once, as the papers)")
+    px_ramp_epochs: float = _f(0.0, "once the generative terms switch on, raise their weights (and the energy "
+                                    "penalty's) linearly from 0 to their values over this many epochs, fractions "
+                                    "allowed (0: at once, as the papers)")
     energy_reg: float = _f(0.0, "weight λ of λ·(E(data)² + E(samples)²), an energy-magnitude regulariser "
                                 "(Du & Mordatch 2019; not in the JEM paper)")
     energy_reg_form: str = _f("per-example", "what --energy-reg squares: per-example (the mean of E², Du & Mordatch "
@@ -207,7 +208,7 @@ class TrainConfig:
         need(self.time_limit >= 0, f"--time-limit must be >= 0 seconds (0: no limit), got {self.time_limit}")
         need(self.n_valid >= -1, f"--n-valid must be -1 (10%) or >= 0, got {self.n_valid}")
         need(self.px_start_epoch >= 0, f"--px-start-epoch must be >= 0, got {self.px_start_epoch}")
-        need(self.px_ramp_iters >= 0, f"--px-ramp-iters must be >= 0, got {self.px_ramp_iters}")
+        need(self.px_ramp_epochs >= 0, f"--px-ramp-epochs must be >= 0, got {self.px_ramp_epochs}")
         need(self.energy_reg >= 0, f"--energy-reg must be >= 0, got {self.energy_reg}")
         need(self.p_y_given_x_weight + self.p_x_weight + self.p_x_y_weight > 0, "at least one loss weight must be > 0")
         need(self.labels_per_class == -1 or self.labels_per_class >= 1,
@@ -258,6 +259,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
+        d = upgrade_legacy(d)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -292,6 +294,31 @@ RECIPES: dict[str, dict] = {
                 "sam_rho": 2.0, "sam_adaptive": True, "warmup_iters": 1000, "decay_epochs": (60, 120, 180),
                 "decay_rate": 0.2, "epochs": 200},
 }
+
+
+# training-set sizes of the named datasets (for converting a legacy iteration count into epochs)
+_TRAIN_SIZES = {"digits": 1437, "mnist": 60000, "fashion-mnist": 60000, "kmnist": 60000, "cifar10": 50000,
+                "cifar100": 50000, "svhn": 73257}
+
+
+def upgrade_legacy(d: dict) -> dict:
+    """A config written by jemtorch 0.1: ``px_ramp_iters`` (iterations) becomes ``px_ramp_epochs``, converted with
+    the run's iterations per epoch in one process (its dataset's training images less the validation split, over
+    the batch size)."""
+    if "px_ramp_iters" not in d:
+        return d
+    d = dict(d)
+    iters = d.pop("px_ramp_iters")
+    if not iters:
+        return d
+    n = _TRAIN_SIZES.get(d.get("dataset", TrainConfig.dataset))
+    if n is None or not isinstance(iters, int):
+        raise ValueError(f"config entry px_ramp_iters ({iters!r}) was replaced by px_ramp_epochs in jemtorch 0.2; "
+                         f"give the ramp in epochs")
+    n_valid = d.get("n_valid", -1)
+    per_epoch = (n - (n // 10 if n_valid == -1 else n_valid)) // d.get("batch_size", TrainConfig.batch_size)
+    d["px_ramp_epochs"] = iters / max(1, per_epoch)
+    return d
 
 
 def load_config_file(path: str | Path) -> dict:
@@ -358,7 +385,7 @@ RESUME_IGNORED = ("out", "name", "progress", "device")  # changes that are not w
 # what a run without generative terms (a classifier baseline, p_x_weight = p_x_y_weight = 0) never reads: it trains
 # to the same weights whatever their values (tests/test_train.py checks it), so benchmarks/quality.py reuses a
 # baseline across presets that differ only in these
-GENERATIVE_ONLY = ("px_start_epoch", "px_ramp_iters", "energy_reg", "energy_reg_form", "sgld_steps", "sgld_lr",
+GENERATIVE_ONLY = ("px_start_epoch", "px_ramp_epochs", "energy_reg", "energy_reg_form", "sgld_steps", "sgld_lr",
                    "sgld_std", "sgld_clamp", "sgld_update", "pyld_inner_steps", "pyld_lr", "pyld_eps")
 
 
@@ -368,7 +395,7 @@ def training_differences(saved: dict, wanted: dict) -> list[str]:
     from a config saved before it existed counts as its default: fields are added with the earlier behaviour as
     their default."""
     defaults = json.loads(json.dumps(TrainConfig().to_dict()))  # as saved: tuples become lists
-    saved, wanted = {**defaults, **saved}, {**defaults, **wanted}
+    saved, wanted = {**defaults, **upgrade_legacy(saved)}, {**defaults, **upgrade_legacy(wanted)}
     baselines = all(d["p_x_weight"] == 0 and d["p_x_y_weight"] == 0 for d in (saved, wanted))
     ignored = set(RESUME_IGNORED) | (set(GENERATIVE_ONLY) if baselines else set())
     return sorted(k for k in saved.keys() | wanted.keys() if k not in ignored and saved.get(k) != wanted.get(k))

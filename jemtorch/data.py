@@ -569,7 +569,7 @@ _MNIST_PRESETS = {
     "sadajem": {"model": "cnn-16", "epochs": 16, "px_start_epoch": 3, "batch_size": 128, "px_batch_size": 64,
                 "lr": 0.1, "warmup_iters": 500, "schedule": "cosine", "sam_rho": 0.0, "sgld_lr": 1.0,
                 "clip_grad": 3.0, "sgld_steps": 2, "energy_reg": 0.1, "energy_reg_form": "batch-mean",
-                "px_ramp_iters": 421},
+                "px_ramp_epochs": 1.0},
     "jem": {"model": "cnn", "epochs": 10, "lr": 3e-4, "warmup_iters": 200, "sgld_clamp": True},
 }
 

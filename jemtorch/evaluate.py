@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .build import LoadedRun, load_run, load_runs
 from .data import (
     DATASETS,
     DatasetError,
@@ -48,7 +49,7 @@ from .metrics import (
 )
 from .report import Report
 from .robustness import add_robustness_section
-from .run import EVAL_DIR, LoadedRun, load_run, load_runs
+from .rundir import EVAL_DIR
 from .sampler import frozen
 
 SYNTHETIC_OOD = ("interp", "uniform", "gaussian", "constant")

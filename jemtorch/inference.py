@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .build import load_run, pick_device
 from .checkpoint import CheckpointError, write_atomic
 from .config import TrainConfig
 from .data import DatasetError, ImageData, ImageReader, file_digest, find_images, stack_converted, to_float, training_splits
@@ -40,7 +41,7 @@ from .evaluate import SCORES, SYNTHETIC_OOD, make_ood_set, ood_scores
 from .metrics import ood_metrics
 from .models import create_model
 from .models.registry import check_logits
-from .run import CONFIG, OOD_CALIBRATION, SUMMARY, RunDir, load_run, pick_device
+from .rundir import CONFIG, OOD_CALIBRATION, SUMMARY, RunDir
 
 __all__ = ["load", "Predictor", "OODCalibration", "export", "SCALING"]
 

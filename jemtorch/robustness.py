@@ -16,10 +16,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .attacks import Refined, blackbox, check_threat_model, distal, robust_accuracy
+from .build import LoadedRun, load_runs
 from .data import to_float
 from .figures import curve_figure, distal_figure
 from .report import Report, robustness_section
-from .run import ROBUSTNESS_DIR, LoadedRun, RunDir, load_runs
+from .rundir import ROBUSTNESS_DIR, RunDir
 
 METRICS = "metrics.json"
 SQUARE_EPS = (1 / 255, 2 / 255, 4 / 255, 8 / 255, 16 / 255, 32 / 255)

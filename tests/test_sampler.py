@@ -185,7 +185,7 @@ def test_train_mode_sampling_leaves_batchnorm_statistics_alone():
 def test_semi_supervised_init_uses_only_the_kept_labels():
     from jemtorch import make_config
     from jemtorch.data import load_dataset
-    from jemtorch.run import init_images
+    from jemtorch.build import init_images
 
     data = load_dataset("digits")
     x, y = init_images(make_config(labels_per_class=5), data)

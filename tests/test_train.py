@@ -32,9 +32,9 @@ def test_short_training_lowers_the_loss(tmp_path):
 
 def test_baseline_uses_no_samples(tmp_path):
     trainer = Trainer(cfg(tmp_path, p_x_weight=0, epochs=1))
-    before = trainer.buffer.data.clone()
-    values = trainer.train_step()
-    assert "energy_gap" not in values and torch.equal(trainer.buffer.data, before)
+    before = trainer.state.buffer.data.clone()
+    values = trainer.iteration()
+    assert "energy_gap" not in values and torch.equal(trainer.state.buffer.data, before)
 
 
 @pytest.mark.parametrize("kw", [dict(p_x_y_weight=1.0, p_x_weight=0.0), dict(p_x_y_weight=0.5, class_cond_buffer=True),
@@ -42,21 +42,21 @@ def test_baseline_uses_no_samples(tmp_path):
 def test_variants_train(tmp_path, kw):
     trainer = Trainer(cfg(tmp_path, epochs=1, **kw))
     for _ in range(3):
-        values = trainer.train_step()
+        values = trainer.iteration()
     assert all(v == v for v in values.values())  # finite, not NaN
     if "p_x_y_weight" in kw:
         assert "l_pxy" in values
     if kw.get("p_x_weight") == 0.0:
-        assert trainer.buffer.class_conditional
+        assert trainer.state.buffer.class_conditional
     if "labels_per_class" in kw:
         assert len(trainer.labeled.x) == 50 and len(trainer.unlabeled.x) == len(trainer.splits.x_train)
 
 
 def test_lr_schedule(tmp_path):
     t = Trainer(cfg(tmp_path, warmup_iters=10, decay_epochs=(2,), decay_rate=0.1, epochs=3))
-    ipe = t.iters_per_epoch
-    assert t.lr_factor(0) == pytest.approx(0.1) and t.lr_factor(9) == 1.0
-    assert t.lr_factor(2 * ipe) == pytest.approx(0.1)
+    ipe = t.clock.iters_per_epoch
+    assert t.state.sched.lr_lambdas[0](0) == pytest.approx(0.1) and t.state.sched.lr_lambdas[0](9) == 1.0
+    assert t.state.sched.lr_lambdas[0](2 * ipe) == pytest.approx(0.1)
 
 
 def test_resume_equals_uninterrupted(tmp_path):
@@ -64,7 +64,7 @@ def test_resume_equals_uninterrupted(tmp_path):
     train(cfg(tmp_path / "b", epochs=3, max_iters=50))  # stops mid-epoch (iters_per_epoch = 37)
     resumed = Trainer(cfg(tmp_path / "b", epochs=3))
     resumed.resume()
-    assert resumed.step == 50
+    assert resumed.state.step == 50
     out = resumed.fit()
     for key in ("test_accuracy", "test_nll", "test_accuracy_last", "best_val_accuracy", "iterations"):
         assert out[key] == full[key], key
@@ -87,15 +87,15 @@ def test_time_limit_ends_the_run_like_its_last_iteration(tmp_path):
 
 def test_time_limit_stops_after_the_last_epoch_that_fits(tmp_path):
     t = Trainer(cfg(tmp_path, epochs=5, time_limit=100.0))
-    ipe = t.iters_per_epoch
-    t.step, t.train_seconds = ipe, 30.0  # epoch 1 took 30 s: a second fits (60 ≤ 100)
-    assert not t.out_of_time(epoch_done=True)
-    t.step, t.train_seconds = 2 * ipe, 75.0  # epoch 2 took 45 s: a third (≥ 45 s) would end at 120 > 100
-    assert t.out_of_time(epoch_done=True)
-    t.step, t.train_seconds = 2 * ipe + 1, 99.0  # within an epoch: only a spent budget stops
-    assert not t.out_of_time(epoch_done=False)
-    t.train_seconds = 100.0
-    assert t.out_of_time(epoch_done=False)
+    ipe = t.clock.iters_per_epoch
+    t.state.step, t.timer.seconds = ipe, 30.0  # epoch 1 took 30 s: a second fits (60 ≤ 100)
+    assert not t.timer.out_of_time(t, epoch_done=True)
+    t.state.step, t.timer.seconds = 2 * ipe, 75.0  # epoch 2 took 45 s: a third (≥ 45 s) would end at 120 > 100
+    assert t.timer.out_of_time(t, epoch_done=True)
+    t.state.step, t.timer.seconds = 2 * ipe + 1, 99.0  # within an epoch: only a spent budget stops
+    assert not t.timer.out_of_time(t, epoch_done=False)
+    t.timer.seconds = 100.0
+    assert t.timer.out_of_time(t, epoch_done=False)
 
 
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
@@ -117,33 +117,33 @@ def test_checkpoint_refuses_arbitrary_objects(tmp_path):
 
 
 def test_divergence_climbs_the_recovery_ladder_then_stops(tmp_path):
-    from jemtorch.train import TrainingDiverged
+    from jemtorch.recovery import TrainingDiverged
 
     t = Trainer(cfg(tmp_path, epochs=1, snapshot_every=3, snapshots_kept=5, energy_reg=0.0))
-    t.recovery.take_snapshot()
+    t.recovery.take_snapshot(t.state)
     for _ in range(9):
-        t.train_step()
+        t.iteration()
     assert [s["step"] for s in t.recovery.snapshots] == [0, 3, 6, 9]
     snap = t.recovery.snapshots[-1]
     snap_model = {k: v.clone() for k, v in snap["model"].items()}
     snap_buffer = snap["buffer"].clone()
     t.cfg.max_energy_gap = 1e-9  # every step now counts as divergence
-    values = t.train_step()
+    values = t.iteration()
     # rung 1: the newest snapshot, lr halved, nothing else touched
-    assert values["rollback"] == 1.0 and t.step == 9 and t.rollbacks == 1 and t.lr_scale == 0.5
-    assert all(torch.equal(v, snap_model[k]) for k, v in t.jem.f.state_dict().items())
-    assert torch.equal(t.buffer.data, snap_buffer)
-    assert t.opt.param_groups[0]["lr"] == pytest.approx(0.5 * 1e-3)
+    assert values["rollback"] == 1.0 and t.state.step == 9 and t.recovery.count == 1 and t.recovery.lr_scale == 0.5
+    assert all(torch.equal(v, snap_model[k]) for k, v in t.state.jem.f.state_dict().items())
+    assert torch.equal(t.state.buffer.data, snap_buffer)
+    assert t.state.opt.param_groups[0]["lr"] == pytest.approx(0.5 * 1e-3)
     # soon after: rung 2 goes one snapshot further back (the newest is never restored twice) and refreshes chains
-    t.train_step()
-    assert t.step == 6 and t.recovery.level == 2 and not torch.equal(t.buffer.data, t.recovery.snapshots[-1]["buffer"])
-    t.train_step()
-    assert t.step == 3 and t.recovery.energy_reg == 0.1  # rung 3: energy penalty
-    step_before = t.sampler.update.step_size
-    t.train_step()
-    assert t.step == 0 and t.sampler.update.step_size == 0.5 * step_before  # rung 4: smaller sampler step
+    t.iteration()
+    assert t.state.step == 6 and t.recovery.level == 2 and not torch.equal(t.state.buffer.data, t.recovery.snapshots[-1]["buffer"])
+    t.iteration()
+    assert t.state.step == 3 and t.recovery.energy_reg == 0.1  # rung 3: energy penalty
+    step_before = t.state.sampler.update.step_size
+    t.iteration()
+    assert t.state.step == 0 and t.state.sampler.update.step_size == 0.5 * step_before  # rung 4: smaller sampler step
     with pytest.raises(TrainingDiverged, match="cannot recover"):
-        t.train_step()
+        t.iteration()
 
 
 def test_injected_divergences_recover_and_are_logged(tmp_path):
@@ -204,7 +204,7 @@ def test_recipes_set_official_values_and_flags_still_win():
     assert make_config(dataset="cifar10").recipe == "jem"
     f = make_config(dataset="fashion-mnist")  # the preset's measured choices (jemtorch/data.py, README Results)
     assert (f.recipe, f.epochs, f.sgld_steps, f.sgld_lr, f.clip_grad, f.energy_reg, f.energy_reg_form,
-            f.px_ramp_iters) == ("sadajem", 16, 2, 1.0, 3.0, 0.1, "batch-mean", 421)
+            f.px_ramp_epochs) == ("sadajem", 16, 2, 1.0, 3.0, 0.1, "batch-mean", 1.0)
     with pytest.raises(ValueError, match="--recipe must be one of"):
         make_config(recipe="jem3")
     with pytest.raises(ValueError, match="--energy-reg-form must be one of per-example, batch-mean"):
@@ -232,8 +232,8 @@ def test_modern_recipes_train(tmp_path, recipe):
     t = Trainer(cfg(tmp_path, recipe=recipe, epochs=1, lr=0.01, warmup_iters=5, norm="batch", separate_forward=True,
                     sample_mode="train", sgld_init="gmm", sgld_steps=2))
     for _ in range(4):
-        values = t.train_step()
-    assert t.step == 4 and all(v == v for v in values.values()) and values["sgld_grad_norm"] > 0
+        values = t.iteration()
+    assert t.state.step == 4 and all(v == v for v in values.values()) and values["sgld_grad_norm"] > 0
 
 
 def test_ten_injected_divergences_cost_at_most_one_point(tmp_path):
@@ -254,14 +254,14 @@ def test_ten_injected_divergences_cost_at_most_one_point(tmp_path):
 
 def test_px_start_epoch_trains_the_classifier_alone_first(tmp_path):
     t = Trainer(cfg(tmp_path, epochs=2, px_start_epoch=1))
-    before = t.buffer.data.clone()
-    values = t.train_step()
-    assert "l_px" not in values and torch.equal(t.buffer.data, before)  # no chains moved
-    t.step = t.iters_per_epoch
-    assert "l_px" in t.train_step() and not torch.equal(t.buffer.data, before)
+    before = t.state.buffer.data.clone()
+    values = t.iteration()
+    assert "l_px" not in values and torch.equal(t.state.buffer.data, before)  # no chains moved
+    t.state.step = t.clock.iters_per_epoch
+    assert "l_px" in t.iteration() and not torch.equal(t.state.buffer.data, before)
     summary = train(cfg(tmp_path / "r", epochs=2, px_start_epoch=1))
     best = torch.load(tmp_path / "r/best.pt", weights_only=True)
-    assert best["step"] == 2 * t.iters_per_epoch and summary["epochs"] == 2  # best chosen among JEM epochs only
+    assert best["step"] == 2 * t.clock.iters_per_epoch and summary["epochs"] == 2  # best chosen among JEM epochs only
 
 
 def test_training_curves_draw_the_trajectory_the_run_kept(tmp_path):
@@ -281,22 +281,22 @@ def test_px_ramp_fades_the_generative_terms_in(tmp_path, monkeypatch):
     seen = []
     real = train_module.jem_loss
     monkeypatch.setattr(train_module, "jem_loss", lambda *a, **k: (seen.append(k["weights"]), real(*a, **k))[1])
-    t = Trainer(cfg(tmp_path, epochs=2, px_start_epoch=1, px_ramp_iters=4, energy_reg=0.2, p_x_weight=0.5))
-    for _ in range(t.iters_per_epoch + 5):
-        t.train_step()
-    assert all(w.px == 0 for w in seen[:t.iters_per_epoch])  # epoch 1: classifier steps
-    ramp = seen[t.iters_per_epoch:]
+    t = Trainer(cfg(tmp_path, epochs=2, px_start_epoch=1, px_ramp_epochs=4 / 41, energy_reg=0.2, p_x_weight=0.5))
+    for _ in range(t.clock.iters_per_epoch + 5):
+        t.iteration()
+    assert all(w.px == 0 for w in seen[:t.clock.iters_per_epoch])  # epoch 1: classifier steps
+    ramp = seen[t.clock.iters_per_epoch:]
     assert [w.px for w in ramp] == pytest.approx([0.125, 0.25, 0.375, 0.5, 0.5])
     assert [w.energy_reg for w in ramp[:4]] == pytest.approx([0.05, 0.1, 0.15, 0.2])
-    with pytest.raises(ValueError, match="--px-ramp-iters must be >= 0"):
-        cfg(tmp_path, px_ramp_iters=-1)
+    with pytest.raises(ValueError, match="--px-ramp-epochs must be >= 0"):
+        cfg(tmp_path, px_ramp_epochs=-1)
 
 
 def test_a_baseline_never_reads_the_generative_settings(tmp_path):
     """config.GENERATIVE_ONLY: quality.py reuses a baseline across them, so they must not change its weights."""
     from jemtorch.config import GENERATIVE_ONLY, training_differences
 
-    other = dict(px_start_epoch=1, px_ramp_iters=7, energy_reg=0.3, energy_reg_form="batch-mean", sgld_steps=5,
+    other = dict(px_start_epoch=1, px_ramp_epochs=0.5, energy_reg=0.3, energy_reg_form="batch-mean", sgld_steps=5,
                  sgld_lr=3.0, sgld_std=0.1, sgld_clamp=True, sgld_update="pyld", pyld_inner_steps=2, pyld_lr=0.5,
                  pyld_eps=0.5)
     assert set(other) == set(GENERATIVE_ONLY)
@@ -304,8 +304,8 @@ def test_a_baseline_never_reads_the_generative_settings(tmp_path):
     for name, kw in (("a", {}), ("b", other)):  # one after the other: augmentation draws from the global RNG
         t = Trainer(cfg(tmp_path / name, p_x_weight=0, epochs=1, **kw))
         for _ in range(6):
-            t.train_step()
-        weights.append(t.jem.state_dict())
+            t.iteration()
+        weights.append(t.state.jem.state_dict())
         configs.append(t.cfg.to_dict())
     for k, v in weights[0].items():
         assert torch.equal(v, weights[1][k]), k

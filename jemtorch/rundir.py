@@ -1,38 +1,32 @@
-"""The run directory: what ``jem train`` writes, and how every other command reads it back.
+"""The run directory: what ``jem train`` writes, and how every command finds it (file names live here only).
 
     RUN/
-      config.json          the resolved TrainConfig
-      checkpoint.pt        everything needed to resume (model, optimiser, scheduler, buffer, RNG, step, config)
+      .jemtorch-run        marker written first: the folder is a run directory
+      config.json          the resolved TrainConfig (reusable with --config)
+      config_sources.json  where each value of config.json came from (default, recipe, preset, file, flag)
+      checkpoint.pt        everything needed to resume (model, optimiser, scheduler, buffer, RNG, step, callbacks)
       best.pt              model weights with the best validation accuracy
-      metrics.jsonl        one JSON record per line (kind: train | eval | rollback | recovery | resume | time_limit)
-      summary.json         test accuracy of the best-validation model, time, iterations, ...
+      metrics.jsonl        one JSON record per line (kind: train | eval | health | rollback | recovery | resume | time_limit)
+      summary.json         test accuracy of the best-validation model, time, iterations, health, ...
       curves.png           training curves, rewritten every epoch
       tb/                  TensorBoard events (--tensorboard)
       ood_calibration.json OOD thresholds of the weights, written by ``jem score`` / ``jemtorch.load(...).score``
+      detectors.pt         post-hoc detectors fitted on the run's training split (``jem eval --detectors``, ``jem score``)
       samples/             replay-buffer grids during training; samples_{uncond,cond}.png: the latest
       eval/                written by ``jem eval``
       robustness/          written by ``jem attack`` and ``jem distal``
 
-Every command finds these files through this module (file names live here only), builds a run's model with
-``build_jem`` and loads a trained run with ``load_run``.
+Only file I/O lives here; building models and samplers from a run's config is ``build.py``.
 """
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Optional
 
-import torch
-
-from .checkpoint import CheckpointError, load_safe, save_atomic, write_atomic
+from .checkpoint import CheckpointError, save_atomic, write_atomic
 from .config import TrainConfig
-from .data import ImageData, labeled_subset, load_dataset, training_splits
-from .energy import JEM
-from .models import create_model
-from .models.registry import check_logits
-from .sampler import JEMSampler, build_sampler
 
 MARKER = ".jemtorch-run"  # written first by jem train: the folder is a run directory
 CONFIG = "config.json"
@@ -46,36 +40,11 @@ SAMPLES_DIR = "samples"
 LATEST_SAMPLES = ("samples_uncond.png", "samples_cond.png")
 EVAL_DIR = "eval"
 ROBUSTNESS_DIR = "robustness"
-# what `jem train --overwrite` removes: only files jem train itself writes
+CONFIG_SOURCES = "config_sources.json"  # where each config value came from
 OOD_CALIBRATION = "ood_calibration.json"  # written by jem score / jemtorch.load (OOD thresholds of the weights)
-TRAIN_OUTPUTS = (CHECKPOINT, BEST, METRICS, SUMMARY, CURVES, OOD_CALIBRATION, *LATEST_SAMPLES)
-
-
-def pick_device(name: str) -> torch.device:
-    """``auto`` → CUDA when available, else CPU; a CUDA device without CUDA is a one-line error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name} requested but CUDA is not available")
-    return torch.device(name)
-
-
-def build_jem(cfg: TrainConfig, shape: tuple[int, int, int], num_classes: int) -> JEM:
-    """The run's classifier for (C, H, W) images, wrapped as a JEM (the one place a model is built from a config);
-    one blank forward pass checks that it returns ``num_classes`` logits."""
-    model = create_model(cfg.model, in_channels=shape[0], num_classes=num_classes, norm=cfg.norm, dropout=cfg.dropout)
-    check_logits(model, cfg.model, shape, num_classes)
-    return JEM(model)
-
-
-def init_images(cfg: TrainConfig, data: ImageData) -> tuple[torch.Tensor, torch.Tensor]:
-    """The labelled images a run's initial distribution is fitted on: the whole training set, or in a
-    semi-supervised run only its labelled subset (no label of an 'unlabelled' image is ever used)."""
-    if cfg.labels_per_class <= 0:
-        return data.x_train, data.y_train
-    s = training_splits(data, cfg.n_valid, cfg.seed, "cpu")
-    lab = labeled_subset(s.y_train, cfg.labels_per_class, cfg.seed)
-    return s.x_train[lab], s.y_train[lab]
+DETECTORS = "detectors.pt"  # post-hoc detectors fitted on the run's training split, keyed by the weights' SHA-256
+# what `jem train --overwrite` removes: only files jem train itself writes (and what is fitted to its weights)
+TRAIN_OUTPUTS = (CHECKPOINT, BEST, METRICS, SUMMARY, CURVES, CONFIG_SOURCES, OOD_CALIBRATION, DETECTORS, *LATEST_SAMPLES)
 
 
 class RunDir:
@@ -260,98 +229,3 @@ class MetricsLog:
         if self.path.exists():
             keep = [r for r in self.records() if r["step"] <= step]
             write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in keep))
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# reading trained runs (jem eval, jem attack, jem distal)
-# ------------------------------------------------------------------------------------------------------------------
-@dataclass
-class LoadedRun:
-    """A trained run, ready for inference: config, model (eval mode), replay buffer, dataset."""
-
-    run_dir: Path
-    cfg: TrainConfig
-    jem: JEM
-    data: ImageData
-    buffer: Optional[torch.Tensor]
-    device: torch.device
-    summary: dict = field(default_factory=dict)
-
-    @property
-    def name(self) -> str:
-        return self.run_dir.name
-
-    @property
-    def is_baseline(self) -> bool:
-        return not self.cfg.uses_samples
-
-    def sampler(self) -> JEMSampler:
-        """The run's sampler as configured (initial distribution fitted on the training images when it needs them)."""
-        return build_sampler(self.cfg, self.data.shape, self.data.num_classes, self.device,
-                             init_images(self.cfg, self.data))
-
-
-# entries of config.json that must agree with the config stored inside a checkpoint
-IDENTITY = ("dataset", "model", "norm", "labels_per_class")
-
-
-def checked_state(state, path: Path, cfg: TrainConfig, keys: tuple[str, ...]) -> dict:
-    """A loaded checkpoint, checked: a dict with ``keys`` whose stored config names the same dataset and model as
-    the run's config.json (a checkpoint copied in from another run is refused instead of evaluated)."""
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path} is not a jemtorch checkpoint (it holds a {type(state).__name__})")
-    missing = [k for k in keys if k not in state]
-    if missing:
-        raise CheckpointError(f"{path} is not a jemtorch checkpoint (no {', '.join(missing)})")
-    stored = state.get("config")
-    if isinstance(stored, dict):
-        other = {k: stored.get(k) for k in IDENTITY if k in stored and stored.get(k) != getattr(cfg, k)}
-        if other:
-            raise CheckpointError(f"{path} was trained with " + ", ".join(f"{k}={v}" for k, v in other.items()) +
-                                  ", but the run's config.json says " +
-                                  ", ".join(f"{k}={getattr(cfg, k)}" for k in other) + "; it belongs to another run")
-    return state
-
-
-def load_run(run_dir: str | Path, device: str = "auto", data_root: Optional[str] = None,
-             datasets: Optional[dict] = None) -> LoadedRun:
-    """A trained run: its config, model (best-validation weights when kept), replay buffer and dataset.
-
-    ``datasets``: a dict shared between calls, so runs on the same dataset and root load it once."""
-    rd = RunDir(run_dir)
-    if not (rd / CONFIG).is_file() or not rd.checkpoint.is_file():
-        raise FileNotFoundError(f"not a run directory: {rd.path} (expected {CONFIG} and {CHECKPOINT} from jem train)")
-    cfg_dict = rd.read_config()
-    if data_root:
-        cfg_dict["data_root"] = data_root
-    cfg = TrainConfig.from_dict(cfg_dict)
-    dev = pick_device(device)
-    ckpt = checked_state(load_safe(rd.checkpoint, dev), rd.checkpoint, cfg, ("model", "buffer") if cfg.uses_samples
-                         else ("model",))
-    datasets = {} if datasets is None else datasets
-    key = (cfg.dataset, cfg.data_root)
-    if key not in datasets:
-        datasets[key] = load_dataset(cfg.dataset, cfg.data_root, download_missing=False)
-    data: ImageData = datasets[key]
-    jem = build_jem(cfg, data.shape, data.num_classes).to(dev)
-    weights = checked_state(load_safe(rd.best, dev), rd.best, cfg, ("model",))["model"] if rd.best.is_file() else ckpt["model"]
-    try:
-        jem.f.load_state_dict(weights)
-    except RuntimeError as e:
-        raise CheckpointError(f"{rd.path}: weights do not match the run's config: {str(e).splitlines()[0]}") from None
-    bad = [n for n, p in jem.f.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
-    if bad:
-        raise CheckpointError(f"{rd.path}: the weights are not finite ({', '.join(bad[:3])}: NaN or inf); the run "
-                              f"diverged, nothing can be measured on it")
-    jem.eval()
-    buffer = ckpt["buffer"].get("data") if cfg.uses_samples and isinstance(ckpt["buffer"], dict) else None
-    if cfg.uses_samples and not isinstance(buffer, torch.Tensor):
-        raise CheckpointError(f"{rd.checkpoint} has no replay buffer (not a checkpoint of this run)")
-    return LoadedRun(rd.path, cfg, jem, data, buffer, dev, rd.read_json(SUMMARY))
-
-
-def load_runs(run_dirs, device: str = "auto", data_root: Optional[str] = None,
-              datasets: Optional[dict] = None) -> list[LoadedRun]:
-    """Several runs, each dataset loaded once."""
-    datasets = {} if datasets is None else datasets
-    return [load_run(d, device, data_root, datasets) for d in run_dirs]
