@@ -16,13 +16,13 @@ from typing import Optional, Sequence
 
 from .attacks import DEFAULT_EPS, THREAT_MODELS, check_threat_model, parse_eps
 from .checkpoint import CheckpointError
-from .config import add_config_arguments, resolve_config, resume_changes
+from .config import add_config_arguments, format_sources, resolve_with_sources, resume_changes
 from .data import DatasetError
 from .distributed import Dist, exit_process
 from .evaluate import SCORES, EvalOptions, evaluate_runs
 from .inference import ScoreTable, export, load
 from .robustness import AttackOptions, attack_runs, distal_runs
-from .rundir import CONFIG, RunDir
+from .rundir import CONFIG, CONFIG_SOURCES, RunDir, TensorBoardLog
 from .train import Trainer, TrainingDiverged
 
 USER_ERRORS = (ValueError, DatasetError, CheckpointError)
@@ -48,6 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
     t.add_argument("--overwrite", action="store_true", help="start afresh in a run directory that already has a run")
     add_config_arguments(t)
+
+    c = sub.add_parser("config", help="print the resolved training configuration: every value and the layer it came "
+                                      "from (default, recipe, preset file, resumed run, config file, flag)")
+    c.add_argument("--config", help="JSON or TOML file of config entries (CLI flags override it)")
+    c.add_argument("--resume", metavar="RUN_DIR", help="the configuration a resume of RUN_DIR would train with")
+    c.add_argument("--json", action="store_true", help="print {entry: {value, source}} as JSON")
+    add_config_arguments(c)
 
     e = sub.add_parser("eval", help="evaluate runs: accuracy, calibration, OOD detection, samples, generation quality",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -128,30 +135,55 @@ def _add_common(p: argparse.ArgumentParser, progress: bool = True) -> None:
         p.add_argument("--no-progress", action="store_true")
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "resume", "overwrite")}
-    if args.resume:
-        run = RunDir(args.resume)
-        if not run.checkpoint.is_file() or not (run / CONFIG).is_file():
-            raise FileNotFoundError(f"nothing to resume in {run.path}: expected {run.checkpoint} and {CONFIG}")
-        base = run.read_config()
-        base["out"] = str(run.path)
-        cfg = resolve_config(overrides, args.config, base)
-        changed = resume_changes(base, cfg)
+NOT_CONFIG = ("command", "config", "resume", "overwrite", "json")
+
+
+def resolve_args(args: argparse.Namespace):
+    """The configuration ``jem train``/``jem config`` arguments ask for: (config, sources, run directory, changes a
+    resume makes or None). Checks everything it can before anything is written."""
+    overrides = {k: v for k, v in vars(args).items() if k not in NOT_CONFIG}
+    if not args.resume:
+        cfg, sources = resolve_with_sources(overrides, args.config)
+        return cfg, sources, RunDir(cfg.run_dir), None
+    run = RunDir(args.resume)
+    if not run.checkpoint.is_file() or not (run / CONFIG).is_file():
+        raise FileNotFoundError(f"nothing to resume in {run.path}: expected {run.checkpoint} and {CONFIG}")
+    for flag in ("out", "name"):
+        if overrides.get(flag) is not None and (flag == "name" or Path(overrides[flag]).resolve() != run.path.resolve()):
+            raise ValueError(f"--resume continues in {run.path} itself; --{flag} cannot send it elsewhere (to branch "
+                             f"off, copy the run directory first)")
+    base = {**run.read_config(), "out": str(run.path)}
+    cfg, sources = resolve_with_sources(overrides, args.config, base)
+    old = run.read_json(CONFIG_SOURCES)  # what the resumed values came from when the run started
+    sources = {k: (old.get(k, v) if v == "resumed run" and isinstance(old.get(k), str) else v) for k, v in sources.items()}
+    return cfg, sources, run, resume_changes(base, cfg)
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    cfg, sources, _, _ = resolve_args(args)
+    if args.json:
+        values = json.loads(json.dumps(cfg.to_dict()))
+        print(json.dumps({k: {"value": values[k], "source": sources[k]} for k in values}, indent=1))
     else:
-        cfg = resolve_config(overrides, args.config)
-        run = RunDir(cfg.run_dir)
+        print(format_sources(cfg, sources))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg, sources, run, changed = resolve_args(args)
+    if cfg.tensorboard:  # before anything is written
+        TensorBoardLog.check_available()
     dist = Dist.from_env(cfg.device)  # torchrun: join the process group; otherwise one process
     ok = False
     try:
-        rc = _train(args, cfg, run, dist, changed if args.resume else None)
+        rc = _train(args, cfg, sources, run, dist, changed)
         ok = True
         return rc
     finally:
         dist.close(ok)
 
 
-def _train(args: argparse.Namespace, cfg, run: RunDir, dist: Dist, changed: Optional[dict]) -> int:
+def _train(args: argparse.Namespace, cfg, sources: dict, run: RunDir, dist: Dist, changed: Optional[dict]) -> int:
     say = (lambda msg: print(msg, file=sys.stderr)) if dist.is_main else (lambda msg: None)
     if not args.resume and dist.is_main:  # rank 0 alone decides about and writes into the run directory
         run.check_new_run(args.overwrite)
@@ -159,19 +191,19 @@ def _train(args: argparse.Namespace, cfg, run: RunDir, dist: Dist, changed: Opti
             run.remove_train_outputs()
     trainer = Trainer(cfg, dist=dist)
     if dist.is_main:
-        trainer.run.write_config(cfg)  # folder, marker, config: an unwritable --out fails here, before training
+        trainer.run.write_config(cfg, sources)  # folder, marker, config: an unwritable --out fails here
     if args.resume:
         trainer.resume(changed)
         if changed:
             say("jem train: resuming with " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
-    n_params = sum(p.numel() for p in trainer.jem.parameters())
-    kind = "classifier baseline" if not trainer.uses_samples else f"JEM, {cfg.sgld_steps} SGLD steps/iteration"
+    n_params = sum(p.numel() for p in trainer.state.jem.parameters())
+    kind = "classifier baseline" if not cfg.uses_samples else f"JEM, {cfg.sgld_steps} SGLD steps/iteration"
     s = trainer.splits
     procs = (f", {dist.world_size} processes × batch {cfg.batch_size} = global batch {cfg.batch_size * dist.world_size}"
              if dist.enabled else "")
     say(f"jem train: {cfg.dataset} {tuple(trainer.data.shape)} ({len(s.x_train)} train / {len(s.x_val)} "
         f"val / {len(s.x_test)} test), {cfg.model} ({n_params / 1e6:.2f}M params), {kind}, "
-        f"{trainer.total_iters} iterations on {trainer.device}" + (f" from {trainer.step}" if args.resume else "")
+        f"{trainer.clock.total_iters} iterations on {trainer.device}" + (f" from {trainer.state.step}" if args.resume else "")
         + procs + f"; run directory {cfg.run_dir}")
     try:
         summary = trainer.fit()
@@ -310,7 +342,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        commands = {"train": cmd_train, "eval": cmd_eval, "attack": cmd_attack, "distal": cmd_distal,
+        commands = {"train": cmd_train, "config": cmd_config, "eval": cmd_eval, "attack": cmd_attack, "distal": cmd_distal,
                     "score": cmd_score, "export": cmd_export}
         return commands[args.command](args)
     except USER_ERRORS as e:

@@ -1,12 +1,17 @@
 """Training configuration: one flat dataclass, every field a CLI flag (``--field-name``) and a config-file entry.
 
-Resolution order: dataclass defaults < the dataset's preset (registered with the dataset in data.py) < ``--config FILE`` (JSON or TOML) <
-command-line flags. The resolved config is written to ``RUN_DIR/config.json`` and stored in every checkpoint.
+The fields are declared in sections by the modules that read them (``objective.ObjectiveSettings``,
+``sampler.SamplerSettings``, ``optim.OptimSettings``; run, loop and logging settings here). A value comes from the
+last of these layers that sets it (``jem config`` prints each value with its layer; ``jem train`` writes the same into
+``RUN/config_sources.json``):
 
-The dataclass defaults are the paper's (Grathwohl et al. 2020, Algorithm 1 and the official code: WRN-28-10 without
-normalisation, Adam 1e-4, 1000 warm-up iterations, SGLD α=1 σ=0.01 η=20, ρ=0.05, buffer 10 000, data noise 0.03).
-A preset changes only what does not fit its dataset — e.g. the bundled 8×8 digits (20 iterations per epoch) train a
-small CNN at lr 1e-3, since the paper's warm-up alone would last 50 epochs there.
+    1. default          the dataclass default: the JEM paper's values (Grathwohl et al. 2020, Algorithm 1)
+    2. recipe           one paper's official values (``RECIPES`` below: jem, jempp, sadajem)
+    3. preset           the dataset's preset file ``jemtorch/presets/<dataset>.toml``: its ``[all]`` table, then the
+                        table of the recipe in use (the file also names the dataset's default recipe)
+    4. resumed run      the run's own config.json (``jem train --resume``)
+    5. config file      ``--config FILE`` (JSON or TOML)
+    6. flag             the command line (or the keyword arguments of ``make_config``)
 """
 from __future__ import annotations
 
@@ -14,132 +19,149 @@ import argparse
 import dataclasses
 import json
 import math
-from dataclasses import dataclass, field, fields
+import sys
+from dataclasses import dataclass, fields
+from importlib import resources
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
-from .data import dataset_preset, dataset_recipe
-from .objective import ENERGY_REG_FORMS
-from .sampler import CHAIN_UPDATES, INITIAL_DISTRIBUTIONS
+from .objective import ObjectiveSettings
+from .optim import OptimSettings
+from .sampler import SamplerSettings
+from .settings import Need, setting
 
-
-def _f(default: Any, help: str, **kw) -> Any:
-    return field(default=default, metadata={"help": help, **kw})
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
 
 
 @dataclass
-class TrainConfig:
-    # --- what to train ---
-    dataset: str = _f("digits", "dataset name: digits, mnist, fashion-mnist, kmnist, cifar10, cifar100, svhn, imagefolder")
-    data_root: str = _f("./data", "folder holding the dataset in torchvision's layout (see README)")
-    download: bool = _f(False, "download a missing dataset from its official URL (md5-verified)")
-    model: str = _f("wrn-28-10", "model name: cnn, cnn-<width>, wrn-<depth>-<width> (paper: wrn-28-10), or your "
-                    "own factory package.module:function or file.py:function (called with in_channels, num_classes)")
-    norm: Optional[str] = _f(None, "normalisation layers (cnn and wrn models): none, batch, instance, layer (paper: none)")
-    dropout: float = _f(0.0, "dropout rate in the model")
-    name: Optional[str] = _f(None, "run name; the run directory defaults to runs/<name>")
-    out: Optional[str] = _f(None, "run directory (default runs/<name>, name defaults to <dataset>-<model>[-baseline])")
-    seed: int = _f(0, "random seed (data order, initialisation, SGLD noise)")
-    device: str = _f("auto", "auto, cpu, cuda, cuda:N")
-    amp: str = _f("none", "mixed precision: none, or bf16 (autocast for the network's forward passes in sampling and "
-                          "the loss; chains, loss and weights stay fp32)")
-    channels_last: bool = _f(False, "channels-last memory format for the network and its inputs (faster convolutions "
-                                    "on recent GPUs)")
-    compile: bool = _f(False, "torch.compile the network (needs a working Inductor backend: a C++ compiler on CPU, "
-                              "Triton on GPU)")
+class RunSettings:
+    """What to train, where, on what."""
 
-    recipe: str = _f("jem", "training recipe, every field set to that paper's official values (any can be overridden): "
-                            "jem (Grathwohl et al. 2020), jempp (JEM++, Yang & Ji 2021), sadajem (SADA-JEM, Yang et al. "
-                            "2023); the dataset's preset picks its default")
+    dataset: str = setting("digits", "dataset name: digits, mnist, fashion-mnist, kmnist, cifar10, cifar100, svhn, "
+                                     "imagefolder")
+    data_root: str = setting("./data", "folder holding the dataset in torchvision's layout (see README)")
+    download: bool = setting(False, "download a missing dataset from its official URL (md5-verified)")
+    model: str = setting("wrn-28-10", "model name: cnn, cnn-<width>, wrn-<depth>-<width> (paper: wrn-28-10), or your "
+                                      "own factory package.module:function or file.py:function (called with "
+                                      "in_channels, num_classes; see --trust-code)")
+    norm: Optional[str] = setting(None, "normalisation layers (cnn and wrn models): none, batch, instance, layer "
+                                        "(paper: none)")
+    dropout: float = setting(0.0, "dropout rate in the model")
+    recipe: str = setting("jem", "training recipe, every field set to that paper's official values (any can be "
+                                 "overridden): jem (Grathwohl et al. 2020), jempp (JEM++, Yang & Ji 2021), sadajem "
+                                 "(SADA-JEM, Yang et al. 2023); the dataset's preset picks its default")
+    name: Optional[str] = setting(None, "run name; the run directory defaults to runs/<name>")
+    out: Optional[str] = setting(None, "run directory (default runs/<name>, name defaults to "
+                                       "<dataset>-<model>[-baseline])")
+    seed: int = setting(0, "random seed (data order, initialisation, SGLD noise)")
+    device: str = setting("auto", "auto, cpu, cuda, cuda:N")
+    amp: str = setting("none", "mixed precision: none, or bf16 (autocast for the network's forward passes in "
+                               "sampling and the loss; chains, loss and weights stay fp32)")
+    channels_last: bool = setting(False, "channels-last memory format for the network and its inputs (faster "
+                                         "convolutions on recent GPUs)")
+    compile: bool = setting(False, "torch.compile the network (needs a working Inductor backend: a C++ compiler on "
+                                   "CPU, Triton on GPU)")
+    labels_per_class: int = setting(-1, "semi-supervised: keep labels for this many examples per class (-1: all)")
 
-    # --- objective: L = w_clf·(−log p(y|x)) + w_px·(−log p(x)) + w_pxy·(−log p(x, y)) ---
-    p_y_given_x_weight: float = _f(1.0, "weight of the classification term −log p(y|x)")
-    p_x_weight: float = _f(1.0, "weight of the generative term −log p(x); 0 trains a plain classifier")
-    p_x_y_weight: float = _f(0.0, "weight of −log p(x, y) with class-conditional samples (paper's p(x|y) factored)")
-    px_start_epoch: int = _f(0, "train the classifier alone for this many epochs before the generative terms switch "
-                                "on (0: from the start, as the papers)")
-    px_ramp_epochs: float = _f(0.0, "once the generative terms switch on, raise their weights (and the energy "
-                                    "penalty's) linearly from 0 to their values over this many epochs, fractions "
-                                    "allowed (0: at once, as the papers)")
-    energy_reg: float = _f(0.0, "weight λ of λ·(E(data)² + E(samples)²), an energy-magnitude regulariser "
-                                "(Du & Mordatch 2019; not in the JEM paper)")
-    energy_reg_form: str = _f("per-example", "what --energy-reg squares: per-example (the mean of E², Du & Mordatch "
-                                             "2019, M-EBM: holds every image's energy at the same value) or batch-mean "
-                                             "(the square of the batch's mean E: holds only the level, so confident "
-                                             "images keep a larger LogSumExp)")
-    class_cond_buffer: bool = _f(False, "split the replay buffer by class (implied by --p-x-y-weight > 0 alone)")
-    labels_per_class: int = _f(-1, "semi-supervised: keep labels for this many examples per class (-1: all)")
+    def check(self, need: Need) -> None:
+        need(self.norm in (None, "none", "batch", "instance", "layer"),
+             f"--norm must be none, batch, instance or layer, got {self.norm!r}")
+        need(0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}")
+        need(self.recipe in RECIPES, f"--recipe must be one of {', '.join(RECIPES)}, got {self.recipe!r}")
+        need(self.amp in ("none", "bf16"), f"--amp must be none or bf16, got {self.amp!r}")
+        need(self.device in ("auto", "cpu", "mps") or self.device.startswith("cuda"),
+             f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        need(0 <= self.seed < 2**63, f"--seed must be in 0..2**63-1, got {self.seed}")
+        need(self.labels_per_class == -1 or self.labels_per_class >= 1,
+             f"--labels-per-class must be -1 (all) or >= 1, got {self.labels_per_class}")
 
-    # --- SGLD sampler and replay buffer ---
-    sgld_steps: int = _f(20, "SGLD steps per training iteration η (paper: 20)")
-    sgld_lr: float = _f(1.0, "SGLD step size α (paper: 1)")
-    sgld_std: float = _f(0.01, "SGLD noise σ (paper: 0.01)")
-    sgld_clamp: bool = _f(False, "clamp SGLD chains to the image range [−1, 1] after every step (paper: no)")
-    sgld_update: str = _f("sgld", "chain update: sgld (paper), clamped (SADA-JEM: clip(x + α·clip(∇, −1, 1))), "
-                                  "pyld (JEM++: proximal inner steps through the first layer)")
-    sgld_init: str = _f("uniform", "initial distribution of chains: uniform (paper), gmm (JEM++: one Gaussian per "
-                                   "class fitted on the training images), gaussian (M-EBM: one Gaussian)")
-    sample_mode: str = _f("eval", "network mode while sampling: eval, or train (BatchNorm uses batch statistics, as "
-                                  "JEM++/SADA-JEM; running averages untouched)")
-    pyld_inner_steps: int = _f(5, "PYLD inner proximal steps per outer step (JEM++ script: 5)")
-    pyld_lr: float = _f(0.2, "PYLD inner step size (JEM++ script: 0.2)")
-    pyld_eps: float = _f(1.0, "PYLD inner gradient clip (JEM++: 1)")
-    buffer_size: int = _f(10000, "replay buffer size (paper: 10000)")
-    reinit_freq: float = _f(0.05, "probability ρ of restarting a chain from U(−1, 1) (paper: 0.05)")
-    data_noise: float = _f(0.03, "std of Gaussian noise added to training images σ_data (paper: 0.03)")
-    augment: bool = _f(True, "random crop (reflect pad) and flips where they fit the dataset")
-    px_augment: bool = _f(True, "the p(x) term sees augmented data too (paper: yes; SADA-JEM: no, un-augmented images)")
-    separate_forward: bool = _f(False, "pass data, p(x) data and samples through the network separately (needed with "
-                                       "BatchNorm: no shared batch statistics); off: one concatenated forward pass")
 
-    # --- optimisation ---
-    optimizer: str = _f("adam", "adam or sgd")
-    lr: float = _f(1e-4, "learning rate (paper: Adam 1e-4)")
-    momentum: float = _f(0.9, "SGD momentum")
-    sam_rho: float = _f(0.0, "sharpness-aware minimisation radius ρ (SADA-JEM: 2 with adaptive SAM); 0: off")
-    sam_adaptive: bool = _f(True, "adaptive SAM (ASAM, Kwon et al. 2021), as SADA-JEM uses for ρ ≥ 0.5")
-    weight_decay: float = _f(0.0, "weight decay")
-    warmup_iters: int = _f(1000, "linear learning-rate warm-up iterations (paper: 1000)")
-    schedule: str = _f("step", "learning-rate schedule after warm-up: step (×decay-rate at --decay-epochs; the papers') "
-                               "or cosine (to 0 at the last iteration)")
-    decay_epochs: tuple = _f((), "epochs at which the learning rate is multiplied by --decay-rate (paper: 160 180)")
-    decay_rate: float = _f(0.3, "learning-rate decay factor")
-    batch_size: int = _f(64, "batch size (data and SGLD samples each; paper: 64)")
-    px_batch_size: int = _f(-1, "images and chains per step in the p(x) term when smaller than --batch-size (-1: the "
-                                "batch size, as the papers); the classifier keeps the full batch")
-    epochs: int = _f(200, "training epochs (paper: 200 on CIFAR-10)")
-    max_iters: int = _f(-1, "stop after this many iterations (-1: run all epochs)")
-    time_limit: float = _f(0.0, "training-time budget in seconds (0: none): stop after the last whole epoch that fits "
-                                "(judged by the longer of the mean and the last epoch), or mid-epoch once the budget "
-                                "is spent; then validate, test and save as at the end. The lr schedule stays the one "
-                                "for --epochs")
-    n_valid: int = _f(-1, "held-out validation examples for best-checkpoint selection (-1: 10% of train, 0: none)")
-    clip_grad: float = _f(0.0, "clip the gradient norm to this value (0: off)")
-    max_energy_gap: float = _f(200.0, "a step with |E(data) − E(samples)| above this, or a non-finite loss, counts "
-                                      "as divergence")
-    max_rollbacks: int = _f(20, "recover from at most this many divergences (see README: the recovery ladder), then "
-                                "stop (0: stop at the first divergence)")
-    snapshot_every: int = _f(100, "keep an in-memory snapshot of model, optimiser and replay buffer every N healthy "
-                                  "iterations")
-    snapshots_kept: int = _f(4, "how many snapshots to keep; a repeated divergence steps further back")
-    inject_divergence: tuple = _f((), "fault injection for testing recovery: report a divergence at these iterations "
-                                      "(each once)")
+@dataclass
+class LoopSettings:
+    """How long to train, on how much data per step, and when the generative terms join; stability knobs."""
 
-    # --- logging, samples, checkpoints ---
-    log_every: int = _f(20, "write a metrics.jsonl record every N iterations")
-    sample_every: int = _f(-1, "write sample grids every N iterations (-1: every 10 epochs and at the end)")
-    eval_every: int = _f(1, "evaluate on the validation split every N epochs")
-    ckpt_every: int = _f(1, "write the resumable checkpoint every N epochs (and at the end)")
-    progress: bool = _f(True, "show a progress bar")
-    tensorboard: bool = _f(False, "also write metrics and sample grids as TensorBoard events to RUN/tb (needs the "
-                                  "tensorboard package: pip install tensorboard)")
+    epochs: int = setting(200, "training epochs (paper: 200 on CIFAR-10)")
+    batch_size: int = setting(64, "batch size (data and SGLD samples each; paper: 64)")
+    px_batch_size: int = setting(-1, "images and chains per step in the p(x) term when smaller than --batch-size (-1: "
+                                     "the batch size, as the papers); the classifier keeps the full batch")
+    px_start_epoch: int = setting(0, "train the classifier alone for this many epochs before the generative terms "
+                                     "switch on (0: from the start, as the papers)")
+    px_ramp_epochs: float = setting(0.0, "once the generative terms switch on, raise their weights (and the energy "
+                                         "penalty's) linearly from 0 to their values over this many epochs, fractions "
+                                         "allowed (0: at once, as the papers)")
+    data_noise: float = setting(0.03, "std of Gaussian noise added to training images σ_data (paper: 0.03)")
+    augment: bool = setting(True, "random crop (reflect pad) and flips where they fit the dataset")
+    px_augment: bool = setting(True, "the p(x) term sees augmented data too (paper: yes; SADA-JEM: no, un-augmented "
+                                     "images)")
+    max_iters: int = setting(-1, "stop after this many iterations (-1: run all epochs)")
+    time_limit: float = setting(0.0, "training-time budget in seconds (0: none): stop after the last whole epoch that "
+                                     "fits (judged by the longer of the mean and the last epoch), or mid-epoch once "
+                                     "the budget is spent; then validate, test and save as at the end. The lr "
+                                     "schedule stays the one for --epochs")
+    n_valid: int = setting(-1, "held-out validation examples for best-checkpoint selection (-1: 10% of train, 0: none)")
+    max_energy_gap: float = setting(200.0, "a step with |E(data) − E(samples)| above this, or a non-finite loss, "
+                                           "counts as divergence")
+    max_rollbacks: int = setting(20, "recover from at most this many divergences (see README: the recovery ladder), "
+                                     "then stop (0: stop at the first divergence)")
+    snapshot_every: int = setting(100, "keep an in-memory snapshot of model, optimiser and replay buffer every N "
+                                       "healthy iterations")
+    snapshots_kept: int = setting(4, "how many snapshots to keep; a repeated divergence steps further back")
+    inject_divergence: tuple = setting((), "fault injection for testing recovery: report a divergence at these "
+                                           "iterations (each once)")
+
+    def check(self, need: Need) -> None:
+        need(1 <= self.epochs <= 1_000_000, f"--epochs must be in 1..1000000, got {self.epochs}")
+        need(1 <= self.batch_size <= 1_000_000, f"--batch-size must be in 1..1000000, got {self.batch_size}")
+        need(self.px_batch_size == -1 or 1 <= self.px_batch_size <= self.batch_size,
+             f"--px-batch-size must be -1 or in 1..--batch-size, got {self.px_batch_size}")
+        need(self.px_start_epoch >= 0, f"--px-start-epoch must be >= 0, got {self.px_start_epoch}")
+        need(self.px_ramp_epochs >= 0, f"--px-ramp-epochs must be >= 0, got {self.px_ramp_epochs}")
+        need(self.data_noise >= 0, f"--data-noise must be >= 0, got {self.data_noise}")
+        need(self.max_iters >= -1, f"--max-iters must be -1 (no limit) or >= 0, got {self.max_iters}")
+        need(self.time_limit >= 0, f"--time-limit must be >= 0 seconds (0: no limit), got {self.time_limit}")
+        need(self.n_valid >= -1, f"--n-valid must be -1 (10%) or >= 0, got {self.n_valid}")
+        need(self.max_energy_gap > 0, "--max-energy-gap must be > 0")
+        need(self.max_rollbacks >= 0, "--max-rollbacks must be >= 0")
+        need(self.snapshot_every >= 1, "--snapshot-every must be >= 1")
+        need(self.snapshots_kept >= 1, "--snapshots-kept must be >= 1")
+
+
+@dataclass
+class LogSettings:
+    """What is written while training, and how often."""
+
+    log_every: int = setting(20, "write a metrics.jsonl record every N iterations")
+    sample_every: int = setting(-1, "write sample grids every N iterations (-1: every 10 epochs and at the end)")
+    eval_every: int = setting(1, "evaluate on the validation split every N epochs")
+    ckpt_every: int = setting(1, "write the resumable checkpoint every N epochs (and at the end)")
+    health_every: int = setting(1, "write a health record (chain travel, energy balance, the sampler reaching the "
+                                   "data's energy) every N log records; 0: off")
+    progress: bool = setting(True, "show a progress bar")
+    tensorboard: bool = setting(False, "also write metrics and sample grids as TensorBoard events to RUN/tb (needs the "
+                                       "tensorboard package: pip install tensorboard)")
+
+    def check(self, need: Need) -> None:
+        need(self.log_every >= 1 and self.eval_every >= 1 and self.ckpt_every >= 1,
+             "--log-every, --eval-every and --ckpt-every must be >= 1")
+        need(self.health_every >= 0, f"--health-every must be >= 0 (0: off), got {self.health_every}")
+
+
+SECTIONS = (RunSettings, ObjectiveSettings, SamplerSettings, OptimSettings, LoopSettings, LogSettings)
+
+
+@dataclass
+class TrainConfig(LogSettings, LoopSettings, OptimSettings, SamplerSettings, ObjectiveSettings, RunSettings):
+    """Every knob of a run (fields in the order of ``SECTIONS``)."""
 
     def __post_init__(self) -> None:
+        self.validate()
         module, sep, fn = self.model.rpartition(":")
         if sep and module.endswith(".py") and not Path(module).expanduser().is_absolute():
             # a factory file: stored absolute, so eval/score/resume find it from any working directory
             self.model = f"{Path(module).expanduser().resolve()}:{fn}"
-        self.validate()
 
     def check_types(self) -> None:
         """Every entry has its field's type (config files and the Python API can hand in anything) and every number
@@ -177,57 +199,8 @@ class TrainConfig:
                 raise ValueError(msg)
 
         self.check_types()
-        need(self.sgld_steps >= 0, f"--sgld-steps must be >= 0, got {self.sgld_steps}")
-        need(self.sgld_lr >= 0, f"--sgld-lr must be >= 0, got {self.sgld_lr}")
-        need(self.sgld_std >= 0, f"--sgld-std must be >= 0, got {self.sgld_std}")
-        need(self.buffer_size >= 1, f"--buffer-size must be >= 1, got {self.buffer_size}")
-        need(0 <= self.reinit_freq <= 1, f"--reinit-freq must be in [0, 1], got {self.reinit_freq}")
-        need(self.data_noise >= 0, f"--data-noise must be >= 0, got {self.data_noise}")
-        need(self.sgld_update in CHAIN_UPDATES,
-             f"--sgld-update must be one of {', '.join(CHAIN_UPDATES)}, got {self.sgld_update!r}")
-        need(self.sgld_init in INITIAL_DISTRIBUTIONS,
-             f"--sgld-init must be one of {', '.join(INITIAL_DISTRIBUTIONS)}, got {self.sgld_init!r}")
-        need(self.energy_reg_form in ENERGY_REG_FORMS,
-             f"--energy-reg-form must be one of {', '.join(ENERGY_REG_FORMS)}, got {self.energy_reg_form!r}")
-        need(self.sample_mode in ("eval", "train"), f"--sample-mode must be eval or train, got {self.sample_mode!r}")
-        need(self.pyld_inner_steps >= 0 and self.pyld_lr >= 0 and self.pyld_eps > 0,
-             "--pyld-inner-steps, --pyld-lr must be >= 0 and --pyld-eps > 0")
-        need(self.optimizer in ("adam", "sgd"), f"--optimizer must be adam or sgd, got {self.optimizer!r}")
-        need(self.lr > 0, f"--lr must be > 0, got {self.lr}")
-        need(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
-        need(self.warmup_iters >= 0, f"--warmup-iters must be >= 0, got {self.warmup_iters}")
-        need(self.decay_rate > 0, f"--decay-rate must be > 0, got {self.decay_rate}")
-        need(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
-        need(self.px_batch_size == -1 or 1 <= self.px_batch_size <= self.batch_size,
-             f"--px-batch-size must be -1 or in 1..--batch-size, got {self.px_batch_size}")
-        need(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
-        need(min(self.p_y_given_x_weight, self.p_x_weight, self.p_x_y_weight) >= 0, "loss weights must be >= 0")
-        need(self.momentum >= 0, f"--momentum must be >= 0, got {self.momentum}")
-        need(self.clip_grad >= 0, f"--clip-grad must be >= 0 (0: off), got {self.clip_grad}")
-        need(self.max_iters >= -1, f"--max-iters must be -1 (no limit) or >= 0, got {self.max_iters}")
-        need(self.time_limit >= 0, f"--time-limit must be >= 0 seconds (0: no limit), got {self.time_limit}")
-        need(self.n_valid >= -1, f"--n-valid must be -1 (10%) or >= 0, got {self.n_valid}")
-        need(self.px_start_epoch >= 0, f"--px-start-epoch must be >= 0, got {self.px_start_epoch}")
-        need(self.px_ramp_epochs >= 0, f"--px-ramp-epochs must be >= 0, got {self.px_ramp_epochs}")
-        need(self.energy_reg >= 0, f"--energy-reg must be >= 0, got {self.energy_reg}")
-        need(self.p_y_given_x_weight + self.p_x_weight + self.p_x_y_weight > 0, "at least one loss weight must be > 0")
-        need(self.labels_per_class == -1 or self.labels_per_class >= 1,
-             f"--labels-per-class must be -1 (all) or >= 1, got {self.labels_per_class}")
-        need(self.norm in (None, "none", "batch", "instance", "layer"),
-             f"--norm must be none, batch, instance or layer, got {self.norm!r}")
-        need(0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}")
-        need(self.log_every >= 1 and self.eval_every >= 1 and self.ckpt_every >= 1,
-             "--log-every, --eval-every and --ckpt-every must be >= 1")
-        need(self.max_rollbacks >= 0, "--max-rollbacks must be >= 0")
-        need(self.snapshot_every >= 1, "--snapshot-every must be >= 1")
-        need(self.snapshots_kept >= 1, "--snapshots-kept must be >= 1")
-        need(self.recipe in RECIPES, f"--recipe must be one of {', '.join(RECIPES)}, got {self.recipe!r}")
-        need(self.schedule in ("step", "cosine"), f"--schedule must be step or cosine, got {self.schedule!r}")
-        need(self.amp in ("none", "bf16"), f"--amp must be none or bf16, got {self.amp!r}")
-        need(self.sam_rho >= 0, f"--sam-rho must be >= 0, got {self.sam_rho}")
-        need(self.max_energy_gap > 0, "--max-energy-gap must be > 0")
-        need(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda") or self.device == "mps",
-             f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        for section in SECTIONS:
+            section.check(self, need)
         self.decay_epochs = tuple(int(e) for e in self.decay_epochs)
         self.inject_divergence = tuple(int(e) for e in self.inject_divergence)
 
@@ -321,61 +294,112 @@ def upgrade_legacy(d: dict) -> dict:
     return d
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# presets, layers, provenance
+# ----------------------------------------------------------------------------------------------------------------
+def _read_toml(text: str, where: str) -> dict:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"cannot parse {where}: {e}") from None
+
+
+def dataset_preset(dataset: str) -> dict:
+    """``jemtorch/presets/<dataset>.toml`` as a dict ({} when the dataset has none): ``recipe`` (its default recipe),
+    ``all`` (entries for every recipe) and one table per recipe."""
+    path = resources.files("jemtorch") / "presets" / f"{dataset}.toml"
+    if not path.is_file():
+        return {}
+    preset = _read_toml(path.read_text(encoding="utf-8"), f"preset {dataset}.toml")
+    unknown = set(preset) - {"recipe", "all", *RECIPES}
+    if unknown:
+        raise ValueError(f"preset {dataset}.toml: unknown table(s) {', '.join(sorted(unknown))}")
+    return preset
+
+
+def config_layers(args: dict, config_file: Optional[str] = None, base: Optional[dict] = None) -> list[tuple[str, dict]]:
+    """The layers of the module docstring, lowest first, as (label, entries) pairs (defaults not included)."""
+    file_entries = load_config_file(config_file) if config_file else {}
+    flags = {k: v for k, v in args.items() if v is not None}
+    above = [("resumed run", upgrade_legacy(dict(base or {}))), (f"config file {config_file}", file_entries),
+             ("flag", flags)]
+    given = {k: v for _, layer in above for k, v in layer.items()}
+    dataset = given.get("dataset", TrainConfig.dataset)
+    preset = dataset_preset(dataset) if isinstance(dataset, str) else {}
+    recipe = given.get("recipe") or preset.get("recipe") or TrainConfig.recipe
+    if recipe not in RECIPES:
+        raise ValueError(f"--recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
+    below = [(f"recipe {recipe}", RECIPES[recipe]),
+             (f"preset {dataset}.toml", {"recipe": preset["recipe"]} if "recipe" in preset else {}),
+             (f"preset {dataset}.toml [all]", preset.get("all", {})),
+             (f"preset {dataset}.toml [{recipe}]", preset.get(recipe, {}))]
+    return [(label, layer) for label, layer in below + above if layer]
+
+
+def resolve_with_sources(args: dict, config_file: Optional[str] = None,
+                         base: Optional[dict] = None) -> tuple[TrainConfig, dict[str, str]]:
+    """The resolved config and, for every field, the layer its value came from ("default" when none set it)."""
+    d: dict = {"recipe": TrainConfig.recipe}
+    sources = {f.name: "default" for f in fields(TrainConfig)}
+    for label, layer in config_layers(args, config_file, base):
+        d.update(layer)
+        sources.update({k: label for k in layer})
+    if d.get("norm") == "none":
+        d["norm"] = None
+    return TrainConfig.from_dict(d), sources
+
+
+def resolve_config(args: dict, config_file: Optional[str] = None, base: Optional[dict] = None) -> TrainConfig:
+    """defaults < recipe < dataset preset < base (a resumed run's config) < config file < explicit CLI values."""
+    return resolve_with_sources(args, config_file, base)[0]
+
+
+def format_sources(cfg: TrainConfig, sources: dict[str, str]) -> str:
+    """The resolved configuration as an aligned table: entry, value, the layer it came from."""
+    rows = [(f.name, json.dumps(getattr(cfg, f.name) if not isinstance(getattr(cfg, f.name), tuple)
+                                else list(getattr(cfg, f.name))), sources[f.name]) for f in fields(cfg)]
+    w0, w1 = max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)
+    return "\n".join(f"{a:<{w0}}  {b:<{w1}}  {c}" for a, b, c in rows)
+
+
 def load_config_file(path: str | Path) -> dict:
     """Read a JSON or TOML config file into a dict (keys may use - or _)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"config file not found: {path}")
     text = path.read_text()
-    try:
-        if path.suffix == ".toml":
-            import tomllib
-
-            d = tomllib.loads(text)
-        else:
+    if path.suffix == ".toml":
+        d = _read_toml(text, f"config file {path}")
+    else:
+        try:
             d = json.loads(text)
-    except Exception as e:
-        raise ValueError(f"cannot parse config file {path}: {e}") from None
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise ValueError(f"cannot parse config file {path}: {str(e)[:200]}") from None
     if not isinstance(d, dict):
         raise ValueError(f"config file {path} must hold a table/object of entries")
-    return {k.replace("-", "_"): v for k, v in d.items()}
+    return {str(k).replace("-", "_"): v for k, v in d.items()}
 
 
 def add_config_arguments(parser) -> None:
-    """Add one ``--flag`` per TrainConfig field. Flags default to None so only given ones override."""
+    """One ``--flag`` per TrainConfig field, grouped by section. Flags default to None so only given ones override;
+    the help shows each field's default."""
+    owner = {f.name: s for s in SECTIONS for f in fields(s)}  # sections do not inherit from each other
+    groups = {s: parser.add_argument_group(f"{s.__name__} ({s.__module__.rsplit('.', 1)[-1]}.py)", s.__doc__)
+              for s in SECTIONS}
     for f in fields(TrainConfig):
+        group = groups[owner[f.name]]
         flag = "--" + f.name.replace("_", "-")
-        help_ = f"{f.metadata['help']} (default: {f.default if f.default is not dataclasses.MISSING else []})"
-        help_ = help_.replace("%", "%%")  # argparse formats help strings with %
+        default = list(f.default) if isinstance(f.default, tuple) else f.default
+        help_ = f"{f.metadata['help']} (default: {default})".replace("%", "%%")  # argparse formats help with %
         if f.type in ("bool", bool):
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_)
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_)
         elif f.name in ("decay_epochs", "inject_divergence"):
-            parser.add_argument(flag, dest=f.name, type=int, nargs="*", default=None, help=help_)
+            group.add_argument(flag, dest=f.name, type=int, nargs="*", default=None, help=help_)
         elif f.name == "norm":
-            parser.add_argument(flag, dest=f.name, default=None, help=help_)
+            group.add_argument(flag, dest=f.name, default=None, help=help_)
         else:
             typ = {"int": int, "float": float, "str": str, "Optional[str]": str}.get(str(f.type), str)
-            parser.add_argument(flag, dest=f.name, type=typ, default=None, help=help_)
-
-
-def resolve_config(args: dict, config_file: Optional[str] = None, base: Optional[dict] = None) -> TrainConfig:
-    """defaults < recipe < dataset preset < base (a resumed run's config) < config file < explicit CLI values.
-
-    The recipe is the one given (flag, file, resumed config), else the dataset preset's, else ``jem``. The dataset
-    preset has entries for every recipe and entries for one recipe only (see ``data.register_dataset``)."""
-    given = dict(base or {})
-    if config_file:
-        given.update(load_config_file(config_file))
-    given.update({k: v for k, v in args.items() if v is not None})
-    dataset = given.get("dataset", TrainConfig.dataset)
-    recipe = given.get("recipe") or dataset_recipe(dataset) or TrainConfig.recipe
-    if recipe not in RECIPES:
-        raise ValueError(f"--recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
-    d = {"recipe": recipe, **RECIPES[recipe], **dataset_preset(dataset, recipe)}
-    d.update(given)
-    if d.get("norm") == "none":
-        d["norm"] = None
-    return TrainConfig.from_dict(d)
+            group.add_argument(flag, dest=f.name, type=typ, default=None, help=help_)
 
 
 # what a resumed run cannot change: the checkpoint's weights, buffer, optimiser state and data order are built on them

@@ -470,7 +470,8 @@ def read_digits(seed: int = 0, test_fraction: float = 0.2) -> ImageData:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# the registry: a dataset is a reader registered by name, with its augmentation and its training preset
+# the registry: a dataset is a reader registered by name, with its augmentation (its training preset is a file:
+# jemtorch/presets/<name>.toml, read by config.py)
 # ----------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class DatasetSpec:
@@ -478,132 +479,53 @@ class DatasetSpec:
     reader: Callable[[Path, bool], ImageData]  # (root, download_missing) -> ImageData
     pad: Optional[int]  # random-crop padding (None: 4 for images of 32 px and more, else none)
     flip: bool  # horizontal flips fit this dataset
-    preset: dict  # TrainConfig entries layered over the recipe for this dataset, whatever the recipe (see config.py)
-    recipe: Optional[str] = None  # the recipe this dataset trains with by default
-    recipe_presets: dict = field(default_factory=dict)  # recipe name -> entries applied only with that recipe
 
 
 DATASETS: dict[str, DatasetSpec] = {}
 DEFAULT_ROOT = "./data"
 
 
-def register_dataset(name: str, *, pad: Optional[int] = 0, flip: bool = False, preset: Optional[dict] = None,
-                     recipe: Optional[str] = None, recipe_presets: Optional[dict] = None):
-    """Register ``reader(root, download_missing) -> ImageData`` as dataset ``name``, with its augmentation, its
-    default training recipe and presets (entries for every recipe; entries for one recipe only)."""
+def register_dataset(name: str, *, pad: Optional[int] = 0, flip: bool = False):
+    """Register ``reader(root, download_missing) -> ImageData`` as dataset ``name``, with its augmentation."""
 
     def deco(reader: Callable[[Path, bool], ImageData]) -> Callable[[Path, bool], ImageData]:
-        DATASETS[name] = DatasetSpec(name, reader, pad, flip, dict(preset or {}), recipe, dict(recipe_presets or {}))
+        DATASETS[name] = DatasetSpec(name, reader, pad, flip)
         return reader
 
     return deco
 
 
-def dataset_preset(name: str, recipe: Optional[str] = None) -> dict:
-    """The training preset of a dataset for ``recipe`` ({} for unknown names: load_dataset reports those)."""
-    spec = DATASETS.get(name)
-    if spec is None:
-        return {}
-    return {**spec.preset, **spec.recipe_presets.get(recipe, {})}
-
-
-def dataset_recipe(name: str) -> Optional[str]:
-    """The recipe a dataset trains with unless told otherwise."""
-    spec = DATASETS.get(name)
-    return spec.recipe if spec else None
-
-
-@register_dataset("digits", pad=0, flip=False,
-                  # 8×8 images, 20 iterations per epoch: a small CNN for 60 epochs; the paper's 1000-iteration
-                  # warm-up alone would last 50 epochs here, so 100, and Adam at lr 1e-3 for the paper recipe.
-                  # 10 SGLD steps instead of the paper's 20: seed 0, `jem train` with --sgld-steps 20 vs 10 gave
-                  # 98.33% vs 98.06% test accuracy (one image of 360) in 322 s vs 202 s of training (2026-11-26)
-                  preset={"model": "cnn", "epochs": 60, "warmup_iters": 100},
-                  recipe_presets={"jem": {"lr": 1e-3, "sgld_steps": 10}})
+@register_dataset("digits", pad=0, flip=False)
 def _digits(root: Path, download_missing: bool) -> ImageData:
     return read_digits()
 
 
-# 28×28 greyscale. The default is SADA-JEM's recipe (BatchNorm, class-Gaussian init, clamped-gradient steps, p(x) on
-# un-augmented images), sized for ≤ 30 minutes of JEM training on a 2-core CPU (measured: 1328-1367 s for the 16
-# epochs, seeds 0-2; at α=100, 1536 s). Every value below was measured on Fashion-MNIST; MNIST and KMNIST share them:
-#   cnn-16 with BatchNorm: wider networks cost the same factor per JEM step and leave too few epochs;
-#   batch 128 for the classifier, 64 images and chains for p(x) (--px-batch-size): sampling costs 8× a classifier
-#     step here, so the classifier sees twice the data per step for +25% time;
-#   SGD lr 0.1 with a 500-iteration warm-up and a cosine decay (a short run ends at a low lr without hand-placed
-#     decay epochs; SADA-JEM's 60/120/180 assume 200 epochs);
-#   the first 3 of 16 epochs train the classifier alone (--px-start-epoch): with p(x) from the start, this budget
-#     left the JEM at 76.5/80.0/77.6% validation accuracy after epochs 1-3 where the classifier alone had 82/88/89%;
-#     a classifier step costs 0.07 s, so these epochs are nearly free;
-#   16 epochs: what 2 sampler steps leave room for in 30 minutes (12 with SADA-JEM's 5); the baseline reaches 92%;
-#   no SAM (+25% time per step);
-#   sampler step α=1 (--sgld-lr), SADA-JEM's own, with the gradient norm clipped at 3 (--clip-grad; not in the
-#     papers). History: without the ramp below, α=1 left p(x) a data-vs-Gaussian discriminator (two-epoch probes,
-#     validation accuracy: no p(x) 88.7%; α=1 77.7%; α=20 83.7%; α=100 86.0%; α=1000 86.2%) and the preset took
-#     α=100. With the ramp and the batch-mean penalty, α=1 trains in full; α=100 saturates the chains (64% of the
-#     buffer's pixels at ±1) and its log p(x) rated uniform noise as likely as garments (AUROC 0.624 / 0.906 / 0.951
-#     on seeds 0-2, below its own baseline's LogSumExp on two). α=1 unclipped: uniform 0.994 / 0.991 / 1.000, but one
-#     gradient spike (mean norm 0.77 -> 5.6 at iteration 2800; the 99th percentile of 20-step windows is 2.2 on every
-#     run) cost seed 2 1.89 points. Clipped at 3, both sides retrained (BENCHMARKS.md, "α=1 with gradient clipping"):
-#     gaps to the baseline 0.01 / 0.09 / 0.11 points, uniform 0.998 / 0.983 / 0.981, MNIST 0.968 / 0.910 / 0.936
-#     (α=100: 0.990 / 0.972 / 0.936), 1328-1367 s; the JEM's log p(x) is above its baseline's LogSumExp on MNIST
-#     and uniform noise on every seed. The paper's σ=0.01 chain noise on top measured the same within noise
-#     (seeds 0-2), so the chains stay noise-free as in SADA-JEM;
-#   2 sampler steps (--sgld-steps) instead of SADA-JEM's 5: the buffer is persistent; two-epoch probes at α=100
-#     (validation accuracy) gave K=1 84.2%, K=2 83.7%, K=3 82.4%, K=5 83.6% (within one seed's noise) at
-#     0.19/0.24/0.29/0.36 s per JEM iteration, and at α=1 K=5 gave 88.13% vs K=2's 87.62%, also within noise;
-#   energy penalty 0.1 (--energy-reg) from the start of the JEM phase: every probe and the earlier seed-0 run
-#     diverged within ~50 iterations of p(x) switching on at lr 0.1 without it, and the recovery ladder settled on
-#     0.1 each time after 3 rollbacks;
-#   the penalty on the batch means (--energy-reg-form batch-mean), not per example: the per-example penalty holds
-#     every image at E = −1/(2λ) (LogSumExp 4.9 ± 0.5 over validation images, the classifier alone 8.9 ± 2.5) and the
-#     JEM came out under-confident (temperature 0.69-0.74, ECE 4.4%); on the batch means: LogSumExp 5.0 ± 2.1,
-#     probe ECE 2.3% vs 5.5%, same accuracy (BENCHMARKS.md, "Probes: fewer sampler steps ...");
-#   the generative terms and the penalty fade in over their first epoch (--px-ramp-iters 421, one epoch of 421
-#     iterations): switched on at once, the classification loss jumped from 0.37 to 6 within 60 iterations and the
-#     JEM ended 2.40 / 0.97 / 1.07 points below its baseline (seeds 0-2); faded in, 0.05 / 0.04 / 0.12 points below
-#     (92.20 ± 0.10% vs 92.27 ± 0.08%), raw ECE 0.70% vs 1.06% (both at α=100; BENCHMARKS.md, "The α=100
-#     Fashion-MNIST preset").
-# The paper recipe (--recipe jem) keeps the settings measured for it in jemtorch 0.1: clamped chains at lr 3e-4.
-_MNIST_PRESETS = {
-    "sadajem": {"model": "cnn-16", "epochs": 16, "px_start_epoch": 3, "batch_size": 128, "px_batch_size": 64,
-                "lr": 0.1, "warmup_iters": 500, "schedule": "cosine", "sam_rho": 0.0, "sgld_lr": 1.0,
-                "clip_grad": 3.0, "sgld_steps": 2, "energy_reg": 0.1, "energy_reg_form": "batch-mean",
-                "px_ramp_epochs": 1.0},
-    "jem": {"model": "cnn", "epochs": 10, "lr": 3e-4, "warmup_iters": 200, "sgld_clamp": True},
-}
-
-
-@register_dataset("mnist", pad=2, flip=False, recipe="sadajem", recipe_presets=_MNIST_PRESETS)
+@register_dataset("mnist", pad=2, flip=False)
 def _mnist(root: Path, download_missing: bool) -> ImageData:
     return read_mnist_like(root, "MNIST", "mnist", [str(i) for i in range(10)], download_missing)
 
 
-@register_dataset("fashion-mnist", pad=2, flip=True, recipe="sadajem", recipe_presets=_MNIST_PRESETS)
+@register_dataset("fashion-mnist", pad=2, flip=True)
 def _fashion_mnist(root: Path, download_missing: bool) -> ImageData:
     return read_mnist_like(root, "FashionMNIST", "fashion-mnist", FASHION_CLASSES, download_missing)
 
 
-@register_dataset("kmnist", pad=2, flip=False, recipe="sadajem", recipe_presets=_MNIST_PRESETS)
+@register_dataset("kmnist", pad=2, flip=False)
 def _kmnist(root: Path, download_missing: bool) -> ImageData:
     return read_mnist_like(root, "KMNIST", "kmnist", KMNIST_CLASSES, download_missing)
 
 
-# the official JEM schedule (wgrathwohl/JEM train_wrn_ebm.py); jempp/sadajem bring their own
-_CIFAR_PRESETS = {"jem": {"decay_epochs": (160, 180)}}
-
-
-@register_dataset("cifar10", pad=4, flip=True, recipe_presets=_CIFAR_PRESETS)
+@register_dataset("cifar10", pad=4, flip=True)
 def _cifar10(root: Path, download_missing: bool) -> ImageData:
     return read_cifar(root, "cifar10", download_missing)
 
 
-@register_dataset("cifar100", pad=4, flip=True, recipe_presets=_CIFAR_PRESETS)
+@register_dataset("cifar100", pad=4, flip=True)
 def _cifar100(root: Path, download_missing: bool) -> ImageData:
     return read_cifar(root, "cifar100", download_missing)
 
 
-@register_dataset("svhn", pad=4, flip=False, recipe_presets=_CIFAR_PRESETS)
+@register_dataset("svhn", pad=4, flip=False)
 def _svhn(root: Path, download_missing: bool) -> ImageData:
     return read_svhn(root, download_missing)
 

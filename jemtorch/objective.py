@@ -30,8 +30,35 @@ import torch.nn.functional as F
 
 from .energy import JEM
 from .sampler import running_stats_frozen
+from .settings import Need, setting
 
 ENERGY_REG_FORMS = ("per-example", "batch-mean")
+
+
+@dataclass
+class ObjectiveSettings:
+    """The settings of the loss: the terms' weights and the energy penalty."""
+
+    p_y_given_x_weight: float = setting(1.0, "weight of the classification term −log p(y|x)")
+    p_x_weight: float = setting(1.0, "weight of the generative term −log p(x); 0 trains a plain classifier")
+    p_x_y_weight: float = setting(0.0, "weight of −log p(x, y) with class-conditional samples (paper's p(x|y) "
+                                       "factored)")
+    energy_reg: float = setting(0.0, "weight λ of λ·(E(data)² + E(samples)²), an energy-magnitude regulariser "
+                                     "(Du & Mordatch 2019; not in the JEM paper)")
+    energy_reg_form: str = setting("per-example", "what --energy-reg squares: per-example (the mean of E², Du & "
+                                                  "Mordatch 2019, M-EBM: holds every image's energy at the same "
+                                                  "value) or batch-mean (the square of the batch's mean E: holds only "
+                                                  "the level, so confident images keep a larger LogSumExp)")
+    separate_forward: bool = setting(False, "pass data, p(x) data and samples through the network separately "
+                                            "(needed with BatchNorm: no shared batch statistics); off: one "
+                                            "concatenated forward pass")
+
+    def check(self, need: Need) -> None:
+        need(min(self.p_y_given_x_weight, self.p_x_weight, self.p_x_y_weight) >= 0, "loss weights must be >= 0")
+        need(self.p_y_given_x_weight + self.p_x_weight + self.p_x_y_weight > 0, "at least one loss weight must be > 0")
+        need(self.energy_reg >= 0, f"--energy-reg must be >= 0, got {self.energy_reg}")
+        need(self.energy_reg_form in ENERGY_REG_FORMS,
+             f"--energy-reg-form must be one of {', '.join(ENERGY_REG_FORMS)}, got {self.energy_reg_form!r}")
 
 
 @dataclass(frozen=True)

@@ -2,9 +2,41 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
+
+from .settings import Need, setting
+
+
+@dataclass
+class OptimSettings:
+    """The settings of the optimiser, its learning-rate schedule and the gradient; the JEM paper's by default."""
+
+    optimizer: str = setting("adam", "adam or sgd")
+    lr: float = setting(1e-4, "learning rate (paper: Adam 1e-4)")
+    momentum: float = setting(0.9, "SGD momentum")
+    weight_decay: float = setting(0.0, "weight decay")
+    sam_rho: float = setting(0.0, "sharpness-aware minimisation radius ρ (SADA-JEM: 2 with adaptive SAM); 0: off")
+    sam_adaptive: bool = setting(True, "adaptive SAM (ASAM, Kwon et al. 2021), as SADA-JEM uses for ρ ≥ 0.5")
+    warmup_iters: int = setting(1000, "linear learning-rate warm-up iterations (paper: 1000)")
+    schedule: str = setting("step", "learning-rate schedule after warm-up: step (×decay-rate at --decay-epochs; the "
+                                    "papers') or cosine (to 0 at the last iteration)")
+    decay_epochs: tuple = setting((), "epochs at which the learning rate is multiplied by --decay-rate (paper: 160 180)")
+    decay_rate: float = setting(0.3, "learning-rate decay factor")
+    clip_grad: float = setting(0.0, "clip the gradient norm to this value (0: off)")
+
+    def check(self, need: Need) -> None:
+        need(self.optimizer in ("adam", "sgd"), f"--optimizer must be adam or sgd, got {self.optimizer!r}")
+        need(self.lr > 0, f"--lr must be > 0, got {self.lr}")
+        need(self.momentum >= 0, f"--momentum must be >= 0, got {self.momentum}")
+        need(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
+        need(self.sam_rho >= 0, f"--sam-rho must be >= 0, got {self.sam_rho}")
+        need(self.warmup_iters >= 0, f"--warmup-iters must be >= 0, got {self.warmup_iters}")
+        need(self.schedule in ("step", "cosine"), f"--schedule must be step or cosine, got {self.schedule!r}")
+        need(self.decay_rate > 0, f"--decay-rate must be > 0, got {self.decay_rate}")
+        need(self.clip_grad >= 0, f"--clip-grad must be >= 0 (0: off), got {self.clip_grad}")
 
 
 def build_optimizer(cfg, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:

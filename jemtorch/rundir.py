@@ -86,11 +86,14 @@ class RunDir:
         if self.has_run and not overwrite:
             raise ValueError(f"{p} already holds a run; use --resume {p}, --overwrite, or another --out/--name")
 
-    def write_config(self, cfg: TrainConfig) -> None:
+    def write_config(self, cfg: TrainConfig, sources: Optional[dict] = None) -> None:
+        """config.json (and, when known, config_sources.json: the layer each value came from)."""
         self.path.mkdir(parents=True, exist_ok=True)
         if not (self.path / MARKER).is_file():
             (self.path / MARKER).write_text("a jemtorch run directory (jem train writes here; do not store other files)\n")
         write_atomic(self.path / CONFIG, json.dumps(cfg.to_dict(), indent=2) + "\n")
+        if sources is not None:
+            write_atomic(self.path / CONFIG_SOURCES, json.dumps(sources, indent=2) + "\n")
 
     def read_config(self) -> dict:
         d = self.read_json(CONFIG)
@@ -148,12 +151,19 @@ class TensorBoardLog:
     its checkpoint's step, as ``metrics.jsonl`` drops its records."""
 
     def __init__(self, path: str | Path, start_step: int = 0, rollbacks: int = 0):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+        self.check_available()
+        from torch.utils.tensorboard import SummaryWriter
+
         self.writer = SummaryWriter(str(path), purge_step=start_step or None)
         self.rollbacks = rollbacks
+
+    @staticmethod
+    def check_available() -> None:
+        """A one-line ValueError unless the tensorboard package imports."""
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+        except ImportError:
+            raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
 
     def write(self, record: dict) -> None:
         kind, step = record.get("kind", "train"), int(record["step"])

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Protocol, Sequence
 
@@ -29,6 +30,7 @@ from torch import nn
 from .checkpoint import load_safe, save_atomic
 from .data import to_float
 from .energy import JEM
+from .settings import Need, setting
 
 LogDensity = Callable[[torch.Tensor], torch.Tensor]
 
@@ -460,6 +462,43 @@ class JEMSampler:
         x = self.run_chains(jem, x0, y, n_steps)
         self.buffer.update(idx, x)
         return x
+
+
+@dataclass
+class SamplerSettings:
+    """The settings ``build_sampler`` reads (``--sgld-*``, ``--pyld-*``, the buffer); the JEM paper's values by
+    default (Algorithm 1 and wgrathwohl/JEM train_wrn_ebm.py: α=1, σ=0.01, K=20, buffer 10 000, ρ=0.05)."""
+
+    sgld_steps: int = setting(20, "chain steps per training iteration K (paper: 20)")
+    sgld_lr: float = setting(1.0, "chain step size α (paper: 1)")
+    sgld_std: float = setting(0.01, "chain noise σ (paper: 0.01)")
+    sgld_clamp: bool = setting(False, "clamp SGLD chains to the image range [−1, 1] after every step (paper: no)")
+    sgld_update: str = setting("sgld", "chain update: sgld (paper), clamped (SADA-JEM: clip(x + α·clip(∇, −1, 1))), "
+                                       "pyld (JEM++: proximal inner steps through the first layer)")
+    sgld_init: str = setting("uniform", "initial distribution of chains: uniform (paper), gmm (JEM++: one Gaussian "
+                                        "per class fitted on the training images), gaussian (M-EBM: one Gaussian)")
+    sample_mode: str = setting("eval", "network mode while sampling: eval, or train (BatchNorm uses batch "
+                                       "statistics, as JEM++/SADA-JEM; running averages untouched)")
+    pyld_inner_steps: int = setting(5, "PYLD inner proximal steps per outer step (JEM++ script: 5)")
+    pyld_lr: float = setting(0.2, "PYLD inner step size (JEM++ script: 0.2)")
+    pyld_eps: float = setting(1.0, "PYLD inner gradient clip (JEM++: 1)")
+    buffer_size: int = setting(10000, "replay buffer size (paper: 10000)")
+    reinit_freq: float = setting(0.05, "probability ρ of restarting a chain from the initial distribution (paper: 0.05)")
+    class_cond_buffer: bool = setting(False, "split the replay buffer by class (implied by --p-x-y-weight > 0 alone)")
+
+    def check(self, need: Need) -> None:
+        need(self.sgld_steps >= 0, f"--sgld-steps must be >= 0, got {self.sgld_steps}")
+        need(self.sgld_lr >= 0, f"--sgld-lr must be >= 0, got {self.sgld_lr}")
+        need(self.sgld_std >= 0, f"--sgld-std must be >= 0, got {self.sgld_std}")
+        need(1 <= self.buffer_size <= 10_000_000, f"--buffer-size must be in 1..10000000, got {self.buffer_size}")
+        need(0 <= self.reinit_freq <= 1, f"--reinit-freq must be in [0, 1], got {self.reinit_freq}")
+        need(self.sgld_update in CHAIN_UPDATES,
+             f"--sgld-update must be one of {', '.join(CHAIN_UPDATES)}, got {self.sgld_update!r}")
+        need(self.sgld_init in INITIAL_DISTRIBUTIONS,
+             f"--sgld-init must be one of {', '.join(INITIAL_DISTRIBUTIONS)}, got {self.sgld_init!r}")
+        need(self.sample_mode in ("eval", "train"), f"--sample-mode must be eval or train, got {self.sample_mode!r}")
+        need(self.pyld_inner_steps >= 0 and self.pyld_lr >= 0 and self.pyld_eps > 0,
+             "--pyld-inner-steps, --pyld-lr must be >= 0 and --pyld-eps > 0")
 
 
 # name → factory(cfg); adding a chain update or an initial distribution is one class and one entry here
