@@ -1,17 +1,23 @@
-"""Quality benchmark: a JEM and its classifier baseline, trained the same way, compared on one table.
+"""Quality benchmark: a JEM and its classifier baseline, trained the same way, compared on three tables.
 
 Both runs use the same resolved configuration (dataset preset and recipe, model, data, epochs, seed, optimiser,
-schedule); the baseline only sets ``p_x_weight = 0`` (no samples are drawn). Each pair is then evaluated with
-``jem eval``'s code: test accuracy, ECE before and after temperature scaling (fitted on the validation split) — the
-JEM's raw ECE minus the baseline's with a 95% paired-bootstrap interval over the test images — and OOD AUROC for the
-paper's three scores (log p(x), max p(y|x), −‖∂ log p(x)/∂x‖) on the sets given by ``--ood``.
+schedule); the baseline only sets ``p_x_weight = 0`` (no samples are drawn). Each pair is evaluated with ``jem eval``'s
+code (both runs together, the baseline as the reference classifier):
+
+1. classification: test accuracy, ECE before and after temperature scaling (the JEM's raw ECE minus the baseline's
+   with a 95% paired-bootstrap interval over the test images), training time, rollbacks, the JEM's healthy share;
+2. OOD, per set: the JEM's log p(x), its best own score (log p(x), max p(y|x), −‖∇ log p(x)‖), the best post-hoc
+   detector on the baseline and on the JEM (MaxLogit, Mahalanobis, ViM, KNN, ReAct; the baseline's own scores count
+   as post-hoc: its log p(x) is the Energy score), AUROC and FPR at 95% TPR, and the JEM's own minus the best post-hoc;
+3. samples: the Fréchet distance to test images in the baseline's features and the baseline's accuracy on
+   class-conditional samples, for the chains' starting points, fresh chains and the replay buffer.
 
     python benchmarks/quality.py --dataset fashion-mnist --data-root ../shared/data --seeds 0 1 2
     python benchmarks/quality.py --dataset fashion-mnist --data-root ../shared/data --labels-per-class 100
     python benchmarks/quality.py --dataset digits --ood interp,uniform,constant
 
 Any ``jem train`` flag can follow ``--`` and applies to both runs, e.g. ``-- --epochs 5 --model cnn-32``. Runs land
-in ``--out`` (default runs/quality/<dataset>[-ssl<k>]/seed<s>/{jem,baseline}); the table is printed as markdown and
+in ``--out`` (default runs/quality/<dataset>[-ssl<k>]/seed<s>/{jem,baseline}); the tables are printed as markdown and
 written to ``--out/quality.md`` and ``quality.json``. A run already in ``--out`` is reused (evaluated, not trained
 again) when it was trained with the same configuration; a baseline also when the two differ only in settings of the
 generative terms, which a baseline never reads (``jemtorch.config.GENERATIVE_ONLY``).
@@ -28,19 +34,22 @@ import numpy as np
 
 from jemtorch.cli import build_parser
 from jemtorch.config import resolve_config, training_differences
-from jemtorch.data import load_dataset
-from jemtorch.evaluate import SCORES, EvalOptions, evaluate_runs
+from jemtorch.data import check_ood_name, load_dataset, ood_labels
+from jemtorch.detectors import OWN
+from jemtorch.evaluate import EvalOptions, evaluate_runs
 from jemtorch.metrics import format_difference
 from jemtorch.train import Trainer, TrainingDiverged
 
+# (KMNIST and CIFAR-100 are not on the development machine: add them with --ood kmnist or --ood PATH/cifar100/test)
 DEFAULT_OOD = {"fashion-mnist": "mnist,uniform,constant,interp", "mnist": "fashion-mnist,uniform,constant,interp",
-               "cifar10": "interp,uniform,constant,svhn", "digits": "interp,uniform,constant"}
+               "cifar10": "interp,uniform,constant", "digits": "interp,uniform,constant"}
 
 
 def train_flags(extra: list[str]) -> dict:
     """`jem train` flags (after --) parsed exactly as the CLI parses them."""
     args = build_parser().parse_args(["train", *extra])
-    return {k: v for k, v in vars(args).items() if k not in ("command", "config", "resume", "overwrite") and v is not None}
+    return {k: v for k, v in vars(args).items()
+            if k not in ("command", "config", "resume", "overwrite", "trust_code") and v is not None}
 
 
 def train_pair(flags: dict, out: Path, data) -> dict:
@@ -66,14 +75,98 @@ def train_pair(flags: dict, out: Path, data) -> dict:
     return res
 
 
+def best(res: dict, names) -> tuple[str, dict]:
+    """The detector of ``names`` with the highest AUROC on one OOD set's results."""
+    k = max(names, key=lambda n: res[n]["auroc"])
+    return k, res[k]
+
+
+def ood_row(seed: int, label: str, jem: dict, base: dict) -> dict:
+    """One OOD set of one seed: the JEM's own best against the post-hoc detectors of both models."""
+    rj, rb = jem["ood"][label], base["ood"][label]
+    own, own_r = best(rj, [n for n in jem["detectors"]["names"] if n in OWN])
+    bk, br = best(rb, base["detectors"]["names"])
+    jk, jr = best(rj, [n for n in jem["detectors"]["names"] if n not in OWN])
+    top = br if br["auroc"] >= jr["auroc"] else jr
+    return {"seed": seed, "set": label, "jem_logp": rj["logp"]["auroc"], "own": own, "own_auroc": own_r["auroc"],
+            "own_fpr95": own_r["fpr95"], "base_best": bk, "base_auroc": br["auroc"], "base_fpr95": br["fpr95"],
+            "jem_posthoc": jk, "jem_posthoc_auroc": jr["auroc"], "jem_posthoc_fpr95": jr["fpr95"],
+            "own_minus_best": own_r["auroc"] - top["auroc"], "own_minus_best_fpr95": own_r["fpr95"] - top["fpr95"]}
+
+
+def evaluate_pair(seed: int, out: Path, summaries: dict, ood: tuple, args) -> tuple[list, list, list]:
+    ok = [k for k in ("jem", "baseline") if "failed" not in summaries[k]]
+    metrics = {}
+    if ok:
+        evals = evaluate_runs([str(out / k) for k in ok],
+                              EvalOptions(ood=ood, n=args.n, data_root=args.data_root, progress=False, n_gen=args.n_gen,
+                                          n_samples=100, sample_steps=args.sample_steps))
+        metrics = dict(zip(ok, evals))
+    runs, oods, gens = [], [], []
+    for kind in ("jem", "baseline"):
+        s, m = summaries[kind], metrics.get(kind)
+        row = {"seed": seed, "run": kind, "failed": s.get("failed")}
+        if m:
+            row.update(test_accuracy=m["test_accuracy"], ece=m["ece"], ece_ts=m["ece_ts"], temperature=m["temperature"],
+                       train_seconds=s["train_seconds"], rollbacks=s["rollbacks"], recipe=s.get("recipe"),
+                       healthy=s.get("health", {}).get("healthy_fraction"),
+                       ece_vs_baseline=m.get("ece_vs_reference", {}).get("raw"),
+                       auroc={o: {k: v["auroc"] for k, v in r.items() if isinstance(v, dict)} for o, r in m["ood"].items()})
+        runs.append(row)
+    if "jem" in metrics and "baseline" in metrics:
+        oods = [ood_row(seed, label, metrics["jem"], metrics["baseline"]) for label in ood_labels(ood).values()]
+        gen = metrics["jem"]["generation"]
+        gens = [{"seed": seed, "fd": gen["fd_ref"], "accuracy": gen.get("ref_accuracy", {})}]
+    return runs, oods, gens
+
+
+def tables(runs: list, oods: list, gens: list) -> list[str]:
+    lines = ["| seed | run | test acc | ECE | ECE − baseline's [95%] | ECE (TS) | T | train s | rollbacks | healthy |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        if r.get("failed") or "test_accuracy" not in r:
+            lines.append(f"| {r['seed']} | {r['run']} | FAILED: {r.get('failed')} |")
+            continue
+        lines.append("| " + " | ".join(map(str, [
+            r["seed"], r["run"], f"{100 * r['test_accuracy']:.2f}%", f"{100 * r['ece']:.2f}%",
+            format_difference(r["ece_vs_baseline"]), f"{100 * r['ece_ts']:.2f}%" if r["ece_ts"] is not None else "—",
+            f"{r['temperature']:.2f}" if r["temperature"] else "—", f"{r['train_seconds']:.0f}", r["rollbacks"],
+            f"{100 * r['healthy']:.0f}%" if r.get("healthy") is not None else "—"])) + " |")
+    for kind in ("jem", "baseline"):
+        good = [r for r in runs if r["run"] == kind and "test_accuracy" in r]
+        if len(good) > 1:
+            acc, ece = np.array([r["test_accuracy"] for r in good]), np.array([r["ece"] for r in good])
+            lines.append(f"| mean ± sd | {kind} | {100 * acc.mean():.2f} ± {100 * acc.std(ddof=1):.2f}% | "
+                         f"{100 * ece.mean():.2f} ± {100 * ece.std(ddof=1):.2f}% |")
+    lines += ["", "OOD (AUROC, FPR at 95% TPR in brackets; the best of each side chosen per set):", "",
+              "| seed | OOD set | JEM log p(x) | JEM's best own | best post-hoc on the baseline | best post-hoc on the JEM "
+              "| JEM own − best post-hoc |", "|---|---|---|---|---|---|---|"]
+    for o in oods:
+        lines.append(f"| {o['seed']} | {o['set']} | {o['jem_logp']:.3f} | {o['own']} {o['own_auroc']:.3f} "
+                     f"({o['own_fpr95']:.2f}) | {o['base_best']} {o['base_auroc']:.3f} ({o['base_fpr95']:.2f}) | "
+                     f"{o['jem_posthoc']} {o['jem_posthoc_auroc']:.3f} ({o['jem_posthoc_fpr95']:.2f}) | "
+                     f"{o['own_minus_best']:+.3f} ({o['own_minus_best_fpr95']:+.2f}) |")
+    if gens:
+        sets = list(gens[0]["fd"])
+        lines += ["", "JEM samples in the baseline's features: Fréchet distance to test images (the baseline's "
+                  "accuracy on the class they were drawn for):", "", "| seed | " + " | ".join(sets) + " |",
+                  "|---|" + "---|" * len(sets)]
+        for g in gens:
+            lines.append(f"| {g['seed']} | " + " | ".join(
+                f"{g['fd'][k]:.1f}" + (f" ({g['accuracy'][k]:.2f})" if k in g["accuracy"] else "") for k in sets) + " |")
+    return lines
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="fashion-mnist")
     p.add_argument("--data-root", default="../shared/data")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--labels-per-class", type=int, default=-1, help="semi-supervised: labels kept per class")
-    p.add_argument("--ood", default=None, help="OOD sets for jem eval (default depends on the dataset)")
+    p.add_argument("--ood", default=None, help="OOD sets for jem eval (default depends on the dataset; folders allowed)")
     p.add_argument("--n", type=int, default=2000, help="test images scored per OOD set")
+    p.add_argument("--n-gen", type=int, default=1000, help="samples per set for the Fréchet distances")
+    p.add_argument("--sample-steps", type=int, default=200, help="chain steps of the fresh samples (jem eval's default)")
     p.add_argument("--out", default=None)
     args, rest = p.parse_known_args()
     extra = rest[1:] if rest[:1] == ["--"] else rest
@@ -82,59 +175,24 @@ def main() -> int:
     flags = {**train_flags(extra), "dataset": args.dataset, "data_root": args.data_root,
              "labels_per_class": args.labels_per_class, "progress": False}
     ood = tuple((args.ood or DEFAULT_OOD.get(args.dataset, "interp,uniform,constant")).split(","))
+    for name in ood:  # before any training: a typo must not cost a 45-minute run
+        check_ood_name(name, args.dataset)
     data = load_dataset(args.dataset, args.data_root)
-
-    rows = []
+    runs, oods, gens = [], [], []
     for seed in args.seeds:
         out = out_root / f"seed{seed}"
-        summaries = train_pair({**flags, "seed": seed}, out, data)
-        ok = [k for k in ("jem", "baseline") if "failed" not in summaries[k]]
-        metrics = {}
-        if ok:
-            evals = evaluate_runs([str(out / k) for k in ok],
-                                  EvalOptions(ood=ood, n=args.n, data_root=args.data_root, progress=False, n_gen=200,
-                                              n_samples=100, sample_steps=100))
-            metrics = dict(zip(ok, evals))
-        for kind in ("jem", "baseline"):
-            s, m = summaries[kind], metrics.get(kind)
-            row = {"seed": seed, "run": kind, "failed": s.get("failed")}
-            if m:
-                row.update(test_accuracy=m["test_accuracy"], ece=m["ece"], ece_ts=m["ece_ts"],
-                           temperature=m["temperature"], train_seconds=s["train_seconds"], rollbacks=s["rollbacks"],
-                           recipe=s.get("recipe"), ece_vs_baseline=m.get("ece_vs_reference", {}).get("raw"),
-                           auroc={o: {sc: m["ood"][o][sc]["auroc"] for sc in SCORES} for o in ood})
-            rows.append(row)
-
+        r, o, g = evaluate_pair(seed, out, train_pair({**flags, "seed": seed}, out, data), ood, args)
+        runs, oods, gens = runs + r, oods + o, gens + g
     cfg = resolve_config({**flags, "seed": args.seeds[0]})
     head = (f"{args.dataset}, recipe {cfg.recipe}, model {cfg.model}, {cfg.epochs} epochs, batch {cfg.batch_size}, "
             f"labels/class {'all' if args.labels_per_class < 0 else args.labels_per_class}, seeds {args.seeds}")
-    cols = ["seed", "run", "test acc", "ECE", "ECE − baseline's [95%]", "ECE (TS)", "T", "train s", "rollbacks"]
-    cols += [f"{o} {sc}" for o in ood for sc in SCORES]
-    lines = [f"**{head}** — OOD: AUROC (in-distribution positive) of log p(x) / max p(y|x) / −‖∇ log p(x)‖", "",
-             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        if r.get("failed") or "test_accuracy" not in r:
-            lines.append(f"| {r['seed']} | {r['run']} | FAILED: {r.get('failed')} |")
-            continue
-        vals = [r["seed"], r["run"], f"{100 * r['test_accuracy']:.2f}%", f"{100 * r['ece']:.2f}%",
-                format_difference(r["ece_vs_baseline"]),
-                f"{100 * r['ece_ts']:.2f}%" if r["ece_ts"] is not None else "—",
-                f"{r['temperature']:.2f}" if r["temperature"] else "—", f"{r['train_seconds']:.0f}", r["rollbacks"]]
-        vals += [f"{r['auroc'][o][sc]:.3f}" for o in ood for sc in SCORES]
-        lines.append("| " + " | ".join(map(str, vals)) + " |")
-    for kind in ("jem", "baseline"):
-        good = [r for r in rows if r["run"] == kind and "test_accuracy" in r]
-        if len(good) > 1:
-            acc = np.array([r["test_accuracy"] for r in good])
-            ece = np.array([r["ece"] for r in good])
-            lines.append(f"| mean ± sd | {kind} | {100 * acc.mean():.2f} ± {100 * acc.std(ddof=1):.2f}% | "
-                         f"{100 * ece.mean():.2f} ± {100 * ece.std(ddof=1):.2f}% |")
-    write_table(out_root, "quality", head, lines, rows)
+    write_table(out_root, "quality", head, [f"**{head}**", ""] + tables(runs, oods, gens),
+                {"runs": runs, "ood": oods, "samples": gens})
     return 0
 
 
-def write_table(out: Path, name: str, head: str, lines: list[str], rows: list[dict]) -> None:
-    """Print the markdown table; write it to out/<name>.md and the rows to out/<name>.json."""
+def write_table(out: Path, name: str, head: str, lines: list[str], rows) -> None:
+    """Print the markdown tables; write them to out/<name>.md and the rows to out/<name>.json."""
     table = "\n".join(lines)
     print(table)
     out.mkdir(parents=True, exist_ok=True)

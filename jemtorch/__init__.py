@@ -32,4 +32,4 @@ from .train import Trainer, train
 __all__ = ["JEM", "JEMSampler", "ReplayBuffer", "build_sampler", "sgld", "jem_loss", "Weights", "Trainer", "train",
            "TrainConfig", "make_config", "create_model", "list_models", "load_dataset", "ImageData", "LoadedRun",
            "load_run", "load", "export", "Predictor"]
-__version__ = "0.2.0"
+from .version import __version__  # noqa: E402,F401

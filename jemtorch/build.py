@@ -11,12 +11,16 @@ import torch
 
 from .checkpoint import CheckpointError, load_safe
 from .config import TrainConfig
-from .data import ImageData, labeled_subset, load_dataset, training_splits
+from .data import ImageData, file_digest, labeled_subset, load_dataset, to_float, training_splits
+from .detectors import DETECTORS, N_FIT, FittedDetectors
 from .energy import JEM, eval_mode
 from .models import create_model
 from .models.registry import check_logits
+from .models.wrn import model_as_written
 from .rundir import CHECKPOINT, CONFIG, SUMMARY, RunDir
+from .rundir import DETECTORS as DETECTORS_FILE
 from .sampler import JEMSampler, build_sampler
+from .version import __version__
 
 
 def pick_device(name: str) -> torch.device:
@@ -28,11 +32,16 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_jem(cfg: TrainConfig, shape: tuple[int, int, int], num_classes: int) -> JEM:
+def build_jem(cfg: TrainConfig, shape: tuple[int, int, int], num_classes: int,
+              written_by: Optional[str] = __version__, trust_code: bool = True) -> JEM:
     """The run's classifier for (C, H, W) images, wrapped as a JEM (the one place a model is built from a config);
-    one blank forward pass checks that it returns ``num_classes`` logits."""
-    model = create_model(cfg.model, in_channels=shape[0], num_classes=num_classes, norm=cfg.norm, dropout=cfg.dropout)
-    check_logits(model, cfg.model, shape, num_classes)
+    one blank forward pass checks that it returns ``num_classes`` logits. ``written_by``: the jemtorch version that
+    trained the weights (None: 0.1, which recorded none), for names whose architecture changed since.
+    ``trust_code``: a factory model (user code) may be imported (``models.create_model``)."""
+    name = model_as_written(cfg.model, written_by)
+    model = create_model(name, in_channels=shape[0], num_classes=num_classes, norm=cfg.norm, dropout=cfg.dropout,
+                         trust_code=trust_code)
+    check_logits(model, name, shape, num_classes)
     return JEM(model)
 
 
@@ -83,6 +92,7 @@ class LoadedRun:
     buffer: Optional[torch.Tensor]
     device: torch.device
     summary: dict = field(default_factory=dict)
+    notices: list[str] = field(default_factory=list)  # things a command says about the run on stderr
 
     @property
     def name(self) -> str:
@@ -121,8 +131,9 @@ def checked_state(state, path: Path, cfg: TrainConfig, keys: tuple[str, ...]) ->
 
 
 def load_run(run_dir: str | Path, device: str = "auto", data_root: Optional[str] = None,
-             datasets: Optional[dict] = None) -> LoadedRun:
-    """A trained run: its config, model (best-validation weights when kept), replay buffer and dataset.
+             datasets: Optional[dict] = None, trust_code: bool = False) -> LoadedRun:
+    """A trained run: its config, model (best-validation weights when kept), replay buffer and dataset. A run whose
+    model is user code (a factory) loads only with ``trust_code=True``.
 
     ``datasets``: a dict shared between calls, so runs on the same dataset and root load it once."""
     rd = RunDir(run_dir)
@@ -140,7 +151,7 @@ def load_run(run_dir: str | Path, device: str = "auto", data_root: Optional[str]
     if key not in datasets:
         datasets[key] = load_dataset(cfg.dataset, cfg.data_root, download_missing=False)
     data: ImageData = datasets[key]
-    jem = build_jem(cfg, data.shape, data.num_classes).to(dev)
+    jem = build_jem(cfg, data.shape, data.num_classes, ckpt.get("jemtorch_version"), trust_code).to(dev)
     weights = checked_state(load_safe(rd.best, dev), rd.best, cfg, ("model",))["model"] if rd.best.is_file() else ckpt["model"]
     try:
         jem.f.load_state_dict(weights)
@@ -158,7 +169,42 @@ def load_run(run_dir: str | Path, device: str = "auto", data_root: Optional[str]
 
 
 def load_runs(run_dirs, device: str = "auto", data_root: Optional[str] = None,
-              datasets: Optional[dict] = None) -> list[LoadedRun]:
+              datasets: Optional[dict] = None, trust_code: bool = False) -> list[LoadedRun]:
     """Several runs, each dataset loaded once."""
     datasets = {} if datasets is None else datasets
-    return [load_run(d, device, data_root, datasets) for d in run_dirs]
+    return [load_run(d, device, data_root, datasets, trust_code) for d in run_dirs]
+
+
+def detector_fit_images(cfg: TrainConfig, data: ImageData, n: int = N_FIT) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images post-hoc detectors are fitted on: the run's training split as training drew it (no validation or
+    test image), only its labelled part in a semi-supervised run, at most ``n`` of them (a choice seeded by the
+    run's seed), as uint8 with their labels."""
+    s = training_splits(data, cfg.n_valid, cfg.seed, "cpu")
+    x, y = s.x_train, s.y_train
+    if cfg.labels_per_class > 0:
+        lab = labeled_subset(y, cfg.labels_per_class, cfg.seed)
+        x, y = x[lab], y[lab]
+    if len(x) > n:
+        pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg.seed))[:n].sort().values
+        x, y = x[pick], y[pick]
+    return x, y
+
+
+def run_detectors(run: LoadedRun, progress: bool = False) -> FittedDetectors:
+    """Every detector of ``detectors.py`` fitted on the run's training split (``detector_fit_images``), stored in
+    RUN/detectors.safetensors for the weights they belong to (by the weights file's SHA-256) and read back from there
+    while the weights stay the same. A run directory that cannot be written is fitted again next time."""
+    rd = RunDir(run.run_dir)
+    sha = file_digest(rd.weights, "sha256")
+    stored = FittedDetectors.load(rd / DETECTORS_FILE, sha) if (rd / DETECTORS_FILE).is_file() else None
+    if stored is not None and set(stored.names) >= set(DETECTORS) and stored.info.get("n_fit") == N_FIT:
+        return stored
+    x, y = detector_fit_images(run.cfg, run.data)
+    dets = FittedDetectors.fit(run.jem, to_float(x), y, progress=progress,
+                               where=f"{len(x)} images of the run's training split")
+    dets.info["n_fit"] = N_FIT
+    try:
+        dets.save(rd / DETECTORS_FILE, sha)
+    except OSError as e:
+        run.notices.append(f"detectors fitted but not stored ({e.strerror or e}); the next evaluation fits them again")
+    return dets

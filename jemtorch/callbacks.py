@@ -33,7 +33,9 @@ from .data import to_float
 from .distributed import Dist
 from .energy import JEM, eval_mode, in_batches
 from .figures import buffer_grids, training_curves
+from .models.wrn import model_as_written
 from .rundir import CURVES, LATEST_SAMPLES, METRICS, SAMPLES_DIR, MetricsLog
+from .version import __version__
 
 
 class Callback:
@@ -172,7 +174,8 @@ class Validation(Callback):
             self.best = ev["accuracy"]
             if t.dist.is_main:
                 t.run.save_best({"model": t.state.jem.f.state_dict(), "step": t.state.step,
-                                 "val_accuracy": ev["accuracy"], "config": t.cfg.to_dict()})
+                                 "val_accuracy": ev["accuracy"], "config": t.cfg.to_dict(),
+                                 "jemtorch_version": __version__})
 
     def state_dict(self) -> dict:
         return {"best_val": self.best}
@@ -323,6 +326,10 @@ class Checkpoint(Callback):
             load_safe(t.run.checkpoint, "cpu") if d.is_main else None)
         if not isinstance(state, dict):
             raise CheckpointError(f"{t.run.checkpoint} is not a jemtorch checkpoint (it holds a {type(state).__name__})")
+        if model_as_written(t.cfg.model, state.get("jemtorch_version")) != t.cfg.model:
+            raise CheckpointError(f"{t.run.checkpoint} was written by jemtorch 0.1, whose {t.cfg.model} put each "
+                                  f"stage's stride on the first convolution (now wrn-firststride-...): it evaluates "
+                                  f"as it was trained, but cannot resume as {t.cfg.model}; start a new run")
         note = rank_state(t, state)
         t.load_full_state(state)
         if note and d.is_main:

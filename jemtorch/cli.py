@@ -18,14 +18,15 @@ from .attacks import DEFAULT_EPS, THREAT_MODELS, check_threat_model, parse_eps
 from .checkpoint import CheckpointError
 from .config import add_config_arguments, format_sources, resolve_with_sources, resume_changes
 from .data import DatasetError
+from .detectors import detector_names
 from .distributed import Dist, exit_process
-from .evaluate import SCORES, EvalOptions, evaluate_runs
+from .evaluate import EvalOptions, evaluate_runs
 from .inference import ScoreTable, export, load
 from .robustness import AttackOptions, attack_runs, distal_runs
 from .rundir import CONFIG, CONFIG_SOURCES, RunDir, TensorBoardLog
 from .train import Trainer, TrainingDiverged
 
-USER_ERRORS = (ValueError, DatasetError, CheckpointError)
+USER_ERRORS = (ValueError, DatasetError, CheckpointError, FileNotFoundError)
 
 
 def _os_error_line(e: OSError) -> str:
@@ -39,6 +40,20 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"jem: error: {message}\n")
 
 
+class _Help(argparse.HelpFormatter):
+    """Shows a flag's default once: unless its help already names it, or it has none worth showing."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return text + " (default: %(default)s)"
+
+
+TRUST_HELP = ("import user code a run or an export names as its model (package.module:function or file.py:function); "
+              "without it such a model is refused")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="jem", description="Train and use Joint Energy-based Models.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -47,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", help="JSON or TOML file of config entries (CLI flags override it)")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
     t.add_argument("--overwrite", action="store_true", help="start afresh in a run directory that already has a run")
+    t.add_argument("--trust-code", action="store_true", help="import user code that a --config file or the resumed "
+                   "run names as its model (a --model given on this command line is trusted)")
     add_config_arguments(t)
 
     c = sub.add_parser("config", help="print the resolved training configuration: every value and the layer it came "
@@ -57,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(c)
 
     e = sub.add_parser("eval", help="evaluate runs: accuracy, calibration, OOD detection, samples, generation quality",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_Help)
     e.add_argument("runs", nargs="+", metavar="RUN_DIR", help="one or more run directories, compared side by side")
     e.add_argument("--ood", default="interp,uniform,gaussian,constant",
                    help="comma-separated OOD sets: interp, uniform, gaussian, constant, any dataset name, or a path "
@@ -71,10 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: a baseline among the runs)")
     e.add_argument("--inception-weights", metavar="PATH", help="FID Inception weights file for true FID / IS")
     e.add_argument("--ood-root", help="dataset root for OOD datasets in --ood (default: --data-root, else the run's)")
+    e.add_argument("--detectors", default="all", help="OOD detectors: all, or a comma-separated list of logp (= energy), "
+                   "maxprob (= msp), gradnorm, maxlogit, mahalanobis, vim, knn, react (jemtorch/detectors.py)")
     _add_common(e)
 
     a = sub.add_parser("attack", help="adversarial robustness: PGD (with the SGLD-refinement defence), black-box attacks",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_Help)
     a.add_argument("runs", nargs="+", metavar="RUN_DIR")
     a.add_argument("--threat-model", choices=THREAT_MODELS, default=None, metavar="{linf,l2}",
                    help="PGD threat model: linf or l2 (default: linf)")
@@ -96,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(a)
 
     d = sub.add_parser("distal", help="distal adversarials: push noise to high p(y=c|x)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_Help)
     d.add_argument("runs", nargs="+", metavar="RUN_DIR")
     d.add_argument("--class", dest="cls", type=int, required=True, help="target class index")
     d.add_argument("--n", type=int, default=8, help="images per run")
@@ -105,15 +124,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(d, progress=False)
 
     sc = sub.add_parser("score", help="score new images: class, confidence, log p(x), gradient norm, OOD flag",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                        formatter_class=_Help)
     sc.add_argument("model", metavar="RUN_DIR", help="a run directory, or a folder written by jem export")
     sc.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders (recursively), .npy/.npz arrays")
     sc.add_argument("--out", help="write the scores to this .csv or .json file")
     sc.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     sc.add_argument("--tpr", type=float, default=0.95, help="fraction of in-distribution validation images that "
                     "must pass the OOD threshold")
-    sc.add_argument("--score", choices=SCORES, default=None, help="score behind the OOD flag (default: the one that "
-                    "separates validation images best from synthetic outliers, chosen once per run)")
+    sc.add_argument("--score", default=None, help="detector behind the OOD flag: logp (= energy), maxprob (= msp), "
+                    "gradnorm, maxlogit, mahalanobis, vim, knn, react (default: the one that separates validation "
+                    "images best from synthetic outliers, chosen once per weights)")
+    sc.add_argument("--trust-code", action="store_true", help=TRUST_HELP)
     sc.add_argument("--batch-size", type=int, default=250)
     sc.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     sc.add_argument("--no-progress", action="store_true")
@@ -123,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True, help="folder to write the export to (new, empty, or an earlier export)")
     x.add_argument("--onnx", action="store_true", help="also write model.onnx (images -> logits; needs onnx)")
     x.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
+    x.add_argument("--trust-code", action="store_true", help=TRUST_HELP)
     return parser
 
 
@@ -131,11 +153,12 @@ def _add_common(p: argparse.ArgumentParser, progress: bool = True) -> None:
     p.add_argument("--data-root", help="override the runs' dataset root (also for OOD datasets)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--trust-code", action="store_true", help=TRUST_HELP)
     if progress:
         p.add_argument("--no-progress", action="store_true")
 
 
-NOT_CONFIG = ("command", "config", "resume", "overwrite", "json")
+NOT_CONFIG = ("command", "config", "resume", "overwrite", "json", "trust_code")
 
 
 def resolve_args(args: argparse.Namespace):
@@ -189,7 +212,8 @@ def _train(args: argparse.Namespace, cfg, sources: dict, run: RunDir, dist: Dist
         run.check_new_run(args.overwrite)
         if run.has_run:
             run.remove_train_outputs()
-    trainer = Trainer(cfg, dist=dist)
+    trusted = args.trust_code or sources.get("model") == "flag"  # a model named on this command line is the user's
+    trainer = Trainer(cfg, dist=dist, trust_code=trusted)
     if dist.is_main:
         trainer.run.write_config(cfg, sources)  # folder, marker, config: an unwritable --out fails here
     if args.resume:
@@ -225,14 +249,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     ood = tuple(o.strip() for o in args.ood.split(",") if o.strip())
     opts = EvalOptions(ood=ood, n=args.n, bins=args.bins, sample_steps=args.sample_steps, n_samples=args.n_samples,
                        n_gen=args.n_gen, data_root=args.data_root, ood_root=args.ood_root,
-                       inception_weights=args.inception_weights,
-                       seed=args.seed, progress=not args.no_progress)
-    results = evaluate_runs(args.runs, opts, args.reference, args.device)
-    for r in results:
-        print(f"{r['name']}: accuracy {r['test_accuracy']:.4f}  ECE {r['ece']:.4f}  " + "  ".join(
-            f"{o}:" + "/".join(f"{r['ood'][o][s]['auroc']:.3f}" for s in SCORES) for o in r["ood"]))
+                       inception_weights=args.inception_weights, seed=args.seed, progress=not args.no_progress,
+                       detectors=detector_names(args.detectors))
+    for r in evaluate_runs(args.runs, opts, args.reference, args.device, trust_code=args.trust_code):
+        print(f"{r['name']}: accuracy {r['test_accuracy']:.4f}  ECE {r['ece']:.4f}")
+        own = r["detectors"]["own"]
+        for o, res in r["ood"].items():
+            best = r["detectors"]["best"][o]
+            print(f"  {o}: best {best} AUROC {res[best]['auroc']:.3f} FPR95 {res[best]['fpr95']:.3f}; own: " +
+                  ", ".join(f"{k} {res[k]['auroc']:.3f}" for k in own))
+        for v in r.get("versus_posthoc", []):
+            print(f"  {v['set']}: JEM's best own {v['own']} {v['own_auroc']:.3f} vs {v['best']} on {v['best_run']} "
+                  f"{v['best_auroc']:.3f} ({v['auroc_diff']:+.3f})")
         print(f"  report: {Path(r['run']) / 'eval' / 'report.html'}")
-    print("(AUROC per OOD set: " + "/".join(SCORES) + ")")
     return 0
 
 
@@ -265,7 +294,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
                          defense_grad=args.defense_grad, blackbox=blackbox, boundary_steps=args.boundary_steps,
                          square_queries=args.square_queries, batch_size=args.batch_size, seed=args.seed,
                          progress=not args.no_progress)
-    res = attack_runs(args.runs, opts, device=args.device, data_root=args.data_root)
+    res = attack_runs(args.runs, opts, device=args.device, data_root=args.data_root, trust_code=args.trust_code)
     for label, accs in res.items():
         print(f"{label}: " + "  ".join(f"eps={e}: {a:.3f}" for e, a in accs.items()))
     for r in args.runs:
@@ -276,7 +305,8 @@ def cmd_attack(args: argparse.Namespace) -> int:
 def cmd_distal(args: argparse.Namespace) -> int:
     if args.n < 1 or args.steps < 1 or not (math.isfinite(args.step_size) and args.step_size > 0):
         raise ValueError("--n and --steps must be >= 1, --step-size a finite number > 0")
-    res = distal_runs(args.runs, args.cls, args.n, args.steps, args.step_size, args.seed, args.device, args.data_root)
+    res = distal_runs(args.runs, args.cls, args.n, args.steps, args.step_size, args.seed, args.device, args.data_root,
+                      trust_code=args.trust_code)
     for name, d in res.items():
         print(f"{name}: class {args.cls}: mean p(y|x) {d['mean_confidence']:.3f}, mean log p(x) {d['mean_log_px']:.2f}")
     for r in args.runs:
@@ -295,7 +325,7 @@ def cmd_score(args: argparse.Namespace) -> int:
             raise ValueError(f"--out {out} already exists; pass --overwrite to replace it")
         if not out.parent.is_dir():
             raise ValueError(f"--out {out}: folder {out.parent} does not exist")
-    model = load(args.model, args.device)
+    model = load(args.model, args.device, trust_code=args.trust_code)
     cal = model.calibration
     for note in model.notices:
         print(f"jem score: {note}", file=sys.stderr)
@@ -326,7 +356,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    card = export(args.run, args.out, onnx=args.onnx, overwrite=args.overwrite)
+    card = export(args.run, args.out, onnx=args.onnx, overwrite=args.overwrite, trust_code=args.trust_code)
     files = ["model.safetensors", "model.json"] + ([card["onnx"]] if card.get("onnx") else [])
     print(f"exported {args.run} to {args.out}: {', '.join(files)} (OOD score {card['ood']['score']}; load with "
           f"jemtorch.load({str(args.out)!r}))")

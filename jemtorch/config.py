@@ -137,8 +137,6 @@ class LogSettings:
     sample_every: int = setting(-1, "write sample grids every N iterations (-1: every 10 epochs and at the end)")
     eval_every: int = setting(1, "evaluate on the validation split every N epochs")
     ckpt_every: int = setting(1, "write the resumable checkpoint every N epochs (and at the end)")
-    health_every: int = setting(1, "write a health record (chain travel, energy balance, the sampler reaching the "
-                                   "data's energy) every N log records; 0: off")
     progress: bool = setting(True, "show a progress bar")
     tensorboard: bool = setting(False, "also write metrics and sample grids as TensorBoard events to RUN/tb (needs the "
                                        "tensorboard package: pip install tensorboard)")
@@ -146,7 +144,6 @@ class LogSettings:
     def check(self, need: Need) -> None:
         need(self.log_every >= 1 and self.eval_every >= 1 and self.ckpt_every >= 1,
              "--log-every, --eval-every and --ckpt-every must be >= 1")
-        need(self.health_every >= 0, f"--health-every must be >= 0 (0: off), got {self.health_every}")
 
 
 SECTIONS = (RunSettings, ObjectiveSettings, SamplerSettings, OptimSettings, LoopSettings, LogSettings)

@@ -548,6 +548,67 @@ def load_dataset(name: str, root: Optional[str | Path] = None, download_missing:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# OOD sets (jem eval --ood, the OOD thresholds of jem score)
+# ----------------------------------------------------------------------------------------------------------------
+SYNTHETIC_OOD = ("interp", "uniform", "gaussian", "constant")
+
+
+def is_folder_set(name: str) -> bool:
+    """An OOD set given as a path to a folder of images (rather than a dataset or synthetic set's name); ``~``
+    expands to the home folder."""
+    return "/" in name or os.sep in name or name.startswith("~") or Path(name).is_dir()
+
+
+def ood_labels(names) -> dict[str, str]:
+    """How each OOD set is named in tables: its name, or a folder's own name (made unique when two collide)."""
+    labels: dict[str, str] = {}
+    for name in names:
+        label = Path(name.rstrip("/")).expanduser().name or name if is_folder_set(name) else name
+        base, k = label, 2
+        while label in labels.values():
+            label, k = f"{base}-{k}", k + 1
+        labels[name] = label
+    return labels
+
+
+def check_ood_name(name: str, in_dataset: Optional[str] = None) -> None:
+    """Raise a one-line DatasetError for an unknown OOD set, a missing folder, or the in-distribution dataset."""
+    if is_folder_set(name):
+        if not Path(name).expanduser().is_dir():
+            raise DatasetError(f"OOD folder {name} not found")
+        return
+    if name not in SYNTHETIC_OOD and name not in DATASETS:
+        raise DatasetError(f"unknown OOD set {name!r}; choose from {', '.join(SYNTHETIC_OOD + tuple(DATASETS))}, "
+                           f"or give a path to a folder of images")
+    if name == in_dataset:
+        raise DatasetError(f"OOD set {name!r} is the in-distribution dataset")
+
+
+def make_ood_set(name: str, x_in: torch.Tensor, n: int, seed: int = 0, data_root: Optional[str] = None,
+                 in_dataset: Optional[str] = None) -> torch.Tensor:
+    """``n`` OOD images as floats in [−1, 1] with the shape of ``x_in`` (float in-distribution test images)."""
+    check_ood_name(name, in_dataset)
+    g = torch.Generator().manual_seed(seed)
+    shape = tuple(x_in.shape[1:])
+    if name == "uniform":
+        return torch.rand((n, *shape), generator=g) * 2 - 1
+    if name == "gaussian":
+        return torch.randn((n, *shape), generator=g).clamp(-1, 1)
+    if name == "constant":
+        return (torch.rand((n, shape[0], 1, 1), generator=g) * 2 - 1).expand(n, *shape).contiguous()
+    if name == "interp":
+        i = torch.randint(0, len(x_in), (n,), generator=g)
+        j = (i + torch.randint(1, len(x_in), (n,), generator=g)) % len(x_in)  # a different image
+        return 0.5 * x_in[i].cpu() + 0.5 * x_in[j].cpu()
+    if is_folder_set(name):  # any folder of images, flat or with class subfolders; no train/ needed
+        x, _ = stack_converted(read_image_folder(Path(name).expanduser(), limit=n, seed=seed), shape)
+        return to_float(x)
+    x = load_dataset(name, data_root).x_test  # a dataset name (checked above)
+    x = x[torch.randperm(len(x), generator=g)[:n]]
+    return to_float(convert_images(x, shape))
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # splits
 # ----------------------------------------------------------------------------------------------------------------
 def stratified_split(y: torch.Tensor, n_holdout: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

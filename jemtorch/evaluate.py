@@ -1,19 +1,20 @@
-"""``jem eval``: everything the paper measures on a trained run.
+"""``jem eval``: everything the paper measures on a trained run, and the detectors the field compares it with.
 
-Classification (accuracy, NLL) · calibration (ECE, reliability diagram) · OOD detection with the paper's three scores
-(log p(x), max_y p(y|x), −‖∂ log p(x)/∂x‖₂; AUROC, AUPR, FPR@95%TPR) · samples (replay buffer and fresh SGLD chains) ·
-generation quality (Fréchet distance in a reference classifier's feature space; true FID/IS with Inception weights).
+Classification (accuracy, NLL) · calibration (ECE with bootstrap intervals, reliability diagrams, temperature
+scaling) · OOD detection: every detector of ``detectors.py`` — the JEM's own scores (log p(x), max p(y|x),
+−‖∂ log p(x)/∂x‖) and the post-hoc detectors fitted on the run's training split (MaxLogit, Mahalanobis, ViM, KNN,
+ReAct) — with AUROC, AUPR and FPR at 95% TPR, the best detector per set, and, with a classifier baseline evaluated
+alongside, the JEM's best own score against the best detector on either model · samples (replay buffer, fresh
+chains) · generation quality: Fréchet distance in a reference classifier's features and that classifier's accuracy
+on class-conditional samples, for the chains' starting points, fresh chains and the buffer (true FID/IS with
+Inception weights).
 
-OOD sets: a path to any folder of images (flat or with class subfolders, read recursively; named in the tables by
-the folder's name), any dataset name ``load_dataset`` knows (its test split, converted to the run's input shape: grey→RGB by
-repeating the channel, RGB→grey by ITU-R 601 luma, resized bilinearly with antialiasing), ``interp`` (midpoints
-λ=0.5 of random pairs of in-distribution test images, the paper's "Interp"), ``uniform`` (U(−1, 1) pixels),
-``gaussian`` (N(0, 1) pixels clipped to [−1, 1]) and ``constant`` (one U(−1, 1) value per image and channel).
+OOD sets (``data.make_ood_set``): a folder of images, a dataset name, or the synthetic ``interp``, ``uniform``,
+``gaussian``, ``constant``.
 """
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -23,19 +24,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .build import LoadedRun, load_run, load_runs
-from .data import (
-    DATASETS,
-    DatasetError,
-    convert_images,
-    load_dataset,
-    read_image_folder,
-    stack_converted,
-    to_float,
-    to_uint8,
-    training_splits,
-)
-from .energy import JEM, eval_mode, in_batches
+from .build import LoadedRun, load_run, load_runs, run_detectors
+from .data import DatasetError, check_ood_name, make_ood_set, ood_labels, to_float, to_uint8, training_splits
+from .detectors import DETECTORS, OWN, model_outputs
+from .energy import in_batches
 from .figures import histogram_figure, reliability_figure, save_grid
 from .metrics import (
     bootstrap_ece,
@@ -50,89 +42,42 @@ from .metrics import (
 from .report import Report
 from .robustness import add_robustness_section
 from .rundir import EVAL_DIR
-from .sampler import frozen
 
-SYNTHETIC_OOD = ("interp", "uniform", "gaussian", "constant")
-SCORES = ("logp", "maxprob", "gradnorm")
+SCORES = OWN  # the JEM's own scores (kept under this name for 0.1's callers)
 
 
-# ------------------------------------------------------------------------------------------------------------------
-# inputs
-# ------------------------------------------------------------------------------------------------------------------
-def is_folder_set(name: str) -> bool:
-    """An OOD set given as a path to a folder of images (rather than a dataset or synthetic set's name)."""
-    return "/" in name or os.sep in name or Path(name).is_dir()
+@dataclass
+class EvalOptions:
+    ood: tuple = ("interp", "uniform", "gaussian", "constant")
+    n: int = 2000  # in-distribution test images scored (and OOD images per set); -1: the whole test set
+    bins: int = 15
+    sample_steps: int = 200
+    n_samples: int = 100
+    n_gen: int = 500  # samples per set for the Fréchet distances
+    data_root: Optional[str] = None  # overrides the runs' dataset root
+    ood_root: Optional[str] = None  # where OOD datasets are read (default: data_root, else the run's root)
+    inception_weights: Optional[str] = None
+    seed: int = 0
+    n_boot: int = 1000  # bootstrap resamples of the test set for the ECE intervals
+    detectors: tuple = tuple(DETECTORS)  # the JEM's own scores first (detectors.detector_names)
+    progress: bool = True
 
 
-def ood_labels(names) -> dict[str, str]:
-    """How each OOD set is named in tables: its name, or a folder's own name (made unique when two collide)."""
-    labels: dict[str, str] = {}
-    for name in names:
-        label = Path(name.rstrip("/")).name or name if is_folder_set(name) else name
-        base, k = label, 2
-        while label in labels.values():
-            label, k = f"{base}-{k}", k + 1
-        labels[name] = label
-    return labels
+@dataclass
+class EvalResult:
+    """One run's evaluation: ``metrics`` (what eval/metrics.json holds), and the arrays its figures are drawn from:
+    ``hist`` (set → score → per-image scores; "in" is the in-distribution set) and ``samples`` (grid name → images);
+    ``ece_boot``: ECE (raw, "ts") of the shared bootstrap resamples of the test set, for paired comparisons."""
 
-
-def check_ood_name(name: str, in_dataset: Optional[str] = None) -> None:
-    """Raise a one-line DatasetError for an unknown OOD set, a missing folder, or the in-distribution dataset."""
-    if is_folder_set(name):
-        if not Path(name).is_dir():
-            raise DatasetError(f"OOD folder {name} not found")
-        return
-    if name not in SYNTHETIC_OOD and name not in DATASETS:
-        raise DatasetError(f"unknown OOD set {name!r}; choose from {', '.join(SYNTHETIC_OOD + tuple(DATASETS))}, "
-                           f"or give a path to a folder of images")
-    if name == in_dataset:
-        raise DatasetError(f"OOD set {name!r} is the in-distribution dataset")
-
-
-def make_ood_set(name: str, x_in: torch.Tensor, n: int, seed: int = 0, data_root: Optional[str] = None,
-                 in_dataset: Optional[str] = None) -> torch.Tensor:
-    """``n`` OOD images as floats in [−1, 1] with the shape of ``x_in`` (float in-distribution test images)."""
-    check_ood_name(name, in_dataset)
-    g = torch.Generator().manual_seed(seed)
-    shape = tuple(x_in.shape[1:])
-    if name == "uniform":
-        return torch.rand((n, *shape), generator=g) * 2 - 1
-    if name == "gaussian":
-        return torch.randn((n, *shape), generator=g).clamp(-1, 1)
-    if name == "constant":
-        return (torch.rand((n, shape[0], 1, 1), generator=g) * 2 - 1).expand(n, *shape).contiguous()
-    if name == "interp":
-        i = torch.randint(0, len(x_in), (n,), generator=g)
-        j = (i + torch.randint(1, len(x_in), (n,), generator=g)) % len(x_in)  # a different image
-        return 0.5 * x_in[i].cpu() + 0.5 * x_in[j].cpu()
-    if is_folder_set(name):  # any folder of images, flat or with class subfolders; no train/ needed
-        x, _ = stack_converted(read_image_folder(name, limit=n, seed=seed), shape)
-        return to_float(x)
-    x = load_dataset(name, data_root).x_test  # a dataset name (checked above)
-    x = x[torch.randperm(len(x), generator=g)[:n]]
-    return to_float(convert_images(x, shape))
+    metrics: dict
+    hist: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    samples: dict[str, torch.Tensor] = field(default_factory=dict)
+    ece_boot: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# scores
+# samples and features
 # ------------------------------------------------------------------------------------------------------------------
-def ood_scores(jem: JEM, x: torch.Tensor, batch_size: int = 250, device=None, progress: bool = False,
-               desc: str = "scores") -> dict[str, np.ndarray]:
-    """The paper's three scores (higher = more in-distribution) for float images ``x``."""
-    device = device or next(jem.parameters()).device
-    out = {k: [] for k in SCORES}
-    with frozen(jem):
-        for i in tqdm(range(0, len(x), batch_size), desc=desc, disable=not progress, leave=False):
-            xb = x[i : i + batch_size].to(device).requires_grad_(True)
-            logits = jem(xb)
-            logp = logits.logsumexp(1)
-            (grad,) = torch.autograd.grad(logp.sum(), xb)  # samples are independent in eval mode: per-sample grads
-            out["logp"].append(logp.detach().cpu())
-            out["maxprob"].append(logits.detach().softmax(1).max(1).values.cpu())
-            out["gradnorm"].append(-grad.flatten(1).norm(dim=1).cpu())
-    return {k: torch.cat(v).numpy() for k, v in out.items()}
-
-
 def fresh_samples(run: LoadedRun, n: int, steps: int, y: Optional[torch.Tensor] = None, progress: bool = False,
                   seed: int = 0) -> torch.Tensor:
     """``n`` fresh chains from the run's initial distribution (U(−1, 1) for the paper's recipe: the official
@@ -148,19 +93,11 @@ def fresh_samples(run: LoadedRun, n: int, steps: int, y: Optional[torch.Tensor] 
 
 
 def penultimate_features(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 500) -> np.ndarray:
-    """Inputs to the model's last ``nn.Linear`` (its feature space), for float images."""
-    last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    if not last:
-        raise ValueError("reference model has no nn.Linear head to take features from")
-    feats = []
-    hook = last[-1].register_forward_pre_hook(lambda mod, inp: feats.append(inp[0].detach().flatten(1).cpu()))
-    device = next(model.parameters()).device
-    try:
-        with torch.no_grad(), eval_mode(model):
-            in_batches(model, x, batch_size, device)
-    finally:
-        hook.remove()
-    return torch.cat(feats).numpy()
+    """The features entering the model's head (detectors.classifier_head), for float images."""
+    from .energy import JEM
+
+    jem = model if isinstance(model, JEM) else JEM(model)
+    return model_outputs(jem, x, batch_size, grad=False).features.numpy()
 
 
 def inception_metrics(samples: torch.Tensor, real: torch.Tensor, weights: Optional[str]) -> dict:
@@ -192,156 +129,164 @@ def inception_metrics(samples: torch.Tensor, real: torch.Tensor, weights: Option
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# the whole evaluation of one run
+# the parts of one run's evaluation
 # ------------------------------------------------------------------------------------------------------------------
-@dataclass
-class EvalOptions:
-    ood: tuple = ("interp", "uniform", "gaussian", "constant")
-    n: int = 2000  # in-distribution test images scored (and OOD images per set); -1: the whole test set
-    bins: int = 15
-    sample_steps: int = 200
-    n_samples: int = 100
-    n_gen: int = 500  # samples per set for the Fréchet distances
-    data_root: Optional[str] = None  # overrides the runs' dataset root
-    ood_root: Optional[str] = None  # where OOD datasets are read (default: data_root, else the run's root)
-    inception_weights: Optional[str] = None
-    seed: int = 0
-    n_boot: int = 1000  # bootstrap resamples of the test set for the ECE intervals
-    progress: bool = True
-
-
-@dataclass
-class EvalResult:
-    """One run's evaluation: ``metrics`` (what eval/metrics.json holds), and the arrays its figures are drawn from:
-    ``hist`` (set → score → per-image scores; "in" is the in-distribution set) and ``samples`` (grid name → images);
-    ``ece_boot``: ECE (raw, "ts") of the shared bootstrap resamples of the test set, for paired comparisons."""
-
-    metrics: dict
-    hist: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
-    samples: dict[str, torch.Tensor] = field(default_factory=dict)
-    ece_boot: dict[str, np.ndarray] = field(default_factory=dict)
-
-
-def evaluate_run(run: LoadedRun, opts: EvalOptions, reference: Optional[LoadedRun] = None) -> EvalResult:
-    """Compute every metric of one run."""
-    torch.manual_seed(opts.seed)
+def calibration(run: LoadedRun, opts: EvalOptions) -> tuple[dict, dict[str, np.ndarray]]:
+    """Accuracy, NLL, ECE (raw; after temperature scaling fitted on the run's validation split) with bootstrap
+    replicates over the test images (the same resamples for every run: they depend on the test set's size and seed)."""
     data = run.data
-    g = torch.Generator().manual_seed(opts.seed)
-    n = len(data.x_test) if opts.n < 0 else min(opts.n, len(data.x_test))
-    pick = torch.randperm(len(data.x_test), generator=g)[:n]
-    x_in = to_float(data.x_test[pick])
-
-    # classification and calibration on the whole test set
     logits = in_batches(lambda xb: run.jem.logits(to_float(xb)).cpu(), data.x_test, 500, run.device)
     if not torch.isfinite(logits).all():
         raise ValueError(f"{run.run_dir}: the model's logits are not finite on the test set (NaN/inf weights); "
                          f"nothing was evaluated")
     probs = logits.softmax(1)
-    acc = (probs.argmax(1) == data.y_test).float().mean().item()
-    nll = F.cross_entropy(logits, data.y_test).item()
-    bins = calibration_bins(probs, data.y_test, opts.bins)
-    ece = expected_calibration_error(probs, data.y_test, opts.bins)
-    # temperature scaling fitted on the run's own validation split (the images jem train held out)
+    m = {"test_accuracy": (probs.argmax(1) == data.y_test).float().mean().item(),
+         "test_nll": F.cross_entropy(logits, data.y_test).item(), "ece": expected_calibration_error(probs, data.y_test,
+                                                                                                   opts.bins),
+         "calibration": calibration_bins(probs, data.y_test, opts.bins), "ece_ts": None, "temperature": None,
+         "calibration_ts": None, "ece_bins": opts.bins}
+    boot = {"raw": bootstrap_ece(probs, data.y_test, opts.bins, opts.n_boot, opts.seed)}
     val = training_splits(data, run.cfg.n_valid, run.cfg.seed, "cpu")
-    temperature = ece_ts = bins_ts = None
     if len(val.y_val) > 0:
         val_logits = in_batches(lambda xb: run.jem.logits(to_float(xb)).cpu(), val.x_val, 500, run.device)
-        temperature = fit_temperature(val_logits, val.y_val)
-        probs_ts = (logits / temperature).softmax(1)
-        ece_ts = expected_calibration_error(probs_ts, data.y_test, opts.bins)
-        bins_ts = calibration_bins(probs_ts, data.y_test, opts.bins)
-    # the same resamples of the test images for every run (they depend on the test set's size and the seed only)
-    ece_boot = {"raw": bootstrap_ece(probs, data.y_test, opts.bins, opts.n_boot, opts.seed)}
-    if ece_ts is not None:
-        ece_boot["ts"] = bootstrap_ece(probs_ts, data.y_test, opts.bins, opts.n_boot, opts.seed)
+        m["temperature"] = fit_temperature(val_logits, val.y_val)
+        probs_ts = (logits / m["temperature"]).softmax(1)
+        m["ece_ts"] = expected_calibration_error(probs_ts, data.y_test, opts.bins)
+        m["calibration_ts"] = calibration_bins(probs_ts, data.y_test, opts.bins)
+        boot["ts"] = bootstrap_ece(probs_ts, data.y_test, opts.bins, opts.n_boot, opts.seed)
+    m["ece_binning"] = (f"{opts.bins} equal-width confidence bins over [0, 1], L1 (torchmetrics); ece_ts: after "
+                        f"temperature scaling fitted (NLL, LBFGS) on the run's {len(val.y_val)} validation images")
+    m["ece_bootstrap"] = {k: {"ci": np.quantile(v, [0.025, 0.975]).tolist(), "level": 0.95, "n_boot": len(v),
+                              "seed": opts.seed} for k, v in boot.items()}
+    return m, boot
 
-    # OOD detection
+
+def ood_detection(run: LoadedRun, opts: EvalOptions, x_in: torch.Tensor) -> tuple[dict, dict]:
+    """Every detector's AUROC / AUPR / FPR95 on every OOD set (in-distribution: ``x_in``), the best per set, and the
+    per-image scores for the histograms."""
+    dets = run_detectors(run, progress=opts.progress)
+    names = [n for n in opts.detectors if n in dets.names]
     root = opts.ood_root or opts.data_root or run.cfg.data_root
-    s_in = ood_scores(run.jem, x_in, progress=opts.progress, desc=f"{run.name}: in-dist scores")
-    ood, hist = {}, {"in": {k: s_in[k] for k in SCORES}}
+    s_in = dets.score(run.jem, x_in, progress=opts.progress, desc=f"{run.name}: in-dist scores")
+    ood, hist = {}, {"in": {k: s_in[k] for k in names}}
     for name, label in ood_labels(opts.ood).items():
-        x_out = make_ood_set(name, x_in, n, seed=opts.seed + 1, data_root=root, in_dataset=run.cfg.dataset)
-        s_out = ood_scores(run.jem, x_out, progress=opts.progress, desc=f"{run.name}: {label} scores")
-        ood[label] = {k: ood_metrics(s_in[k], s_out[k]) for k in SCORES}
+        x_out = make_ood_set(name, x_in, len(x_in), seed=opts.seed + 1, data_root=root, in_dataset=run.cfg.dataset)
+        s_out = dets.score(run.jem, x_out, progress=opts.progress, desc=f"{run.name}: {label} scores")
+        ood[label] = {k: ood_metrics(s_in[k], s_out[k]) for k in names}
         ood[label]["n"] = len(x_out)
-        hist[label] = {k: s_out[k] for k in SCORES}
+        hist[label] = {k: s_out[k] for k in names}
+    best = {label: max(names, key=lambda k: r[k]["auroc"]) for label, r in ood.items()}
+    info = {"names": names, "own": [n for n in names if n in OWN], "labels": {n: DETECTORS[n].label for n in names},
+            "fitted_on": dets.info, "best": best}
+    return {"ood": ood, "detectors": info}, hist
 
-    # samples
+
+def sample_grids(run: LoadedRun, opts: EvalOptions, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """Images for the grids: the replay buffer, fresh chains, fresh class-conditional chains (one row per class)."""
     samples = {}
     if run.buffer is not None:
         buf = run.buffer.cpu()
         samples["buffer"] = buf[torch.randperm(len(buf), generator=g)[: opts.n_samples]]
-    c = data.num_classes
+    c = run.data.num_classes
     per_class = max(1, opts.n_samples // c)
     samples["fresh"] = fresh_samples(run, opts.n_samples, opts.sample_steps, progress=opts.progress, seed=opts.seed).cpu()
-    samples["fresh_cond"] = fresh_samples(run, per_class * c, opts.sample_steps,
-                                          y=torch.arange(c).repeat_interleave(per_class), progress=opts.progress,
-                                          seed=opts.seed).cpu()
+    samples["fresh_cond"] = fresh_samples(run, per_class * c, opts.sample_steps, progress=opts.progress, seed=opts.seed,
+                                          y=torch.arange(c).repeat_interleave(per_class)).cpu()
+    return samples
 
-    # generation quality
-    generation: dict = {}
-    if reference is not None:
-        n_gen = min(opts.n_gen, len(data.x_test), len(data.x_train))
-        real_test = to_float(data.x_test[torch.randperm(len(data.x_test), generator=g)[:n_gen]])
-        real_train = to_float(data.x_train[torch.randperm(len(data.x_train), generator=g)[:n_gen]])
-        gen_sets = {"real train (floor)": real_train, "uniform noise": torch.rand_like(real_test) * 2 - 1}
-        if run.buffer is not None:
-            gen_sets["buffer samples"] = run.buffer.cpu()[torch.randperm(len(run.buffer), generator=g)[:n_gen]]
-        gen_sets["fresh samples"] = fresh_samples(run, n_gen, opts.sample_steps, progress=opts.progress,
-                                                  seed=opts.seed + 7).cpu()
-        f_ref = penultimate_features(reference.jem, real_test)
-        generation["fd_ref"] = {k: frechet_distance(penultimate_features(reference.jem, v), f_ref)
-                                for k, v in gen_sets.items()}
-        generation["fd_ref_protocol"] = (f"Fréchet distance in the penultimate-layer features of the reference "
-                                         f"classifier {reference.run_dir} (NOT FID), {n_gen} images per set vs "
-                                         f"{n_gen} real test images; fresh samples: {opts.sample_steps} SGLD steps "
-                                         f"from the initial distribution ({run.cfg.sgld_init})")
-    else:
-        generation["fd_ref"] = {"skipped": "no reference classifier: pass --reference RUN_DIR (e.g. a --p-x-weight 0 "
-                                           "run on the same dataset) or evaluate together with a baseline run"}
-    generation["inception"] = inception_metrics(samples["fresh"], to_float(data.x_test[:len(samples["fresh"])]),
-                                                opts.inception_weights)
-    if "skipped" not in generation["inception"]:
-        generation["inception"]["protocol"] = (f"{opts.n_samples} fresh samples ({opts.sample_steps} chain steps from "
-                                               f"the initial distribution ({run.cfg.sgld_init})) vs test images")
 
-    metrics = {
-        "run": str(run.run_dir),
-        "name": run.name,
-        "dataset": run.cfg.dataset,
-        "model": run.cfg.model,
-        "p_x_weight": run.cfg.p_x_weight,
-        "test_accuracy": acc,
-        "test_nll": nll,
-        "ece": ece,
-        "ece_ts": ece_ts,
-        "temperature": temperature,
-        "ece_bins": opts.bins,
-        "ece_binning": f"{opts.bins} equal-width confidence bins over [0, 1], L1 (torchmetrics); ece_ts: after "
-                       f"temperature scaling fitted (NLL, LBFGS) on the run's {len(val.y_val)} validation images",
-        "calibration": bins,
-        "calibration_ts": bins_ts,
-        "ece_bootstrap": {k: {"ci": np.quantile(v, [0.025, 0.975]).tolist(), "level": 0.95, "n_boot": len(v),
-                              "seed": opts.seed} for k, v in ece_boot.items()},
-        "ood": ood,
-        "ood_protocol": f"{n} in-distribution test images vs {n} images per OOD set; in-distribution is the positive "
-                        f"class; scores: logp = LogSumExp f(x), maxprob = max_y p(y|x), gradnorm = -||d logp/dx||_2",
-        "samples": {"sample_steps": opts.sample_steps, "sgld_lr": run.cfg.sgld_lr, "sgld_std": run.cfg.sgld_std},
-        "generation": generation,
-    }
+def generation(run: LoadedRun, reference: Optional[LoadedRun], opts: EvalOptions, g: torch.Generator) -> dict:
+    """Samples measured in a reference classifier's features: the Fréchet distance of each set to real test images
+    (floor: real training images), and the classifier's accuracy on class-conditional samples (their class: the
+    one they were drawn for; the buffer: the JEM's own label) — for the chains' starting points, fresh chains of
+    ``sample_steps`` steps from there, and the replay buffer."""
+    if reference is None:
+        return {"fd_ref": {"skipped": "no reference classifier: pass --reference RUN_DIR (e.g. a --p-x-weight 0 run on "
+                                      "the same dataset) or evaluate together with a baseline run"}}
+    data, c = run.data, run.data.num_classes
+    n_gen = min(opts.n_gen, len(data.x_test), len(data.x_train))
+    y = torch.arange(c).repeat_interleave(-(-n_gen // c))[:n_gen]
+    torch.manual_seed(opts.seed + 7)
+    starts = run.sampler().buffer.init.sample(n_gen, y.to(run.device)).cpu()
+    sets = {"real train (floor)": to_float(data.x_train[torch.randperm(len(data.x_train), generator=g)[:n_gen]]),
+            "uniform noise": torch.rand((n_gen, *data.shape), generator=g) * 2 - 1,
+            "chain starts (0 steps)": starts,
+            f"fresh chains ({opts.sample_steps} steps)": fresh_samples(run, n_gen, opts.sample_steps, y=y,
+                                                                       progress=opts.progress, seed=opts.seed + 7).cpu()}
+    labels = {"chain starts (0 steps)": y, f"fresh chains ({opts.sample_steps} steps)": y}
+    if run.buffer is not None:
+        sets["replay buffer"] = run.buffer.cpu()[torch.randperm(len(run.buffer), generator=g)[:n_gen]]
+        labels["replay buffer"] = run.jem.logits(sets["replay buffer"]).argmax(1).cpu()
+    real_test = to_float(data.x_test[torch.randperm(len(data.x_test), generator=g)[:n_gen]])
+    ref_out = {k: model_outputs(reference.jem, v, grad=False) for k, v in {"real test": real_test, **sets}.items()}
+    fd = {k: frechet_distance(ref_out[k].features.numpy(), ref_out["real test"].features.numpy()) for k in sets}
+    acc = {k: float((ref_out[k].logits.argmax(1) == labels[k]).float().mean()) for k in labels}
+    return {"fd_ref": fd, "ref_accuracy": acc,
+            "fd_ref_protocol": (f"Fréchet distance in the features entering the head of the reference classifier "
+                                f"{reference.run_dir} (NOT FID), {n_gen} images per set vs {n_gen} real test images; "
+                                f"chains start from the run's initial distribution ({run.cfg.sgld_init}), one class "
+                                f"after another, and run {opts.sample_steps} steps of its chain update "
+                                f"({run.cfg.sgld_update}); ref_accuracy: the reference's accuracy on the class each "
+                                f"chain was drawn for (buffer: agreement with the JEM's own label)")}
+
+
+def evaluate_run(run: LoadedRun, opts: EvalOptions, reference: Optional[LoadedRun] = None) -> EvalResult:
+    """Compute every metric of one run."""
+    torch.manual_seed(opts.seed)
+    g = torch.Generator().manual_seed(opts.seed)
+    n = len(run.data.x_test) if opts.n < 0 else min(opts.n, len(run.data.x_test))
+    x_in = to_float(run.data.x_test[torch.randperm(len(run.data.x_test), generator=g)[:n]])
+    metrics = {"run": str(run.run_dir), "name": run.name, "dataset": run.cfg.dataset, "model": run.cfg.model,
+               "p_x_weight": run.cfg.p_x_weight}
+    cal, ece_boot = calibration(run, opts)
+    ood, hist = ood_detection(run, opts, x_in)
+    samples = sample_grids(run, opts, g)
+    gen = generation(run, reference, opts, g)
+    gen["inception"] = inception_metrics(samples["fresh"], to_float(run.data.x_test[:len(samples["fresh"])]),
+                                         opts.inception_weights)
+    if "skipped" not in gen["inception"]:
+        gen["inception"]["protocol"] = (f"{opts.n_samples} fresh samples ({opts.sample_steps} chain steps from the "
+                                        f"initial distribution ({run.cfg.sgld_init})) vs test images")
+    metrics.update(cal)
+    metrics.update(ood)
+    metrics["ood_protocol"] = (f"{n} in-distribution test images vs {n} images per OOD set; in-distribution is the "
+                               f"positive class; every score: higher = more in-distribution (detectors.py)")
+    metrics["samples"] = {"sample_steps": opts.sample_steps, "sgld_lr": run.cfg.sgld_lr, "sgld_std": run.cfg.sgld_std}
+    metrics["generation"] = gen
     return EvalResult(metrics, hist, samples, ece_boot)
 
 
+# ------------------------------------------------------------------------------------------------------------------
+# several runs
+# ------------------------------------------------------------------------------------------------------------------
+def versus_posthoc(jem: dict, others: list[dict]) -> list[dict]:
+    """Per OOD set: the JEM's best own score against the best detector on any of the runs (the JEM's post-hoc
+    detectors, and every detector of the others, whose log p(x) is the Energy score). Both sides pick their best per
+    set, with the set known (an oracle choice, the same on both sides)."""
+    rows = []
+    for label, res in jem["ood"].items():
+        own = max(jem["detectors"]["own"], key=lambda k: res[k]["auroc"], default=None)
+        rivals = [(jem["name"], k, res[k]) for k in jem["detectors"]["names"] if k not in OWN]
+        rivals += [(o["name"], k, o["ood"][label][k]) for o in others if label in o["ood"] for k in o["detectors"]["names"]]
+        if own is None or not rivals:
+            continue
+        who, k, best = max(rivals, key=lambda r: r[2]["auroc"])
+        rows.append({"set": label, "own": own, "own_auroc": res[own]["auroc"], "own_fpr95": res[own]["fpr95"],
+                     "best_run": who, "best": k, "best_auroc": best["auroc"], "best_fpr95": best["fpr95"],
+                     "auroc_diff": res[own]["auroc"] - best["auroc"], "fpr95_diff": res[own]["fpr95"] - best["fpr95"]})
+    return rows
+
+
 def evaluate_runs(run_dirs: list, opts: EvalOptions, reference_dir: Optional[str] = None,
-                  device: str = "auto") -> list[dict]:
+                  device: str = "auto", trust_code: bool = False) -> list[dict]:
     """Evaluate one or more runs; write RUN/eval/{metrics.json, figures, report.md, report.html} for each.
 
     With several runs every report shows all of them side by side. The reference classifier for the Fréchet
-    distance is ``reference_dir``, else the first baseline (``p_x_weight == 0``) among the runs, else none.
-    Returns each run's metrics.
+    distance is ``reference_dir``, else the first baseline (``p_x_weight == 0``) among the runs, else none. Every JEM
+    is compared with the best post-hoc detector of the baselines among the runs. Returns each run's metrics.
     """
     datasets: dict = {}
-    runs = load_runs(run_dirs, device, opts.data_root, datasets)
+    runs = load_runs(run_dirs, device, opts.data_root, datasets, trust_code)
     for r in runs[1:]:
         if (r.cfg.dataset, r.data.shape, r.data.num_classes) != (runs[0].cfg.dataset, runs[0].data.shape,
                                                                  runs[0].data.num_classes):
@@ -349,49 +294,73 @@ def evaluate_runs(run_dirs: list, opts: EvalOptions, reference_dir: Optional[str
                                f"{runs[0].data.shape}, {r.run_dir} is {r.cfg.dataset} {r.data.shape}")
     for name in opts.ood:  # before any expensive work
         check_ood_name(name, runs[0].cfg.dataset)
-    reference = load_run(reference_dir, device, opts.data_root, datasets) if reference_dir else next(
+    reference = load_run(reference_dir, device, opts.data_root, datasets, trust_code) if reference_dir else next(
         (r for r in runs if r.is_baseline), None)
     if reference is not None and (reference.data.shape, reference.data.num_classes) != (runs[0].data.shape,
                                                                                         runs[0].data.num_classes):
         raise DatasetError(f"reference {reference.run_dir} was trained on {reference.cfg.dataset}, not "
                            f"{runs[0].cfg.dataset}")
-
     results = [evaluate_run(run, opts, reference) for run in runs]
+    compare_runs(runs, results, reference)
+    for run, res in zip(runs, results):
+        write_eval(run, res)
+    for run in runs:  # every run's report shows all runs
+        write_report(run.run_dir / EVAL_DIR, results)
+    return [r.metrics for r in results]
+
+
+def compare_runs(runs: list[LoadedRun], results: list[EvalResult], reference: Optional[LoadedRun]) -> None:
+    """Into each JEM's metrics: its ECE minus the reference's (paired bootstrap) and the comparison with the
+    baselines' post-hoc detectors."""
     ref = next((res for run, res in zip(runs, results)
                 if reference is not None and Path(run.run_dir).resolve() == Path(reference.run_dir).resolve()), None)
-    for res in results:  # ECE minus the reference's, with a paired bootstrap interval (the same test resamples)
-        if ref is not None and res is not ref:
+    baselines = [res.metrics for run, res in zip(runs, results) if run.is_baseline]
+    for run, res in zip(runs, results):
+        if ref is not None and res is not ref:  # the same test resamples: a paired interval
             res.metrics["ece_vs_reference"] = {"reference": ref.metrics["name"], **{
                 k: paired_difference(res.ece_boot[k], ref.ece_boot[k], res.metrics[key] - ref.metrics[key])
                 for k, key in (("raw", "ece"), ("ts", "ece_ts")) if k in res.ece_boot and k in ref.ece_boot}}
-    for run, res in zip(runs, results):
-        out = run.run_dir / EVAL_DIR
-        out.mkdir(parents=True, exist_ok=True)
-        c = run.data.num_classes
-        files = {}
-        for key, x in res.samples.items():
-            nrow = max(1, len(x) // c) if key == "fresh_cond" else 10
-            files[key] = str(save_grid(x, out / f"samples_{key}.png", nrow=nrow))
-        res.metrics["samples"]["files"] = files
-        (out / "metrics.json").write_text(json.dumps(res.metrics, indent=2) + "\n")
+        if not run.is_baseline and baselines:
+            res.metrics["versus_posthoc"] = versus_posthoc(res.metrics, baselines)
 
+
+def write_eval(run: LoadedRun, res: EvalResult) -> None:
+    out = run.run_dir / EVAL_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for key, x in res.samples.items():
+        nrow = max(1, len(x) // run.data.num_classes) if key == "fresh_cond" else 10
+        files[key] = str(save_grid(x, out / f"samples_{key}.png", nrow=nrow))
+    res.metrics["samples"]["files"] = files
+    (out / "metrics.json").write_text(json.dumps(res.metrics, indent=2) + "\n")
+
+
+def write_report(out: Path, results: list[EvalResult]) -> None:
     metrics = [r.metrics for r in results]
-    for run in runs:  # every run's report shows all runs
-        out = run.run_dir / EVAL_DIR
-        figs = {"reliability": reliability_figure(metrics, out / "reliability.png")}
-        for score in SCORES:
-            figs[score] = histogram_figure([(r.metrics, r.hist) for r in results], score, out / f"ood_hist_{score}.png")
-        rep = build_report(metrics, figs)
-        add_robustness_section(rep, [m["run"] for m in metrics])  # written by `jem attack` / `jem distal`, if run
-        rep.write(out)
-    return metrics
+    figs = {"reliability": reliability_figure(metrics, out / "reliability.png")}
+    shown = [k for k in OWN if all(k in r.hist["in"] for r in results)]
+    for score in shown:
+        figs[score] = histogram_figure([(r.metrics, r.hist) for r in results], score, out / f"ood_hist_{score}.png")
+    rep = build_report(metrics, figs)
+    add_robustness_section(rep, [m["run"] for m in metrics])  # written by `jem attack` / `jem distal`, if run
+    rep.write(out)
 
 
+# ------------------------------------------------------------------------------------------------------------------
+# the report
+# ------------------------------------------------------------------------------------------------------------------
 def build_report(results: list[dict], figs: dict) -> Report:
     """The evaluation report of runs' metrics and their figures."""
     rep = Report("jemtorch evaluation report")
     rep.table(["run", "dataset", "model", "p(x) weight"],
               [[r["name"], r["dataset"], r["model"], r["p_x_weight"]] for r in results])
+    calibration_section(rep, results, figs)
+    ood_section(rep, results, figs)
+    samples_section(rep, results)
+    return rep
+
+
+def calibration_section(rep: Report, results: list[dict], figs: dict) -> None:
     rep.h2("Classification and calibration")
     rep.table(["run", "test accuracy", "test NLL", f"ECE ({results[0]['ece_bins']} bins)", "ECE after TS", "temperature"],
               [[r["name"], r["test_accuracy"], r["test_nll"], r["ece"], r["ece_ts"], r["temperature"]] for r in results])
@@ -405,16 +374,39 @@ def build_report(results: list[dict], figs: dict) -> Report:
               f"resamples shared by every run, percentile); they measure the test set's sampling noise, not the "
               f"spread between training seeds.")
     rep.img(figs["reliability"], "Reliability diagrams (bar labels: images per bin)")
+
+
+def ood_section(rep: Report, results: list[dict], figs: dict) -> None:
     rep.h2("Out-of-distribution detection")
-    rep.p(results[0]["ood_protocol"] + ".")
-    sets = list(results[0]["ood"])
-    rep.table(["OOD set"] + [f"{r['name']} {s}" for r in results for s in SCORES],
-              [[o] + [r["ood"][o][s]["auroc"] for r in results for s in SCORES] for o in sets])
-    rep.p("AUROC above (the paper's metric). AUPR and FPR at 95% TPR:")
-    rep.table(["run", "OOD set", "score", "AUROC", "AUPR", "FPR95"],
-              [[r["name"], o, s, *r["ood"][o][s].values()] for r in results for o in sets for s in SCORES])
-    for score in SCORES:
-        rep.img(figs[score], f"Histograms of the {score} score, in-distribution vs OOD")
+    rep.p(results[0]["ood_protocol"] + ". Detectors: the JEM's own scores first (log p(x), max p(y|x), "
+          "−‖∇x log p(x)‖), then the post-hoc detectors, fitted on each run's training split: " +
+          ", ".join(f"{k} ({v})" for k, v in results[0]["detectors"]["labels"].items()) + ".")
+    for r in results:
+        names, best = r["detectors"]["names"], r["detectors"]["best"]
+        rep.table([f"{r['name']}: OOD set"] + names + ["best"],
+                  [[o] + [f"{r['ood'][o][k]['auroc']:.3f}" for k in names] + [best[o]] for o in r["ood"]])
+    rep.p("AUROC above. FPR at 95% TPR (lower is better):")
+    for r in results:
+        names = r["detectors"]["names"]
+        rep.table([f"{r['name']}: OOD set"] + names, [[o] + [f"{r['ood'][o][k]['fpr95']:.3f}" for k in names]
+                                                       for o in r["ood"]])
+    for r in results:
+        if r.get("versus_posthoc"):
+            rep.p(f"{r['name']}: its best own score vs the best post-hoc detector on any run (both chosen per set):")
+            rep.table(["OOD set", "JEM's best own", "AUROC", "FPR95", "best post-hoc", "AUROC", "FPR95", "AUROC diff",
+                       "FPR95 diff"],
+                      [[v["set"], v["own"], f"{v['own_auroc']:.3f}", f"{v['own_fpr95']:.3f}",
+                        f"{v['best']} on {v['best_run']}", f"{v['best_auroc']:.3f}", f"{v['best_fpr95']:.3f}",
+                        f"{v['auroc_diff']:+.3f}", f"{v['fpr95_diff']:+.3f}"] for v in r["versus_posthoc"]])
+    rep.table(["run", "OOD set", "detector", "AUROC", "AUPR", "FPR95"],
+              [[r["name"], o, k, *(f"{r['ood'][o][k][m]:.4f}" for m in ("auroc", "aupr", "fpr95"))]
+               for r in results for o in r["ood"] for k in r["detectors"]["names"]])
+    for score in OWN:
+        if score in figs:
+            rep.img(figs[score], f"Histograms of the {score} score, in-distribution vs OOD")
+
+
+def samples_section(rep: Report, results: list[dict]) -> None:
     rep.h2("Samples")
     for r in results:
         st = r["samples"]
@@ -429,10 +421,10 @@ def build_report(results: list[dict], figs: dict) -> Report:
         if "skipped" in gen["fd_ref"]:
             rep.p(f"{r['name']}: reference-classifier Fréchet distance skipped: {gen['fd_ref']['skipped']}")
         else:
-            rep.table([f"{r['name']}: set vs real test images", "FD (reference classifier features)"],
-                      list(gen["fd_ref"].items()))
+            acc = gen.get("ref_accuracy", {})
+            rep.table([f"{r['name']}: set", "FD to real test images (reference features)", "reference accuracy"],
+                      [[k, f"{v:.2f}", f"{acc[k]:.3f}" if k in acc else "—"] for k, v in gen["fd_ref"].items()])
             rep.p(gen["fd_ref_protocol"] + ".")
         inc = gen["inception"]
         rep.p(f"{r['name']}: FID / Inception Score: " + (f"skipped: {inc['skipped']}" if "skipped" in inc else
               f"FID {inc['fid']:.2f}, IS {inc['inception_score']:.2f} ± {inc['inception_score_std']:.2f} ({inc['protocol']})"))
-    return rep

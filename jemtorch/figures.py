@@ -209,7 +209,8 @@ def training_curves(records: Sequence[dict], path: Path) -> Optional[Path]:
         return None
     plt = plt_module()
     panels = [("loss terms", ("loss", "l_clf", "l_px", "l_pxy")), ("energies", ("e_data", "e_samples", "energy_gap")),
-              ("accuracy", ("train_acc",)), ("learning rate", ("lr",)), ("sampler ‖∇x log p(x)‖", ("sgld_grad_norm",))]
+              ("accuracy", ("train_acc",)), ("learning rate", ("lr",)), ("sampler ‖∇x log p(x)‖", ("sgld_grad_norm",)),
+              ("sampler health", ("reach", "travel", "saturation"))]
     panels = [(t, [k for k in keys if any(k in r for r in train)]) for t, keys in panels]
     panels = [(t, keys) for t, keys in panels if keys]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.0), squeeze=False)
@@ -221,12 +222,20 @@ def training_curves(records: Sequence[dict], path: Path) -> Optional[Path]:
             ax.plot([r["step"] for r in evals], [r["val_accuracy"] for r in evals], "o-", ms=3, label="val_accuracy")
         if title == "learning rate":
             ax.set_yscale("log")
+        if title == "sampler health":  # health.py: an iteration is healthy when reach >= REACH_MIN
+            from .health import REACH_MIN
+
+            ax.axhline(REACH_MIN, color="g", ls="--", lw=0.8, label=f"healthy: reach ≥ {REACH_MIN}")
+            ax.set_ylim(0, 1)
         for r in rollbacks:
             ax.axvline(r.get("diverged_at", r["step"]), color="r", lw=0.8, alpha=0.6)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("iteration", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.legend(fontsize=7)
-    if rollbacks:
-        fig.suptitle(f"{len(rollbacks)} divergence(s) recovered (red lines)", fontsize=9)
+    warnings = [r for r in records if r.get("kind") == "health" and r.get("status") == "unhealthy"]
+    title = [f"{len(rollbacks)} divergence(s) recovered (red lines)"] if rollbacks else []
+    title += [f"health warnings at iterations {', '.join(str(r['step']) for r in warnings[:6])}"] if warnings else []
+    if title:
+        fig.suptitle("; ".join(title), fontsize=9, color="r" if warnings else "k")
     return _save(fig, path, dpi=90)

@@ -2,18 +2,23 @@
 
     model = jemtorch.load("runs/fashion-mnist-cnn-16")      # a run directory, or a folder written by `jem export`
     model.predict(images)                                    # class indices
-    model.score(images)                                      # pred, confidence, logp, gradnorm, ood flag
+    model.score(images)                                      # pred, confidence, logp, gradnorm, ood score and flag
     model.score_paths(["photos/", "more.npy"])               # files, folders (recursively), .npy/.npz arrays
 
 Images go in as uint8 pixels (any size and channel count: converted exactly as ``jem eval`` converts OOD sets) or as
 float tensors already in the model's units ([−1, 1], the model's (C, H, W)).
 
-The OOD flag: a score below a threshold chosen on in-distribution validation images so that a target fraction
-(``tpr``, default 0.95) of them passes. Which score: the one whose validation images are told apart best from
-synthetic outliers made from them (uniform, Gaussian and constant noise, midpoints of pairs: ``SYNTHETIC_OOD``), by
-mean AUROC — chosen once per run and said. The validation scores are kept as 1001 quantiles in
-``RUN/ood_calibration.json`` (and in an export's model card), so every later scoring of the run uses the same
+The OOD flag: a detector's score (``detectors.py``: the JEM's own scores or a post-hoc detector fitted on the run's
+training split) below a threshold chosen on in-distribution validation images so that a target fraction (``tpr``,
+default 0.95) of them passes. Which detector: the one whose validation images are told apart best from synthetic
+outliers made from them (uniform, Gaussian and constant noise, midpoints of pairs), by mean AUROC — chosen once per
+weights and said. The validation scores are kept as 1001 quantiles in ``RUN/ood_calibration.json`` (and in an
+export's model card), the fitted detectors in ``detectors.safetensors``, so every later scoring uses the same
 thresholds, for any ``tpr``.
+
+Files from others: an export loads its weights (safetensors, checked against the card's SHA-256, from inside the
+export folder only) and never imports code unless ``trust_code=True`` (``--trust-code``) — see README "Opening runs
+and exports from others".
 """
 from __future__ import annotations
 
@@ -32,21 +37,23 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .build import load_run, pick_device
+from .build import LoadedRun, load_run, pick_device, run_detectors
 from .checkpoint import CheckpointError, write_atomic
-from .config import TrainConfig
-from .data import DatasetError, ImageData, ImageReader, file_digest, find_images, stack_converted, to_float, training_splits
+from .data import SYNTHETIC_OOD, DatasetError, ImageReader, file_digest, find_images, make_ood_set, stack_converted, to_float
+from .detectors import DETECTORS, OWN, FittedDetectors
 from .energy import JEM
-from .evaluate import SCORES, SYNTHETIC_OOD, make_ood_set, ood_scores
 from .metrics import ood_metrics
 from .models import create_model
 from .models.registry import check_logits
-from .rundir import CONFIG, OOD_CALIBRATION, SUMMARY, RunDir
+from .models.wrn import model_as_written
+from .rundir import OOD_CALIBRATION, SUMMARY, RunDir
+from .version import __version__
 
 __all__ = ["load", "Predictor", "OODCalibration", "export", "SCALING"]
 
 MODEL_CARD = "model.json"
 WEIGHTS = "model.safetensors"
+DETECTORS_FILE = "detectors.safetensors"
 ONNX_FILE = "model.onnx"
 CARD_FORMAT = "jemtorch.model/1"
 SCALING = "uint8 pixels p in [0, 255] -> p / 127.5 - 1 in [-1, 1], channels first (C, H, W)"
@@ -59,11 +66,11 @@ N_CALIBRATION = 2000  # validation images the OOD thresholds are fitted on (at m
 # ------------------------------------------------------------------------------------------------------------------
 @dataclass
 class OODCalibration:
-    """Quantiles of each score on in-distribution validation images, and the default score."""
+    """Quantiles of each detector's score on in-distribution validation images, and the default detector."""
 
-    score: str  # the default score
-    quantiles: dict[str, list[float]]  # score -> N_QUANTILES quantiles (levels 0, 0.001, ..., 1)
-    auroc: dict[str, float]  # score -> mean AUROC, validation images vs the synthetic outliers made from them
+    score: str  # the default detector
+    quantiles: dict[str, list[float]]  # detector -> N_QUANTILES quantiles (levels 0, 0.001, ..., 1)
+    auroc: dict[str, float]  # detector -> mean AUROC, validation images vs the synthetic outliers made from them
     n_images: int
 
     def threshold(self, tpr: float, score: Optional[str] = None) -> float:
@@ -81,32 +88,35 @@ class OODCalibration:
         return {"score": self.score, "auroc": self.auroc, "n_images": self.n_images, "quantiles": self.quantiles}
 
     @classmethod
-    def from_dict(cls, d: dict, where: str) -> OODCalibration:
+    def from_dict(cls, d, where: str) -> OODCalibration:
+        """A calibration read from a file: every part checked (a damaged or hostile file is a CheckpointError)."""
         try:
-            cal = cls(str(d["score"]), {k: [float(v) for v in d["quantiles"][k]] for k in SCORES},
-                      {k: float(v) for k, v in d["auroc"].items()}, int(d["n_images"]))
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{where}: malformed OOD calibration ({type(e).__name__}: {e})") from None
-        if cal.score not in SCORES or any(len(q) < 2 or not np.all(np.isfinite(q)) for q in cal.quantiles.values()):
+            if not isinstance(d, dict) or not isinstance(d.get("quantiles"), dict) or not isinstance(d.get("auroc"), dict):
+                raise TypeError("not an object of score, quantiles, auroc, n_images")
+            names = [k for k in d["quantiles"] if k in DETECTORS]
+            cal = cls(str(d["score"]), {k: [float(v) for v in d["quantiles"][k]] for k in names},
+                      {k: float(d["auroc"][k]) for k in names}, int(d["n_images"]))
+        except (KeyError, TypeError, ValueError, RecursionError) as e:
+            raise CheckpointError(f"{where}: malformed OOD calibration ({type(e).__name__}: {str(e)[:100]})") from None
+        if cal.score not in cal.quantiles or any(len(q) < 2 or not np.all(np.isfinite(q)) or np.any(np.diff(q) < 0)
+                                                 for q in cal.quantiles.values()):
             raise CheckpointError(f"{where}: malformed OOD calibration")
         return cal
 
     @classmethod
-    def fit(cls, jem: JEM, x_val: torch.Tensor, seed: int = 0, progress: bool = False) -> OODCalibration:
-        """Fit on float validation images ``x_val``."""
-        s_in = ood_scores(jem, x_val, progress=progress, desc="OOD calibration")
-        aurocs: dict[str, list[float]] = {k: [] for k in SCORES}
+    def fit(cls, jem: JEM, dets: FittedDetectors, x_val: torch.Tensor, seed: int = 0,
+            progress: bool = False) -> OODCalibration:
+        """Fit on float validation images ``x_val``: every detector of ``dets``."""
+        s_in = dets.score(jem, x_val, progress=progress, desc="OOD calibration")
+        aurocs: dict[str, list[float]] = {k: [] for k in dets.names}
         for name in SYNTHETIC_OOD:
-            s_out = ood_scores(jem, make_ood_set(name, x_val, len(x_val), seed=seed + 1))
-            for k in SCORES:
+            s_out = dets.score(jem, make_ood_set(name, x_val, len(x_val), seed=seed + 1))
+            for k in dets.names:
                 aurocs[k].append(ood_metrics(s_in[k], s_out[k])["auroc"])
         auroc = {k: float(np.mean(v)) for k, v in aurocs.items()}
         levels = np.linspace(0, 1, N_QUANTILES)
-        quantiles = {k: [float(v) for v in np.quantile(s_in[k].astype(np.float64), levels)] for k in SCORES}
-        for k, q in quantiles.items():
-            if not np.all(np.isfinite(q)):
-                raise ValueError(f"the model's {k} score is not finite on validation images; its weights are broken")
-        return cls(max(SCORES, key=lambda k: auroc[k]), quantiles, auroc, len(x_val))
+        quantiles = {k: [float(v) for v in np.quantile(s_in[k].astype(np.float64), levels)] for k in dets.names}
+        return cls(max(dets.names, key=lambda k: auroc[k]), quantiles, auroc, len(x_val))
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -116,8 +126,8 @@ class OODCalibration:
 class Predictor:
     """A trained JEM in eval mode, with what it takes to feed it: ``classes``, ``input_shape`` (C, H, W), ``SCALING``.
 
-    ``jem`` is the energy model itself (``jem.f`` the classifier); ``calibration`` the OOD thresholds (fitted on first
-    use for a run directory)."""
+    ``jem`` is the energy model itself (``jem.f`` the classifier); ``calibration`` the OOD thresholds and
+    ``detectors`` the fitted detectors (for a run directory: fitted on first use and stored with the run)."""
 
     jem: JEM
     classes: list[str]
@@ -126,10 +136,18 @@ class Predictor:
     device: torch.device
     card: dict = field(default_factory=dict)
     calibration_: Optional[OODCalibration] = None
-    run_cfg: Optional[TrainConfig] = None
-    run_data: Optional[ImageData] = None  # a run directory's dataset (its validation split fits the OOD thresholds)
+    detectors_: Optional[FittedDetectors] = None
+    run: Optional[LoadedRun] = None  # a run directory's loaded run (its splits fit detectors and thresholds)
     scaling: str = SCALING
     notices: list[str] = field(default_factory=list)
+
+    @property
+    def run_cfg(self):
+        return self.run.cfg if self.run is not None else None
+
+    @property
+    def run_data(self):
+        return self.run.data if self.run is not None else None
 
     # inputs -----------------------------------------------------------------------------------------------------
     def prepare(self, images) -> torch.Tensor:
@@ -162,6 +180,18 @@ class Predictor:
         return self.logits(images, batch_size).softmax(1)
 
     @property
+    def detectors(self) -> FittedDetectors:
+        """The detectors: the JEM's own scores, and the post-hoc ones fitted on the run's training split (an export
+        brings them in ``detectors.safetensors``; an export of jemtorch 0.1 has the own scores alone)."""
+        if self.detectors_ is None:
+            if self.run is None:
+                self.detectors_ = FittedDetectors({k: DETECTORS[k]() for k in OWN}, {})
+            else:
+                self.detectors_ = run_detectors(self.run)
+                self.notices += self.run.notices
+        return self.detectors_
+
+    @property
     def calibration(self) -> OODCalibration:
         if self.calibration_ is None:
             self.calibration_ = self._fit_calibration()
@@ -169,24 +199,23 @@ class Predictor:
 
     def score(self, images, tpr: float = 0.95, score: Optional[str] = None, batch_size: int = 250) -> dict:
         """Per image: ``pred`` (index), ``confidence`` (max p(y|x)), ``logp`` (LogSumExp f(x)), ``gradnorm``
-        (−‖∇ₓ log p(x)‖, higher = more in-distribution, as in ``jem eval``), ``ood`` (the chosen score is below the
-        threshold for ``tpr``). Numpy arrays."""
-        x = self.prepare(images)
-        return self._score_floats(x, tpr, score, batch_size)
+        (−‖∇ₓ log p(x)‖, higher = more in-distribution, as in ``jem eval``), ``ood_score`` (the flagging
+        detector's score) and ``ood`` (it is below the threshold for ``tpr``). Numpy arrays."""
+        return self._score_floats(self.prepare(images), tpr, score, batch_size)
 
     def _score_floats(self, x: torch.Tensor, tpr: float, score: Optional[str], batch_size: int) -> dict:
         score = self._check_score(score)
-        s = ood_scores(self.jem, x, batch_size=batch_size, device=self.device)
-        logits = self.jem.logits(x, batch_size).cpu()
-        probs = logits.softmax(1)
-        threshold = self.calibration.threshold(tpr, score)
-        return {"pred": probs.argmax(1).numpy(), "confidence": probs.max(1).values.numpy(), "logp": s["logp"],
-                "gradnorm": s["gradnorm"], "ood": s[score] < threshold}
+        out, s = self.detectors.outputs_and_scores(self.jem, x, batch_size=batch_size, device=self.device)
+        return {"pred": out.logits.argmax(1).numpy(), "confidence": s["maxprob"], "logp": s["logp"],
+                "gradnorm": s["gradnorm"], "ood_score": s[score], "ood": s[score] < self.calibration.threshold(tpr, score)}
 
     def _check_score(self, score: Optional[str]) -> str:
-        score = score or self.calibration.score
-        if score not in SCORES:
-            raise ValueError(f"--score must be one of {', '.join(SCORES)}, got {score!r}")
+        score = {"energy": "logp", "msp": "maxprob"}.get(score, score) if score else self.calibration.score
+        if score not in self.calibration.quantiles:
+            have = ", ".join(self.calibration.quantiles)
+            raise ValueError(f"--score must be one of {have} for {self.source}, got {score!r}"
+                             + (" (re-export the run with jemtorch ≥ 0.2 for the post-hoc detectors)"
+                                if score in DETECTORS else ""))
         return score
 
     def score_paths(self, paths: Sequence[str | Path], tpr: float = 0.95, score: Optional[str] = None,
@@ -196,8 +225,7 @@ class Predictor:
         score = self._check_score(score)
         threshold = self.calibration.threshold(tpr, score)
         sources, failures = find_images(paths)
-        table = ScoreTable(score=score, tpr=tpr, threshold=threshold, failures=list(failures),
-                           classes=self.classes)
+        table = ScoreTable(score=score, tpr=tpr, threshold=threshold, failures=list(failures), classes=self.classes)
         reader = ImageReader()
         with tqdm(total=len(sources), desc="scoring", unit="img", disable=not progress, leave=False) as bar:
             for i in range(0, len(sources), batch_size):
@@ -211,41 +239,43 @@ class Predictor:
                 if images:
                     x, converted = stack_converted(images, self.input_shape)
                     table.converted += converted
-                    out = self._score_floats(to_float(x), tpr, score, batch_size)
-                    table.add([s.name for s in chunk], out)
+                    table.add([s.name for s in chunk], self._score_floats(to_float(x), tpr, score, batch_size))
                 bar.update(len(sources[i : i + batch_size]))
         return table
 
     def validation_split(self) -> tuple[torch.Tensor, torch.Tensor]:
         """A run directory's validation images (uint8, (N, C, H, W)) and labels, split exactly as training split
         them. ValueError for an export (it keeps no data) or a run trained without one (--n-valid 0)."""
-        if self.run_cfg is None or self.run_data is None:
+        from .data import training_splits
+
+        if self.run is None:
             raise ValueError(f"{self.source} is an export, not a run directory: it keeps no validation images")
-        val = training_splits(self.run_data, self.run_cfg.n_valid, self.run_cfg.seed, "cpu")
+        val = training_splits(self.run.data, self.run.cfg.n_valid, self.run.cfg.seed, "cpu")
         if len(val.y_val) == 0:
             raise ValueError(f"{self.source} has no validation split (--n-valid 0)")
         return val.x_val, val.y_val
 
     # OOD calibration of a run directory -------------------------------------------------------------------------
     def _fit_calibration(self) -> OODCalibration:
-        if self.run_cfg is None:
+        if self.run is None:
             raise CheckpointError(f"{self.source}: the export has no OOD calibration; re-export it from its run")
         rd = RunDir(self.source)
-        path = rd / OOD_CALIBRATION
-        weights = file_digest(rd.best if rd.best.is_file() else rd.checkpoint, "sha256")  # thresholds belong to these weights
+        path, weights = rd / OOD_CALIBRATION, file_digest(rd.weights, "sha256")  # thresholds belong to these weights
         if path.is_file():
             try:
                 stored = json.loads(path.read_text())
-                if stored.get("weights_sha256") == weights:
-                    return OODCalibration.from_dict(stored, str(path))
-                self.notices.append(f"{path} belongs to other weights (the run trained on); fitting it again")
-            except (json.JSONDecodeError, CheckpointError, AttributeError):
+                if isinstance(stored, dict) and stored.get("weights_sha256") == weights:
+                    cal = OODCalibration.from_dict(stored, str(path))
+                    if set(cal.quantiles) >= set(self.detectors.names):
+                        return cal
+                self.notices.append(f"{path} belongs to other weights or detectors; fitting it again")
+            except (json.JSONDecodeError, CheckpointError, RecursionError, UnicodeDecodeError):
                 self.notices.append(f"{path} is malformed; fitting the OOD thresholds again")
         try:
             x_val = to_float(self.validation_split()[0][:N_CALIBRATION])
         except ValueError as e:
             raise ValueError(f"{e}: no images to fit OOD thresholds on") from None
-        cal = OODCalibration.fit(self.jem, x_val, seed=self.run_cfg.seed)
+        cal = OODCalibration.fit(self.jem, self.detectors, x_val, seed=self.run.cfg.seed)
         try:
             write_atomic(path, json.dumps({**cal.to_dict(), "weights_sha256": weights}) + "\n")
             self.notices.append(f"OOD thresholds fitted on {cal.n_images} validation images and stored in {path}")
@@ -267,21 +297,22 @@ class ScoreTable:
     failures: list[tuple[str, str]] = field(default_factory=list)
     converted: int = 0
 
-    COLUMNS = ("path", "pred", "class", "confidence", "logp", "gradnorm", "ood")
+    COLUMNS = ("path", "pred", "class", "confidence", "logp", "gradnorm", "ood_score", "ood")
 
     def add(self, names: list[str], out: dict) -> None:
         for j, name in enumerate(names):
             pred = int(out["pred"][j])
             self.rows.append({"path": name, "pred": pred, "class": self.classes[pred],
                               "confidence": float(out["confidence"][j]), "logp": float(out["logp"][j]),
-                              "gradnorm": float(out["gradnorm"][j]), "ood": bool(out["ood"][j])})
+                              "gradnorm": float(out["gradnorm"][j]), "ood_score": float(out["ood_score"][j]),
+                              "ood": bool(out["ood"][j])})
 
     @property
     def n_ood(self) -> int:
         return sum(r["ood"] for r in self.rows)
 
     def write(self, path: Path) -> Path:
-        """``.csv`` (the columns above) or ``.json`` (rows, failures and the threshold used)."""
+        """``.csv`` (the columns above) or ``.json`` (rows, failures, the detector and threshold used)."""
         import csv
 
         if path.suffix.lower() == ".json":
@@ -297,42 +328,83 @@ class ScoreTable:
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# loading and exporting
+# loading
 # ------------------------------------------------------------------------------------------------------------------
-def load(path: str | Path, device: str = "auto") -> Predictor:
+def load(path: str | Path, device: str = "auto", trust_code: bool = False) -> Predictor:
     """A trained JEM from a run directory (``jem train``) or an exported model folder (``jem export``), ready to
-    use: eval mode, on ``device``."""
-    path = Path(path)
+    use: eval mode, on ``device``. A model that is user code (a factory) loads only with ``trust_code=True``."""
+    path = Path(path).expanduser()
     if (path / MODEL_CARD).is_file():
-        return _load_export(path, device)
-    if (path / CONFIG).is_file():
-        run = load_run(path, device)
-        return Predictor(run.jem, list(run.data.classes), tuple(run.data.shape), run.run_dir, run.device,
-                         run_cfg=run.cfg, run_data=run.data)
-    raise FileNotFoundError(f"{path} is neither a run directory ({CONFIG}) nor an exported model ({MODEL_CARD})")
+        return _load_export(path, device, trust_code)
+    if (path / "config.json").is_file():
+        run = load_run(path, device, trust_code=trust_code)
+        return Predictor(run.jem, list(run.data.classes), tuple(run.data.shape), run.run_dir, run.device, run=run)
+    raise FileNotFoundError(f"{path} is neither a run directory (config.json) nor an exported model ({MODEL_CARD})")
 
 
-def _load_export(path: Path, device: str) -> Predictor:
-    from safetensors.torch import load_file
-
+def read_card(path: Path) -> dict:
+    """``model.json``, checked field by field: a one-line CheckpointError naming what is wrong."""
     card_path = path / MODEL_CARD
     try:
+        if card_path.stat().st_size > 50_000_000:
+            raise ValueError("larger than 50 MB")
         card = json.loads(card_path.read_text())
-        if card.get("format") != CARD_FORMAT:
-            raise ValueError(f"format {card.get('format')!r}, expected {CARD_FORMAT!r}")
-        arch, classes, shape = card["architecture"], list(card["classes"]), tuple(int(v) for v in card["input_shape"])
-        if len(shape) != 3 or not classes:
-            raise ValueError("bad input_shape or classes")
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{card_path}: not a jemtorch model card ({type(e).__name__}: {e})") from None
+    except (OSError, ValueError, RecursionError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{card_path}: not a jemtorch model card ({type(e).__name__}: {str(e)[:100]})") from None
+    bad = lambda what: CheckpointError(f"{card_path}: not a jemtorch model card ({what})")
+    if not isinstance(card, dict):
+        raise bad(f"a JSON {type(card).__name__}, not an object")
+    if card.get("format") != CARD_FORMAT:
+        raise bad(f"format {str(card.get('format'))[:40]!r}, expected {CARD_FORMAT!r}")
+    arch, classes, shape = card.get("architecture"), card.get("classes"), card.get("input_shape")
+    if not isinstance(arch, dict) or not isinstance(arch.get("model"), str) or not arch["model"]:
+        raise bad("architecture.model must be a model name such as cnn-16")
+    if arch.get("norm") not in (None, "none", "batch", "instance", "layer"):
+        raise bad(f"architecture.norm must be none, batch, instance or layer, got {str(arch.get('norm'))[:40]!r}")
+    dropout = arch.get("dropout", 0.0)
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise bad(f"architecture.dropout must be a number in [0, 1), got {str(dropout)[:40]!r}")
+    if not isinstance(classes, list) or not 1 <= len(classes) <= 100_000 or not all(isinstance(c, str) for c in classes):
+        raise bad("classes must be a list of class names")
+    if (not isinstance(shape, list) or len(shape) != 3 or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                                  for v in shape)
+            or shape[0] not in (1, 3) or not all(1 <= v <= 4096 for v in shape[1:])):
+        raise bad("input_shape must be [channels (1 or 3), height, width] with sides in 1..4096")
+    return card
+
+
+def inside(folder: Path, name, what: str) -> Path:
+    """``folder/name`` when ``name`` is a plain file name inside ``folder`` (no absolute path, no ``..``, no link
+    out of it); else a one-line CheckpointError."""
+    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise CheckpointError(f"{folder / MODEL_CARD}: {what} {str(name)[:80]!r} must be a file inside the export folder")
+    p = folder / name
+    if not p.resolve().is_relative_to(folder.resolve()):
+        raise CheckpointError(f"{folder / MODEL_CARD}: {what} {name!r} leads out of the export folder")
+    return p
+
+
+def _load_export(path: Path, device: str, trust_code: bool) -> Predictor:
+    from safetensors.torch import load_file
+
+    card = read_card(path)
+    arch, classes, shape = card["architecture"], list(card["classes"]), tuple(card["input_shape"])
+    weights_path = inside(path, card.get("weights", WEIGHTS), "weights")
+    sha = card.get("weights_sha256")
+    if sha is not None and (not weights_path.is_file() or file_digest(weights_path, "sha256") != sha):
+        raise CheckpointError(f"{weights_path} does not match the SHA-256 in {path / MODEL_CARD} (changed or damaged)")
     dev = pick_device(device)
-    model = create_model(arch["model"], in_channels=shape[0], num_classes=len(classes), norm=arch.get("norm"),
-                         dropout=float(arch.get("dropout", 0.0)))
-    weights_path = path / card.get("weights", WEIGHTS)
+    model = create_model(model_as_written(arch["model"], card.get("jemtorch_version")), in_channels=shape[0],
+                         num_classes=len(classes), norm=arch.get("norm"), dropout=float(arch.get("dropout", 0.0)),
+                         trust_code=trust_code)
     try:
         state = load_file(str(weights_path))
     except Exception as e:  # missing, truncated or not a safetensors file
         raise CheckpointError(f"cannot load {weights_path}: {type(e).__name__}: {str(e)[:200]}") from None
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"{weights_path}: the weights are not finite ({', '.join(bad[:3])}: NaN or inf); nothing "
+                              f"can be scored with them")
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
@@ -340,40 +412,54 @@ def _load_export(path: Path, device: str) -> Predictor:
                               f"{str(e).splitlines()[0]}") from None
     check_logits(model, arch["model"], shape, len(classes))
     jem = JEM(model).to(dev).eval()
-    cal = OODCalibration.from_dict(card["ood"], str(card_path)) if card.get("ood") else None
-    return Predictor(jem, classes, shape, path, dev, card=card, calibration_=cal)
+    cal = OODCalibration.from_dict(card["ood"], str(path / MODEL_CARD)) if card.get("ood") else None
+    dets = _export_detectors(path, card, sha)
+    if cal is not None and dets is not None:
+        cal.quantiles = {k: v for k, v in cal.quantiles.items() if k in dets.names or k in OWN}
+    return Predictor(jem, classes, shape, path, dev, card=card, calibration_=cal, detectors_=dets)
 
 
-def export(run_dir: str | Path, out: str | Path, onnx: bool = False, overwrite: bool = False,
-           device: str = "cpu") -> dict:
-    """Write ``out/model.safetensors`` (the run's best-validation weights) and ``out/model.json`` (the model card),
-    plus ``out/model.onnx`` (the classifier: images → logits) with ``onnx=True``. Returns the card."""
+def _export_detectors(path: Path, card: dict, weights_sha: Optional[str]) -> Optional[FittedDetectors]:
+    """The detectors an export brings (checked against the card's SHA-256); None for an export without them."""
+    entry = card.get("detectors")
+    if not isinstance(entry, dict):
+        return None
+    f = inside(path, entry.get("file", DETECTORS_FILE), "detectors")
+    if not f.is_file() or file_digest(f, "sha256") != entry.get("sha256"):
+        raise CheckpointError(f"{f} does not match the SHA-256 in {path / MODEL_CARD} (missing, changed or damaged)")
+    dets = FittedDetectors.load(f, weights_sha)
+    if dets is None:
+        raise CheckpointError(f"{f} was fitted to other weights than {path / WEIGHTS}")
+    return dets
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# exporting
+# ------------------------------------------------------------------------------------------------------------------
+def export(run_dir: str | Path, out: str | Path, onnx: bool = False, overwrite: bool = False, device: str = "cpu",
+           trust_code: bool = False) -> dict:
+    """Write ``out/model.safetensors`` (the run's best-validation weights), ``out/detectors.safetensors`` (the
+    detectors fitted on its training split) and ``out/model.json`` (the model card), plus ``out/model.onnx`` (the
+    classifier: images → logits) with ``onnx=True``. Everything is checked before anything is written. Returns the
+    card."""
     from safetensors.torch import save_file
 
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file, not a folder")
-    ours = {MODEL_CARD, WEIGHTS, ONNX_FILE, ONNX_FILE + ".data"}
-    if out.is_dir() and any(out.iterdir()):
-        foreign = sorted(p.name for p in out.iterdir() if p.name not in ours)
-        if foreign:
-            raise ValueError(f"--out {out} holds files that are not an export ({', '.join(foreign[:3])}); "
-                             f"choose an empty or new folder")
-        if not overwrite:
-            raise ValueError(f"--out {out} already holds an export; pass --overwrite to replace it")
-    pred = load(run_dir, device)
-    if pred.run_cfg is None:
+    check_export_folder(out, overwrite)
+    if onnx and not _onnx_available():
+        raise ValueError("--onnx needs the onnx package: pip install onnx onnxscript (or jemtorch[onnx])")
+    pred = load(run_dir, device, trust_code)
+    if pred.run is None:
         raise ValueError(f"{run_dir} is already an export; export from a run directory")
-    cal = pred.calibration
-    cfg = pred.run_cfg
+    cal, dets, cfg = pred.calibration, pred.detectors, pred.run.cfg
     summary = RunDir(run_dir).read_json(SUMMARY)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous().clone() for k, v in pred.jem.f.state_dict().items()}
     tmp = out / f".{WEIGHTS}.tmp"
     save_file(state, str(tmp), metadata={"format": "pt"})
     tmp.replace(out / WEIGHTS)
-    from . import __version__
-
+    sha = file_digest(out / WEIGHTS, "sha256")
+    dets.save(out / DETECTORS_FILE, sha)
     card = {
         "format": CARD_FORMAT,
         "jemtorch_version": __version__,
@@ -387,7 +473,9 @@ def export(run_dir: str | Path, out: str | Path, onnx: bool = False, overwrite: 
         "training": {k: summary.get(k) for k in ("test_accuracy", "test_nll", "best_val_accuracy", "iterations",
                                                   "epochs", "train_seconds", "rollbacks", "torch", "device")},
         "weights": WEIGHTS,
-        "weights_sha256": file_digest(out / WEIGHTS, "sha256"),
+        "weights_sha256": sha,
+        "detectors": {"file": DETECTORS_FILE, "sha256": file_digest(out / DETECTORS_FILE, "sha256"),
+                      "names": list(dets.names), "fitted_on": dets.info.get("fitted_on")},
         "ood": cal.to_dict(),
         "ood_default": f"flag images whose {cal.score} score is below calibration.threshold(tpr)",
     }
@@ -400,6 +488,28 @@ def export(run_dir: str | Path, out: str | Path, onnx: bool = False, overwrite: 
     for note in pred.notices:
         print(f"jem export: {note}", file=sys.stderr)
     return card
+
+
+def check_export_folder(out: Path, overwrite: bool) -> None:
+    """--out must be new, empty, or an earlier export (with --overwrite); never a link or a folder of other files."""
+    ours = {MODEL_CARD, WEIGHTS, DETECTORS_FILE, ONNX_FILE, ONNX_FILE + ".data"}
+    if out.is_symlink():
+        raise ValueError(f"--out {out} is a symbolic link; give the folder itself")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in ours or p.is_symlink())
+        if foreign:
+            raise ValueError(f"--out {out} holds files that are not an export ({', '.join(foreign[:3])}); "
+                             f"choose an empty or new folder")
+        if not overwrite:
+            raise ValueError(f"--out {out} already holds an export; pass --overwrite to replace it")
+
+
+def _onnx_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("onnx") is not None
 
 
 def export_onnx(pred: Predictor, path: Path) -> str:

@@ -140,7 +140,8 @@ def jem_loss(
         loss = loss + weights.px * l_px
         if weights.energy_reg > 0:
             loss = loss + weights.energy_reg * energy_penalty(e_data, e_samples, weights.energy_reg_form)
-        stats.update(l_px=l_px, energy_gap=l_px, e_data=e_data.mean(), e_samples=e_samples.mean())
+        reach = (e_samples.detach() <= e_data.detach().median()).float().mean()  # health.py: chains reach the data?
+        stats.update(l_px=l_px, energy_gap=l_px, e_data=e_data.mean(), e_samples=e_samples.mean(), reach=reach)
     if weights.pxy > 0:
         l_pxy = -jem.log_pxy(None, y, logits=logits["x"]).mean() + jem.log_pxy(None, y, logits=logits["samples_y"]).mean()
         loss = loss + weights.pxy * l_pxy

@@ -77,13 +77,13 @@ def refined_model(run: LoadedRun, refine_steps: int, opts: AttackOptions) -> Ref
 
 
 def attack_runs(run_dirs: Sequence[str | Path], opts: AttackOptions, device: str = "auto",
-                data_root: Optional[str] = None) -> dict:
+                data_root: Optional[str] = None, trust_code: bool = False) -> dict:
     """PGD robust accuracy per ε for each run and defence setting; black-box medians; figures and reports.
 
     Returns {"<run> (<defence>)": {ε: accuracy}}. A run's stored results for ``opts.threat_model`` are replaced;
     its other results are kept."""
     norm, eps = opts.threat_model, list(opts.eps)
-    runs = load_runs(run_dirs, device, data_root)
+    runs = load_runs(run_dirs, device, data_root, trust_code=trust_code)
     results: dict[str, dict] = {}
     for run in runs:
         torch.manual_seed(opts.seed)
@@ -144,9 +144,9 @@ def write_report(out_dir: Path, run_dirs: Sequence[str | Path]) -> None:
 
 
 def distal_runs(run_dirs: Sequence[str | Path], cls: int, n: int = 8, steps: int = 200, step_size: float = 0.01,
-                seed: int = 0, device: str = "auto", data_root: Optional[str] = None) -> dict:
+                seed: int = 0, device: str = "auto", data_root: Optional[str] = None, trust_code: bool = False) -> dict:
     """Distal adversarials for class ``cls`` from each run; one figure with a row per run."""
-    runs = load_runs(run_dirs, device, data_root)
+    runs = load_runs(run_dirs, device, data_root, trust_code=trust_code)
     c = runs[0].data.num_classes
     if not 0 <= cls < c:
         raise ValueError(f"--class must be in 0..{c - 1}, got {cls}")

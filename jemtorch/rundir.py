@@ -42,7 +42,7 @@ EVAL_DIR = "eval"
 ROBUSTNESS_DIR = "robustness"
 CONFIG_SOURCES = "config_sources.json"  # where each config value came from
 OOD_CALIBRATION = "ood_calibration.json"  # written by jem score / jemtorch.load (OOD thresholds of the weights)
-DETECTORS = "detectors.pt"  # post-hoc detectors fitted on the run's training split, keyed by the weights' SHA-256
+DETECTORS = "detectors.safetensors"  # post-hoc detectors fitted on the run's training split, keyed by the weights' SHA-256
 # what `jem train --overwrite` removes: only files jem train itself writes (and what is fitted to its weights)
 TRAIN_OUTPUTS = (CHECKPOINT, BEST, METRICS, SUMMARY, CURVES, CONFIG_SOURCES, OOD_CALIBRATION, DETECTORS, *LATEST_SAMPLES)
 
@@ -63,6 +63,11 @@ class RunDir:
     @property
     def best(self) -> Path:
         return self.path / BEST
+
+    @property
+    def weights(self) -> Path:
+        """The file a trained run's model is read from: best.pt when kept, else checkpoint.pt."""
+        return self.best if self.best.is_file() else self.checkpoint
 
     @property
     def has_run(self) -> bool:

@@ -437,6 +437,7 @@ class JEMSampler:
         self.update = update if update is not None else SGLD(step_size, noise, clamp)
         self.n_steps = n_steps
         self.model_mode = model_mode
+        self.stats: dict[str, torch.Tensor] = {}
 
     @staticmethod
     def log_density(jem: JEM, y: Optional[torch.Tensor] = None) -> LogDensity:
@@ -458,9 +459,14 @@ class JEMSampler:
 
     def sample(self, jem: JEM, batch_size: int, y: Optional[torch.Tensor] = None,
                n_steps: Optional[int] = None) -> torch.Tensor:
+        """Buffer → chains → buffer. ``stats`` then holds the chains' ``travel`` (RMS per-pixel distance from start to
+        end) and ``saturation`` (share of end pixels at |x| ≥ 0.99), 0-d tensors (health.py reads them)."""
         x0, idx = self.buffer.sample(batch_size, y)
         x = self.run_chains(jem, x0, y, n_steps)
         self.buffer.update(idx, x)
+        with torch.no_grad():
+            self.stats = {"travel": (x - x0).flatten(1).pow(2).mean(1).sqrt().mean(),
+                          "saturation": (x.abs() >= 0.99).float().mean()}
         return x
 
 

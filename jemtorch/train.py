@@ -43,11 +43,13 @@ from .config import TrainConfig
 from .data import BatchStream, ImageData, Splits, augment, labeled_subset, load_dataset, to_float, training_splits
 from .distributed import Dist
 from .energy import JEM
+from .health import Health
 from .objective import Weights, jem_loss
 from .optim import SAM, build_optimizer, lr_factor
 from .recovery import Recovery, TrainingDiverged
 from .rundir import METRICS, TENSORBOARD_DIR, MetricsLog, RunDir, TensorBoardLog
 from .sampler import JEMSampler, build_sampler, running_stats_frozen
+from .version import __version__
 
 __all__ = ["Trainer", "TrainState", "TrainingDiverged", "train"]
 
@@ -158,6 +160,7 @@ def forward_backward(state: TrainState, cfg: TrainConfig, batch, weights: Weight
     with autocast():  # --amp bf16: the network's forward passes; the chains themselves stay fp32
         if weights.px > 0:
             samples = state.sampler.sample(state.jem, len(x_px) if x_px is not None else len(x))  # x̂ ~ p(x)
+            chains = dict(state.sampler.stats)  # how far the p(x) chains moved (health.py)
         if weights.pxy > 0:
             samples_y = state.sampler.sample(state.jem, len(x), y=y)  # x̂_y ~ p(x|y)
 
@@ -170,8 +173,10 @@ def forward_backward(state: TrainState, cfg: TrainConfig, batch, weights: Weight
     state.opt.zero_grad(set_to_none=True)
     loss.backward()
     stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(state.jem.parameters(), clip_norm(cfg))
-    if samples is not None and state.sampler.grad_norm is not None:
-        stats["sgld_grad_norm"] = state.sampler.grad_norm
+    if samples is not None:
+        stats.update(chains)
+        if state.sampler.grad_norm is not None:
+            stats["sgld_grad_norm"] = state.sampler.grad_norm
     return stats, loss_fn
 
 
@@ -217,9 +222,9 @@ def batch_streams(cfg: TrainConfig, s: Splits, dist: Dist) -> tuple[BatchStream,
             BatchStream(s.x_train, None, cfg.batch_size, cfg.seed + 1, dist.rank, dist.world_size))
 
 
-def build_state(cfg: TrainConfig, data: ImageData, dist: Dist, dev: torch.device, rank_seed: int):
+def build_state(cfg: TrainConfig, data: ImageData, dist: Dist, dev: torch.device, rank_seed: int, trust_code: bool):
     """Model (DDP-wrapped for the loss under torch.distributed), sampler, optimiser (+ SAM); the autocast context."""
-    jem = build_jem(cfg, data.shape, data.num_classes).to(dev)
+    jem = build_jem(cfg, data.shape, data.num_classes, trust_code=trust_code).to(dev)
     autocast = speed_settings(cfg, jem, dev, data.shape)
     loss_jem = jem
     if dist.enabled:  # gradients all-reduced once per step; each rank keeps its own share of the replay buffer
@@ -234,7 +239,7 @@ def build_state(cfg: TrainConfig, data: ImageData, dist: Dist, dev: torch.device
 
 def default_callbacks(cfg: TrainConfig) -> list[Callback]:
     """In the order they run after a step: the clock first (it may make this step the last), the checkpoint last."""
-    return [Timer(cfg.time_limit), MetricsWindow(cfg.log_every), Validation(), Curves(), SampleGrids(),
+    return [Timer(cfg.time_limit), MetricsWindow(cfg.log_every), Health(cfg), Validation(), Curves(), SampleGrids(),
             Checkpoint(), Interrupt(), FaultInjection(cfg.inject_divergence)]
 
 
@@ -245,7 +250,7 @@ class Trainer:
     """One run: its data streams, ``TrainState``, recovery guard and callbacks; ``fit()`` runs the loop."""
 
     def __init__(self, cfg: TrainConfig, data: Optional[ImageData] = None, dist: Optional[Dist] = None,
-                 callbacks: Optional[list[Callback]] = None):
+                 callbacks: Optional[list[Callback]] = None, trust_code: bool = True):
         self.cfg, self.dist = cfg, dist or Dist.single()
         self.device = pick_device(self.dist.device(cfg.device))
         self.run, self.rank_seed = RunDir(cfg.run_dir), 7919 * self.dist.rank
@@ -257,7 +262,7 @@ class Trainer:
         self.phases = Phases.of(cfg, self.clock.iters_per_epoch)
         self.pad, self.flip = (self.data.pad if cfg.augment else 0), (self.data.flip and cfg.augment)
         jem, loss_jem, sampler, opt, sam, self.autocast = build_state(cfg, self.data, self.dist, self.device,
-                                                                      self.rank_seed)
+                                                                      self.rank_seed, trust_code)
         self.recovery = Recovery(cfg, self.run.checkpoint, self.rank_seed, getattr(sampler.update, "step_size", None))
         schedule = lr_factor(cfg, self.clock.iters_per_epoch, self.clock.total_iters)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: self.recovery.lr_scale * schedule(step))
@@ -266,6 +271,7 @@ class Trainer:
         self.timer = next((cb for cb in self.callbacks if isinstance(cb, Timer)), Timer())
         self.events: list[dict] = []  # recovery records of this iteration, written to metrics.jsonl
         self.log, self.tb, self.bar = MetricsLog(self.run / METRICS, enabled=False), None, None
+        self.flags: dict[str, str] = {}  # shown beside the progress bar's values (health.py sets "health")
 
     # views the callbacks read ---------------------------------------------------------------------------------
     epoch = property(lambda self: self.state.step // self.clock.iters_per_epoch)
@@ -322,7 +328,8 @@ class Trainer:
                     self.bar.n = self.state.step
                     continue
                 self.bar.update(1)
-                self.bar.set_postfix({s: f"{values[k]:.3f}" for k, s in POSTFIX.items() if k in values}, refresh=False)
+                shown = {s: f"{values[k]:.3f}" for k, s in POSTFIX.items() if k in values}
+                self.bar.set_postfix({**shown, **self.flags}, refresh=False)
                 self.call("on_step_end", values)
         finally:
             self.call("on_fit_end")
@@ -347,6 +354,7 @@ class Trainer:
     # checkpoints ----------------------------------------------------------------------------------------------
     def full_state(self) -> dict:
         return {**self.state.state_dict(), "recovery": self.recovery.state_dict(), "config": self.cfg.to_dict(),
+                "jemtorch_version": __version__,
                 "callbacks": {type(cb).__name__: cb.state_dict() for cb in self.callbacks if cb.state_dict()},
                 "dataset": {"name": self.data.name, "shape": list(self.data.shape), "classes": self.data.classes}}
 
@@ -395,7 +403,7 @@ class Trainer:
         return summary
 
 
-POSTFIX = {"loss": "loss", "l_clf": "clf", "l_pxy": "pxy", "train_acc": "acc", "energy_gap": "gap"}
+POSTFIX = {"loss": "loss", "l_clf": "clf", "l_pxy": "pxy", "train_acc": "acc", "energy_gap": "gap", "reach": "reach"}
 
 
 def run_summary(t: Trainer, best: dict, last: dict, in_sync: bool) -> dict:

@@ -248,7 +248,7 @@ def test_config_file_entries_are_type_checked(tmp_path, capsys, entries, msg):
 @pytest.mark.parametrize("argv,msg", [
     (["train", "--lr", "inf"], "--lr must be finite"),
     (["train", "--lr", "nan"], "--lr must be finite"),
-    (["train", "--epochs", "0"], "--epochs must be >= 1"),
+    (["train", "--epochs", "0"], "--epochs must be in 1.."),
     (["train", "--momentum", "-1"], "--momentum must be >= 0"),
     (["attack", "RUN", "--step-size", "nan"], "--step-size must be a finite number"),
     (["attack", "RUN", "--refine-chains", "0"], "--refine-chains"),

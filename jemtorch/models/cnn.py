@@ -49,5 +49,10 @@ class SmallCNN(nn.Module):
 def _cnn(spec: str, *, in_channels: int, num_classes: int, dropout: float = 0.0, norm=None, **_) -> nn.Module:
     if norm not in NORMS:
         raise ValueError(f"unknown norm {norm!r}; choose from none, batch, instance, layer")
-    width = int(spec) if spec else 32
+    try:
+        width = int(spec) if spec else 32
+    except ValueError:
+        raise ValueError(f"cnn names are cnn or cnn-<width>, e.g. cnn-16; got 'cnn-{spec}'") from None
+    if not 1 <= width <= 1024:
+        raise ValueError(f"cnn-{spec}: the width must be in 1..1024")
     return SmallCNN(in_channels, num_classes, width=width, dropout=dropout, norm=norm)

@@ -67,10 +67,21 @@ def _import_factory(name: str) -> Callable[..., nn.Module]:
     return factory
 
 
-def create_model(name: str, *, in_channels: int, num_classes: int, **kwargs) -> nn.Module:
+class UntrustedCode(ValueError):
+    """A model name that would import code nobody said to trust."""
+
+
+def create_model(name: str, *, in_channels: int, num_classes: int, trust_code: bool = True, **kwargs) -> nn.Module:
     """Build a classifier by name: ``cnn``, ``cnn-<width>``, ``wrn-<depth>-<width>``, or a user factory
     ``package.module:function`` / ``file.py:function`` (called with ``in_channels`` and ``num_classes`` only: the
-    factory decides its own normalisation and dropout)."""
+    factory decides its own normalisation and dropout). A factory is imported only with ``trust_code=True`` (what
+    a name typed in one's own code or command line means; a name read from a run or an export made by someone else
+    needs the user's word: ``--trust-code``)."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"model must be a name such as cnn-16 or wrn-28-10, got {name!r}")
+    if is_factory(name) and not trust_code:
+        raise UntrustedCode(f"model {name!r} is user code ({name.rpartition(':')[0]}); jemtorch imports it only if "
+                            f"you trust it: pass --trust-code (Python: trust_code=True)")
     if is_factory(name):
         factory = _import_factory(name)
         try:
@@ -81,7 +92,8 @@ def create_model(name: str, *, in_channels: int, num_classes: int, **kwargs) -> 
         if not isinstance(model, nn.Module):
             raise ValueError(f"--model {name!r}: the factory returned {type(model).__name__}, not a torch.nn.Module")
         return model
-    for prefix, factory in _REGISTRY.items():
+    for prefix in sorted(_REGISTRY, key=len, reverse=True):  # the longest name first: wrn-firststride before wrn
+        factory = _REGISTRY[prefix]
         if name == prefix or name.startswith(prefix + "-"):
             spec = name[len(prefix) + 1 :]
             return factory(spec, in_channels=in_channels, num_classes=num_classes, **kwargs)

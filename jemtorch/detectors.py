@@ -1,0 +1,371 @@
+"""OOD detectors: the JEM's own scores and the field's post-hoc detectors, each a small object with ``fit`` and
+``score`` (pytorch-ood's shape). Every score is *higher = more in-distribution*.
+
+| name        | score                                                            | fitted on the training split    |
+|-------------|------------------------------------------------------------------|---------------------------------|
+| logp        | log p(x) = LogSumExp_y f(x)[y]; for a classifier the Energy score | —                               |
+| maxprob     | max_y p(y|x), MSP (Hendrycks & Gimpel 2017)                       | —                               |
+| gradnorm    | −‖∂ log p(x)/∂x‖₂ (Grathwohl et al. 2020)                          | —                               |
+| maxlogit    | max_y f(x)[y] (Hendrycks et al. 2022)                             | —                               |
+| mahalanobis | −½ min_c (z − μ_c)ᵀ Σ⁻¹ (z − μ_c) (Lee et al. 2018)               | class means, shared covariance  |
+| vim         | LogSumExp(Wz + b) − α‖(z − u) R‖ (Wang et al. 2022)              | residual space R, origin u, α   |
+| knn         | −‖ẑ − ẑ_(k)‖, ẑ = z/‖z‖ (Sun et al. 2022)                          | a bank of normalised features   |
+| react       | LogSumExp(W min(z, c) + b) (Sun et al. 2021)                      | clip c: 90th percentile of z    |
+
+``z`` are the features that enter the classifier's head, its last ``nn.Linear`` (a model can name another head in a
+``jemtorch_head`` attribute: the name of a submodule). The first three are the JEM's own scores (``OWN``): they read
+the energy model, nothing fitted. The definitions follow pytorch-ood 0.4 (``pytorch_ood.detector``; for Mahalanobis
+its covariance, the sum of the centred outer products plus 1e-6·I) and the detectors' official code (ViM's residual
+dimension: haoqiwang/vim ``benchmark.py``); tests/test_detectors.py checks that every score equals pytorch-ood's on
+the same features, to 1e-4, where pytorch-ood imports (``pip install "jemtorch[ood]"``, see README).
+
+``FittedDetectors`` fits all of them on a run's training split (never on test or OOD images), keeps them per weights
+(``RUN/detectors.safetensors``, keyed by the weights' SHA-256) and scores images; ``OODCalibration`` holds each score's
+quantiles on validation images, from which ``jem score`` takes its OOD thresholds.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .checkpoint import CheckpointError
+from .energy import JEM
+from .sampler import frozen
+
+OWN = ("logp", "maxprob", "gradnorm")  # the JEM's own scores: its energy, its classifier, its input gradient
+N_FIT = 10_000  # training images the detectors are fitted on (at most): the issue's and common practice's number
+KNN_K_FULL = 50  # Sun et al. 2022: k = 50 for CIFAR-10's 50 000 training images, scaled with the share used
+
+
+class DetectorError(ValueError):
+    """A detector that cannot be fitted or used; the message names it and the cause."""
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# what a model gives the detectors
+# ------------------------------------------------------------------------------------------------------------------
+def classifier_head(model: nn.Module) -> nn.Linear:
+    """The layer whose input are the features: ``model.jemtorch_head`` (a submodule name) if set, else the last
+    ``nn.Linear`` in registration order."""
+    name = getattr(model, "jemtorch_head", None)
+    if isinstance(name, str):
+        head = dict(model.named_modules()).get(name)
+        if not isinstance(head, nn.Linear):
+            raise DetectorError(f"the model's jemtorch_head {name!r} is not an nn.Linear submodule")
+        return head
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise DetectorError("the model has no nn.Linear head to take features from (name one in model.jemtorch_head)")
+    return linears[-1]
+
+
+@dataclass
+class Outputs:
+    """A model's outputs for a set of images (CPU tensors): logits (N, C), head features (N, D), and −‖∇ₓ log p(x)‖
+    (N,) when asked for."""
+
+    logits: torch.Tensor
+    features: torch.Tensor
+    gradnorm: Optional[torch.Tensor] = None
+
+    def __len__(self) -> int:
+        return len(self.logits)
+
+
+def model_outputs(jem: JEM, x: torch.Tensor, batch_size: int = 250, device=None, grad: bool = True,
+                  progress: bool = False, desc: str = "scores") -> Outputs:
+    """Logits, head features and (``grad``) the input-gradient norm of log p(x) for float images ``x``, in eval mode
+    (each image scored alone: no batch statistics)."""
+    device = device or next(jem.parameters()).device
+    head = classifier_head(jem.f)
+    feats: list[torch.Tensor] = []
+    hook = head.register_forward_pre_hook(lambda mod, inp: feats.append(inp[0].detach().flatten(1).float().cpu()))
+    logits, norms = [], []
+    try:
+        with frozen(jem), torch.set_grad_enabled(grad):
+            for i in tqdm(range(0, len(x), batch_size), desc=desc, disable=not progress, leave=False):
+                xb = x[i : i + batch_size].to(device).requires_grad_(grad)
+                out = jem(xb)
+                if grad:  # samples are independent in eval mode: per-sample gradients
+                    (g,) = torch.autograd.grad(out.logsumexp(1).sum(), xb)
+                    norms.append(g.flatten(1).norm(dim=1).cpu())
+                logits.append(out.detach().float().cpu())
+    finally:
+        hook.remove()
+    res = Outputs(torch.cat(logits), torch.cat(feats), -torch.cat(norms) if grad else None)
+    if not (torch.isfinite(res.logits).all() and torch.isfinite(res.features).all()):
+        raise DetectorError("the model's logits or features are not finite on these images (NaN/inf weights?)")
+    return res
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# detectors
+# ------------------------------------------------------------------------------------------------------------------
+class Detector:
+    """Base: ``fit`` (on the training split's outputs, labels and the head), ``score`` (higher = in-distribution),
+    the fitted tensors as ``state_dict``."""
+
+    name = ""
+    label = ""  # how tables name it
+    needs_grad = False
+
+    def fit(self, out: Outputs, y: torch.Tensor, head: nn.Linear) -> None: ...
+
+    def score(self, out: Outputs) -> np.ndarray:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
+
+
+class Logp(Detector):
+    name, label = "logp", "log p(x) (Energy)"
+
+    def score(self, out):
+        return out.logits.double().logsumexp(1).numpy()
+
+
+class MaxProb(Detector):
+    name, label = "maxprob", "max p(y|x) (MSP)"
+
+    def score(self, out):
+        return out.logits.double().softmax(1).max(1).values.numpy()
+
+
+class GradNorm(Detector):
+    name, label, needs_grad = "gradnorm", "−‖∇x log p(x)‖", True
+
+    def score(self, out):
+        if out.gradnorm is None:
+            raise DetectorError("gradnorm needs the input gradient (model_outputs(grad=True))")
+        return out.gradnorm.double().numpy()
+
+
+class MaxLogit(Detector):
+    name, label = "maxlogit", "MaxLogit"
+
+    def score(self, out):
+        return out.logits.double().max(1).values.numpy()
+
+
+class Mahalanobis(Detector):
+    """Class means and one shared covariance of the features (pytorch-ood 0.4: the sum of the centred outer products
+    over all classes, plus 1e-6·I; its inverse in float64 here)."""
+
+    name, label = "mahalanobis", "Mahalanobis"
+
+    def fit(self, out, y, head):
+        z = out.features.double()
+        classes = int(y.max()) + 1
+        counts = torch.bincount(y, minlength=classes)
+        if (counts < 2).any():
+            raise DetectorError(f"mahalanobis: class {int((counts < 2).nonzero()[0])} has fewer than 2 training "
+                                f"images to fit its mean on")
+        self.mu = torch.stack([z[y == c].mean(0) for c in range(classes)])
+        centred = z - self.mu[y]
+        cov = centred.T @ centred + 1e-6 * torch.eye(z.shape[1], dtype=torch.float64)
+        self.precision = torch.linalg.inv(cov)
+        if not torch.isfinite(self.precision).all():
+            raise DetectorError("mahalanobis: the feature covariance cannot be inverted")
+
+    def score(self, out):
+        z = out.features.double()
+        d2 = torch.stack([((z - m) @ self.precision * (z - m)).sum(1) for m in self.mu], 1)
+        return (-0.5 * d2.min(1).values).numpy()
+
+    def state_dict(self):
+        return {"mu": self.mu.float(), "precision": self.precision.float()}
+
+    def load_state_dict(self, state):
+        self.mu, self.precision = state["mu"].double(), state["precision"].double()
+
+
+class ViM(Detector):
+    """Virtual-logit matching: the features' residual outside the principal space of the training features (centred
+    at u = −W⁺b), scaled by α, against the energy. Residual dimension as haoqiwang/vim benchmark.py: principal space
+    of 1000 dims for D ≥ 2048, 512 for D ≥ 768, else D/2."""
+
+    name, label = "vim", "ViM"
+
+    def fit(self, out, y, head):
+        w, b = head.weight.detach().double().cpu(), head.bias.detach().double().cpu()
+        z = out.features.double()
+        dim = z.shape[1]
+        principal = 1000 if dim >= 2048 else 512 if dim >= 768 else dim // 2
+        if principal < 1:
+            raise DetectorError(f"vim: {dim}-dimensional features leave no principal space")
+        self.u = -(torch.linalg.pinv(w) @ b)
+        x = z - self.u
+        _, vecs = torch.linalg.eigh(x.T @ x / len(x))  # ascending eigenvalues
+        self.residual = vecs[:, : dim - principal].contiguous()
+        logits = z @ w.T + b
+        self.alpha = torch.tensor(float(logits.max(1).values.mean() / (x @ self.residual).norm(dim=1).mean()))
+        self.w, self.b = w, b
+
+    def score(self, out):
+        z = out.features.double()
+        energy = (z @ self.w.T + self.b).logsumexp(1)
+        return (energy - self.alpha * ((z - self.u) @ self.residual).norm(dim=1)).numpy()
+
+    def state_dict(self):
+        return {"u": self.u.float(), "residual": self.residual.float(), "alpha": self.alpha.float(), "w": self.w.float(),
+                "b": self.b.float()}
+
+    def load_state_dict(self, state):
+        self.u, self.residual, self.alpha = state["u"].double(), state["residual"].double(), state["alpha"].double()
+        self.w, self.b = state["w"].double(), state["b"].double()
+
+
+class KNN(Detector):
+    """Distance of the normalised features to the k-th nearest normalised training feature (cosine geometry). k: the
+    paper's 50 for CIFAR-10's 50 000 training images, scaled with the number fitted on (the paper scales k the same
+    way for ImageNet subsets)."""
+
+    name, label = "knn", "KNN"
+
+    def fit(self, out, y, head):
+        self.bank = normalise(out.features).half()  # float16: the bank travels with runs and exports
+        self.k = torch.tensor(max(1, round(KNN_K_FULL * len(self.bank) / 50_000)))
+
+    def score(self, out):
+        bank, k, q = self.bank.float(), int(self.k), normalise(out.features)
+        dist = []
+        for i in range(0, len(q), 1000):
+            d2 = (2 - 2 * q[i : i + 1000] @ bank.T).clamp(min=0)
+            dist.append(d2.topk(k, dim=1, largest=False).values[:, -1].sqrt())
+        return (-torch.cat(dist)).double().numpy()
+
+    def state_dict(self):
+        return {"bank": self.bank, "k": self.k}
+
+    def load_state_dict(self, state):
+        self.bank, self.k = state["bank"], state["k"]
+
+
+def normalise(z: torch.Tensor) -> torch.Tensor:
+    return z.float() / z.float().norm(dim=1, keepdim=True).clamp(min=1e-12)
+
+
+class ReAct(Detector):
+    """The energy of the head applied to features clipped at c, their 90th percentile on the training split."""
+
+    name, label = "react", "ReAct"
+
+    def fit(self, out, y, head):
+        self.clip = torch.tensor(float(np.percentile(out.features.numpy(), 90)))
+        self.w, self.b = head.weight.detach().double().cpu(), head.bias.detach().double().cpu()
+
+    def score(self, out):
+        z = out.features.double().clamp(max=float(self.clip))
+        return (z @ self.w.T + self.b).logsumexp(1).numpy()
+
+    def state_dict(self):
+        return {"clip": self.clip.float(), "w": self.w.float(), "b": self.b.float()}
+
+    def load_state_dict(self, state):
+        self.clip, self.w, self.b = state["clip"], state["w"].double(), state["b"].double()
+
+
+DETECTORS: dict[str, type[Detector]] = {d.name: d for d in (Logp, MaxProb, GradNorm, MaxLogit, Mahalanobis, ViM, KNN,
+                                                            ReAct)}
+ALIASES = {"energy": "logp", "msp": "maxprob"}
+
+
+def detector_names(spec: str) -> tuple[str, ...]:
+    """``all`` or a comma-separated list (aliases: energy = logp, msp = maxprob) → detector names, the JEM's own
+    scores first; a one-line DetectorError for an unknown name."""
+    names = list(DETECTORS) if spec.strip() == "all" else [ALIASES.get(n.strip(), n.strip()) for n in spec.split(",")
+                                                           if n.strip()]
+    unknown = [n for n in names if n not in DETECTORS]
+    if unknown or not names:
+        raise DetectorError(f"unknown detector {unknown[0] if unknown else spec!r}; choose from all, "
+                            f"{', '.join(DETECTORS)} (energy = logp, msp = maxprob)")
+    return tuple(sorted(dict.fromkeys(names), key=list(DETECTORS).index))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# a model's fitted detectors
+# ------------------------------------------------------------------------------------------------------------------
+class FittedDetectors:
+    """Detectors fitted on one model's training split; ``score`` gives every detector's score of images."""
+
+    def __init__(self, detectors: dict[str, Detector], info: dict):
+        self.detectors, self.info = detectors, info
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.detectors)
+
+    @classmethod
+    def fit(cls, jem: JEM, x: torch.Tensor, y: torch.Tensor, names=tuple(DETECTORS), progress: bool = False,
+            where: str = "the training split") -> FittedDetectors:
+        """Fit ``names`` on float images ``x`` with labels ``y`` (a run's training split)."""
+        if len(x) < 2:
+            raise DetectorError(f"cannot fit the detectors on {len(x)} training image(s)")
+        out = model_outputs(jem, x, grad=False, progress=progress, desc="fitting OOD detectors")
+        head = classifier_head(jem.f)
+        dets = {}
+        for name in names:
+            det = DETECTORS[name]()
+            det.fit(out, y.cpu(), head)
+            det.load_state_dict(det.state_dict())  # scores from the stored precision from the start
+            dets[name] = det
+        return cls(dets, {"n_images": len(x), "fitted_on": where, "feature_dim": out.features.shape[1]})
+
+    def score(self, jem: JEM, x: torch.Tensor, batch_size: int = 250, device=None, progress: bool = False,
+              desc: str = "scores") -> dict[str, np.ndarray]:
+        """Every detector's score of float images ``x`` (higher = more in-distribution)."""
+        return self.outputs_and_scores(jem, x, batch_size, device, progress, desc)[1]
+
+    def outputs_and_scores(self, jem: JEM, x: torch.Tensor, batch_size: int = 250, device=None, progress: bool = False,
+                           desc: str = "scores") -> tuple[Outputs, dict[str, np.ndarray]]:
+        grad = any(d.needs_grad for d in self.detectors.values())
+        out = model_outputs(jem, x, batch_size, device, grad=grad, progress=progress, desc=desc)
+        dim = self.info.get("feature_dim")
+        if dim is not None and out.features.shape[1] != dim:
+            raise DetectorError(f"the detectors were fitted on {dim}-dimensional features, this model gives "
+                                f"{out.features.shape[1]}: they belong to another model")
+        return out, {name: det.score(out) for name, det in self.detectors.items()}
+
+    # storage: one safetensors file, tensors per detector and the description as metadata --------------------------
+    def save(self, path: Path, weights_sha256: str) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {f"{n}.{k}": v.detach().cpu().contiguous() for n, d in self.detectors.items()
+                   for k, v in d.state_dict().items()}
+        meta = {"weights_sha256": weights_sha256, "info": json.dumps({**self.info, "detectors": list(self.detectors)})}
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file(tensors, str(tmp), metadata=meta)
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path, weights_sha256: Optional[str] = None) -> Optional[FittedDetectors]:
+        """The detectors stored at ``path``; None when absent or fitted to other weights. Unreadable: CheckpointError."""
+        from safetensors import safe_open
+
+        if not path.is_file():
+            return None
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+            info = json.loads(meta.get("info", "{}"))
+            if weights_sha256 is not None and meta.get("weights_sha256") != weights_sha256:
+                return None
+            dets = {}
+            for name in info["detectors"]:
+                det = DETECTORS[name]()
+                det.load_state_dict({k.split(".", 1)[1]: v for k, v in tensors.items() if k.split(".", 1)[0] == name})
+                dets[name] = det
+        except Exception as e:  # a damaged or foreign file: say which
+            raise CheckpointError(f"{path} is not a readable detectors file ({type(e).__name__}: {str(e)[:120]})") from None
+        return cls(dets, info)

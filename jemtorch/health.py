@@ -1,0 +1,106 @@
+"""Is the generative half of a JEM training? Health signals from the field's practice, judged at every iteration.
+
+Maximum-likelihood training of an energy-based model drives E(data) and E(samples) together: its gradient
+E_data[∇θ E] − E_model[∇θ E] vanishes only when the model's samples look like the data (Hinton 2002; Du & Mordatch
+2019; Nijkamp et al. 2020, "On the anatomy of MCMC-based maximum likelihood learning of EBMs"). When the sampler
+cannot keep up, the p(x) term turns into a classifier of data against chain ends: E(data) falls, E(samples) rises
+until a penalty stops them, and the model learns nothing more about p(x). The per-step statistics
+(``objective.jem_loss`` and ``sampler.JEMSampler`` compute them):
+
+    reach       share of this step's chain ends whose energy is at or below the median energy of the p(x) data
+                batch. Samples of the model have the data's energies: about 0.5. Near 0, no chain gets where the
+                data is. Scale-free: no energy penalty can make it look better.
+    travel      root-mean-square distance per pixel (pixels in [−1, 1]) between a chain's start and its end in this
+                iteration: chains that do not move cannot follow the model.
+    saturation  share of chain-end pixels at the edge of the image range (|x| ≥ 0.99): steps too large.
+    pinned      (judged here) |E(data) − E(samples)| at ≥ 90% of the energy penalty's fixed point w/λ: the minimum of
+                w·(Ē_d − Ē_s) + λ·(Ē_d² + Ē_s²) is Ē_d = −w/(2λ), Ē_s = +w/(2λ), where the penalty, not the data,
+                sets the energies.
+
+An iteration of the generative phase is **healthy** when reach ≥ ``REACH_MIN`` (one chain end in five at or below
+the data's median energy; a model's own samples: one in two). ``Health`` counts healthy iterations (``summary.json``:
+``health.healthy_fraction``), warns on screen and in metrics.jsonl (``kind: health``) when a log window is mostly
+unhealthy or pinned, and says so again when it recovers.
+"""
+from __future__ import annotations
+
+from .callbacks import Callback
+
+REACH_MIN = 0.2
+PINNED_AT = 0.9  # share of the penalty's fixed point w/λ at which the gap counts as pinned
+WINDOW_BAD = 0.5  # a log window with fewer healthy iterations than this share raises the warning
+
+
+def healthy(values: dict) -> bool:
+    """One generative iteration's verdict from its statistics (``reach``)."""
+    return values.get("reach", 0.0) >= REACH_MIN
+
+
+def pinned(gap: float, p_x_weight: float, energy_reg: float) -> bool:
+    """Is the energy gap at the penalty's fixed point −w/λ (within ``PINNED_AT``)?"""
+    return energy_reg > 0 and p_x_weight > 0 and abs(gap) >= PINNED_AT * p_x_weight / energy_reg
+
+
+class Health(Callback):
+    """Counts healthy iterations of the generative phase; a ``health`` record and a warning when a log window turns
+    unhealthy (and when it recovers); ``summary()`` for summary.json."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.iterations = 0  # generative iterations so far
+        self.healthy = 0
+        self.window: list[bool] = []  # verdicts since the last log record
+        self.gaps: list[float] = []
+        self.warned = False  # the last health record was a warning
+
+    def on_rollback(self, t) -> None:
+        self.window.clear()
+        self.gaps.clear()
+
+    def on_step_end(self, t, values: dict) -> None:
+        if "reach" not in values:  # a classifier step (baseline, or before --px-start-epoch)
+            return
+        ok = healthy(values)
+        self.iterations += 1
+        self.healthy += ok
+        self.window.append(ok)
+        self.gaps.append(values.get("energy_gap", 0.0))
+        if t.state.step % self.cfg.log_every == 0 or t.last:
+            self.judge(t, values)
+
+    def judge(self, t, values: dict) -> None:
+        share = sum(self.window) / len(self.window)
+        gap = sum(self.gaps) / len(self.gaps)
+        is_pinned = pinned(gap, self.cfg.p_x_weight, t.recovery.energy_reg)
+        bad = share < WINDOW_BAD or is_pinned
+        self.window.clear()
+        self.gaps.clear()
+        t.flags["health"] = ("PINNED" if is_pinned else "UNREACHED") if bad else "ok"
+        if bad == self.warned:
+            return
+        self.warned = bad
+        fixed = self.cfg.p_x_weight / t.recovery.energy_reg if t.recovery.energy_reg > 0 else None
+        what = (f"pinned: energy gap {gap:.2f} at the energy penalty's fixed point −{fixed:g}" if is_pinned else
+                f"samples do not reach the data's energy: {share:.0%} of the last iterations healthy")
+        t.emit({"kind": "health", "step": t.state.step, "status": "unhealthy" if bad else "healthy",
+                "healthy_share": share, "energy_gap": gap, "pinned": is_pinned, "penalty_fixed_point": fixed,
+                "message": (f"health warning at iteration {t.state.step}: p(x) term {what} (reach "
+                            f"{values['reach']:.2f}, travel {values.get('travel', 0):.3g}); see README 'Health'")
+                if bad else f"health: healthy again at iteration {t.state.step} ({share:.0%} of the last iterations)"})
+
+    def summary(self) -> dict:
+        if not self.iterations:
+            return {}
+        return {"health": {"healthy_fraction": self.healthy / self.iterations, "generative_iterations": self.iterations,
+                           "definition": f"reach >= {REACH_MIN}: share of chain ends at or below the data batch's "
+                                         f"median energy (jemtorch/health.py)"}}
+
+    def state_dict(self) -> dict:
+        return {"iterations": self.iterations, "healthy": self.healthy, "window": list(self.window),
+                "gaps": list(self.gaps), "warned": self.warned}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.iterations, self.healthy = int(state["iterations"]), int(state["healthy"])
+        self.window = [bool(v) for v in state.get("window", [])]
+        self.gaps = [float(v) for v in state.get("gaps", [])]
+        self.warned = bool(state.get("warned", False))
