@@ -22,8 +22,7 @@ import torch
 
 import jemtorch
 from jemtorch.checkpoint import CheckpointError, load_safe
-from jemtorch.data import to_float
-from jemtorch.evaluate import make_ood_set
+from jemtorch.data import make_ood_set, to_float
 from jemtorch.metrics import ood_metrics
 from jemtorch.sampler import frozen
 

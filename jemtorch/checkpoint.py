@@ -1,14 +1,17 @@
-"""Checkpoints: one file holds everything needed to resume; written atomically, loaded without unpickling code.
+"""Files: checkpoints hold everything needed to resume; every file is written atomically and never through a link;
+checkpoints load without unpickling code.
 
-Written with ``torch.save`` to a temporary file in the same folder, fsync'ed, then ``os.replace``d over the old one,
-so a crash leaves either the previous checkpoint or the new one, never half a file. Loaded with
-``torch.load(weights_only=True)``, which only rebuilds tensors and plain Python containers.
+Every writer here (``save_atomic``, ``write_atomic``, ``replace_atomic``) writes a temporary file in the target's
+folder, fsyncs it, then ``os.replace``s it over the target: a crash leaves the previous file or the new one, never half
+a file. A target that is a symbolic link is refused in one line (a run directory from someone else could point
+``eval/metrics.json`` at ``~/.bashrc``), and so is a target whose folder leads out of the directory a command names
+(``check_inside``). Loaded with ``torch.load(weights_only=True)``, which only rebuilds tensors and plain containers.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -17,10 +20,47 @@ class CheckpointError(ValueError):
     pass
 
 
+def refuse_link(path: Path) -> None:
+    """A one-line CheckpointError when ``path`` is a symbolic link (writing would change the file it points to)."""
+    if path.is_symlink():
+        raise CheckpointError(f"refusing to write {path}: it is a symbolic link (to {os.readlink(path)}); jemtorch "
+                              f"writes only real files inside the folder it names: remove the link")
+
+
+def check_inside(root: str | Path, path: str | Path) -> Path:
+    """``path`` itself (not a link), inside ``root`` once its folders' links are followed; a one-line CheckpointError
+    otherwise. Returns ``path``."""
+    root, path = Path(root), Path(path)
+    refuse_link(path)
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:  # the folders still to be made are made inside it
+        folder = folder.parent
+    if not folder.resolve().is_relative_to(root.resolve()):
+        raise CheckpointError(f"refusing to write {path}: its folder leads out of {root} (a symbolic link?)")
+    return path
+
+
+def replace_atomic(path: str | Path, write: Callable[[Path], Any]) -> Path:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then move it over ``path`` (not through a link)."""
+    path = Path(path)
+    refuse_link(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")  # the suffix tells writers the format
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise CheckpointError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def save_atomic(obj: Any, path: str | Path) -> Path:
     """``torch.save`` to a temporary file, fsync, rename: the old file survives any failure, which is reported as
     one-line CheckpointError (disk full, no permission)."""
     path = Path(path)
+    refuse_link(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -41,6 +81,7 @@ def save_atomic(obj: Any, path: str | Path) -> Path:
 def write_atomic(path: str | Path, text: str) -> Path:
     """A small text file written whole or not at all."""
     path = Path(path)
+    refuse_link(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         tmp.write_text(text)

@@ -202,17 +202,35 @@ def cmd_train(args: argparse.Namespace) -> int:
         rc = _train(args, cfg, sources, run, dist, changed)
         ok = True
         return rc
+    except (RuntimeError, ConnectionError) as e:
+        if not (dist.enabled and lost_peer(e)):
+            raise
+        print(f"jem: error: rank {dist.rank} lost the other processes ({str(e).strip().splitlines()[0][:120]}): one "
+              f"was killed or its machine went away. The last checkpoint is {run.checkpoint}; continue with: torchrun "
+              f"... -m jemtorch train --resume {run.path}", file=sys.stderr)
+        return 1
     finally:
         dist.close(ok)
 
 
+def lost_peer(e: BaseException) -> bool:
+    """Is ``e`` torch.distributed reporting a peer that is gone (not a bug of ours)?"""
+    import torch.distributed as td
+
+    text = str(e).lower()
+    return isinstance(e, (ConnectionError, getattr(td, "DistError", ConnectionError))) or any(
+        w in text for w in ("connection closed", "connection reset", "broken pipe", "gloo", "nccl", "timed out"))
+
+
 def _train(args: argparse.Namespace, cfg, sources: dict, run: RunDir, dist: Dist, changed: Optional[dict]) -> int:
     say = (lambda msg: print(msg, file=sys.stderr)) if dist.is_main else (lambda msg: None)
-    if not args.resume and dist.is_main:  # rank 0 alone decides about and writes into the run directory
+    if dist.is_main:  # rank 0 alone decides about and writes into the run directory
+        run.check_links()  # nothing of it may lead elsewhere
+    if not args.resume and dist.is_main:
         run.check_new_run(args.overwrite)
         if run.has_run:
             run.remove_train_outputs()
-    trusted = args.trust_code or sources.get("model") == "flag"  # a model named on this command line is the user's
+    trusted = args.trust_code or args.model is not None  # a model named on this command line is the user's own
     trainer = Trainer(cfg, dist=dist, trust_code=trusted)
     if dist.is_main:
         trainer.run.write_config(cfg, sources)  # folder, marker, config: an unwritable --out fails here

@@ -324,7 +324,7 @@ def config_layers(args: dict, config_file: Optional[str] = None, base: Optional[
     dataset = given.get("dataset", TrainConfig.dataset)
     preset = dataset_preset(dataset) if isinstance(dataset, str) else {}
     recipe = given.get("recipe") or preset.get("recipe") or TrainConfig.recipe
-    if recipe not in RECIPES:
+    if not isinstance(recipe, str) or recipe not in RECIPES:
         raise ValueError(f"--recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
     below = [(f"recipe {recipe}", RECIPES[recipe]),
              (f"preset {dataset}.toml", {"recipe": preset["recipe"]} if "recipe" in preset else {}),

@@ -20,6 +20,7 @@ import gzip
 import hashlib
 import os
 import pickle
+import sys
 import tarfile
 import urllib.request
 from dataclasses import dataclass, field
@@ -323,8 +324,17 @@ def read_imagefolder(root: Path) -> ImageData:
     cache_dir = Path(os.environ.get("JEMTORCH_CACHE", Path.home() / ".cache" / "jemtorch"))
     cache = cache_dir / f"imagefolder-{hashlib.sha1(stamp.encode()).hexdigest()[:16]}.npz"
     if cache.exists():
-        with np.load(cache) as z:
-            return ImageData.from_numpy("imagefolder", z["x_train"], z["y_train"], z["x_test"], z["y_test"], classes)
+        try:
+            with np.load(cache, allow_pickle=False) as z:
+                arrays = [z[k] for k in ("x_train", "y_train", "x_test", "y_test")]
+            x_tr, y_tr, x_te, y_te = arrays
+            if not (x_tr.dtype == x_te.dtype == np.uint8 and x_tr.ndim == x_te.ndim == 4 and len(x_tr) == len(y_tr)
+                    and len(x_te) == len(y_te) and x_tr.shape[1:] == x_te.shape[1:]):
+                raise ValueError("arrays of inconsistent shapes")
+            return ImageData.from_numpy("imagefolder", x_tr, y_tr, x_te, y_te, classes)
+        except (OSError, ValueError, KeyError, EOFError, DatasetError) as e:  # damaged: decoded again, said so
+            print(f"jemtorch: the image cache {cache} is damaged ({type(e).__name__}: {str(e)[:80]}); decoding "
+                  f"{root} again", file=sys.stderr)
     x_tr, y_tr = _read_image_dir(train_dir, classes)
     x_te, y_te = _read_image_dir(test_dir, classes)
     try:
@@ -363,14 +373,27 @@ def image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
 
 
+MAX_PIXELS = 50_000_000  # larger images are refused before decoding (a 20 000 × 20 000 PNG is a few kB compressed)
+MAX_ARRAY_BYTES = 2 << 30  # an .npy/.npz array larger than 2 GiB is refused before it is read
+
+
 def read_image_file(path: Path) -> np.ndarray:
-    """One image file as uint8 (C, H, W): greyscale stays one channel, everything else becomes RGB."""
+    """One image file as uint8 (C, H, W): greyscale stays one channel, everything else becomes RGB. A file that is
+    not an image, truncated, or larger than ``MAX_PIXELS`` (a decompression bomb) is a DatasetError."""
+    import warnings
+
     from PIL import Image
 
     try:
-        with Image.open(path) as im:
-            arr = np.asarray(im.convert("L" if im.mode in ("L", "1", "I;16", "I") else "RGB"))
-    except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for truncated, corrupt or unknown files
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                w, h = im.size
+                if w * h > MAX_PIXELS or w < 1 or h < 1:
+                    raise ValueError(f"{w}×{h} pixels: more than the {MAX_PIXELS} read, or none")
+                arr = np.asarray(im.convert("L" if im.mode in ("L", "1", "I;16", "I") else "RGB"))
+    except (OSError, ValueError, SyntaxError, MemoryError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as e:  # PIL's errors for truncated, corrupt, unknown or huge files
         raise DatasetError(f"unreadable image {path} ({type(e).__name__}: {str(e)[:120]})") from None
     return arr[None] if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1))
 
@@ -378,13 +401,14 @@ def read_image_file(path: Path) -> np.ndarray:
 def images_from_array(arr: np.ndarray, what: str) -> np.ndarray:
     """An array of images as uint8 (N, C, H, W). Accepted: (N, H, W) greyscale, (N, C, H, W) with C in {1, 3},
     (N, H, W, C) with C in {1, 3}; uint8 pixels in [0, 255] or floats in [0, 1] (torchvision's ToTensor scale)."""
+    shape = arr.shape
     if arr.ndim == 3:
         arr = arr[:, None]
     elif arr.ndim == 4 and arr.shape[1] not in (1, 3) and arr.shape[3] in (1, 3):
         arr = arr.transpose(0, 3, 1, 2)
-    if arr.ndim != 4 or arr.shape[1] not in (1, 3):
-        raise DatasetError(f"{what}: expected images (N, H, W), (N, C, H, W) or (N, H, W, C) with 1 or 3 channels, "
-                           f"got shape {arr.shape}")
+    if arr.ndim != 4 or arr.shape[1] not in (1, 3) or min(arr.shape[2:]) < 1:
+        raise DatasetError(f"{what}: expected images (N, H, W), (N, C, H, W) or (N, H, W, C) with 1 or 3 channels "
+                           f"and sides of at least one pixel, got shape {shape}")
     if arr.dtype == np.uint8:
         return np.ascontiguousarray(arr)
     if np.issubdtype(arr.dtype, np.floating):
@@ -394,14 +418,50 @@ def images_from_array(arr: np.ndarray, what: str) -> np.ndarray:
     raise DatasetError(f"{what}: images must be uint8 or float, got {arr.dtype}")
 
 
-def _load_array_file(path: Path) -> dict[Optional[str], np.ndarray]:
+def _checked_array(read_header, read, what: str):
+    """An array whose header is read first: refused (DatasetError) when it claims more than ``MAX_ARRAY_BYTES``."""
+    shape, dtype = read_header()
+    if dtype.hasobject or int(np.prod(shape, dtype=np.float64)) * dtype.itemsize > MAX_ARRAY_BYTES:
+        raise DatasetError(f"{what}: an array of {shape} {dtype} is not images jemtorch reads (objects, or more than "
+                           f"{MAX_ARRAY_BYTES >> 30} GiB)")
+    return read()
+
+
+def _npy_header(f) -> tuple[tuple, np.dtype]:
+    version = np.lib.format.read_magic(f)
+    shape, _, dtype = (np.lib.format.read_array_header_1_0 if version == (1, 0) else
+                       np.lib.format.read_array_header_2_0)(f)
+    return shape, dtype
+
+
+def _load_array_file(path: Path) -> dict[Optional[str], np.ndarray | DatasetError]:
+    """The arrays of an .npy or .npz file (never unpickled), each checked by its header before it is read; an array
+    that cannot be read is returned as its DatasetError, so that the file's other arrays still are."""
+    import zipfile
+
+    def one(what, header, read):
+        try:
+            return _checked_array(header, read, what)
+        except DatasetError as e:
+            return e
+        except (OSError, ValueError, EOFError, MemoryError, zipfile.BadZipFile) as e:
+            return DatasetError(f"unreadable array {what} ({type(e).__name__}: {str(e)[:120]})")
+
     try:
-        loaded = np.load(path, allow_pickle=False)  # never unpickle user files
-        if isinstance(loaded, np.lib.npyio.NpzFile):
-            with loaded:
-                return {k: loaded[k] for k in loaded.files}
-        return {None: loaded}
-    except (OSError, ValueError, EOFError) as e:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf, np.load(path, allow_pickle=False) as z:
+                out = {}
+                for key in z.files:
+                    def header(key=key):
+                        with zf.open(key + ".npy" if key + ".npy" in zf.namelist() else key) as f:
+                            return _npy_header(f)
+                    out[key] = one(f"{path}:{key}", header, lambda key=key: z[key])
+                return out
+        def header():
+            with open(path, "rb") as f:
+                return _npy_header(f)
+        return {None: one(str(path), header, lambda: np.load(path, allow_pickle=False))}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise DatasetError(f"unreadable array file {path} ({type(e).__name__}: {str(e)[:120]})") from None
 
 
@@ -419,11 +479,18 @@ def find_images(paths) -> tuple[list[ImageSource], list[tuple[str, str]]]:
             failures.append((str(p), "no such file or folder"))
         elif p.suffix.lower() in ARRAY_EXTS:
             try:
-                for key, arr in _load_array_file(p).items():
-                    n = len(images_from_array(arr, f"{p}" + (f":{key}" if key else "")))
-                    sources += [ImageSource(p, i, key) for i in range(n)]
+                arrays = _load_array_file(p)
             except DatasetError as e:
                 failures.append((str(p), str(e)))
+                continue
+            for key, arr in arrays.items():  # one bad array never costs the file's other arrays
+                what = f"{p}" + (f":{key}" if key else "")
+                try:
+                    if isinstance(arr, DatasetError):
+                        raise arr
+                    sources += [ImageSource(p, i, key) for i in range(len(images_from_array(arr, what)))]
+                except DatasetError as e:
+                    failures.append((what, str(e)))
         else:
             sources.append(ImageSource(p))
     return sources, failures
@@ -433,20 +500,33 @@ class ImageReader:
     """Reads image sources as uint8 (C, H, W) arrays; array files are loaded once and kept while in use."""
 
     def __init__(self):
-        self._arrays: dict[Path, dict[Optional[str], np.ndarray]] = {}
+        self._arrays: dict[Path, dict[Optional[str], np.ndarray | DatasetError]] = {}
+
+    @staticmethod
+    def _images(arr, what: str) -> np.ndarray | DatasetError:
+        if isinstance(arr, DatasetError):
+            return arr
+        try:
+            return images_from_array(arr, what)
+        except DatasetError as e:  # kept, and raised for this array alone
+            return e
 
     def read(self, src: ImageSource) -> np.ndarray:
         if src.index is None:
             return read_image_file(src.path)
         if src.path not in self._arrays:
-            self._arrays = {src.path: {k: images_from_array(a, str(src.path))
+            self._arrays = {src.path: {k: self._images(a, f"{src.path}:{k}" if k else str(src.path))
                                        for k, a in _load_array_file(src.path).items()}}
-        return self._arrays[src.path][src.key][src.index]
+        arr = self._arrays[src.path][src.key]
+        if isinstance(arr, DatasetError):
+            raise arr
+        return arr[src.index]
 
 
-def read_image_folder(folder: str | Path, limit: Optional[int] = None, seed: int = 0) -> list[np.ndarray]:
-    """Up to ``limit`` images (a seeded random choice) of a folder, recursively, as uint8 (C, H, W) arrays;
-    unreadable files are a one-line error."""
+def read_image_folder(folder: str | Path, limit: Optional[int] = None,
+                      seed: int = 0) -> tuple[list[np.ndarray], list[tuple[str, str]]]:
+    """Up to ``limit`` images (a seeded random choice) of a folder, recursively, as uint8 (C, H, W) arrays, and the
+    (file, reason) of each unreadable one, skipped; no readable image at all is a one-line error."""
     folder = Path(folder)
     files = image_files(folder) if folder.is_dir() else []
     if not files:
@@ -454,7 +534,15 @@ def read_image_folder(folder: str | Path, limit: Optional[int] = None, seed: int
     if limit is not None and limit < len(files):
         g = torch.Generator().manual_seed(seed)
         files = [files[i] for i in sorted(torch.randperm(len(files), generator=g)[:limit].tolist())]
-    return [read_image_file(f) for f in files]
+    images, failures = [], []
+    for f in files:
+        try:
+            images.append(read_image_file(f))
+        except DatasetError as e:
+            failures.append((str(f), str(e)))
+    if not images:
+        raise DatasetError(f"no readable image in {folder} ({failures[0][1]})")
+    return images, failures
 
 
 def read_digits(seed: int = 0, test_fraction: float = 0.2) -> ImageData:
@@ -601,7 +689,11 @@ def make_ood_set(name: str, x_in: torch.Tensor, n: int, seed: int = 0, data_root
         j = (i + torch.randint(1, len(x_in), (n,), generator=g)) % len(x_in)  # a different image
         return 0.5 * x_in[i].cpu() + 0.5 * x_in[j].cpu()
     if is_folder_set(name):  # any folder of images, flat or with class subfolders; no train/ needed
-        x, _ = stack_converted(read_image_folder(Path(name).expanduser(), limit=n, seed=seed), shape)
+        images, failures = read_image_folder(Path(name).expanduser(), limit=n, seed=seed)
+        if failures:  # never silent, never fatal
+            print(f"jemtorch: skipped {len(failures)} unreadable image(s) in {name}, e.g. {failures[0][1]}",
+                  file=sys.stderr)
+        x, _ = stack_converted(images, shape)
         return to_float(x)
     x = load_dataset(name, data_root).x_test  # a dataset name (checked above)
     x = x[torch.randperm(len(x), generator=g)[:n]]

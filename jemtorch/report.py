@@ -9,6 +9,8 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+from .checkpoint import write_atomic
+
 
 # ------------------------------------------------------------------------------------------------------------------
 class Report:
@@ -74,8 +76,8 @@ class Report:
     def write(self, folder: Path) -> tuple[Path, Path]:
         folder.mkdir(parents=True, exist_ok=True)
         md, ht = folder / "report.md", folder / "report.html"
-        md.write_text(self.markdown(folder))
-        ht.write_text(self.html())
+        write_atomic(md, self.markdown(folder))
+        write_atomic(ht, self.html())
         return md, ht
 
 

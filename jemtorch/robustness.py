@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from .attacks import Refined, blackbox, check_threat_model, distal, robust_accuracy
 from .build import LoadedRun, load_runs
+from .checkpoint import write_atomic
 from .data import to_float
 from .figures import curve_figure, distal_figure
 from .report import Report, robustness_section
@@ -65,9 +66,7 @@ def read_metrics(run_dir: Path) -> dict:
 
 
 def write_metrics(run_dir: Path, metrics: dict) -> None:
-    out = Path(run_dir) / ROBUSTNESS_DIR
-    out.mkdir(parents=True, exist_ok=True)
-    (out / METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
+    write_atomic(RunDir(run_dir).output_dir(ROBUSTNESS_DIR) / METRICS, json.dumps(metrics, indent=2) + "\n")
 
 
 def refined_model(run: LoadedRun, refine_steps: int, opts: AttackOptions) -> Refined:
@@ -84,6 +83,8 @@ def attack_runs(run_dirs: Sequence[str | Path], opts: AttackOptions, device: str
     its other results are kept."""
     norm, eps = opts.threat_model, list(opts.eps)
     runs = load_runs(run_dirs, device, data_root, trust_code=trust_code)
+    for run in runs:  # before any attack: robustness/ is a real folder of the run, holding no links
+        RunDir(run.run_dir).output_dir(ROBUSTNESS_DIR)
     results: dict[str, dict] = {}
     for run in runs:
         torch.manual_seed(opts.seed)
@@ -147,6 +148,8 @@ def distal_runs(run_dirs: Sequence[str | Path], cls: int, n: int = 8, steps: int
                 seed: int = 0, device: str = "auto", data_root: Optional[str] = None, trust_code: bool = False) -> dict:
     """Distal adversarials for class ``cls`` from each run; one figure with a row per run."""
     runs = load_runs(run_dirs, device, data_root, trust_code=trust_code)
+    for run in runs:
+        RunDir(run.run_dir).output_dir(ROBUSTNESS_DIR)
     c = runs[0].data.num_classes
     if not 0 <= cls < c:
         raise ValueError(f"--class must be in 0..{c - 1}, got {cls}")
@@ -158,8 +161,7 @@ def distal_runs(run_dirs: Sequence[str | Path], cls: int, n: int = 8, steps: int
              f"log p(y|x) from noise")
     summary = {}
     for r in runs:
-        out_dir = r.run_dir / ROBUSTNESS_DIR
-        out_dir.mkdir(parents=True, exist_ok=True)
+        out_dir = RunDir(r.run_dir).output_dir(ROBUSTNESS_DIR)
         distal_figure([(x.name, res[x.name]) for x in runs], title, out_dir / f"distal_class{cls}.png")
         d = res[r.name]
         metrics = read_metrics(r.run_dir)

@@ -21,11 +21,12 @@ Only file I/O lives here; building models and samplers from a run's config is ``
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import IO, Optional
 
-from .checkpoint import CheckpointError, save_atomic, write_atomic
+from .checkpoint import CheckpointError, check_inside, refuse_link, save_atomic, write_atomic
 from .config import TrainConfig
 
 MARKER = ".jemtorch-run"  # written first by jem train: the folder is a run directory
@@ -80,6 +81,27 @@ class RunDir:
         before the marker) a config beside a checkpoint?"""
         return (self.path / MARKER).is_file() or ((self.path / CONFIG).is_file() and self.checkpoint.is_file())
 
+    def output_dir(self, name: str) -> Path:
+        """RUN/<name>, made if missing, checked before anything is written into it: a real folder inside the run
+        directory that holds no symbolic link (a run from someone else could point a file of it anywhere)."""
+        d = self.path / name
+        if d.is_symlink():
+            raise CheckpointError(f"refusing to write into {d}: it is a symbolic link (to {os.readlink(d)}); remove it")
+        check_inside(self.path, d / "-")
+        links = [p for p in d.rglob("*") if p.is_symlink()] if d.is_dir() else []
+        if links:
+            raise CheckpointError(f"refusing to write into {d}: {links[0]} is a symbolic link; remove it")
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def check_links(self) -> None:
+        """Before jem train writes: none of the files it writes, nor samples/ or tb/, is a symbolic link."""
+        for name in (MARKER, CONFIG, METRICS, *TRAIN_OUTPUTS):
+            refuse_link(self.path / name)
+        for name in (SAMPLES_DIR, TENSORBOARD_DIR):
+            if (self.path / name).exists() or (self.path / name).is_symlink():
+                self.output_dir(name)
+
     def check_new_run(self, overwrite: bool) -> None:
         """Refuse (one line) to start a run where it would replace anything that is not an earlier run's output."""
         p = self.path
@@ -95,7 +117,7 @@ class RunDir:
         """config.json (and, when known, config_sources.json: the layer each value came from)."""
         self.path.mkdir(parents=True, exist_ok=True)
         if not (self.path / MARKER).is_file():
-            (self.path / MARKER).write_text("a jemtorch run directory (jem train writes here; do not store other files)\n")
+            write_atomic(self.path / MARKER, "a jemtorch run directory (jem train writes here; do not store other files)\n")
         write_atomic(self.path / CONFIG, json.dumps(cfg.to_dict(), indent=2) + "\n")
         if sources is not None:
             write_atomic(self.path / CONFIG_SOURCES, json.dumps(sources, indent=2) + "\n")
@@ -206,7 +228,9 @@ class MetricsLog:
             return
         if self._file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.path, "a")
+            refuse_link(self.path)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+            self._file = os.fdopen(fd, "a")
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if self.tensorboard is not None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Protocol, Sequence
@@ -321,9 +322,14 @@ def fit_gaussians_cached(x_u8: torch.Tensor, y: Optional[torch.Tensor], num_clas
     if path.is_file():
         try:
             s = load_safe(path, device)
-            return Gaussians(s["mean"].to(device), s["chol"].to(device), s["shape"], s["block"])
-        except Exception:  # a damaged cache file is refitted
-            pass
+            g = Gaussians(s["mean"].to(device), s["chol"].to(device), s["shape"], s["block"])
+            if not (torch.isfinite(g.mean).all() and torch.isfinite(g.chol).all()) or len(g.mean) != (
+                    num_classes if y is not None else 1) or tuple(g.shape) != tuple(x_u8.shape[1:]):
+                raise ValueError("not finite, or fitted to other images")
+            return g
+        except Exception as e:  # damaged or poisoned: fitted again, and said so
+            print(f"jemtorch: the cached initial distribution {path} is damaged ({type(e).__name__}: "
+                  f"{str(e)[:80]}); fitting it again", file=sys.stderr)
     g = Gaussians.fit(to_float(x_u8.cpu()), y.cpu() if y is not None else None, num_classes, device)
     try:
         save_atomic(g.state_dict(), path)

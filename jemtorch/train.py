@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import platform
+import sys
 import time
 from dataclasses import dataclass, replace
 from typing import Callable, Optional
@@ -280,8 +281,9 @@ class Trainer:
     time_limited = property(lambda self: self.cfg.time_limit > 0 and self.clock.total_iters < self.clock.planned_iters)
 
     def say(self, message: str) -> None:
+        """A line on stderr (above the progress bar), from rank 0."""
         if self.dist.is_main and self.bar is not None:
-            self.bar.write(message)
+            self.bar.write(message, file=sys.stderr)
 
     def emit(self, event: dict) -> None:
         """A record for metrics.jsonl whose ``message`` also goes to the screen."""
@@ -375,35 +377,40 @@ class Trainer:
     def resume(self, changed: Optional[dict] = None) -> None:
         Checkpoint.resume(self, changed)
 
-    # the end ----------------------------------------------------------------------------------------------------
     def finish(self) -> dict:
         """Test the best-validation model (or the final one without a validation split); write summary.json."""
-        jem, d = self.state.jem, self.dist
-        bad = [n for n, p in jem.f.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
-        if bad:
-            raise TrainingDiverged(f"the final weights are not finite ({', '.join(bad[:3])}); no summary was written. "
-                                   f"The last good checkpoint: {self.run.checkpoint}")
-        last = best = accuracy_and_nll(jem, self.splits.x_test, self.splits.y_test, dist=d)
-        # rank 0 wrote best.pt; it hands the weights to the others (no shared file system needed)
-        best_weights = d.broadcast_object(load_safe(self.run.best, "cpu")["model"] if d.is_main and len(self.splits.x_val)
-                                          and self.run.best.exists() else None)
-        if best_weights is not None:
-            final_state = {k: v.clone() for k, v in jem.f.state_dict().items()}
-            jem.f.load_state_dict(best_weights)
-            best = accuracy_and_nll(jem, self.splits.x_test, self.splits.y_test, dist=d)
-            jem.f.load_state_dict(final_state)
-        # every rank must hold the same weights (DDP's promise): checked, not assumed
-        fingerprint = float(sum(p.detach().double().sum() + p.detach().double().abs().sum() for p in jem.f.parameters()))
-        in_sync = len(set(d.all_gather_object(fingerprint))) == 1
-        summary = run_summary(self, best, last, in_sync)
-        if d.is_main:
-            self.run.write_summary(summary)
-        if not in_sync:
-            raise TrainingDiverged("the ranks' weights differ at the end of training (a DDP fault); see summary.json")
-        return summary
+        return finish(self)
 
 
 POSTFIX = {"loss": "loss", "l_clf": "clf", "l_pxy": "pxy", "train_acc": "acc", "energy_gap": "gap", "reach": "reach"}
+
+
+# the end ----------------------------------------------------------------------------------------------------
+def finish(t: Trainer) -> dict:
+    """Test the best-validation model (or the final one without a validation split); write summary.json."""
+    jem, d = t.state.jem, t.dist
+    bad = [n for n, p in jem.f.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
+    if bad:
+        raise TrainingDiverged(f"the final weights are not finite ({', '.join(bad[:3])}); no summary was written. "
+                               f"The last good checkpoint: {t.run.checkpoint}")
+    last = best = accuracy_and_nll(jem, t.splits.x_test, t.splits.y_test, dist=d)
+    # rank 0 wrote best.pt; it hands the weights to the others (no shared file system needed)
+    best_weights = d.broadcast_object(load_safe(t.run.best, "cpu")["model"] if d.is_main and len(t.splits.x_val)
+                                      and t.run.best.exists() else None)
+    if best_weights is not None:
+        final_state = {k: v.clone() for k, v in jem.f.state_dict().items()}
+        jem.f.load_state_dict(best_weights)
+        best = accuracy_and_nll(jem, t.splits.x_test, t.splits.y_test, dist=d)
+        jem.f.load_state_dict(final_state)
+    # every rank must hold the same weights (DDP's promise): checked, not assumed
+    fingerprint = float(sum(p.detach().double().sum() + p.detach().double().abs().sum() for p in jem.f.parameters()))
+    in_sync = len(set(d.all_gather_object(fingerprint))) == 1
+    summary = run_summary(t, best, last, in_sync)
+    if d.is_main:
+        t.run.write_summary(summary)
+    if not in_sync:
+        raise TrainingDiverged("the ranks' weights differ at the end of training (a DDP fault); see summary.json")
+    return summary
 
 
 def run_summary(t: Trainer, best: dict, last: dict, in_sync: bool) -> dict:

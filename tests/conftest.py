@@ -1,14 +1,23 @@
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# the tiny JEM every reading command is tested on: 6 epochs of digits without warm-up (the preset's 100 warm-up
+# iterations would outlast it and leave the model at chance)
+TINY_RUN = ["--model", "cnn-8", "--sgld-steps", "1", "--buffer-size", "100", "--epochs", "6", "--lr", "0.005",
+            "--warmup-iters", "0", "--no-progress"]
+
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one thread per test worker: -n 2 on 2 cores, not 4 threads fighting
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
-def _small_threads_and_seed():
+def _seed():
     torch.manual_seed(0)
     yield
 
@@ -30,15 +39,21 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 @pytest.fixture(scope="session")
 def trained_runs(tmp_path_factory):
-    """A tiny JEM run on digits and its --p-x-weight 0 baseline (root/jem, root/base), shared by eval and attack tests."""
+    """A tiny JEM run on digits and its --p-x-weight 0 baseline (root/jem, root/base), trained once for the session
+    and shared by every test that only reads runs (eval, score, export, attack)."""
     from jemtorch.cli import main
 
     root = tmp_path_factory.mktemp("runs")
-    # 6 epochs without warm-up: the digits preset's 100 warm-up iterations would outlast a 3-epoch run (60
-    # iterations) and leave the model at chance, and the attack tests need images it classifies correctly (a chance
-    # model got 0 of 8 right in one clean-clone CI run: tests/test_robustness.py::test_blackbox_attacks)
-    args = ["--model", "cnn-8", "--sgld-steps", "1", "--buffer-size", "100", "--epochs", "6", "--lr", "0.005",
-            "--warmup-iters", "0", "--no-progress"]
-    assert main(["train", *args, "--out", str(root / "jem")]) == 0
-    assert main(["train", *args, "--p-x-weight", "0", "--out", str(root / "base")]) == 0
+    assert main(["train", *TINY_RUN, "--out", str(root / "jem")]) == 0
+    assert main(["train", *TINY_RUN, "--p-x-weight", "0", "--out", str(root / "base")]) == 0
     return root
+
+
+@pytest.fixture
+def run_copy(trained_runs, tmp_path):
+    """A private copy of the tiny JEM run, for tests that damage or change it."""
+    def copy(kind: str = "jem") -> Path:
+        dst = tmp_path / f"copy-{kind}"
+        shutil.copytree(trained_runs / kind, dst, ignore=shutil.ignore_patterns("eval", "robustness"))
+        return dst
+    return copy

@@ -1,20 +1,38 @@
-"""The benchmark scripts run end to end (tiny settings: this checks the wiring, never a timing)."""
+"""The benchmark scripts run end to end (tiny settings: this checks the wiring, never a timing). They run in this
+process (``runpy``, as ``python benchmarks/<script>.py`` would), which saves a torch import per call."""
 import json
-import subprocess
+import runpy
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_recipes_benchmark_gives_each_recipe_its_own_baseline_for_its_epochs(tmp_path):
+def script(capsys, name: str, *args) -> SimpleNamespace:
+    """Run benchmarks/<name> with ``args``; its exit code, stdout and stderr (sys.exit("...") prints to stderr)."""
+    argv, path = sys.argv, list(sys.path)
+    sys.argv = [str(ROOT / "benchmarks" / name), *map(str, args)]
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    code, message = 0, ""
+    try:
+        runpy.run_path(sys.argv[0], run_name="__main__")
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        message = "" if isinstance(e.code, int) or e.code is None else str(e.code)
+    finally:
+        sys.argv, sys.path[:] = argv, path
+    cap = capsys.readouterr()
+    return SimpleNamespace(returncode=code, stdout=cap.out, stderr=cap.err + message)
+
+
+def test_recipes_benchmark_gives_each_recipe_its_own_baseline_for_its_epochs(tmp_path, capsys):
     out = tmp_path / "rec"
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks/recipes.py"), "--dataset", "digits", "--model", "cnn-4",
-                        "--recipes", "jempp", "sadajem", "--time-limit", "0.5", "--out", str(out), "--",
-                        "--buffer-size", "200", "--batch-size", "128", "--max-rollbacks", "0"],
-                       capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    r = script(capsys, "recipes.py", "--dataset", "digits", "--model", "cnn-4", "--recipes", "jempp", "sadajem",
+               "--time-limit", "0.5", "--out", out, "--", "--buffer-size", "200", "--batch-size", "128",
+               "--max-rollbacks", "0")
     assert r.returncode == 0, r.stderr[-2000:]
     rows = {row["run"]: row for row in json.loads((out / "recipes.json").read_text())["rows"]}
     assert set(rows) == {"jempp", "sadajem", "jempp-baseline", "sadajem-baseline"}
@@ -31,19 +49,16 @@ def test_recipes_benchmark_gives_each_recipe_its_own_baseline_for_its_epochs(tmp
     assert "| jempp | jempp |" in (out / "recipes.md").read_text()
     base = rows["jempp-baseline"]
     # probe_calibration.py reads the same runs back: the best-validation weights' accuracy on the validation split
-    c = subprocess.run([sys.executable, str(ROOT / "benchmarks/probe_calibration.py"), str(out / "jempp-baseline")],
-                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    c = script(capsys, "probe_calibration.py", out / "jempp-baseline")
     assert c.returncode == 0, c.stderr[-2000:]
     line = c.stdout.strip().splitlines()[-1]
     assert line.startswith(f"| {out / 'jempp-baseline'} | {100 * max(base['val_curve'].values()):.2f}% |"), line
-    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks/probe_calibration.py"), str(tmp_path)],
-                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    bad = script(capsys, "probe_calibration.py", tmp_path)
     assert bad.returncode != 0
     # probe_logp.py: log p(x) of the validation images, the buffer and synthetic sets, one row per run
     rows = []
     for extra in (["--levels", "3"], ["--batch-stats"]):  # as evaluated (running averages), as the loss saw it
-        lp = subprocess.run([sys.executable, str(ROOT / "benchmarks/probe_logp.py"), str(out / "jempp"), "--n", "50",
-                             *extra], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        lp = script(capsys, "probe_logp.py", out / "jempp", "--n", "50", *extra)
         assert lp.returncode == 0, lp.stderr[-2000:]
         lines = [ln for ln in lp.stdout.splitlines() if ln.startswith(f"| {out / 'jempp'} |")]
         assert len(lines) == (2 if extra[0] == "--levels" else 1), lp.stdout
@@ -56,30 +71,40 @@ def test_recipes_benchmark_gives_each_recipe_its_own_baseline_for_its_epochs(tmp
             assert lp.stdout.count("| -1.00 | +0.00 | +1.00 |") == 1 and len(flat) == 3, lp.stdout
             assert all(0 <= float(c.split("(")[1].rstrip(")")) <= 1 for c in flat), flat
     assert rows[0][1] != rows[1][1]  # BatchNorm's statistics differ, so do the data's scores
-    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks/probe_logp.py"), str(tmp_path)],
-                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    bad = script(capsys, "probe_logp.py", tmp_path)
     assert bad.returncode != 0 and bad.stderr.strip().startswith("error:"), bad.stderr[-500:]
 
 
-def test_quality_benchmark_table_and_reuse(tmp_path):
-    """quality.py trains a JEM and its baseline, prints one table with the paired ECE interval, and reuses both
-    runs when run again (evaluated, not trained)."""
-    out = tmp_path / "q"
-    cmd = [sys.executable, str(ROOT / "benchmarks/quality.py"), "--dataset", "digits", "--seeds", "0", "--n", "60",
-           "--ood", "uniform,constant", "--out", str(out), "--", "--model", "cnn-4", "--epochs", "2",
+def test_quality_benchmark_tables_and_reuse(tmp_path, capsys):
+    """quality.py trains a JEM and its baseline, prints its tables (the paired ECE interval, the post-hoc columns, the
+    samples' Fréchet distances), and reuses both runs when run again (evaluated, not trained)."""
+    out, folder = tmp_path / "q", tmp_path / "my-ood"
+    folder.mkdir()
+    from PIL import Image
+
+    for i in range(12):
+        Image.fromarray((37 * i % 255) * __import__("numpy").ones((8, 8), "uint8")).save(folder / f"{i}.png")
+    cmd = ["--dataset", "digits", "--seeds", "0", "--n", "60", "--n-gen", "40", "--sample-steps", "2",
+           "--ood", f"uniform,constant,{folder}", "--out", out, "--", "--model", "cnn-4", "--epochs", "2",
            "--warmup-iters", "0", "--buffer-size", "100", "--sgld-steps", "1"]
-    first = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    first = script(capsys, "quality.py", *cmd)
     assert first.returncode == 0, first.stderr[-2000:]
     assert "[quality] seed0 jem" in first.stderr and "[quality] seed0 baseline" in first.stderr
-    rows = {r["run"]: r for r in json.loads((out / "quality.json").read_text())["rows"]}
-    jem, base = rows["jem"], rows["baseline"]
+    rows = json.loads((out / "quality.json").read_text())["rows"]
+    runs = {r["run"]: r for r in rows["runs"]}
+    jem, base = runs["jem"], runs["baseline"]
     assert jem["ece_vs_baseline"]["diff"] == pytest.approx(jem["ece"] - base["ece"]) and base["ece_vs_baseline"] is None
     lo, hi = jem["ece_vs_baseline"]["ci"]
     table = (out / "quality.md").read_text()
     assert "ECE − baseline's [95%]" in table and f"[{100 * lo:+.2f}, {100 * hi:+.2f}]" in table
-    assert set(jem["auroc"]) == {"uniform", "constant"}
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert set(jem["auroc"]) == {"uniform", "constant", "my-ood"}  # a folder set is named by its folder
+    assert [o["set"] for o in rows["ood"]] == ["uniform", "constant", "my-ood"]
+    assert "best post-hoc on the baseline" in table and "chain starts (0 steps)" in table
+    assert 0 <= jem["healthy"] <= 1 and base["healthy"] is None
+    again = script(capsys, "quality.py", *cmd)
     assert again.returncode == 0 and "[quality]" not in again.stderr  # nothing trained twice
-    assert json.loads((out / "quality.json").read_text())["rows"][0]["test_accuracy"] == jem["test_accuracy"]
-    other = subprocess.run(cmd + ["--lr", "0.5"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert json.loads((out / "quality.json").read_text())["rows"]["runs"][0]["test_accuracy"] == jem["test_accuracy"]
+    other = script(capsys, "quality.py", *cmd, "--lr", "0.5")
     assert other.returncode != 0 and "another configuration (lr)" in other.stderr  # never mixes configurations
+    typo = script(capsys, "quality.py", *cmd[:-10], "--ood", "uniform,nosuch/folder", "--out", tmp_path / "t")
+    assert typo.returncode != 0 and not (tmp_path / "t").exists()  # checked before anything is trained

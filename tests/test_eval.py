@@ -6,8 +6,8 @@ import torch
 
 from jemtorch import JEM, create_model
 from jemtorch.cli import main
-from jemtorch.data import DatasetError
-from jemtorch.evaluate import convert_images, make_ood_set, ood_scores
+from jemtorch.data import DatasetError, convert_images, make_ood_set
+from jemtorch.detectors import DETECTORS, OWN, FittedDetectors
 from jemtorch.metrics import (
     bootstrap_ece,
     calibration_bins,
@@ -95,7 +95,7 @@ def test_gradnorm_score_matches_finite_differences():
     torch.manual_seed(0)
     jem = JEM(create_model("cnn-2", in_channels=1, num_classes=3)).double()
     x = torch.randn(2, 1, 4, 4, dtype=torch.double)
-    scores = ood_scores(jem, x)
+    scores = FittedDetectors({k: DETECTORS[k]() for k in OWN}, {}).score(jem, x)
     eps = 1e-6
     for b in range(2):
         grad = torch.zeros(16, dtype=torch.double)
@@ -152,8 +152,11 @@ def test_eval_end_to_end_two_runs(trained_runs, capsys):
     lo, hi = m["ece_bootstrap"]["raw"]["ci"]
     assert 0 <= lo < hi <= 1 and m["ece_bootstrap"]["raw"]["n_boot"] == 1000
     for ood in ("interp", "uniform", "constant", "gaussian"):
-        for score in ("logp", "maxprob", "gradnorm"):
+        for score in m["detectors"]["names"]:
             assert set(m["ood"][ood][score]) == {"auroc", "aupr", "fpr95"}
+    gen = m["generation"]  # samples measured in the baseline's features: FD and its accuracy on class samples
+    assert {"chain starts (0 steps)", "fresh chains (2 steps)", "replay buffer"} <= set(gen["fd_ref"])
+    assert all(0 <= a <= 1 for a in gen["ref_accuracy"].values())
     fd = m["generation"]["fd_ref"]
     assert fd["real train (floor)"] < fd["uniform noise"]  # the baseline run served as reference
     assert "skipped" in m["generation"]["inception"]

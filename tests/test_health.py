@@ -1,0 +1,87 @@
+"""Health of the generative half: the per-step statistics, the verdicts and warnings, and where they are shown."""
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from jemtorch import JEM, Weights, create_model, jem_loss
+from jemtorch.config import TrainConfig
+from jemtorch.health import REACH_MIN, Health, healthy, pinned
+from jemtorch.sampler import JEMSampler, ReplayBuffer
+
+
+def test_reach_is_the_share_of_chain_ends_at_or_below_the_data_median_energy():
+    jem = JEM(create_model("cnn-4", in_channels=1, num_classes=5))
+    x = torch.rand(8, 1, 8, 8) * 2 - 1
+    samples = torch.rand(8, 1, 8, 8) * 2 - 1
+    _, stats = jem_loss(jem, x, torch.arange(8) % 5, weights=Weights(), samples=samples)
+    with torch.no_grad():
+        e_data, e_samples = jem.energy(x), jem.energy(samples)
+    assert stats["reach"].item() == pytest.approx((e_samples <= e_data.median()).float().mean().item())
+    _, same = jem_loss(jem, x, torch.arange(8) % 5, weights=Weights(), samples=x)  # samples that are the data
+    assert same["reach"].item() == pytest.approx(0.5)
+
+
+def test_chain_travel_and_saturation():
+    jem = JEM(create_model("cnn-4", in_channels=1, num_classes=3))
+    sampler = JEMSampler(ReplayBuffer(20, (1, 8, 8), reinit_freq=0.0), step_size=1.0, noise=0.0, n_steps=0)
+    sampler.sample(jem, 6)
+    assert sampler.stats["travel"].item() == 0.0  # no step, no travel
+    sampler.buffer.data.fill_(1.0)  # every pixel at the edge of the image range
+    sampler.n_steps = 3
+    sampler.update.clamp = (-1.0, 1.0)
+    x = sampler.sample(jem, 6)
+    assert 0 <= sampler.stats["saturation"].item() <= 1 and sampler.stats["travel"].item() > 0
+    assert sampler.stats["travel"].item() == pytest.approx((x - 1).flatten(1).pow(2).mean(1).sqrt().mean().item(),
+                                                           rel=1e-5)
+
+
+def fake_trainer(cfg, energy_reg):
+    events = []
+    t = SimpleNamespace(cfg=cfg, state=SimpleNamespace(step=0), recovery=SimpleNamespace(energy_reg=energy_reg),
+                        flags={}, last=False, emit=events.append)
+    return t, events
+
+
+def test_health_warns_when_pinned_or_unreached_and_says_when_it_recovers():
+    cfg = TrainConfig(log_every=5, p_x_weight=1.0, energy_reg=0.1)
+    h = Health(cfg)
+    t, events = fake_trainer(cfg, energy_reg=0.1)
+
+    def steps(n, **values):
+        for _ in range(n):
+            t.state.step += 1
+            h.on_step_end(t, values)
+
+    steps(5, reach=0.4, energy_gap=-1.0)  # healthy: no record
+    assert events == [] and t.flags["health"] == "ok"
+    steps(5, reach=0.0, energy_gap=-9.95)  # the penalty's fixed point −w/λ = −10: pinned
+    assert [e["status"] for e in events] == ["unhealthy"] and events[0]["pinned"] is True
+    assert "fixed point −10" in events[0]["message"] and t.flags["health"] == "PINNED"
+    steps(5, reach=0.05, energy_gap=-3.0)  # still unhealthy (unreached): no second warning
+    assert len(events) == 1 and t.flags["health"] == "UNREACHED"
+    steps(5, reach=0.5, energy_gap=0.1)
+    assert [e["status"] for e in events] == ["unhealthy", "healthy"]
+    steps(3, train_acc=1.0)  # classifier steps (no reach) are not judged
+    assert h.summary()["health"]["healthy_fraction"] == pytest.approx(10 / 20)
+    again = Health(cfg)
+    again.load_state_dict(h.state_dict())
+    assert again.summary() == h.summary()
+    assert healthy({"reach": REACH_MIN}) and not healthy({"reach": REACH_MIN - 0.01})
+    assert pinned(-9.0, 1.0, 0.1) and not pinned(-8.9, 1.0, 0.1) and not pinned(-50.0, 1.0, 0.0)
+
+
+def test_a_pinned_run_says_so_on_screen_in_the_log_and_the_summary(tmp_path, capsys):
+    from jemtorch.cli import main
+
+    # a tiny JEM whose chains barely move (one step of a tiny step size) against a strong penalty: it pins
+    assert main(["train", "--model", "cnn-4", "--sgld-steps", "1", "--sgld-lr", "0.001", "--buffer-size", "100",
+                 "--epochs", "2", "--energy-reg", "0.5", "--energy-reg-form", "batch-mean", "--lr", "0.01",
+                 "--warmup-iters", "0", "--log-every", "5", "--out", str(tmp_path / "r"), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    log = [json.loads(ln) for ln in (tmp_path / "r/metrics.jsonl").read_text().splitlines()]
+    warnings = [r for r in log if r["kind"] == "health" and r["status"] == "unhealthy"]
+    assert warnings and "health warning" in err
+    summary = json.loads((tmp_path / "r/summary.json").read_text())
+    assert summary["health"]["healthy_fraction"] < 0.5
