@@ -104,7 +104,7 @@ class LoopSettings:
     n_valid: int = setting(-1, "held-out validation examples for best-checkpoint selection (-1: 10% of train, 0: none)")
     max_energy_gap: float = setting(200.0, "a step with |E(data) − E(samples)| above this, or a non-finite loss, "
                                            "counts as divergence")
-    max_rollbacks: int = setting(20, "recover from at most this many divergences (see README: the recovery ladder), "
+    max_rollbacks: int = setting(20, "recover from at most this many divergences (recovery.py: the ladder), "
                                      "then stop (0: stop at the first divergence)")
     snapshot_every: int = setting(100, "keep an in-memory snapshot of model, optimiser and replay buffer every N "
                                        "healthy iterations")

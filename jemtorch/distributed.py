@@ -5,7 +5,7 @@
 
 ``jem train`` without torchrun runs in one process exactly as before (``Dist.single()``). Under torchrun (the
 ``WORLD_SIZE`` environment variable above 1) the process group is started with NCCL on GPUs and gloo on CPUs. What each
-rank does, and why, is in ``train.Trainer`` and the README ("Multi-process training").
+rank does, and why, is in ``train.py`` and the README ("Multi-process training").
 """
 from __future__ import annotations
 

@@ -85,7 +85,7 @@ class Health(Callback):
         t.emit({"kind": "health", "step": t.state.step, "status": "unhealthy" if bad else "healthy",
                 "healthy_share": share, "energy_gap": gap, "pinned": is_pinned, "penalty_fixed_point": fixed,
                 "message": (f"health warning at iteration {t.state.step}: p(x) term {what} (reach "
-                            f"{values['reach']:.2f}, travel {values.get('travel', 0):.3g}); see README 'Health'")
+                            f"{values['reach']:.2f}, travel {values.get('travel', 0):.3g}); see README, Health")
                 if bad else f"health: healthy again at iteration {t.state.step} ({share:.0%} of the last iterations)"})
 
     def summary(self) -> dict:

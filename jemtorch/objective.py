@@ -8,10 +8,10 @@
 
 Why the penalty's form matters: against the p(x) term's constant pull (−1 per example on E(data)), a per-example
 penalty λ·E(x)² balances at E(x) = −w_px/(2λ) for *every* training image, so every image's LogSumExp f(x) is driven
-to the same value — a logit-norm constraint that leaves the classifier under-confident (measured on Fashion-MNIST:
-LogSumExp over test images 5.0 ± 0.5 for the JEM vs 10.3 ± 2.7 for its baseline; temperature 0.7). The batch-mean
-form λ·(mean E)² holds the same level but lets easy images sit lower in energy than hard ones (Fashion-MNIST preset,
-3 seeds: raw ECE 1.06% instead of 4.40%, temperature 0.90 instead of 0.7; BENCHMARKS.md).
+to the same value — a logit-norm constraint that leaves the classifier under-confident. The batch-mean form
+λ·(mean E)² holds the same level but lets easy images sit lower in energy than hard ones (measured:
+docs/results/fashion-mnist.md). Either form has a fixed point where the energies stop moving once the data and the
+samples are told apart: E(data) = −w/(2λ), E(samples) = +w/(2λ) (health.py calls this *pinned*).
 
 Nothing here draws samples or touches a replay buffer: the training step draws x̂ and x̂_y and hands them in.
 Every tensor is passed through the network in named chunks, either in one concatenated forward pass (cheapest,

@@ -204,7 +204,7 @@ def test_recipes_set_official_values_and_flags_still_win():
     j = make_config(dataset="cifar10", recipe="jempp", pyld_lr=0.1)
     assert (j.sgld_update, j.pyld_inner_steps, j.pyld_lr, j.weight_decay, j.norm) == ("pyld", 5, 0.1, 4e-4, "batch")
     assert make_config(dataset="cifar10").recipe == "jem"
-    f = make_config(dataset="fashion-mnist")  # the preset's measured choices (jemtorch/data.py, README Results)
+    f = make_config(dataset="fashion-mnist")  # the preset's measured choices (presets/fashion-mnist.toml)
     assert (f.recipe, f.epochs, f.sgld_steps, f.sgld_lr, f.clip_grad, f.energy_reg, f.energy_reg_form,
             f.px_ramp_epochs) == ("sadajem", 16, 2, 1.0, 3.0, 0.1, "batch-mean", 1.0)
     with pytest.raises(ValueError, match="--recipe must be one of"):
