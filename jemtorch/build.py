@@ -12,7 +12,7 @@ import torch
 from .checkpoint import CheckpointError, load_safe
 from .config import TrainConfig
 from .data import ImageData, file_digest, labeled_subset, load_dataset, to_float, training_splits
-from .detectors import DETECTORS, N_FIT, FittedDetectors
+from .detectors import DETECTORS, FIT_VERSION, N_FIT, FittedDetectors
 from .energy import JEM, eval_mode
 from .models import create_model
 from .models.registry import check_logits
@@ -197,7 +197,8 @@ def run_detectors(run: LoadedRun, progress: bool = False) -> FittedDetectors:
     rd = RunDir(run.run_dir)
     sha = file_digest(rd.weights, "sha256")
     stored = FittedDetectors.load(rd / DETECTORS_FILE, sha) if (rd / DETECTORS_FILE).is_file() else None
-    if stored is not None and set(stored.names) >= set(DETECTORS) and stored.info.get("n_fit") == N_FIT:
+    if (stored is not None and set(stored.names) >= set(DETECTORS) and stored.info.get("n_fit") == N_FIT
+            and stored.info.get("version") == FIT_VERSION):
         return stored
     x, y = detector_fit_images(run.cfg, run.data)
     dets = FittedDetectors.fit(run.jem, to_float(x), y, progress=progress,

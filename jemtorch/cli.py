@@ -272,6 +272,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for r in evaluate_runs(args.runs, opts, args.reference, args.device, trust_code=args.trust_code):
         print(f"{r['name']}: accuracy {r['test_accuracy']:.4f}  ECE {r['ece']:.4f}")
         own = r["detectors"]["own"]
+        for note in r["detectors"]["fitted_on"].get("notes", []):
+            print(f"  note: {note}")
         for o, res in r["ood"].items():
             best = r["detectors"]["best"][o]
             print(f"  {o}: best {best} AUROC {res[best]['auroc']:.3f} FPR95 {res[best]['fpr95']:.3f}; own: " +

@@ -6,6 +6,7 @@
 | logp        | log p(x) = LogSumExp_y f(x)[y]; for a classifier the Energy score | —                               |
 | maxprob     | max_y p(y|x), MSP (Hendrycks & Gimpel 2017)                       | —                               |
 | gradnorm    | −‖∂ log p(x)/∂x‖₂ (Grathwohl et al. 2020)                          | —                               |
+| typicality  | log density of (log p(x), log ‖∇ₓ log p(x)‖) (DoSE-style)        | a kernel density of the pairs   |
 | maxlogit    | max_y f(x)[y] (Hendrycks et al. 2022)                             | —                               |
 | mahalanobis | −½ min_c (z − μ_c)ᵀ Σ⁻¹ (z − μ_c) (Lee et al. 2018)               | class means, shared covariance  |
 | vim         | LogSumExp(Wz + b) − α‖(z − u) R‖ (Wang et al. 2022)              | residual space R, origin u, α   |
@@ -13,11 +14,14 @@
 | react       | LogSumExp(W min(z, c) + b) (Sun et al. 2021)                      | clip c: 90th percentile of z    |
 
 ``z`` are the features that enter the classifier's head, its last ``nn.Linear`` (a model can name another head in a
-``jemtorch_head`` attribute: the name of a submodule). The first three are the JEM's own scores (``OWN``): they read
-the energy model, nothing fitted. The definitions follow pytorch-ood 0.4 (``pytorch_ood.detector``; for Mahalanobis
-its covariance, the sum of the centred outer products plus 1e-6·I) and the detectors' official code (ViM's residual
-dimension: haoqiwang/vim ``benchmark.py``); tests/test_detectors.py checks that every score equals pytorch-ood's on
-the same features, to 1e-4, where pytorch-ood imports (``pip install "jemtorch[ood]"``, see README).
+``jemtorch_head`` attribute: the name of a submodule). The first four are the JEM's own scores (``OWN``): they read
+the energy model and its input gradient (typicality fits their joint density on the training split). The post-hoc
+definitions follow pytorch-ood 0.4 (``pytorch_ood.detector``; for Mahalanobis its covariance, the sum of the centred
+outer products plus 1e-6·I) and the detectors' official code (ViM's residual dimension: haoqiwang/vim
+``benchmark.py``; for features of lower rank than that, half their rank, said in ``info["notes"]``). jemtorch computes
+them itself, so that the core never needs torchvision; tests/ood_agreement.py checks every score against
+pytorch-ood's on the same features, to 1e-4 of their scale, where pytorch-ood imports (``pip install "jemtorch[ood]"``;
+the README's test command installs it beside the environment).
 
 ``FittedDetectors`` fits all of them on a run's training split (never on test or OOD images), keeps them per weights
 (``RUN/detectors.safetensors``, keyed by the weights' SHA-256) and scores images; ``OODCalibration`` holds each score's
@@ -39,8 +43,10 @@ from .checkpoint import CheckpointError, replace_atomic
 from .energy import JEM
 from .sampler import frozen
 
-OWN = ("logp", "maxprob", "gradnorm")  # the JEM's own scores: its energy, its classifier, its input gradient
+# the JEM's own scores: its energy, its classifier, its input gradient, and the typicality of energy and gradient
+OWN = ("logp", "maxprob", "gradnorm", "typicality")
 N_FIT = 10_000  # training images the detectors are fitted on (at most): the issue's and common practice's number
+FIT_VERSION = 2  # raised whenever a detector's fit changes: stored fits of another version are fitted again
 KNN_K_FULL = 50  # Sun et al. 2022: k = 50 for CIFAR-10's 50 000 training images, scaled with the share used
 
 
@@ -115,6 +121,7 @@ class Detector:
     name = ""
     label = ""  # how tables name it
     needs_grad = False
+    note = ""  # what a regularised fit changed, said in the reports
 
     def fit(self, out: Outputs, y: torch.Tensor, head: nn.Linear) -> None: ...
 
@@ -205,7 +212,12 @@ class ViM(Detector):
             raise DetectorError(f"vim: {dim}-dimensional features leave no principal space")
         self.u = -(torch.linalg.pinv(w) @ b)
         x = z - self.u
-        _, vecs = torch.linalg.eigh(x.T @ x / len(x))  # ascending eigenvalues
+        vals, vecs = torch.linalg.eigh(x.T @ x / len(x))  # ascending eigenvalues
+        rank = int((vals > 1e-9 * vals[-1]).sum())
+        if rank <= principal:  # the residual would hold no training variance at all: α would be infinite
+            self.note = (f"vim: the {dim}-dimensional features have rank {rank}; principal space {max(1, rank // 2)} "
+                         f"dimensions instead of {principal}")
+            principal = max(1, rank // 2)
         self.residual = vecs[:, : dim - principal].contiguous()
         logits = z @ w.T + b
         self.alpha = torch.tensor(float(logits.max(1).values.mean() / (x @ self.residual).norm(dim=1).mean()))
@@ -277,8 +289,49 @@ class ReAct(Detector):
         self.clip, self.w, self.b = state["clip"], state["w"].double(), state["b"].double()
 
 
-DETECTORS: dict[str, type[Detector]] = {d.name: d for d in (Logp, MaxProb, GradNorm, MaxLogit, Mahalanobis, ViM, KNN,
-                                                            ReAct)}
+class Typicality(Detector):
+    """Is an image *typical* of the training split for this energy model? A density of the pair (log p(x),
+    log ‖∇ₓ log p(x)‖) fitted on the training images (a Gaussian kernel density of the standardised pairs, Scott's
+    bandwidth), the score its log density. Likelihood alone ranks inputs that are *too* likely (flat images) as
+    in-distribution; the typical set has both a likelihood and a local shape of the density (Nalisnick et al. 2019,
+    "Detecting out-of-distribution inputs to deep generative models using typicality"; Morningstar et al. 2021,
+    "Density of states estimation"). Built from the energy model's own two quantities: the JEM's own score, as log
+    p(x) is; applied to a classifier it is a post-hoc detector like the others."""
+
+    name, label, needs_grad = "typicality", "typicality of (log p(x), ‖∇x log p(x)‖)", True
+    MAX_POINTS = 4000  # kernel centres kept (a seeded subset): 2 000 test images cost 8 M distances
+
+    @staticmethod
+    def pairs(out: Outputs) -> torch.Tensor:
+        if out.gradnorm is None:
+            raise DetectorError("typicality needs the input gradient (model_outputs(grad=True))")
+        return torch.stack([out.logits.double().logsumexp(1), (-out.gradnorm.double()).clamp(min=1e-12).log()], 1)
+
+    def fit(self, out, y, head):
+        p = self.pairs(out)
+        if len(p) > self.MAX_POINTS:
+            p = p[torch.randperm(len(p), generator=torch.Generator().manual_seed(0))[: self.MAX_POINTS]]
+        self.mean, self.std = p.mean(0), p.std(0).clamp(min=1e-6)
+        self.points = (p - self.mean) / self.std
+        self.bandwidth = torch.tensor(float(len(p)) ** (-1 / 6))  # Scott's rule in 2 dimensions, unit variances
+
+    def score(self, out):
+        q = (self.pairs(out) - self.mean) / self.std
+        h, pts = float(self.bandwidth), self.points
+        logk = [(-((qi[:, None, :] - pts[None]) ** 2).sum(-1) / (2 * h * h)).logsumexp(1) for qi in q.split(1000)]
+        return (torch.cat(logk) - np.log(len(pts) * 2 * np.pi * h * h)).numpy()
+
+    def state_dict(self):
+        return {"mean": self.mean.float(), "std": self.std.float(), "points": self.points.float(),
+                "bandwidth": self.bandwidth.float()}
+
+    def load_state_dict(self, state):
+        self.mean, self.std, self.points = state["mean"].double(), state["std"].double(), state["points"].double()
+        self.bandwidth = state["bandwidth"].double()
+
+
+DETECTORS: dict[str, type[Detector]] = {d.name: d for d in (Logp, MaxProb, GradNorm, Typicality, MaxLogit, Mahalanobis,
+                                                            ViM, KNN, ReAct)}
 ALIASES = {"energy": "logp", "msp": "maxprob"}
 
 
@@ -313,7 +366,8 @@ class FittedDetectors:
         """Fit ``names`` on float images ``x`` with labels ``y`` (a run's training split)."""
         if len(x) < 2:
             raise DetectorError(f"cannot fit the detectors on {len(x)} training image(s)")
-        out = model_outputs(jem, x, grad=False, progress=progress, desc="fitting OOD detectors")
+        grad = any(DETECTORS[n].needs_grad for n in names)
+        out = model_outputs(jem, x, grad=grad, progress=progress, desc="fitting OOD detectors")
         head = classifier_head(jem.f)
         dets = {}
         for name in names:
@@ -321,7 +375,9 @@ class FittedDetectors:
             det.fit(out, y.cpu(), head)
             det.load_state_dict(det.state_dict())  # scores from the stored precision from the start
             dets[name] = det
-        return cls(dets, {"n_images": len(x), "fitted_on": where, "feature_dim": out.features.shape[1]})
+        notes = [d.note for d in dets.values() if d.note]
+        return cls(dets, {"n_images": len(x), "fitted_on": where, "feature_dim": out.features.shape[1], "notes": notes,
+                          "version": FIT_VERSION})
 
     def score(self, jem: JEM, x: torch.Tensor, batch_size: int = 250, device=None, progress: bool = False,
               desc: str = "scores") -> dict[str, np.ndarray]:

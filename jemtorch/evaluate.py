@@ -391,6 +391,8 @@ def ood_section(rep: Report, results: list[dict], figs: dict) -> None:
           "−‖∇x log p(x)‖), then the post-hoc detectors, fitted on each run's training split: " +
           ", ".join(f"{k} ({v})" for k, v in results[0]["detectors"]["labels"].items()) + ".")
     for r in results:
+        for note in r["detectors"]["fitted_on"].get("notes", []):
+            rep.p(f"{r['name']}: {note}.")
         names, best = r["detectors"]["names"], r["detectors"]["best"]
         rep.table([f"{r['name']}: OOD set"] + names + ["best"],
                   [[o] + [f"{r['ood'][o][k]['auroc']:.3f}" for k in names] + [best[o]] for o in r["ood"]])

@@ -79,6 +79,8 @@ def test_fit_on_a_model_store_per_weights_and_refuse_strangers(tmp_path):
     y = torch.arange(90) % 3
     dets = FittedDetectors.fit(jem, x, y)
     assert dets.names == tuple(DETECTORS) and dets.info["feature_dim"] == 16 * 16
+    # cnn-4's 4×4 pooling of a 2×2 map repeats values: rank-deficient features, and a fit that says how it coped
+    assert [n.split(";")[0] for n in dets.info["notes"]] == ["vim: the 256-dimensional features have rank 47"]
     scores = dets.score(jem, x[:7])
     assert set(scores) == set(DETECTORS) and all(len(v) == 7 and np.isfinite(v).all() for v in scores.values())
     dets.save(tmp_path / "d.safetensors", "abc")
@@ -113,6 +115,27 @@ def test_what_cannot_be_fitted_is_one_line():
     assert detector_names("vim, energy,msp") == ("logp", "maxprob", "vim")  # own scores first, aliases resolved
 
 
+def test_typicality_is_the_density_of_energy_and_gradient_pairs():
+    """Inputs too likely, too flat or too unlikely for the training split are atypical; the score is a kernel
+    density of standardised (log p(x), log ‖∇ log p(x)‖) pairs, by hand."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(500, 3, generator=g)
+    grad = -torch.rand(500, generator=g) - 0.5
+    det = DETECTORS["typicality"]()
+    det.fit(Outputs(logits, torch.zeros(500, 2), grad), None, None)
+    q = Outputs(torch.stack([logits[0], logits[0] + 30]), torch.zeros(2, 2), torch.tensor([grad[0], grad[0]]))
+    s = det.score(q)
+    assert s[0] > s[1] + 10  # a far higher log p(x) than any training image: atypical, although likelier
+    pairs = torch.stack([logits.double().logsumexp(1), (-grad.double()).log()], 1)
+    z = (pairs - pairs.mean(0)) / pairs.std(0)
+    h = 500 ** (-1 / 6)
+    d2 = ((z[:1, None] - z[None]) ** 2).sum(-1)
+    by_hand = torch.logsumexp(-d2 / (2 * h * h), 1) - np.log(500 * 2 * np.pi * h * h)
+    assert s[0] == pytest.approx(by_hand.item(), rel=1e-5)
+    with pytest.raises(DetectorError, match="needs the input gradient"):
+        det.score(Outputs(logits[:2], torch.zeros(2, 2)))
+
+
 def test_a_model_may_name_its_head():
     m = create_model("cnn-4", in_channels=1, num_classes=3)
     assert classifier_head(m) is m.head
@@ -128,7 +151,7 @@ def test_eval_detectors_table_and_score_with_any_detector(trained_runs, tmp_path
     out = capsys.readouterr().out
     assert "JEM's best own" in out and "best" in out
     m = json.loads((jem / "eval/metrics.json").read_text())
-    assert m["detectors"]["names"][:3] == ["logp", "maxprob", "gradnorm"] and len(m["detectors"]["names"]) == 8
+    assert m["detectors"]["names"][:4] == ["logp", "maxprob", "gradnorm", "typicality"] and len(m["detectors"]["names"]) == 9
     assert set(m["ood"]["constant"]) >= {"vim", "knn", "mahalanobis", "react", "maxlogit"}
     v = m["versus_posthoc"][0]
     assert v["auroc_diff"] == pytest.approx(v["own_auroc"] - v["best_auroc"])

@@ -7,7 +7,7 @@ import torch
 from jemtorch import JEM, create_model
 from jemtorch.cli import main
 from jemtorch.data import DatasetError, convert_images, make_ood_set
-from jemtorch.detectors import DETECTORS, OWN, FittedDetectors
+from jemtorch.detectors import DETECTORS, FittedDetectors
 from jemtorch.metrics import (
     bootstrap_ece,
     calibration_bins,
@@ -95,7 +95,7 @@ def test_gradnorm_score_matches_finite_differences():
     torch.manual_seed(0)
     jem = JEM(create_model("cnn-2", in_channels=1, num_classes=3)).double()
     x = torch.randn(2, 1, 4, 4, dtype=torch.double)
-    scores = FittedDetectors({k: DETECTORS[k]() for k in OWN}, {}).score(jem, x)
+    scores = FittedDetectors({k: DETECTORS[k]() for k in ("logp", "maxprob", "gradnorm")}, {}).score(jem, x)
     eps = 1e-6
     for b in range(2):
         grad = torch.zeros(16, dtype=torch.double)
