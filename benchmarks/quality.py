@@ -146,6 +146,13 @@ def tables(runs: list, oods: list, gens: list) -> list[str]:
                      f"({o['own_fpr95']:.2f}) | {o['base_best']} {o['base_auroc']:.3f} ({o['base_fpr95']:.2f}) | "
                      f"{o['jem_posthoc']} {o['jem_posthoc_auroc']:.3f} ({o['jem_posthoc_fpr95']:.2f}) | "
                      f"{o['own_minus_best']:+.3f} ({o['own_minus_best_fpr95']:+.2f}) |")
+    seeds = sorted({o["seed"] for o in oods})
+    for label in dict.fromkeys(o["set"] for o in oods) if len(seeds) > 1 else ():
+        rows = [o for o in oods if o["set"] == label]
+        m = lambda k, rows=rows: np.mean([o[k] for o in rows])  # noqa: E731
+        lines.append(f"| mean | {label} | {m('jem_logp'):.3f} | {m('own_auroc'):.3f} ({m('own_fpr95'):.2f}) | "
+                     f"{m('base_auroc'):.3f} ({m('base_fpr95'):.2f}) | {m('jem_posthoc_auroc'):.3f} "
+                     f"({m('jem_posthoc_fpr95'):.2f}) | {m('own_minus_best'):+.3f} ({m('own_minus_best_fpr95'):+.2f}) |")
     if gens:
         sets = list(gens[0]["fd"])
         lines += ["", "JEM samples in the baseline's features: Fréchet distance to test images (the baseline's "

@@ -57,3 +57,16 @@ def run_copy(trained_runs, tmp_path):
         shutil.copytree(trained_runs / kind, dst, ignore=shutil.ignore_patterns("eval", "robustness"))
         return dst
     return copy
+
+
+def grey_imagefolder(root: Path, per_class: int = 3, classes=("a", "b"), side: int = 4) -> Path:
+    """``root/{train,test}/<class>/<i>.png``: flat grey images (level 10·i), an imagefolder dataset."""
+    import numpy as np
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for c in classes:
+            (root / split / c).mkdir(parents=True)
+            for i in range(per_class):
+                Image.fromarray(np.full((side, side), 10 * i, np.uint8)).save(root / split / c / f"{i}.png")
+    return root

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import grey_imagefolder
 from jemtorch.checkpoint import CheckpointError, load_safe, save_atomic
 from jemtorch.cli import main
 from jemtorch.data import load_dataset
@@ -69,12 +70,7 @@ def test_overwrite_removes_only_what_jem_train_wrote(tmp_path, capsys):
 
 
 def test_imagefolder_cache_follows_the_files(tmp_path):
-    root = tmp_path / "img"
-    for split in ("train", "test"):
-        for c in ("a", "b"):
-            (root / split / c).mkdir(parents=True)
-            for i in range(3):
-                Image.fromarray(np.full((4, 4), 10 * i, np.uint8)).save(root / split / c / f"{i}.png")
+    root = grey_imagefolder(tmp_path / "img")
     first = load_dataset("imagefolder", root)
     assert len(first.x_train) == 6
     (root / "train" / "a" / "0.png").unlink()  # delete one

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import grey_imagefolder
 from jemtorch.checkpoint import load_safe
 from jemtorch.cli import main
 
@@ -206,17 +207,10 @@ def test_refusals_come_before_any_write(trained_runs, tmp_path, capsys, monkeypa
 
 # 8. damaged caches heal ------------------------------------------------------------------------------------------------
 def test_damaged_caches_are_rebuilt_and_said(tmp_path, capsys):
-    from PIL import Image
-
     from jemtorch.data import load_dataset
     from jemtorch.sampler import fit_gaussians_cached
 
-    root = tmp_path / "img"
-    for split in ("train", "test"):
-        for c in ("a", "b"):
-            (root / split / c).mkdir(parents=True)
-            for i in range(3):
-                Image.fromarray(np.full((4, 4), 10 * i, np.uint8)).save(root / split / c / f"{i}.png")
+    root = grey_imagefolder(tmp_path / "img")
     first = load_dataset("imagefolder", root)
     cache = next(Path(os.environ["JEMTORCH_CACHE"]).glob("imagefolder-*.npz"))
     cache.write_bytes(os.urandom(500))
