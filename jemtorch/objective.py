@@ -22,13 +22,14 @@ are data statistics.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from .energy import JEM
+from .energy import JEM, eval_mode
 from .sampler import running_stats_frozen
 from .settings import Need, setting
 
@@ -52,11 +53,16 @@ class ObjectiveSettings:
     separate_forward: bool = setting(False, "pass data, p(x) data and samples through the network separately "
                                             "(needed with BatchNorm: no shared batch statistics); off: one "
                                             "concatenated forward pass")
+    px_norm: str = setting("batch", "with --separate-forward, how normalisation layers see the p(x) data and the "
+                                    "samples in the loss: batch (each batch's own statistics, as JEM++/SADA-JEM) or "
+                                    "running (the labelled data's running averages, as evaluation sees every image: "
+                                    "the density trained is the one scored; use with --sample-mode eval)")
 
     def check(self, need: Need) -> None:
         need(min(self.p_y_given_x_weight, self.p_x_weight, self.p_x_y_weight) >= 0, "loss weights must be >= 0")
         need(self.p_y_given_x_weight + self.p_x_weight + self.p_x_y_weight > 0, "at least one loss weight must be > 0")
         need(self.energy_reg >= 0, f"--energy-reg must be >= 0, got {self.energy_reg}")
+        need(self.px_norm in ("batch", "running"), f"--px-norm must be batch or running, got {self.px_norm!r}")
         need(self.energy_reg_form in ENERGY_REG_FORMS,
              f"--energy-reg-form must be one of {', '.join(ENERGY_REG_FORMS)}, got {self.energy_reg_form!r}")
 
@@ -86,15 +92,17 @@ def energy_penalty(e_data: torch.Tensor, e_samples: torch.Tensor, form: str) -> 
     raise ValueError(f"energy penalty form must be one of {', '.join(ENERGY_REG_FORMS)}, got {form!r}")
 
 
-def forward_chunks(jem: JEM, chunks: dict[str, torch.Tensor], separate: bool = False) -> dict[str, torch.Tensor]:
+def forward_chunks(jem: JEM, chunks: dict[str, torch.Tensor], separate: bool = False,
+                   running: bool = False) -> dict[str, torch.Tensor]:
     """Logits for every named chunk. Joint: one forward pass over the concatenation. Separate: one pass per chunk;
-    only the first chunk (the labelled batch) updates BatchNorm running statistics."""
+    only the first chunk (the labelled batch) updates BatchNorm running statistics; ``running``: the other chunks go
+    through the network in eval mode (normalised by the running averages, as at evaluation)."""
     names = list(chunks)
     if not separate or len(names) == 1:
         logits = jem(torch.cat([chunks[n] for n in names])).split([len(chunks[n]) for n in names])
         return dict(zip(names, logits))
     out = {names[0]: jem(chunks[names[0]])}
-    with running_stats_frozen(jem):
+    with running_stats_frozen(jem), (eval_mode(jem) if running else contextlib.nullcontext()):
         for n in names[1:]:
             out[n] = jem(chunks[n])
     return out
@@ -110,25 +118,27 @@ def jem_loss(
     samples: Optional[torch.Tensor] = None,
     samples_y: Optional[torch.Tensor] = None,
     separate: bool = False,
+    running: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The JEM loss of one step and its statistics (0-d tensors; no host sync).
 
     ``x, y``: the labelled batch (augmented). ``x_px``: the p(x) batch when it is not ``x`` itself (semi-supervised
     data, or un-augmented images). ``samples``: x̂ ~ p(x), needed when ``weights.px > 0``. ``samples_y``: x̂_y ~
-    p(x|y) for the labels ``y``, needed when ``weights.pxy > 0``.
+    p(x|y) for the labels ``y``, needed when ``weights.pxy > 0``. ``separate``, ``running``: see
+    ``forward_chunks``; with ``running`` the p(x) data are always their own chunk, seen as evaluation sees them.
     """
     if weights.px > 0 and samples is None:
         raise ValueError("the p(x) term needs samples")
     if weights.pxy > 0 and samples_y is None:
         raise ValueError("the p(x, y) term needs class-conditional samples")
     chunks = {"x": x}
-    if x_px is not None and weights.px > 0:
-        chunks["x_px"] = x_px
+    if weights.px > 0 and (x_px is not None or (running and separate)):
+        chunks["x_px"] = x_px if x_px is not None else x
     if weights.px > 0:
         chunks["samples"] = samples
     if weights.pxy > 0:
         chunks["samples_y"] = samples_y
-    logits = forward_chunks(jem, chunks, separate)
+    logits = forward_chunks(jem, chunks, separate, running)
 
     l_clf = F.cross_entropy(logits["x"], y)
     loss = weights.clf * l_clf

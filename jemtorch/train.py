@@ -168,7 +168,7 @@ def forward_backward(state: TrainState, cfg: TrainConfig, batch, weights: Weight
     def loss_fn() -> tuple[torch.Tensor, dict]:
         with autocast():
             return jem_loss(state.loss_jem, x, y, weights=weights, x_px=x_px, samples=samples, samples_y=samples_y,
-                            separate=cfg.separate_forward)
+                            separate=cfg.separate_forward, running=cfg.px_norm == "running")
 
     loss, stats = loss_fn()
     state.opt.zero_grad(set_to_none=True)
