@@ -18,7 +18,8 @@ until a penalty stops them, and the model learns nothing more about p(x). The pe
                 sets the energies.
 
 An iteration of the generative phase is **healthy** when reach ≥ ``REACH_MIN`` (one chain end in five at or below
-the data's median energy; a model's own samples: one in two). ``Health`` counts healthy iterations (``summary.json``:
+the data's median energy; a model's own samples: one in two) and the gap is not pinned (so that no penalty can make
+an iteration healthy by holding the energies together). ``Health`` counts healthy iterations (``summary.json``:
 ``health.healthy_fraction``), warns on screen and in metrics.jsonl (``kind: health``) when a log window is mostly
 unhealthy or pinned, and says so again when it recovers.
 """
@@ -31,9 +32,9 @@ PINNED_AT = 0.9  # share of the penalty's fixed point w/λ at which the gap coun
 WINDOW_BAD = 0.5  # a log window with fewer healthy iterations than this share raises the warning
 
 
-def healthy(values: dict) -> bool:
-    """One generative iteration's verdict from its statistics (``reach``)."""
-    return values.get("reach", 0.0) >= REACH_MIN
+def healthy(values: dict, p_x_weight: float = 1.0, energy_reg: float = 0.0) -> bool:
+    """One generative iteration's verdict from its statistics: ``reach``, and the gap off the penalty's fixed point."""
+    return values.get("reach", 0.0) >= REACH_MIN and not pinned(values.get("energy_gap", 0.0), p_x_weight, energy_reg)
 
 
 def pinned(gap: float, p_x_weight: float, energy_reg: float) -> bool:
@@ -60,7 +61,7 @@ class Health(Callback):
     def on_step_end(self, t, values: dict) -> None:
         if "reach" not in values:  # a classifier step (baseline, or before --px-start-epoch)
             return
-        ok = healthy(values)
+        ok = healthy(values, self.cfg.p_x_weight, t.recovery.energy_reg)
         self.iterations += 1
         self.healthy += ok
         self.window.append(ok)
@@ -92,8 +93,8 @@ class Health(Callback):
         if not self.iterations:
             return {}
         return {"health": {"healthy_fraction": self.healthy / self.iterations, "generative_iterations": self.iterations,
-                           "definition": f"reach >= {REACH_MIN}: share of chain ends at or below the data batch's "
-                                         f"median energy (jemtorch/health.py)"}}
+                           "definition": f"reach >= {REACH_MIN} (share of chain ends at or below the data batch's median "
+                                         f"energy) and the energy gap off the penalty's fixed point (jemtorch/health.py)"}}
 
     def state_dict(self) -> dict:
         return {"iterations": self.iterations, "healthy": self.healthy, "window": list(self.window),
