@@ -187,7 +187,8 @@ def clip_norm(cfg: TrainConfig) -> float:
 
 def reduce_stats(stats: dict, max_energy_gap: float, dist: Dist) -> tuple[dict, bool]:
     """The statistics as Python floats (one host sync; under torch.distributed one all-reduce: means over ranks) and
-    whether the step is healthy: every value finite and |energy gap| ≤ ``max_energy_gap`` on every rank."""
+    whether the step is sound (may be applied): every value finite and |energy gap| ≤ ``max_energy_gap`` on every
+    rank. (Not to be confused with health.py's verdict on the generative half.)"""
     names = list(stats)
     vec = torch.stack([stats[k].detach().float() for k in names])
     gap = stats.get("energy_gap")
@@ -304,8 +305,8 @@ class Trainer:
         weights = self.phases.weights(self.recovery.weights, state.step)
         stats, loss_fn = forward_backward(state, cfg, batch, weights, self.autocast)
         self.call("on_stats", stats)
-        values, healthy = reduce_stats(stats, cfg.max_energy_gap, self.dist)
-        if not healthy:
+        values, sound = reduce_stats(stats, cfg.max_energy_gap, self.dist)
+        if not sound:  # a divergence: the guard rolls back (recovery.py)
             state.opt.zero_grad(set_to_none=True)
             self.events += self.recovery.recover(state, values)
             return {**values, "rollback": 1.0}
