@@ -71,6 +71,28 @@ def test_separate_forward_keeps_batchnorm_statistics_apart():
     assert not all(torch.allclose(b.running_mean, a) for b, a in zip(bns, after_alone))
 
 
+def test_px_norm_running_scores_the_p_x_chunks_as_evaluation_does():
+    """--px-norm running: the p(x) data and the samples go through the network with the running averages (eval mode),
+    the labelled batch with its own statistics; only the labelled batch moves the averages."""
+    torch.manual_seed(0)
+    jem = JEM(create_model("cnn-4", in_channels=1, num_classes=3, norm="batch"))
+    jem.train()
+    data, samples = torch.randn(8, 1, 8, 8), torch.randn(8, 1, 8, 8) * 5 + 3
+    out = forward_chunks(jem, {"x": data, "samples": samples}, separate=True, running=True)
+    after = {k: v.clone() for k, v in jem.state_dict().items()}
+    with torch.no_grad():
+        jem.eval()
+        as_evaluated = jem(samples)
+    torch.testing.assert_close(out["samples"], as_evaluated)
+    jem.load_state_dict(after)
+    _, stats = jem_loss(jem.train(), data, torch.arange(8) % 3, weights=Weights(), samples=samples, separate=True,
+                        running=True)  # the p(x) data default to the labelled batch, seen as evaluation sees it
+    with torch.no_grad():
+        jem.eval()
+        e_data = -jem.log_px(data)
+    torch.testing.assert_close(stats["e_data"], e_data.mean(), rtol=1e-4, atol=1e-4)
+
+
 def test_energy_penalty_forms():
     """per-example squares every energy (its gradient grows with each image's |E|, so it pulls every image to the same
     energy); batch-mean squares the batch mean (the same pull on every image: only the level is held)."""
