@@ -81,11 +81,12 @@ class Health(Callback):
             return
         self.warned = bad
         fixed = self.cfg.p_x_weight / t.recovery.energy_reg if t.recovery.energy_reg > 0 else None
-        what = (f"pinned: energy gap {gap:.2f} at the energy penalty's fixed point −{fixed:g}" if is_pinned else
-                f"samples do not reach the data's energy: {share:.0%} of the last iterations healthy")
+        what = (f"the p(x) term is pinned: energy gap {gap:.2f} at the energy penalty's fixed point −{fixed:g}"
+                if is_pinned else f"the samples do not reach the data's energy: {share:.0%} of the last iterations "
+                                  f"healthy")
         t.emit({"kind": "health", "step": t.state.step, "status": "unhealthy" if bad else "healthy",
                 "healthy_share": share, "energy_gap": gap, "pinned": is_pinned, "penalty_fixed_point": fixed,
-                "message": (f"health warning at iteration {t.state.step}: p(x) term {what} (reach "
+                "message": (f"health warning at iteration {t.state.step}: {what} (reach "
                             f"{values['reach']:.2f}, travel {values.get('travel', 0):.3g}); see README, Health")
                 if bad else f"health: healthy again at iteration {t.state.step} ({share:.0%} of the last iterations)"})
 
