@@ -412,11 +412,13 @@ GENERATIVE_ONLY = ("px_start_epoch", "px_ramp_epochs", "energy_reg", "energy_reg
 
 def training_differences(saved: dict, wanted: dict) -> list[str]:
     """The config fields two runs differ in that change what is trained: neither where a run is written
-    (RESUME_IGNORED) nor, when both are baselines, the generative terms' settings (GENERATIVE_ONLY). A field missing
-    from a config saved before it existed counts as its default: fields are added with the earlier behaviour as
-    their default."""
+    (RESUME_IGNORED) nor how the data's folder is spelt, nor, when both are baselines, the generative terms' settings
+    (GENERATIVE_ONLY). A field missing from a config saved before it existed counts as its default: fields are added
+    with the earlier behaviour as their default."""
     defaults = json.loads(json.dumps(TrainConfig().to_dict()))  # as saved: tuples become lists
     saved, wanted = {**defaults, **upgrade_legacy(saved)}, {**defaults, **upgrade_legacy(wanted)}
+    for d in (saved, wanted):  # the same folder, named relative to the working directory or in full
+        d["data_root"] = str(Path(d["data_root"]).expanduser().resolve())
     baselines = all(d["p_x_weight"] == 0 and d["p_x_y_weight"] == 0 for d in (saved, wanted))
     ignored = set(RESUME_IGNORED) | (set(GENERATIVE_ONLY) if baselines else set())
     return sorted(k for k in saved.keys() | wanted.keys() if k not in ignored and saved.get(k) != wanted.get(k))

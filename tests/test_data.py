@@ -196,10 +196,16 @@ def test_real_mnist_files(name, folder):
 
 def test_real_cifar10_png(tmp_path):
     archive = shared_data("cifar10-png.tar.gz")
+    per_class: dict[str, int] = {}
     with tarfile.open(archive, "r|gz") as tar:  # a stream: the test split comes first, stop where train/ begins
         for m in tar:
             if m.name.startswith("cifar10/train"):
                 break
+            if m.isfile():  # 200 test images per class are enough to check
+                cls = m.name.split("/")[2]
+                per_class[cls] = per_class.get(cls, 0) + 1
+                if per_class[cls] > 200:
+                    continue
             tar.extract(m, tmp_path, filter="data")
     for cls in sorted(p.name for p in (tmp_path / "cifar10/test").iterdir()):  # a small train/ beside it
         (tmp_path / "cifar10/train" / cls).mkdir(parents=True)
@@ -207,9 +213,9 @@ def test_real_cifar10_png(tmp_path):
             shutil.copy(f, tmp_path / "cifar10/train" / cls / f.name)
     d = load_dataset("imagefolder", tmp_path / "cifar10")
     assert d.classes[0] == "airplane" and d.classes[-1] == "truck"
-    assert d.x_test.shape == (10000, 3, 32, 32) and torch.bincount(d.y_test).tolist() == [1000] * 10
-    mean = d.x_test.float().mean(dim=(0, 2, 3)) / 255
-    assert torch.allclose(mean, torch.tensor([0.4914, 0.4822, 0.4465]), atol=0.01)
+    assert d.x_test.shape == (2000, 3, 32, 32) and torch.bincount(d.y_test).tolist() == [200] * 10
+    mean = d.x_test.float().mean(dim=(0, 2, 3)) / 255  # CIFAR-10's channel means, within a sample's error
+    assert torch.allclose(mean, torch.tensor([0.4914, 0.4822, 0.4465]), atol=0.015)
 
 
 def test_download_verifies_md5_and_fails_clearly(tmp_path, monkeypatch):

@@ -98,20 +98,20 @@ def test_jem_on_two_nodes_shares_weights_not_buffers_and_rolls_back_together(tmp
 
 
 def test_killed_two_rank_run_resumes_exactly(tmp_path):
-    args = [*TINY, "--epochs", "5", "--batch-size", "32", "--log-every", "1"]
+    args = [*TINY, "--epochs", "3", "--batch-size", "32", "--log-every", "1"]
     torchrun([*args, "--out", str(tmp_path / "full")])
     run = tmp_path / "cut"
     proc = torchrun([*args, "--out", str(run)], wait=False)
     deadline = time.time() + 120
-    while time.time() < deadline:  # wait for the epoch-2 checkpoint, then kill everything at once
-        if (run / "checkpoint.pt").exists() and (run / "metrics.jsonl").read_text().count('"eval"') >= 2:
+    while time.time() < deadline:  # wait for the epoch-1 checkpoint, then kill everything at once
+        if (run / "checkpoint.pt").exists() and (run / "metrics.jsonl").read_text().count('"eval"') >= 1:
             break
         time.sleep(0.02)
     kill_all(str(run))  # the launcher and its workers (they run in sessions of their own)
     proc.communicate()
     assert not (run / "summary.json").exists()
     step = load_safe(run / "checkpoint.pt")["step"]
-    assert 0 < step < 100
+    assert 0 < step < 60
     torchrun(["--resume", str(run), "--no-progress"])
     a, b = (load_safe(tmp_path / r / "checkpoint.pt") for r in ("full", "cut"))
     for k in a["model"]:

@@ -85,26 +85,28 @@ def test_imagefolder_cache_follows_the_files(tmp_path):
 def test_ctrl_c_then_resume_reproduces_the_uninterrupted_run(tmp_path):
     args = ["train", "--model", "cnn-4", "--sgld-steps", "2", "--buffer-size", "200", "--epochs", "3",
             "--batch-size", "32", "--log-every", "1", "--no-progress"]
-    # every run in a process of its own with one thread: the same float reduction order in all three
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    jem = lambda *a, **kw: subprocess.Popen([sys.executable, "-m", "jemtorch", *a], env=env, stdout=subprocess.PIPE,
-                                            stderr=subprocess.PIPE, text=True, **kw)
-    full = jem(*args, "--out", str(tmp_path / "full"))
-    assert full.wait(timeout=300) == 0, full.communicate()[1]
-    run = tmp_path / "cut"
-    proc = jem(*args, "--out", str(run))
-    log = run / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and (not log.exists() or log.read_text().count('"train"') < 25):
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err  # stopped by the interrupt, not finished
-    assert "checkpoint saved" in err and "Traceback" not in err
-    cut_at = load_safe(run / "checkpoint.pt")["step"]
-    assert 25 <= cut_at < 3 * 40
-    resumed = jem("train", "--resume", str(run), "--no-progress")
-    assert resumed.wait(timeout=300) == 0, resumed.communicate()[1]
+    # one thread everywhere (the interrupted run in a process of its own, the others here): one float reduction order
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main([*args, "--out", str(tmp_path / "full")]) == 0
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+        run = tmp_path / "cut"
+        proc = subprocess.Popen([sys.executable, "-m", "jemtorch", *args, "--out", str(run)], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        log = run / "metrics.jsonl"
+        deadline = time.time() + 120
+        while time.time() < deadline and (not log.exists() or log.read_text().count('"train"') < 25):
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 130, err  # stopped by the interrupt, not finished
+        assert "checkpoint saved" in err and "Traceback" not in err
+        cut_at = load_safe(run / "checkpoint.pt")["step"]
+        assert 25 <= cut_at < 3 * 40
+        assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    finally:
+        torch.set_num_threads(threads)
     a, b = load_safe(tmp_path / "full/checkpoint.pt"), load_safe(run / "checkpoint.pt")
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ def cfg(tmp_path, **kw):
 
 
 def test_short_training_lowers_the_loss(tmp_path):
-    summary = train(cfg(tmp_path / "r", epochs=4, model="cnn-16"))  # 4 × 42 iterations
+    summary = train(cfg(tmp_path / "r", epochs=3, lr=5e-3))  # 3 × 42 iterations of cnn-8
     recs = [json.loads(l) for l in (tmp_path / "r/metrics.jsonl").read_text().splitlines()]
     train_recs = [r for r in recs if r["kind"] == "train"]
     assert train_recs[-1]["l_clf"] < train_recs[0]["l_clf"] - 0.5
@@ -299,5 +300,8 @@ def test_a_baseline_never_reads_the_generative_settings(tmp_path):
     assert training_differences(da, db) == []
     assert training_differences({**da, "p_x_weight": 1.0}, {**db, "p_x_weight": 1.0}) == sorted(GENERATIVE_ONLY)
     assert training_differences(da, {**da, "lr": 0.5, "out": "elsewhere"}) == ["lr"]
+    here = {**da, "data_root": "data"}  # one folder spelt two ways, then another folder
+    assert training_differences(here, {**da, "data_root": str(Path("data").resolve())}) == []
+    assert training_differences(here, {**da, "data_root": "other"}) == ["data_root"]
     older = {k: v for k, v in da.items() if k != "time_limit"}  # saved before --time-limit existed: its default
     assert training_differences(older, da) == [] and training_differences(older, {**da, "time_limit": 9.0}) != []
