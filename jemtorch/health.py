@@ -25,6 +25,8 @@ unhealthy or pinned, and says so again when it recovers.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 from .callbacks import Callback
 
 REACH_MIN = 0.2
@@ -37,9 +39,15 @@ def healthy(values: dict, p_x_weight: float = 1.0, energy_reg: float = 0.0) -> b
     return values.get("reach", 0.0) >= REACH_MIN and not pinned(values.get("energy_gap", 0.0), p_x_weight, energy_reg)
 
 
+def fixed_point(p_x_weight: float, energy_reg: float) -> Optional[float]:
+    """w/λ: the size of the energy gap at which the penalised p(x) loss stops moving the energies (None: no penalty)."""
+    return p_x_weight / energy_reg if energy_reg > 0 else None
+
+
 def pinned(gap: float, p_x_weight: float, energy_reg: float) -> bool:
     """Is the energy gap at the penalty's fixed point −w/λ (within ``PINNED_AT``)?"""
-    return energy_reg > 0 and p_x_weight > 0 and abs(gap) >= PINNED_AT * p_x_weight / energy_reg
+    fixed = fixed_point(p_x_weight, energy_reg)
+    return fixed is not None and p_x_weight > 0 and abs(gap) >= PINNED_AT * fixed
 
 
 class Health(Callback):
@@ -80,7 +88,7 @@ class Health(Callback):
         if bad == self.warned:
             return
         self.warned = bad
-        fixed = self.cfg.p_x_weight / t.recovery.energy_reg if t.recovery.energy_reg > 0 else None
+        fixed = fixed_point(self.cfg.p_x_weight, t.recovery.energy_reg)
         what = (f"the p(x) term is pinned: energy gap {gap:.2f} at the energy penalty's fixed point −{fixed:g}"
                 if is_pinned else f"the samples do not reach the data's energy: {share:.0%} of the last iterations "
                                   f"healthy")

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from jemtorch.checkpoint import load_safe
+
 IGNORED = {"time", "reach", "travel", "saturation"}
 
 
@@ -45,7 +47,7 @@ def main(a: Path, b: Path) -> int:
     for f in sorted(a.rglob("*.pt")):
         if "cache" in f.parts:
             continue
-        x, y = (torch.load(p, weights_only=True) for p in (f, b / f.relative_to(a)))
+        x, y = (load_safe(p) for p in (f, b / f.relative_to(a)))
         for key in ("model", "optimizer", "buffer", "rng", "step"):
             if key in x:
                 compared += 1
