@@ -78,8 +78,13 @@ def test_px_norm_running_scores_the_p_x_chunks_as_evaluation_does():
     jem = JEM(create_model("cnn-4", in_channels=1, num_classes=3, norm="batch"))
     jem.train()
     data, samples = torch.randn(8, 1, 8, 8), torch.randn(8, 1, 8, 8) * 5 + 3
+    before = {k: v.clone() for k, v in jem.state_dict().items()}
     out = forward_chunks(jem, {"x": data, "samples": samples}, separate=True, running=True)
     after = {k: v.clone() for k, v in jem.state_dict().items()}
+    jem.load_state_dict(before)
+    jem(data)  # the labelled batch alone, in training mode: the averages move exactly as they did above
+    for k, v in jem.state_dict().items():
+        torch.testing.assert_close(v, after[k], rtol=0, atol=0)
     with torch.no_grad():
         jem.eval()
         as_evaluated = jem(samples)
