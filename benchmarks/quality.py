@@ -6,21 +6,24 @@ code (both runs together, the baseline as the reference classifier):
 
 1. classification: test accuracy, ECE before and after temperature scaling (the JEM's raw ECE minus the baseline's
    with a 95% paired-bootstrap interval over the test images), training time, rollbacks, the JEM's healthy share;
-2. OOD, per set: the JEM's log p(x), its best own score (log p(x), max p(y|x), −‖∇ log p(x)‖), the best post-hoc
-   detector on the baseline and on the JEM (MaxLogit, Mahalanobis, ViM, KNN, ReAct; the baseline's own scores count
-   as post-hoc: its log p(x) is the Energy score), AUROC and FPR at 95% TPR, and the JEM's own minus the best post-hoc;
+2. OOD, per set: the JEM's log p(x), its best own score (``detectors.OWN``: log p(x), max p(y|x), −‖∇ log p(x)‖,
+   typicality, complexity), the best post-hoc detector on the baseline and on the JEM (MaxLogit, Mahalanobis, ViM,
+   KNN, ReAct, and the model-free PNG length; the baseline's own scores count as post-hoc: its log p(x) is the Energy
+   score), AUROC and FPR at 95% TPR, and the JEM's own minus the best post-hoc;
 3. samples: the Fréchet distance to test images in the baseline's features and the baseline's accuracy on
    class-conditional samples, for the chains' starting points, fresh chains and the replay buffer.
 
     python benchmarks/quality.py --dataset fashion-mnist --data-root ../shared/data --seeds 0 1 2
     python benchmarks/quality.py --dataset fashion-mnist --data-root ../shared/data --labels-per-class 100
     python benchmarks/quality.py --dataset digits --ood interp,uniform,constant
+    python benchmarks/quality.py --dataset fashion-mnist --seeds 0 1 2 --ood-only   # trained runs: the OOD table alone
 
 Any ``jem train`` flag can follow ``--`` and applies to both runs, e.g. ``-- --epochs 5 --model cnn-32``. Runs land
 in ``--out`` (default runs/quality/<dataset>[-ssl<k>]/seed<s>/{jem,baseline}); the tables are printed as markdown and
-written to ``--out/quality.md`` and ``quality.json``. A run already in ``--out`` is reused (evaluated, not trained
-again) when it was trained with the same configuration; a baseline also when the two differ only in settings of the
-generative terms, which a baseline never reads (``jemtorch.config.GENERATIVE_ONLY``).
+written to ``--out/quality.md`` and ``quality.json`` (``--ood-only``: ``quality-ood.*``, the full tables kept). A
+run already in ``--out`` is reused (evaluated, not trained again) when it was trained with the same configuration; a
+baseline also when the two differ only in settings of the generative terms, which a baseline never reads
+(``jemtorch.config.GENERATIVE_ONLY``).
 """
 from __future__ import annotations
 
@@ -31,12 +34,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from jemtorch.build import load_run
 from jemtorch.cli import build_parser
 from jemtorch.config import resolve_config, training_differences
-from jemtorch.data import check_ood_name, load_dataset, ood_labels
+from jemtorch.data import check_ood_name, load_dataset, ood_labels, to_float
 from jemtorch.detectors import OWN
-from jemtorch.evaluate import EvalOptions, evaluate_runs
+from jemtorch.evaluate import EvalOptions, evaluate_runs, ood_detection
 from jemtorch.metrics import format_difference
 from jemtorch.train import Trainer, TrainingDiverged
 
@@ -94,10 +99,25 @@ def ood_row(seed: int, label: str, jem: dict, base: dict) -> dict:
             "own_minus_best": own_r["auroc"] - top["auroc"], "own_minus_best_fpr95": own_r["fpr95"] - top["fpr95"]}
 
 
+def ood_only(out: Path, kinds: list[str], ood: tuple, args) -> dict:
+    """Each run's OOD results alone (``jem eval``'s ood_detection: no calibration, no samples)."""
+    opts = EvalOptions(ood=ood, n=args.n, data_root=args.data_root, progress=False)
+    res = {}
+    for kind in kinds:
+        run = load_run(out / kind, data_root=args.data_root)
+        g = torch.Generator().manual_seed(opts.seed)  # the test images evaluate_run scores
+        n = min(opts.n, len(run.data.x_test))
+        x_in = to_float(run.data.x_test[torch.randperm(len(run.data.x_test), generator=g)[:n]])
+        res[kind] = {"name": run.name, **ood_detection(run, opts, x_in)[0]}
+    return res
+
+
 def evaluate_pair(seed: int, out: Path, summaries: dict, ood: tuple, args) -> tuple[list, list, list]:
     ok = [k for k in ("jem", "baseline") if "failed" not in summaries[k]]
     metrics = {}
-    if ok:
+    if ok and args.ood_only:
+        metrics = ood_only(out, ok, ood, args)
+    elif ok:
         evals = evaluate_runs([str(out / k) for k in ok],
                               EvalOptions(ood=ood, n=args.n, data_root=args.data_root, progress=False, n_gen=args.n_gen,
                                           n_samples=100, sample_steps=args.sample_steps))
@@ -106,7 +126,10 @@ def evaluate_pair(seed: int, out: Path, summaries: dict, ood: tuple, args) -> tu
     for kind in ("jem", "baseline"):
         s, m = summaries[kind], metrics.get(kind)
         row = {"seed": seed, "run": kind, "failed": s.get("failed")}
-        if m:
+        if m and args.ood_only:
+            row.update(test_accuracy=s["test_accuracy"], train_seconds=s["train_seconds"], rollbacks=s["rollbacks"],
+                       healthy=s.get("health", {}).get("healthy_fraction"))
+        elif m:
             row.update(test_accuracy=m["test_accuracy"], ece=m["ece"], ece_ts=m["ece_ts"], temperature=m["temperature"],
                        train_seconds=s["train_seconds"], rollbacks=s["rollbacks"], recipe=s.get("recipe"),
                        healthy=s.get("health", {}).get("healthy_fraction"),
@@ -115,9 +138,13 @@ def evaluate_pair(seed: int, out: Path, summaries: dict, ood: tuple, args) -> tu
         runs.append(row)
     if "jem" in metrics and "baseline" in metrics:
         oods = [ood_row(seed, label, metrics["jem"], metrics["baseline"]) for label in ood_labels(ood).values()]
-        gen = metrics["jem"]["generation"]
-        gens = [{"seed": seed, "fd": gen["fd_ref"], "accuracy": gen.get("ref_accuracy", {})}]
+        gen = metrics["jem"].get("generation")
+        gens = [{"seed": seed, "fd": gen["fd_ref"], "accuracy": gen.get("ref_accuracy", {})}] if gen else []
     return runs, oods, gens
+
+
+def pct(v) -> str:
+    return "—" if v is None else f"{100 * v:.2f}%"
 
 
 def tables(runs: list, oods: list, gens: list) -> list[str]:
@@ -128,12 +155,12 @@ def tables(runs: list, oods: list, gens: list) -> list[str]:
             lines.append(f"| {r['seed']} | {r['run']} | FAILED: {r.get('failed')} |")
             continue
         lines.append("| " + " | ".join(map(str, [
-            r["seed"], r["run"], f"{100 * r['test_accuracy']:.2f}%", f"{100 * r['ece']:.2f}%",
-            format_difference(r["ece_vs_baseline"]), f"{100 * r['ece_ts']:.2f}%" if r["ece_ts"] is not None else "—",
-            f"{r['temperature']:.2f}" if r["temperature"] else "—", f"{r['train_seconds']:.0f}", r["rollbacks"],
+            r["seed"], r["run"], f"{100 * r['test_accuracy']:.2f}%", pct(r.get("ece")),
+            format_difference(r["ece_vs_baseline"]) if r.get("ece_vs_baseline") else "—", pct(r.get("ece_ts")),
+            f"{r['temperature']:.2f}" if r.get("temperature") else "—", f"{r['train_seconds']:.0f}", r["rollbacks"],
             f"{100 * r['healthy']:.0f}%" if r.get("healthy") is not None else "—"])) + " |")
     for kind in ("jem", "baseline"):
-        good = [r for r in runs if r["run"] == kind and "test_accuracy" in r]
+        good = [r for r in runs if r["run"] == kind and r.get("ece") is not None]
         if len(good) > 1:
             acc, ece = np.array([r["test_accuracy"] for r in good]), np.array([r["ece"] for r in good])
             lines.append(f"| mean ± sd | {kind} | {100 * acc.mean():.2f} ± {100 * acc.std(ddof=1):.2f}% | "
@@ -175,6 +202,7 @@ def main() -> int:
     p.add_argument("--n-gen", type=int, default=1000, help="samples per set for the Fréchet distances")
     p.add_argument("--sample-steps", type=int, default=200, help="chain steps of the fresh samples (jem eval's default)")
     p.add_argument("--out", default=None)
+    p.add_argument("--ood-only", action="store_true", help="evaluate OOD detection alone (no calibration, no samples)")
     args, rest = p.parse_known_args()
     extra = rest[1:] if rest[:1] == ["--"] else rest
     tag = args.dataset + (f"-ssl{args.labels_per_class}" if args.labels_per_class > 0 else "")
@@ -193,7 +221,8 @@ def main() -> int:
     cfg = resolve_config({**flags, "seed": args.seeds[0]})
     head = (f"{args.dataset}, recipe {cfg.recipe}, model {cfg.model}, {cfg.epochs} epochs, batch {cfg.batch_size}, "
             f"labels/class {'all' if args.labels_per_class < 0 else args.labels_per_class}, seeds {args.seeds}")
-    write_table(out_root, "quality", head, [f"**{head}**", ""] + tables(runs, oods, gens),
+    write_table(out_root, "quality-ood" if args.ood_only else "quality", head,
+                [f"**{head}**", ""] + tables(runs, oods, gens),
                 {"runs": runs, "ood": oods, "samples": gens})
     return 0
 

@@ -7,15 +7,19 @@
 | maxprob     | max_y p(y|x), MSP (Hendrycks & Gimpel 2017)                       | —                               |
 | gradnorm    | −‖∂ log p(x)/∂x‖₂ (Grathwohl et al. 2020)                          | —                               |
 | typicality  | log density of (log p(x), log ‖∇ₓ log p(x)‖) (DoSE-style)        | a kernel density of the pairs   |
+| complexity  | log density of (log p(x), log ‖∇ₓ log p(x)‖, PNG bits/dim)        | a kernel density of the triples |
 | maxlogit    | max_y f(x)[y] (Hendrycks et al. 2022)                             | —                               |
 | mahalanobis | −½ min_c (z − μ_c)ᵀ Σ⁻¹ (z − μ_c) (Lee et al. 2018)               | class means, shared covariance  |
 | vim         | LogSumExp(Wz + b) − α‖(z − u) R‖ (Wang et al. 2022)              | residual space R, origin u, α   |
 | knn         | −‖ẑ − ẑ_(k)‖, ẑ = z/‖z‖ (Sun et al. 2022)                          | a bank of normalised features   |
 | react       | LogSumExp(W min(z, c) + b) (Sun et al. 2021)                      | clip c: 90th percentile of z    |
+| png         | log density of PNG bits/dim alone: no model (Serra et al. 2020)  | a kernel density of the lengths |
 
 ``z`` are the features that enter the classifier's head, its last ``nn.Linear`` (a model can name another head in a
-``jemtorch_head`` attribute: the name of a submodule). The first four are the JEM's own scores (``OWN``): they read
-the energy model and its input gradient (typicality fits their joint density on the training split). The post-hoc
+``jemtorch_head`` attribute: the name of a submodule). The first five are the JEM's own scores (``OWN``): they read
+the energy model and its input gradient (typicality fits their joint density on the training split; complexity adds
+the image's PNG length, the input complexity that confounds every likelihood). ``png`` is that length alone, a
+reference without any model: a JEM's score that adds the length wins only where it beats the length alone. The post-hoc
 definitions follow pytorch-ood 0.4 (``pytorch_ood.detector``; for Mahalanobis its covariance, the sum of the centred
 outer products plus 1e-6·I) and the detectors' official code (ViM's residual dimension: haoqiwang/vim
 ``benchmark.py``; for features of lower rank than that, half their rank, said in ``info["notes"]``). jemtorch computes
@@ -29,6 +33,7 @@ quantiles on validation images, from which ``jem score`` takes its OOD threshold
 """
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,13 +45,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointError, replace_atomic
+from .data import to_uint8
 from .energy import JEM
 from .sampler import frozen
 
 # the JEM's own scores: its energy, its classifier, its input gradient, and the typicality of energy and gradient
-OWN = ("logp", "maxprob", "gradnorm", "typicality")
+OWN = ("logp", "maxprob", "gradnorm", "typicality", "complexity")
 N_FIT = 10_000  # training images the detectors are fitted on (at most): the issue's and common practice's number
-FIT_VERSION = 2  # raised whenever a detector's fit changes: stored fits of another version are fitted again
+FIT_VERSION = 3  # raised whenever a detector's fit changes: stored fits of another version are fitted again
 KNN_K_FULL = 50  # Sun et al. 2022: k = 50 for CIFAR-10's 50 000 training images, scaled with the share used
 
 
@@ -74,21 +80,39 @@ def classifier_head(model: nn.Module) -> nn.Linear:
 
 @dataclass
 class Outputs:
-    """A model's outputs for a set of images (CPU tensors): logits (N, C), head features (N, D), and −‖∇ₓ log p(x)‖
-    (N,) when asked for."""
+    """A model's outputs for a set of images (CPU tensors): logits (N, C), head features (N, D), and when asked for
+    −‖∇ₓ log p(x)‖ (N,) and the images' PNG bits per dimension (N,)."""
 
     logits: torch.Tensor
     features: torch.Tensor
     gradnorm: Optional[torch.Tensor] = None
+    complexity: Optional[torch.Tensor] = None
 
     def __len__(self) -> int:
         return len(self.logits)
 
 
+def png_bits(x: torch.Tensor) -> torch.Tensor:
+    """Input complexity: the length of each float image (N, C, H, W) in [−1, 1] as a lossless PNG (its uint8 pixels,
+    zlib level 9 with PNG's filters), in bits per dimension. Serra et al. 2020 ("Input complexity and
+    out-of-distribution detection with likelihood-based generative models", ICLR) use such a compressor's length as a
+    universal model against which a likelihood is compared: simple images (flat, sparse strokes) are short and get
+    high likelihoods from every density model, noise is long."""
+    from PIL import Image
+
+    u = to_uint8(x.detach().float().cpu()).permute(0, 2, 3, 1).numpy()
+    bits = []
+    for im in u:
+        buf = io.BytesIO()
+        Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im).save(buf, format="PNG", optimize=True)
+        bits.append(8.0 * buf.tell() / im.size)
+    return torch.tensor(bits, dtype=torch.float64)
+
+
 def model_outputs(jem: JEM, x: torch.Tensor, batch_size: int = 250, device=None, grad: bool = True,
-                  progress: bool = False, desc: str = "scores") -> Outputs:
-    """Logits, head features and (``grad``) the input-gradient norm of log p(x) for float images ``x``, in eval mode
-    (each image scored alone: no batch statistics)."""
+                  progress: bool = False, desc: str = "scores", complexity: bool = False) -> Outputs:
+    """Logits, head features, (``grad``) the input-gradient norm of log p(x) and (``complexity``) the PNG bits per
+    dimension for float images ``x``, in eval mode (each image scored alone: no batch statistics)."""
     device = device or next(jem.parameters()).device
     head = classifier_head(jem.f)
     feats: list[torch.Tensor] = []
@@ -105,7 +129,8 @@ def model_outputs(jem: JEM, x: torch.Tensor, batch_size: int = 250, device=None,
                 logits.append(out.detach().float().cpu())
     finally:
         hook.remove()
-    res = Outputs(torch.cat(logits), torch.cat(feats), -torch.cat(norms) if grad else None)
+    res = Outputs(torch.cat(logits), torch.cat(feats), -torch.cat(norms) if grad else None,
+                  png_bits(x) if complexity else None)
     if not (torch.isfinite(res.logits).all() and torch.isfinite(res.features).all()):
         raise DetectorError("the model's logits or features are not finite on these images (NaN/inf weights?)")
     return res
@@ -121,6 +146,8 @@ class Detector:
     name = ""
     label = ""  # how tables name it
     needs_grad = False
+    needs_complexity = False  # reads Outputs.complexity (PNG bits/dim)
+    model_free = False  # reads no model output: a reference, never the default OOD flag
     note = ""  # what a regularised fit changed, said in the reports
 
     def fit(self, out: Outputs, y: torch.Tensor, head: nn.Linear) -> None: ...
@@ -301,10 +328,9 @@ class Typicality(Detector):
     name, label, needs_grad = "typicality", "typicality of (log p(x), ‖∇x log p(x)‖)", True
     MAX_POINTS = 4000  # kernel centres kept (a seeded subset): 2 000 test images cost 8 M distances
 
-    @staticmethod
-    def pairs(out: Outputs) -> torch.Tensor:
+    def pairs(self, out: Outputs) -> torch.Tensor:
         if out.gradnorm is None:
-            raise DetectorError("typicality needs the input gradient (model_outputs(grad=True))")
+            raise DetectorError(f"{self.name} needs the input gradient (model_outputs(grad=True))")
         return torch.stack([out.logits.double().logsumexp(1), (-out.gradnorm.double()).clamp(min=1e-12).log()], 1)
 
     def fit(self, out, y, head):
@@ -313,13 +339,13 @@ class Typicality(Detector):
             p = p[torch.randperm(len(p), generator=torch.Generator().manual_seed(0))[: self.MAX_POINTS]]
         self.mean, self.std = p.mean(0), p.std(0).clamp(min=1e-6)
         self.points = (p - self.mean) / self.std
-        self.bandwidth = torch.tensor(float(len(p)) ** (-1 / 6))  # Scott's rule in 2 dimensions, unit variances
+        self.bandwidth = torch.tensor(float(len(p)) ** (-1 / (p.shape[1] + 4)))  # Scott's rule, unit variances
 
     def score(self, out):
         q = (self.pairs(out) - self.mean) / self.std
         h, pts = float(self.bandwidth), self.points
         logk = [(-((qi[:, None, :] - pts[None]) ** 2).sum(-1) / (2 * h * h)).logsumexp(1) for qi in q.split(1000)]
-        return (torch.cat(logk) - np.log(len(pts) * 2 * np.pi * h * h)).numpy()
+        return (torch.cat(logk) - np.log(len(pts)) - pts.shape[1] / 2 * np.log(2 * np.pi * h * h)).numpy()
 
     def state_dict(self):
         return {"mean": self.mean.float(), "std": self.std.float(), "points": self.points.float(),
@@ -330,8 +356,37 @@ class Typicality(Detector):
         self.bandwidth = state["bandwidth"].double()
 
 
-DETECTORS: dict[str, type[Detector]] = {d.name: d for d in (Logp, MaxProb, GradNorm, Typicality, MaxLogit, Mahalanobis,
-                                                            ViM, KNN, ReAct)}
+class Complexity(Typicality):
+    """Typicality with the input's complexity: the density of (log p(x), log ‖∇ₓ log p(x)‖, PNG bits/dim) on the
+    training split. A likelihood is confounded by how simple an image is (Serra et al. 2020): flat images and
+    sparse digits are short as PNGs and likely under any density, noise is long and unlikely. Serra et al. subtract
+    the compressor's length from the model's; an energy model's log p(x) has no known scale (its normaliser and its
+    sampler's temperature are unknown), so the triple's density, fitted on the training split, learns how likelihood,
+    its gradient and complexity go together for in-distribution images and flags images whose likelihood does not
+    fit their complexity. ``png`` (the length alone) is the reference it must beat."""
+
+    name, label, needs_complexity = "complexity", "typicality of (log p(x), ‖∇x log p(x)‖, PNG bits/dim)", True
+
+    def pairs(self, out: Outputs) -> torch.Tensor:
+        if out.complexity is None:
+            raise DetectorError("complexity needs the images' PNG lengths (model_outputs(complexity=True))")
+        return torch.cat([super().pairs(out), out.complexity.double()[:, None]], 1)
+
+
+class PNG(Typicality):
+    """The density of the PNG bits/dim alone on the training split: input complexity without any model, the
+    reference that tells what a score gains from the model beyond the image's compressibility."""
+
+    name, label, needs_grad, needs_complexity, model_free = "png", "PNG bits/dim alone (no model)", False, True, True
+
+    def pairs(self, out: Outputs) -> torch.Tensor:
+        if out.complexity is None:
+            raise DetectorError("png needs the images' PNG lengths (model_outputs(complexity=True))")
+        return out.complexity.double()[:, None]
+
+
+DETECTORS: dict[str, type[Detector]] = {d.name: d for d in (Logp, MaxProb, GradNorm, Typicality, Complexity, MaxLogit,
+                                                            Mahalanobis, ViM, KNN, ReAct, PNG)}
 ALIASES = {"energy": "logp", "msp": "maxprob"}
 
 
@@ -367,7 +422,8 @@ class FittedDetectors:
         if len(x) < 2:
             raise DetectorError(f"cannot fit the detectors on {len(x)} training image(s)")
         grad = any(DETECTORS[n].needs_grad for n in names)
-        out = model_outputs(jem, x, grad=grad, progress=progress, desc="fitting OOD detectors")
+        cx = any(DETECTORS[n].needs_complexity for n in names)
+        out = model_outputs(jem, x, grad=grad, progress=progress, desc="fitting OOD detectors", complexity=cx)
         head = classifier_head(jem.f)
         dets = {}
         for name in names:
@@ -387,7 +443,8 @@ class FittedDetectors:
     def outputs_and_scores(self, jem: JEM, x: torch.Tensor, batch_size: int = 250, device=None, progress: bool = False,
                            desc: str = "scores") -> tuple[Outputs, dict[str, np.ndarray]]:
         grad = any(d.needs_grad for d in self.detectors.values())
-        out = model_outputs(jem, x, batch_size, device, grad=grad, progress=progress, desc=desc)
+        cx = any(d.needs_complexity for d in self.detectors.values())
+        out = model_outputs(jem, x, batch_size, device, grad=grad, progress=progress, desc=desc, complexity=cx)
         dim = self.info.get("feature_dim")
         if dim is not None and out.features.shape[1] != dim:
             raise DetectorError(f"the detectors were fitted on {dim}-dimensional features, this model gives "

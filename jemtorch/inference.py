@@ -11,10 +11,10 @@ float tensors already in the model's units ([−1, 1], the model's (C, H, W)).
 The OOD flag: a detector's score (``detectors.py``: the JEM's own scores or a post-hoc detector fitted on the run's
 training split) below a threshold chosen on in-distribution validation images so that a target fraction (``tpr``,
 default 0.95) of them passes. Which detector: the one whose validation images are told apart best from synthetic
-outliers made from them (uniform, Gaussian and constant noise, midpoints of pairs), by mean AUROC — chosen once per
-weights and said. The validation scores are kept as 1001 quantiles in ``RUN/ood_calibration.json`` (and in an
-export's model card), the fitted detectors in ``detectors.safetensors``, so every later scoring uses the same
-thresholds, for any ``tpr``.
+outliers made from them (uniform, Gaussian and constant noise, midpoints of pairs), by mean AUROC, among the detectors
+that read the model (not ``png``) — chosen once per weights and said. The validation scores are kept as 1001
+quantiles in ``RUN/ood_calibration.json`` (and in an export's model card), the fitted detectors in
+``detectors.safetensors``, so every later scoring uses the same thresholds, for any ``tpr``.
 
 Files from others: an export loads its weights (safetensors, checked against the card's SHA-256, from inside the
 export folder only) and never imports code unless ``trust_code=True`` (``--trust-code``) — see README "Opening runs
@@ -116,7 +116,8 @@ class OODCalibration:
         auroc = {k: float(np.mean(v)) for k, v in aurocs.items()}
         levels = np.linspace(0, 1, N_QUANTILES)
         quantiles = {k: [float(v) for v in np.quantile(s_in[k].astype(np.float64), levels)] for k in dets.names}
-        return cls(max(dets.names, key=lambda k: auroc[k]), quantiles, auroc, len(x_val))
+        models = [k for k in dets.names if not DETECTORS[k].model_free] or list(dets.names)
+        return cls(max(models, key=lambda k: auroc[k]), quantiles, auroc, len(x_val))
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -101,9 +101,11 @@ def test_quality_benchmark_tables_and_reuse(tmp_path, capsys):
     assert [o["set"] for o in rows["ood"]] == ["uniform", "constant", "my-ood"]
     assert "best post-hoc on the baseline" in table and "chain starts (0 steps)" in table
     assert 0 <= jem["healthy"] <= 1 and base["healthy"] is None
-    again = script(capsys, "quality.py", *cmd)
+    again = script(capsys, "quality.py", "--ood-only", *cmd)  # reused, the OOD table alone: the same figures
     assert again.returncode == 0 and "[quality]" not in again.stderr  # nothing trained twice
-    assert json.loads((out / "quality.json").read_text())["rows"]["runs"][0]["test_accuracy"] == jem["test_accuracy"]
+    rows2 = json.loads((out / "quality-ood.json").read_text())["rows"]
+    assert rows2["runs"][0]["test_accuracy"] == jem["test_accuracy"] and "ece" not in rows2["runs"][0]
+    assert [o["own_auroc"] for o in rows2["ood"]] == [o["own_auroc"] for o in rows["ood"]] and not rows2["samples"]
     other = script(capsys, "quality.py", *cmd, "--lr", "0.5")
     assert other.returncode != 0 and "another configuration (lr)" in other.stderr  # never mixes configurations
     typo = script(capsys, "quality.py", *cmd[:-10], "--ood", "uniform,nosuch/folder", "--out", tmp_path / "t")

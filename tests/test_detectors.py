@@ -14,12 +14,14 @@ from jemtorch import JEM, create_model
 from jemtorch.cli import main
 from jemtorch.detectors import (
     DETECTORS,
+    OWN,
     DetectorError,
     FittedDetectors,
     Outputs,
     classifier_head,
     detector_names,
     model_outputs,
+    png_bits,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,6 +138,29 @@ def test_typicality_is_the_density_of_energy_and_gradient_pairs():
         det.score(Outputs(logits[:2], torch.zeros(2, 2)))
 
 
+def test_complexity_reads_png_lengths_and_flags_likely_but_simple_images():
+    """PNG bits/dim: a flat image is short, noise is long; the complexity score is the kernel density of (log p(x),
+    log ‖∇ log p(x)‖, bits/dim), so an image as likely as the training images but far simpler is atypical — which
+    typicality, blind to the length, cannot see; png is the length alone and never the default OOD flag."""
+    g = torch.Generator().manual_seed(0)
+    flat, noise = torch.zeros(1, 1, 16, 16), torch.rand(1, 1, 16, 16, generator=g) * 2 - 1
+    bits = png_bits(torch.cat([flat, noise]))
+    assert bits[0] < 3.0 < 8.0 < bits[1] < 12.0  # noise does not compress; ~70 bytes of headers on 256 pixels
+    logits, grad = torch.randn(500, 3, generator=g), -torch.rand(500, generator=g) - 0.5
+    cx = 4.0 + 0.2 * torch.randn(500, generator=g, dtype=torch.float64)
+    train = Outputs(logits, torch.zeros(500, 2), grad, cx)
+    dets = {n: DETECTORS[n]() for n in ("typicality", "complexity", "png")}
+    for d in dets.values():
+        d.fit(train, None, None)
+    q = Outputs(logits[:1].repeat(2, 1), torch.zeros(2, 2), grad[:1].repeat(2), torch.tensor([4.0, 1.0], dtype=torch.float64))
+    s = {n: d.score(q) for n, d in dets.items()}
+    assert s["typicality"][0] == s["typicality"][1]  # the same (log p, gradient): typicality cannot tell them apart
+    assert s["complexity"][0] > s["complexity"][1] + 10 and s["png"][0] > s["png"][1] + 10
+    with pytest.raises(DetectorError, match="complexity needs the images' PNG lengths"):
+        dets["complexity"].score(Outputs(logits[:2], torch.zeros(2, 2), grad[:2]))
+    assert DETECTORS["png"].model_free and not any(DETECTORS[n].model_free for n in OWN)
+
+
 def test_a_model_may_name_its_head():
     m = create_model("cnn-4", in_channels=1, num_classes=3)
     assert classifier_head(m) is m.head
@@ -151,7 +176,8 @@ def test_eval_detectors_table_and_score_with_any_detector(trained_runs, tmp_path
     out = capsys.readouterr().out
     assert "JEM's best own" in out and "best" in out
     m = json.loads((jem / "eval/metrics.json").read_text())
-    assert m["detectors"]["names"][:4] == ["logp", "maxprob", "gradnorm", "typicality"] and len(m["detectors"]["names"]) == 9
+    assert m["detectors"]["names"][:5] == ["logp", "maxprob", "gradnorm", "typicality", "complexity"]
+    assert len(m["detectors"]["names"]) == 11 and m["detectors"]["own"] == list(OWN)
     assert set(m["ood"]["constant"]) >= {"vim", "knn", "mahalanobis", "react", "maxlogit"}
     v = m["versus_posthoc"][0]
     assert v["auroc_diff"] == pytest.approx(v["own_auroc"] - v["best_auroc"])
