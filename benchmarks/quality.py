@@ -139,7 +139,8 @@ def evaluate_pair(seed: int, out: Path, summaries: dict, ood: tuple, args) -> tu
     if "jem" in metrics and "baseline" in metrics:
         oods = [ood_row(seed, label, metrics["jem"], metrics["baseline"]) for label in ood_labels(ood).values()]
         gen = metrics["jem"].get("generation")
-        gens = [{"seed": seed, "fd": gen["fd_ref"], "accuracy": gen.get("ref_accuracy", {})}] if gen else []
+        gens = [{"seed": seed, "fd": gen["fd_ref"], "accuracy": gen.get("ref_accuracy", {}),
+                 "by_length": gen.get("fd_by_chain_length", {})}] if gen else []
     return runs, oods, gens
 
 
@@ -188,6 +189,12 @@ def tables(runs: list, oods: list, gens: list) -> list[str]:
         for g in gens:
             lines.append(f"| {g['seed']} | " + " | ".join(
                 f"{g['fd'][k]:.1f}" + (f" ({g['accuracy'][k]:.2f})" if k in g["accuracy"] else "") for k in sets) + " |")
+        steps = list(gens[0]["by_length"])
+        lines += ["", "The fresh class-conditional chains on the way (steps: FD (the baseline's accuracy)):", "",
+                  "| seed | " + " | ".join(steps) + " |", "|---|" + "---|" * len(steps)]
+        for g in gens:
+            lines.append(f"| {g['seed']} | " + " | ".join(
+                f"{v['fd']:.1f} ({v['accuracy']:.2f})" for v in g["by_length"].values()) + " |")
     return lines
 
 

@@ -18,7 +18,7 @@ import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -80,18 +80,27 @@ class EvalResult:
 # ------------------------------------------------------------------------------------------------------------------
 # samples and features
 # ------------------------------------------------------------------------------------------------------------------
+CHAIN_LENGTHS = (5, 10, 20, 40, 100)  # fresh chains are also measured on the way to --sample-steps
+
+
 def fresh_samples(run: LoadedRun, n: int, steps: int, y: Optional[torch.Tensor] = None, progress: bool = False,
-                  seed: int = 0) -> torch.Tensor:
+                  seed: int = 0, on_the_way: Sequence[int] = ()) -> torch.Tensor:
     """``n`` fresh chains from the run's initial distribution (U(−1, 1) for the paper's recipe: the official
-    ``uncond_samples``/``cond_samples`` start), ``steps`` long, with the run's chain update; conditional on ``y``."""
+    ``uncond_samples``/``cond_samples`` start), ``steps`` long, with the run's chain update; conditional on ``y``.
+    With ``on_the_way`` (chain lengths below ``steps``), returns {length: chains at that length} for those lengths
+    and ``steps`` (the chains are stateless between steps: the same chains as one run of ``steps``)."""
     torch.manual_seed(seed)
     sampler = run.sampler()
     y = y.to(run.device) if y is not None else None
-    x0 = sampler.buffer.init.sample(n, y)
+    x = sampler.buffer.init.sample(n, y)
+    stops = sorted({k for k in on_the_way if 0 < k < steps} | {steps})
+    path, done = {}, 0
     with tqdm(total=steps, desc="fresh SGLD chains" + (" (cond)" if y is not None else ""), disable=not progress,
               leave=False) as bar:
-        x = sampler.run_chains(run.jem, x0, y, steps, callback=lambda t: bar.update(1))
-    return x.clamp(-1, 1)
+        for k in stops:
+            x = sampler.run_chains(run.jem, x, y, k - done, callback=lambda t: bar.update(1))
+            path[k], done = x.clamp(-1, 1), k
+    return path if on_the_way else path[steps]
 
 
 def penultimate_features(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 500) -> np.ndarray:
@@ -210,12 +219,13 @@ def generation(run: LoadedRun, reference: Optional[LoadedRun], opts: EvalOptions
     y = torch.arange(c).repeat_interleave(-(-n_gen // c))[:n_gen]
     torch.manual_seed(opts.seed + 7)
     starts = run.sampler().buffer.init.sample(n_gen, y.to(run.device)).cpu()
+    path = fresh_samples(run, n_gen, opts.sample_steps, y=y, progress=opts.progress, seed=opts.seed + 7,
+                         on_the_way=CHAIN_LENGTHS)
+    fresh = f"fresh chains ({opts.sample_steps} steps)"
     sets = {"real train (floor)": to_float(data.x_train[torch.randperm(len(data.x_train), generator=g)[:n_gen]]),
             "uniform noise": torch.rand((n_gen, *data.shape), generator=g) * 2 - 1,
-            "chain starts (0 steps)": starts,
-            f"fresh chains ({opts.sample_steps} steps)": fresh_samples(run, n_gen, opts.sample_steps, y=y,
-                                                                       progress=opts.progress, seed=opts.seed + 7).cpu()}
-    labels = {"chain starts (0 steps)": y, f"fresh chains ({opts.sample_steps} steps)": y}
+            "chain starts (0 steps)": starts, fresh: path.pop(opts.sample_steps).cpu()}
+    labels = {"chain starts (0 steps)": y, fresh: y}
     if run.buffer is not None:
         sets["replay buffer"] = run.buffer.cpu()[torch.randperm(len(run.buffer), generator=g)[:n_gen]]
         labels["replay buffer"] = run.jem.logits(sets["replay buffer"]).argmax(1).cpu()
@@ -223,7 +233,14 @@ def generation(run: LoadedRun, reference: Optional[LoadedRun], opts: EvalOptions
     ref_out = {k: model_outputs(reference.jem, v, grad=False) for k, v in {"real test": real_test, **sets}.items()}
     fd = {k: frechet_distance(ref_out[k].features.numpy(), ref_out["real test"].features.numpy()) for k in sets}
     acc = {k: float((ref_out[k].logits.argmax(1) == labels[k]).float().mean()) for k in labels}
+    by_length = {0: (fd["chain starts (0 steps)"], acc["chain starts (0 steps)"])}
+    for k, xk in path.items():  # the same chains on the way: where along them are samples best?
+        o = model_outputs(reference.jem, xk.cpu(), grad=False)
+        by_length[k] = (frechet_distance(o.features.numpy(), ref_out["real test"].features.numpy()),
+                        float((o.logits.argmax(1) == y).float().mean()))
+    by_length[opts.sample_steps] = (fd[fresh], acc[fresh])
     return {"fd_ref": fd, "ref_accuracy": acc,
+            "fd_by_chain_length": {str(k): {"fd": v[0], "accuracy": v[1]} for k, v in sorted(by_length.items())},
             "fd_ref_protocol": (f"Fréchet distance in the features entering the head of the reference classifier "
                                 f"{reference.run_dir} (NOT FID), {n_gen} images per set vs {n_gen} real test images; "
                                 f"chains start from the run's initial distribution ({run.cfg.sgld_init}), one class "
@@ -436,6 +453,14 @@ def samples_section(rep: Report, results: list[dict]) -> None:
             rep.table([f"{r['name']}: set", "FD to real test images (reference features)", "reference accuracy"],
                       [[k, f"{v:.2f}", f"{acc[k]:.3f}" if k in acc else "—"] for k, v in gen["fd_ref"].items()])
             rep.p(gen["fd_ref_protocol"] + ".")
+            path = gen.get("fd_by_chain_length", {})
+            rep.table([f"{r['name']}: fresh chains, steps"] + list(path), [
+                ["FD"] + [f"{v['fd']:.1f}" for v in path.values()],
+                ["reference accuracy"] + [f"{v['accuracy']:.2f}" for v in path.values()]])
+            rep.p("The same class-conditional chains measured on the way: chains trained short (a few steps per "
+                  "iteration from a persistent buffer) are non-convergent samplers (Nijkamp et al. 2020, 'On the "
+                  "anatomy of MCMC-based maximum likelihood learning of energy-based models'): their samples improve "
+                  "for about as long as the training chains ran, then drift below the data's energy.")
         inc = gen["inception"]
         rep.p(f"{r['name']}: FID / Inception Score: " + (f"skipped: {inc['skipped']}" if "skipped" in inc else
               f"FID {inc['fid']:.2f}, IS {inc['inception_score']:.2f} ± {inc['inception_score_std']:.2f} ({inc['protocol']})"))

@@ -100,6 +100,8 @@ def test_quality_benchmark_tables_and_reuse(tmp_path, capsys):
     assert set(jem["auroc"]) == {"uniform", "constant", "my-ood"}  # a folder set is named by its folder
     assert [o["set"] for o in rows["ood"]] == ["uniform", "constant", "my-ood"]
     assert "best post-hoc on the baseline" in table and "chain starts (0 steps)" in table
+    assert list(rows["samples"][0]["by_length"]) == ["0", "2"]  # on the way to --sample-steps 2: none below it
+    assert rows["samples"][0]["by_length"]["2"]["fd"] == rows["samples"][0]["fd"]["fresh chains (2 steps)"]
     assert 0 <= jem["healthy"] <= 1 and base["healthy"] is None
     again = script(capsys, "quality.py", "--ood-only", *cmd)  # reused, the OOD table alone: the same figures
     assert again.returncode == 0 and "[quality]" not in again.stderr  # nothing trained twice

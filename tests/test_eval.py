@@ -5,9 +5,11 @@ import pytest
 import torch
 
 from jemtorch import JEM, create_model
+from jemtorch.build import load_run
 from jemtorch.cli import main
 from jemtorch.data import DatasetError, convert_images, make_ood_set
 from jemtorch.detectors import DETECTORS, FittedDetectors
+from jemtorch.evaluate import fresh_samples
 from jemtorch.metrics import (
     bootstrap_ece,
     calibration_bins,
@@ -167,6 +169,17 @@ def test_eval_end_to_end_two_runs(trained_runs, capsys):
     assert "data:image/png;base64," in html and "base" in html and "jem" in html
     assert "ECE − reference" in (jem / "eval/report.md").read_text()
     assert not (base / "eval/samples_buffer.png").exists()  # a baseline has no replay buffer
+
+
+def test_fresh_chains_measured_on_the_way_are_the_same_chains(trained_runs):
+    """fresh_samples(on_the_way=...) stops at the given lengths and continues: the chains at ``steps`` equal one
+    uninterrupted run (noise included: the same seed, the same draws in the same order)."""
+    run = load_run(trained_runs / "jem", device="cpu")
+    y = torch.arange(6) % run.data.num_classes
+    whole = fresh_samples(run, 6, 7, y=y, seed=3)
+    path = fresh_samples(run, 6, 7, y=y, seed=3, on_the_way=(2, 5, 9))
+    assert list(path) == [2, 5, 7] and torch.allclose(path[7], whole, atol=1e-6)
+    assert not torch.equal(path[2], path[7])  # the chains moved on
 
 
 def test_eval_bad_inputs(trained_runs, tmp_path, capsys):
