@@ -109,6 +109,8 @@ def ood_only(out: Path, kinds: list[str], ood: tuple, args) -> dict:
         n = min(opts.n, len(run.data.x_test))
         x_in = to_float(run.data.x_test[torch.randperm(len(run.data.x_test), generator=g)[:n]])
         res[kind] = {"name": run.name, **ood_detection(run, opts, x_in)[0]}
+        res[kind]["auroc"] = {o: {k: v["auroc"] for k, v in r.items() if isinstance(v, dict)}
+                              for o, r in res[kind]["ood"].items()}
     return res
 
 
@@ -128,7 +130,7 @@ def evaluate_pair(seed: int, out: Path, summaries: dict, ood: tuple, args) -> tu
         row = {"seed": seed, "run": kind, "failed": s.get("failed")}
         if m and args.ood_only:
             row.update(test_accuracy=s["test_accuracy"], train_seconds=s["train_seconds"], rollbacks=s["rollbacks"],
-                       healthy=s.get("health", {}).get("healthy_fraction"))
+                       healthy=s.get("health", {}).get("healthy_fraction"), auroc=m["auroc"])
         elif m:
             row.update(test_accuracy=m["test_accuracy"], ece=m["ece"], ece_ts=m["ece_ts"], temperature=m["temperature"],
                        train_seconds=s["train_seconds"], rollbacks=s["rollbacks"], recipe=s.get("recipe"),
