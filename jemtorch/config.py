@@ -92,6 +92,11 @@ class LoopSettings:
     px_ramp_epochs: float = setting(0.0, "once the generative terms switch on, raise their weights (and the energy "
                                          "penalty's) linearly from 0 to their values over this many epochs, fractions "
                                          "allowed (0: at once, as the papers)")
+    px_target_reach: float = setting(0.0, "adapt the generative terms' scale (≤ 1, the energy penalty's with them) to "
+                                          "keep this share of chain ends at the data's energy (reach, health.py): "
+                                          "raised fast when the chains fall behind, lowered slowly while they keep "
+                                          "up; 0: fixed weights")
+    px_scale_min: float = setting(0.1, "the smallest scale --px-target-reach may set")
     data_noise: float = setting(0.03, "std of Gaussian noise added to training images σ_data (paper: 0.03)")
     augment: bool = setting(True, "random crop (reflect pad) and flips where they fit the dataset")
     px_augment: bool = setting(True, "the p(x) term sees augmented data too (paper: yes; SADA-JEM: no, un-augmented "
@@ -119,6 +124,8 @@ class LoopSettings:
              f"--px-batch-size must be -1 or in 1..--batch-size, got {self.px_batch_size}")
         need(self.px_start_epoch >= 0, f"--px-start-epoch must be >= 0, got {self.px_start_epoch}")
         need(self.px_ramp_epochs >= 0, f"--px-ramp-epochs must be >= 0, got {self.px_ramp_epochs}")
+        need(0 <= self.px_target_reach < 1, f"--px-target-reach must be in [0, 1), got {self.px_target_reach}")
+        need(0 < self.px_scale_min <= 1, f"--px-scale-min must be in (0, 1], got {self.px_scale_min}")
         need(self.data_noise >= 0, f"--data-noise must be >= 0, got {self.data_noise}")
         need(self.max_iters >= -1, f"--max-iters must be -1 (no limit) or >= 0, got {self.max_iters}")
         need(self.time_limit >= 0, f"--time-limit must be >= 0 seconds (0: no limit), got {self.time_limit}")
@@ -406,8 +413,9 @@ RESUME_IGNORED = ("out", "name", "progress", "device")  # changes that are not w
 # what a run without generative terms (a classifier baseline, p_x_weight = p_x_y_weight = 0) never reads: it trains
 # to the same weights whatever their values (tests/test_train.py checks it), so benchmarks/quality.py reuses a
 # baseline across presets that differ only in these
-GENERATIVE_ONLY = ("px_start_epoch", "px_ramp_epochs", "energy_reg", "energy_reg_form", "sgld_steps", "sgld_lr",
-                   "sgld_std", "sgld_clamp", "sgld_update", "pyld_inner_steps", "pyld_lr", "pyld_eps")
+GENERATIVE_ONLY = ("px_start_epoch", "px_ramp_epochs", "px_target_reach", "px_scale_min", "energy_reg",
+                   "energy_reg_form", "sgld_steps", "sgld_lr", "sgld_std", "sgld_clamp", "sgld_update",
+                   "pyld_inner_steps", "pyld_lr", "pyld_eps")
 
 
 def training_differences(saved: dict, wanted: dict) -> list[str]:

@@ -22,9 +22,16 @@ the data's median energy; a model's own samples: one in two) and the gap is not 
 an iteration healthy by holding the energies together). ``Health`` counts healthy iterations (``summary.json``:
 ``health.healthy_fraction``), warns on screen and in metrics.jsonl (``kind: health``) when a log window is mostly
 unhealthy or pinned, and says so again when it recovers.
+
+``AdaptivePx`` (``--px-target-reach``) acts on the same signal: it scales the generative terms (and the energy
+penalty with them, so the fixed point w/λ stays where health looks for it) to hold reach at a target. A stronger
+classifier tells chain ends from data sooner; once it does, the gap runs to the fixed point within ~100 iterations
+and stays there (docs/results/density.md). The scale therefore rises fast when reach falls below the target and
+falls slowly while the chains keep up: the run looks for the smallest p(x) weight at which the chains still follow.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 from .callbacks import Callback
@@ -114,3 +121,34 @@ class Health(Callback):
         self.window = [bool(v) for v in state.get("window", [])]
         self.gaps = [float(v) for v in state.get("gaps", [])]
         self.warned = bool(state.get("warned", False))
+
+
+class AdaptivePx(Callback):
+    """Scales the generative terms to hold ``reach`` (its moving average over ~20 iterations) at ``target``:
+    scale ← clip(scale · exp(rate · (target − reach) / target), minimum, 1), with rate ``UP`` when the chains fall
+    behind and ``DOWN`` when they keep up. Starts at 1 (the configured weights). Sets ``t.px_scale`` (read by the
+    loop for the next step) and logs ``px_scale`` with the step's values."""
+
+    UP, DOWN, EMA = 0.2, 0.01, 0.05  # doubles in ~4 iterations at reach 0, halves in ~70 at twice the target
+
+    def __init__(self, target: float, minimum: float):
+        self.target, self.minimum = target, minimum
+        self.scale, self.ema = 1.0, None
+
+    def on_fit_start(self, t) -> None:
+        t.px_scale = self.scale
+
+    def on_step_end(self, t, values: dict) -> None:
+        if "reach" not in values:
+            return
+        r = values["reach"]
+        self.ema = r if self.ema is None else (1 - self.EMA) * self.ema + self.EMA * r
+        err = (self.target - self.ema) / self.target
+        self.scale = min(1.0, max(self.minimum, self.scale * math.exp((self.UP if err > 0 else self.DOWN) * err)))
+        t.px_scale = values["px_scale"] = self.scale
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, "ema": self.ema}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scale, self.ema = float(state["scale"]), state.get("ema")

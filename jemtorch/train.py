@@ -44,7 +44,7 @@ from .config import TrainConfig
 from .data import BatchStream, ImageData, Splits, augment, labeled_subset, load_dataset, to_float, training_splits
 from .distributed import Dist
 from .energy import JEM
-from .health import Health
+from .health import AdaptivePx, Health
 from .objective import Weights, jem_loss
 from .optim import SAM, build_optimizer, lr_factor
 from .recovery import Recovery, TrainingDiverged
@@ -241,8 +241,9 @@ def build_state(cfg: TrainConfig, data: ImageData, dist: Dist, dev: torch.device
 
 def default_callbacks(cfg: TrainConfig) -> list[Callback]:
     """In the order they run after a step: the clock first (it may make this step the last), the checkpoint last."""
-    return [Timer(cfg.time_limit), MetricsWindow(cfg.log_every), Health(cfg), Validation(), Curves(), SampleGrids(),
-            Checkpoint(), Interrupt(), FaultInjection(cfg.inject_divergence)]
+    adapt = [AdaptivePx(cfg.px_target_reach, cfg.px_scale_min)] if cfg.px_target_reach > 0 else []
+    return [Timer(cfg.time_limit), *adapt, MetricsWindow(cfg.log_every), Health(cfg), Validation(), Curves(),
+            SampleGrids(), Checkpoint(), Interrupt(), FaultInjection(cfg.inject_divergence)]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -274,6 +275,7 @@ class Trainer:
         self.events: list[dict] = []  # recovery records of this iteration, written to metrics.jsonl
         self.log, self.tb, self.bar = MetricsLog(self.run / METRICS, enabled=False), None, None
         self.flags: dict[str, str] = {}  # shown beside the progress bar's values (health.py sets "health")
+        self.px_scale = 1.0  # the generative terms' scale (health.AdaptivePx sets it; 1: the configured weights)
 
     # views the callbacks read ---------------------------------------------------------------------------------
     epoch = property(lambda self: self.state.step // self.clock.iters_per_epoch)
@@ -303,6 +305,9 @@ class Trainer:
         state.loss_jem.train()
         batch = training_batch(cfg, self.labeled, self.unlabeled, state.step, self.pad, self.flip)
         weights = self.phases.weights(self.recovery.weights, state.step)
+        if self.px_scale != 1.0:  # health.AdaptivePx: the generative terms and their penalty, scaled together
+            s = self.px_scale
+            weights = replace(weights, px=s * weights.px, pxy=s * weights.pxy, energy_reg=s * weights.energy_reg)
         stats, loss_fn = forward_backward(state, cfg, batch, weights, self.autocast)
         self.call("on_stats", stats)
         values, sound = reduce_stats(stats, cfg.max_energy_gap, self.dist)
