@@ -7,7 +7,7 @@ import torch
 
 from jemtorch import JEM, Weights, create_model, jem_loss
 from jemtorch.config import TrainConfig
-from jemtorch.health import REACH_MIN, Health, healthy, pinned
+from jemtorch.health import REACH_MIN, AdaptivePx, Health, healthy, pinned
 from jemtorch.sampler import JEMSampler, ReplayBuffer
 
 
@@ -86,3 +86,52 @@ def test_a_pinned_run_says_so_on_screen_in_the_log_and_the_summary(tmp_path, cap
     assert warnings and "health warning" in err
     summary = json.loads((tmp_path / "r/summary.json").read_text())
     assert summary["health"]["healthy_fraction"] < 0.5
+
+
+def test_adaptive_px_raises_the_scale_fast_when_chains_fall_behind_and_lowers_it_slowly():
+    """--px-target-reach: the scale moves with the moving average of reach, within [minimum, 1], fast up, slow down;
+    the loop reads t.px_scale, the log gets px_scale, and a resumed run continues from the stored state."""
+    a = AdaptivePx(target=0.35, minimum=0.1)
+    t = SimpleNamespace(px_scale=None)
+    a.on_fit_start(t)
+    assert t.px_scale == 1.0
+    for _ in range(150):  # the chains keep up easily: the weight is lowered, slowly (halved in ~70 iterations)
+        values = {"reach": 0.7}
+        a.on_step_end(t, values)
+    assert values["px_scale"] == t.px_scale and 0.15 < t.px_scale < 0.4
+    low = t.px_scale
+    a.on_step_end(t, {"train_acc": 1.0})  # a classifier step: nothing changes
+    assert t.px_scale == low
+    for _ in range(40):  # they fall behind: raised within a few dozen iterations, never above 1
+        a.on_step_end(t, {"reach": 0.0})
+    assert t.px_scale == 1.0
+    b = AdaptivePx(0.35, 0.1)
+    b.load_state_dict(a.state_dict())
+    assert (b.scale, b.ema) == (a.scale, a.ema)
+    for _ in range(2000):
+        a.on_step_end(t, {"reach": 1.0})
+    assert t.px_scale == 0.1  # the floor
+
+
+def test_the_loop_scales_the_generative_terms_and_their_penalty_together(tmp_path, monkeypatch, capsys):
+    import importlib
+
+    train_mod = importlib.import_module("jemtorch.train")  # the module (jemtorch.train is also a function)
+    from jemtorch.cli import main
+
+    seen, holder = [], {}
+    real = train_mod.forward_backward
+    monkeypatch.setattr(train_mod, "forward_backward", lambda state, cfg, batch, w, ac: (
+        seen.append((w, holder["t"].px_scale)), real(state, cfg, batch, w, ac))[1])
+    cfg = TrainConfig(dataset="digits", model="cnn-4", epochs=1, sgld_steps=1, buffer_size=100, energy_reg=0.1,
+                      px_start_epoch=0, px_ramp_epochs=0.0, warmup_iters=0, px_target_reach=0.35, progress=False,
+                      out=str(tmp_path / "r"))
+    holder["t"] = t = train_mod.Trainer(cfg)
+    t.fit()
+    scales = [json.loads(ln).get("px_scale") for ln in (tmp_path / "r/metrics.jsonl").read_text().splitlines()]
+    assert any(s is not None for s in scales) and all(0.1 <= s <= 1 for s in scales if s is not None)
+    assert len(seen) > 10 and seen[0][1] == 1.0  # the configured weights first
+    for w, scale in seen:  # every step: p(x) and the energy penalty scaled alike, by the scale of that moment
+        assert w.px == pytest.approx(scale) and w.energy_reg == pytest.approx(0.1 * scale)
+    assert main(["train", "--px-target-reach", "1.5", "--out", str(tmp_path / "bad")]) != 0
+    assert "--px-target-reach must be in [0, 1)" in capsys.readouterr().err and not (tmp_path / "bad").exists()
