@@ -69,7 +69,8 @@ class Refined(nn.Module):
 
     def refine(self, x: torch.Tensor) -> torch.Tensor:
         if self.grad == "bpda":
-            xs = sgld(self.jem.log_px, x, self.n_steps, self.step_size, self.noise)
+            with torch.enable_grad():  # the chains need ∇ log p(x) also where the caller scores under no_grad
+                xs = sgld(self.jem.log_px, x, self.n_steps, self.step_size, self.noise)
             return x + (xs - x).detach()  # forward: refined value; backward: identity
         keep_graph = x.requires_grad
         with torch.enable_grad():

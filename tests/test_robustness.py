@@ -78,6 +78,9 @@ def test_attack_gets_gradients_through_the_defence(grad):
     out = Refined(jem, n_steps=2, n_chains=2, grad=grad)(x)
     (g,) = torch.autograd.grad(out[:, 0].sum(), x)
     assert g.abs().sum() > 0
+    with torch.no_grad():  # scoring the adversarial images afterwards: the chains still get their gradients
+        scored = Refined(jem, n_steps=2, n_chains=2, grad=grad)(x.detach())
+    assert torch.isfinite(scored).all() and scored.shape == (4, 10)
 
 
 def test_parse_eps():
