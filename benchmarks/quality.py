@@ -39,9 +39,9 @@ import torch
 from jemtorch.build import load_run
 from jemtorch.cli import build_parser
 from jemtorch.config import resolve_config, training_differences
-from jemtorch.data import check_ood_name, load_dataset, ood_labels, to_float
+from jemtorch.data import check_ood_name, load_dataset, ood_labels
 from jemtorch.detectors import OWN
-from jemtorch.evaluate import EvalOptions, evaluate_runs, ood_detection
+from jemtorch.evaluate import EvalOptions, evaluate_runs, ood_detection, scored_test_images
 from jemtorch.metrics import format_difference
 from jemtorch.train import Trainer, TrainingDiverged
 
@@ -105,13 +105,14 @@ def ood_only(out: Path, kinds: list[str], ood: tuple, args) -> dict:
     res = {}
     for kind in kinds:
         run = load_run(out / kind, data_root=args.data_root)
-        g = torch.Generator().manual_seed(opts.seed)  # the test images evaluate_run scores
-        n = min(opts.n, len(run.data.x_test))
-        x_in = to_float(run.data.x_test[torch.randperm(len(run.data.x_test), generator=g)[:n]])
+        x_in = scored_test_images(run, opts.n, torch.Generator().manual_seed(opts.seed))  # evaluate_run's images
         res[kind] = {"name": run.name, **ood_detection(run, opts, x_in)[0]}
-        res[kind]["auroc"] = {o: {k: v["auroc"] for k, v in r.items() if isinstance(v, dict)}
-                              for o, r in res[kind]["ood"].items()}
     return res
+
+
+def aurocs(ood: dict) -> dict:
+    """{OOD set: {detector: AUROC}} of one run's OOD results."""
+    return {o: {k: v["auroc"] for k, v in r.items() if isinstance(v, dict)} for o, r in ood.items()}
 
 
 def evaluate_pair(seed: int, out: Path, summaries: dict, ood: tuple, args) -> tuple[list, list, list]:
@@ -130,13 +131,13 @@ def evaluate_pair(seed: int, out: Path, summaries: dict, ood: tuple, args) -> tu
         row = {"seed": seed, "run": kind, "failed": s.get("failed")}
         if m and args.ood_only:
             row.update(test_accuracy=s["test_accuracy"], train_seconds=s["train_seconds"], rollbacks=s["rollbacks"],
-                       healthy=s.get("health", {}).get("healthy_fraction"), auroc=m["auroc"])
+                       healthy=s.get("health", {}).get("healthy_fraction"), auroc=aurocs(m["ood"]))
         elif m:
             row.update(test_accuracy=m["test_accuracy"], ece=m["ece"], ece_ts=m["ece_ts"], temperature=m["temperature"],
                        train_seconds=s["train_seconds"], rollbacks=s["rollbacks"], recipe=s.get("recipe"),
                        healthy=s.get("health", {}).get("healthy_fraction"),
                        ece_vs_baseline=m.get("ece_vs_reference", {}).get("raw"),
-                       auroc={o: {k: v["auroc"] for k, v in r.items() if isinstance(v, dict)} for o, r in m["ood"].items()})
+                       auroc=aurocs(m["ood"]))
         runs.append(row)
     if "jem" in metrics and "baseline" in metrics:
         oods = [ood_row(seed, label, metrics["jem"], metrics["baseline"]) for label in ood_labels(ood).values()]

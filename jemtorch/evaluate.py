@@ -83,24 +83,35 @@ class EvalResult:
 CHAIN_LENGTHS = (5, 10, 20, 40, 100)  # fresh chains are also measured on the way to --sample-steps
 
 
-def fresh_samples(run: LoadedRun, n: int, steps: int, y: Optional[torch.Tensor] = None, progress: bool = False,
-                  seed: int = 0, on_the_way: Sequence[int] = ()) -> torch.Tensor:
+def fresh_chain_path(run: LoadedRun, n: int, lengths: Sequence[int], y: Optional[torch.Tensor] = None,
+                     progress: bool = False, seed: int = 0) -> dict[int, torch.Tensor]:
     """``n`` fresh chains from the run's initial distribution (U(−1, 1) for the paper's recipe: the official
-    ``uncond_samples``/``cond_samples`` start), ``steps`` long, with the run's chain update; conditional on ``y``.
-    With ``on_the_way`` (chain lengths below ``steps``), returns {length: chains at that length} for those lengths
-    and ``steps`` (the chains are stateless between steps: the same chains as one run of ``steps``)."""
+    ``uncond_samples``/``cond_samples`` start), run with the run's chain update (conditional on ``y``) and kept at
+    each of ``lengths`` (steps > 0): {length: chains}. The chains are stateless between steps, so the chains at the
+    longest length are those of one uninterrupted run."""
     torch.manual_seed(seed)
     sampler = run.sampler()
     y = y.to(run.device) if y is not None else None
     x = sampler.buffer.init.sample(n, y)
-    stops = sorted({k for k in on_the_way if 0 < k < steps} | {steps})
     path, done = {}, 0
-    with tqdm(total=steps, desc="fresh SGLD chains" + (" (cond)" if y is not None else ""), disable=not progress,
-              leave=False) as bar:
-        for k in stops:
+    with tqdm(total=max(lengths), desc="fresh SGLD chains" + (" (cond)" if y is not None else ""),
+              disable=not progress, leave=False) as bar:
+        for k in sorted(set(lengths)):
             x = sampler.run_chains(run.jem, x, y, k - done, callback=lambda t: bar.update(1))
             path[k], done = x.clamp(-1, 1), k
-    return path if on_the_way else path[steps]
+    return path
+
+
+def fresh_samples(run: LoadedRun, n: int, steps: int, y: Optional[torch.Tensor] = None, progress: bool = False,
+                  seed: int = 0) -> torch.Tensor:
+    """``n`` fresh chains, ``steps`` long (``fresh_chain_path`` at one length)."""
+    return fresh_chain_path(run, n, (steps,), y, progress, seed)[steps]
+
+
+def scored_test_images(run: LoadedRun, n: int, g: torch.Generator) -> torch.Tensor:
+    """The ``n`` test images (−1: all) that OOD detection scores as in-distribution, drawn with ``g``."""
+    n = len(run.data.x_test) if n < 0 else min(n, len(run.data.x_test))
+    return to_float(run.data.x_test[torch.randperm(len(run.data.x_test), generator=g)[:n]])
 
 
 def penultimate_features(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 500) -> np.ndarray:
@@ -219,8 +230,8 @@ def generation(run: LoadedRun, reference: Optional[LoadedRun], opts: EvalOptions
     y = torch.arange(c).repeat_interleave(-(-n_gen // c))[:n_gen]
     torch.manual_seed(opts.seed + 7)
     starts = run.sampler().buffer.init.sample(n_gen, y.to(run.device)).cpu()
-    path = fresh_samples(run, n_gen, opts.sample_steps, y=y, progress=opts.progress, seed=opts.seed + 7,
-                         on_the_way=CHAIN_LENGTHS)
+    path = fresh_chain_path(run, n_gen, [k for k in CHAIN_LENGTHS if k < opts.sample_steps] + [opts.sample_steps],
+                            y=y, progress=opts.progress, seed=opts.seed + 7)
     fresh = f"fresh chains ({opts.sample_steps} steps)"
     sets = {"real train (floor)": to_float(data.x_train[torch.randperm(len(data.x_train), generator=g)[:n_gen]]),
             "uniform noise": torch.rand((n_gen, *data.shape), generator=g) * 2 - 1,
@@ -253,8 +264,7 @@ def evaluate_run(run: LoadedRun, opts: EvalOptions, reference: Optional[LoadedRu
     """Compute every metric of one run."""
     torch.manual_seed(opts.seed)
     g = torch.Generator().manual_seed(opts.seed)
-    n = len(run.data.x_test) if opts.n < 0 else min(opts.n, len(run.data.x_test))
-    x_in = to_float(run.data.x_test[torch.randperm(len(run.data.x_test), generator=g)[:n]])
+    x_in = scored_test_images(run, opts.n, g)
     metrics = {"run": str(run.run_dir), "name": run.name, "dataset": run.cfg.dataset, "model": run.cfg.model,
                "p_x_weight": run.cfg.p_x_weight}
     cal, ece_boot = calibration(run, opts)
@@ -268,8 +278,9 @@ def evaluate_run(run: LoadedRun, opts: EvalOptions, reference: Optional[LoadedRu
                                         f"initial distribution ({run.cfg.sgld_init})) vs test images")
     metrics.update(cal)
     metrics.update(ood)
-    metrics["ood_protocol"] = (f"{n} in-distribution test images vs {n} images per OOD set; in-distribution is the "
-                               f"positive class; every score: higher = more in-distribution (detectors.py)")
+    metrics["ood_protocol"] = (f"{len(x_in)} in-distribution test images vs {len(x_in)} images per OOD set; "
+                               f"in-distribution is the positive class; every score: higher = more in-distribution "
+                               f"(detectors.py)")
     metrics["samples"] = {"sample_steps": opts.sample_steps, "sgld_lr": run.cfg.sgld_lr, "sgld_std": run.cfg.sgld_std}
     metrics["generation"] = gen
     return EvalResult(metrics, hist, samples, ece_boot)

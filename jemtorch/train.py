@@ -118,16 +118,14 @@ class Phases:
     def generative(self, step: int) -> bool:
         return self.uses_samples and step >= self.start
 
-    def weights(self, w: Weights, step: int) -> Weights:
+    def weights(self, w: Weights, step: int, scale: float = 1.0) -> Weights:
         """The loss weights at ``step``: generative terms off before ``start``, then raised linearly (with the
-        energy penalty) over ``ramp`` iterations."""
+        energy penalty) over ``ramp`` iterations; times ``scale`` (health.AdaptivePx) throughout."""
         if not self.generative(step):
             return replace(w, px=0.0, pxy=0.0)
         into = step - self.start + 1
-        if self.ramp > 0 and into < self.ramp:
-            r = into / self.ramp
-            return replace(w, px=r * w.px, pxy=r * w.pxy, energy_reg=r * w.energy_reg)
-        return w
+        r = scale * (into / self.ramp if self.ramp > 0 and into < self.ramp else 1.0)
+        return w if r == 1.0 else replace(w, px=r * w.px, pxy=r * w.pxy, energy_reg=r * w.energy_reg)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -304,10 +302,7 @@ class Trainer:
         state, cfg = self.state, self.cfg
         state.loss_jem.train()
         batch = training_batch(cfg, self.labeled, self.unlabeled, state.step, self.pad, self.flip)
-        weights = self.phases.weights(self.recovery.weights, state.step)
-        if self.px_scale != 1.0:  # health.AdaptivePx: the generative terms and their penalty, scaled together
-            s = self.px_scale
-            weights = replace(weights, px=s * weights.px, pxy=s * weights.pxy, energy_reg=s * weights.energy_reg)
+        weights = self.phases.weights(self.recovery.weights, state.step, self.px_scale)
         stats, loss_fn = forward_backward(state, cfg, batch, weights, self.autocast)
         self.call("on_stats", stats)
         values, sound = reduce_stats(stats, cfg.max_energy_gap, self.dist)

@@ -9,7 +9,7 @@ from jemtorch.build import load_run
 from jemtorch.cli import main
 from jemtorch.data import DatasetError, convert_images, make_ood_set
 from jemtorch.detectors import DETECTORS, FittedDetectors
-from jemtorch.evaluate import fresh_samples
+from jemtorch.evaluate import fresh_chain_path, fresh_samples
 from jemtorch.metrics import (
     bootstrap_ece,
     calibration_bins,
@@ -172,12 +172,12 @@ def test_eval_end_to_end_two_runs(trained_runs, capsys):
 
 
 def test_fresh_chains_measured_on_the_way_are_the_same_chains(trained_runs):
-    """fresh_samples(on_the_way=...) stops at the given lengths and continues: the chains at ``steps`` equal one
-    uninterrupted run (noise included: the same seed, the same draws in the same order)."""
+    """fresh_chain_path stops at the given lengths and continues: the chains at the longest equal one uninterrupted
+    run (noise included: the same seed, the same draws in the same order)."""
     run = load_run(trained_runs / "jem", device="cpu")
     y = torch.arange(6) % run.data.num_classes
     whole = fresh_samples(run, 6, 7, y=y, seed=3)
-    path = fresh_samples(run, 6, 7, y=y, seed=3, on_the_way=(2, 5, 9))
+    path = fresh_chain_path(run, 6, (5, 2, 7), y=y, seed=3)
     assert list(path) == [2, 5, 7] and torch.allclose(path[7], whole, atol=1e-6)
     assert not torch.equal(path[2], path[7])  # the chains moved on
 
