@@ -239,7 +239,8 @@ def _train(args: argparse.Namespace, cfg, sources: dict, run: RunDir, dist: Dist
         if changed:
             say("jem train: resuming with " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
     n_params = sum(p.numel() for p in trainer.state.jem.parameters())
-    kind = "classifier baseline" if not cfg.uses_samples else f"JEM, {cfg.sgld_steps} SGLD steps/iteration"
+    steps = f"{cfg.sgld_steps}–{cfg.sgld_steps_max}" if cfg.sgld_steps_max > cfg.sgld_steps else cfg.sgld_steps
+    kind = "classifier baseline" if not cfg.uses_samples else f"JEM, {steps} SGLD steps/iteration"
     s = trainer.splits
     procs = (f", {dist.world_size} processes × batch {cfg.batch_size} = global batch {cfg.batch_size * dist.world_size}"
              if dist.enabled else "")

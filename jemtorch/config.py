@@ -414,7 +414,7 @@ RESUME_IGNORED = ("out", "name", "progress", "device")  # changes that are not w
 # to the same weights whatever their values (tests/test_train.py checks it), so benchmarks/quality.py reuses a
 # baseline across presets that differ only in these
 GENERATIVE_ONLY = ("px_start_epoch", "px_ramp_epochs", "px_target_reach", "px_scale_min", "energy_reg",
-                   "energy_reg_form", "sgld_steps", "sgld_lr", "sgld_std", "sgld_clamp", "sgld_update",
+                   "energy_reg_form", "sgld_steps", "sgld_steps_max", "sgld_lr", "sgld_std", "sgld_clamp", "sgld_update",
                    "pyld_inner_steps", "pyld_lr", "pyld_eps")
 
 

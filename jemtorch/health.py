@@ -28,6 +28,11 @@ penalty with them, so the fixed point w/λ stays where health looks for it) to h
 classifier tells chain ends from data sooner; once it does, the gap runs to the fixed point within ~100 iterations
 and stays there (docs/results/density.md). The scale therefore rises fast when reach falls below the target and
 falls slowly while the chains keep up: the run looks for the smallest p(x) weight at which the chains still follow.
+
+``AdaptiveSteps`` (``--sgld-steps-max``) acts on it the other way: it lengthens the chains instead of weakening the
+term. Each time the chains got more steps the switch came later (weight 0.3 pinned at iteration ~1560 with two
+steps and stayed healthy with five; weight 0.2 with five pinned at ~3000), so the chains grow, one step at a time,
+as the classifier strengthens.
 """
 from __future__ import annotations
 
@@ -152,3 +157,43 @@ class AdaptivePx(Callback):
 
     def load_state_dict(self, state: dict) -> None:
         self.scale, self.ema = float(state["scale"]), state.get("ema")
+
+
+class AdaptiveSteps(Callback):
+    """Lengthens the chains when they fall behind: one more chain step per iteration (up to ``maximum``) whenever the
+    moving average of ``reach`` (~10 iterations) is below ``TARGET``, at most once per ``COOLDOWN`` iterations (the
+    time a new step takes to show in reach). Never shortens them: the classifier only gets stronger. Sets the
+    sampler's ``n_steps`` and logs ``sgld_steps`` with the step's values."""
+
+    # Healthy runs hold reach at 0.5–0.55 (weight 0.3 with five steps, seeds 0 and 1); the two-step weight-0.3 run
+    # sat at 0.40–0.45 for ~800 iterations before it pinned, and the five-step weight-0.2 run fell from 0.55 to
+    # 0.42 within 20 iterations at its switch (docs/results/density.md).
+    TARGET, EMA, COOLDOWN = 0.45, 0.1, 20
+
+    def __init__(self, maximum: int):
+        self.maximum = maximum
+        self.steps: Optional[int] = None  # the chains' current length (None: the configured --sgld-steps)
+        self.ema: Optional[float] = None
+        self.since = 0  # iterations since the last step was added
+
+    def on_fit_start(self, t) -> None:
+        if self.steps is None:
+            self.steps = t.state.sampler.n_steps
+        t.state.sampler.n_steps = self.steps
+
+    def on_step_end(self, t, values: dict) -> None:
+        if "reach" not in values:
+            return
+        r = values["reach"]
+        self.ema = r if self.ema is None else (1 - self.EMA) * self.ema + self.EMA * r
+        self.since += 1
+        if self.ema < self.TARGET and self.since >= self.COOLDOWN and self.steps < self.maximum:
+            self.steps, self.since = self.steps + 1, 0
+            t.state.sampler.n_steps = self.steps
+        values["sgld_steps"] = float(self.steps)
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps, "ema": self.ema, "since": self.since}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps, self.ema, self.since = state.get("steps"), state.get("ema"), int(state.get("since", 0))

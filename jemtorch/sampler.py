@@ -482,6 +482,9 @@ class SamplerSettings:
     default (Algorithm 1 and wgrathwohl/JEM train_wrn_ebm.py: α=1, σ=0.01, K=20, buffer 10 000, ρ=0.05)."""
 
     sgld_steps: int = setting(20, "chain steps per training iteration K (paper: 20)")
+    sgld_steps_max: int = setting(0, "lengthen the chains, one step at a time up to this many, whenever they fall "
+                                     "behind the model (reach below 0.45, health.AdaptiveSteps); 0: fixed at "
+                                     "--sgld-steps")
     sgld_lr: float = setting(1.0, "chain step size α (paper: 1)")
     sgld_std: float = setting(0.01, "chain noise σ (paper: 0.01)")
     sgld_clamp: bool = setting(False, "clamp SGLD chains to the image range [−1, 1] after every step (paper: no)")
@@ -500,6 +503,9 @@ class SamplerSettings:
 
     def check(self, need: Need) -> None:
         need(self.sgld_steps >= 0, f"--sgld-steps must be >= 0, got {self.sgld_steps}")
+        need(self.sgld_steps_max == 0 or self.sgld_steps_max >= self.sgld_steps,
+             f"--sgld-steps-max must be 0 (fixed chains) or >= --sgld-steps ({self.sgld_steps}), got "
+             f"{self.sgld_steps_max}")
         need(self.sgld_lr >= 0, f"--sgld-lr must be >= 0, got {self.sgld_lr}")
         need(self.sgld_std >= 0, f"--sgld-std must be >= 0, got {self.sgld_std}")
         need(1 <= self.buffer_size <= 10_000_000, f"--buffer-size must be in 1..10000000, got {self.buffer_size}")

@@ -44,7 +44,7 @@ from .config import TrainConfig
 from .data import BatchStream, ImageData, Splits, augment, labeled_subset, load_dataset, to_float, training_splits
 from .distributed import Dist
 from .energy import JEM
-from .health import AdaptivePx, Health
+from .health import AdaptivePx, AdaptiveSteps, Health
 from .objective import Weights, jem_loss
 from .optim import SAM, build_optimizer, lr_factor
 from .recovery import Recovery, TrainingDiverged
@@ -240,6 +240,7 @@ def build_state(cfg: TrainConfig, data: ImageData, dist: Dist, dev: torch.device
 def default_callbacks(cfg: TrainConfig) -> list[Callback]:
     """In the order they run after a step: the clock first (it may make this step the last), the checkpoint last."""
     adapt = [AdaptivePx(cfg.px_target_reach, cfg.px_scale_min)] if cfg.px_target_reach > 0 else []
+    adapt += [AdaptiveSteps(cfg.sgld_steps_max)] if cfg.sgld_steps_max > cfg.sgld_steps else []
     return [Timer(cfg.time_limit), *adapt, MetricsWindow(cfg.log_every), Health(cfg), Validation(), Curves(),
             SampleGrids(), Checkpoint(), Interrupt(), FaultInjection(cfg.inject_divergence)]
 

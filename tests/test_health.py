@@ -7,7 +7,7 @@ import torch
 
 from jemtorch import JEM, Weights, create_model, jem_loss
 from jemtorch.config import TrainConfig
-from jemtorch.health import REACH_MIN, AdaptivePx, Health, healthy, pinned
+from jemtorch.health import REACH_MIN, AdaptivePx, AdaptiveSteps, Health, healthy, pinned
 from jemtorch.sampler import JEMSampler, ReplayBuffer
 
 
@@ -135,3 +135,60 @@ def test_the_loop_scales_the_generative_terms_and_their_penalty_together(tmp_pat
         assert w.px == pytest.approx(scale) and w.energy_reg == pytest.approx(0.1 * scale)
     assert main(["train", "--px-target-reach", "1.5", "--out", str(tmp_path / "bad")]) != 0
     assert "--px-target-reach must be in [0, 1)" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_adaptive_steps_lengthens_the_chains_when_they_fall_behind_and_never_shortens_them(tmp_path, capsys):
+    """--sgld-steps-max: one more chain step while the reach average is below the target, at most once per cooldown,
+    up to the maximum; none while the chains keep up; the sampler's n_steps follows; a resumed run keeps the length."""
+    a = AdaptiveSteps(maximum=8)
+    t = SimpleNamespace(state=SimpleNamespace(sampler=SimpleNamespace(n_steps=5)))
+    a.on_fit_start(t)
+    for _ in range(200):  # the chains keep up: five steps stay five
+        values = {"reach": 0.55}
+        a.on_step_end(t, values)
+    assert t.state.sampler.n_steps == 5 and values["sgld_steps"] == 5
+    a.on_step_end(t, {"train_acc": 1.0})  # a classifier step: nothing changes
+    grown = []
+    for _ in range(3 * AdaptiveSteps.COOLDOWN):  # they fall behind: a step per cooldown, not one per iteration
+        a.on_step_end(t, {"reach": 0.1})
+        grown.append(t.state.sampler.n_steps)
+    assert 6 <= grown[-1] <= 8 and grown == sorted(grown) and len(set(grown)) <= 4
+    for _ in range(500):
+        a.on_step_end(t, {"reach": 0.0})
+    assert t.state.sampler.n_steps == 8  # the maximum
+    for _ in range(500):  # they keep up again: never shortened
+        a.on_step_end(t, {"reach": 0.9})
+    assert t.state.sampler.n_steps == 8
+    b = AdaptiveSteps(8)
+    b.load_state_dict(a.state_dict())
+    fresh = SimpleNamespace(state=SimpleNamespace(sampler=SimpleNamespace(n_steps=5)))
+    b.on_fit_start(fresh)  # a resumed run: the checkpoint's length, not the configured one
+    assert fresh.state.sampler.n_steps == 8
+    from jemtorch.cli import main
+
+    assert main(["train", "--sgld-steps", "5", "--sgld-steps-max", "3", "--out", str(tmp_path / "bad")]) != 0
+    assert "--sgld-steps-max must be 0" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_the_loop_runs_the_chains_adaptive_steps_sets(tmp_path, monkeypatch):
+    """With --sgld-steps-max the loop's sampler takes the length AdaptiveSteps sets (here: a target no chain meets, so
+    the chains grow every cooldown), metrics.jsonl logs it, and the checkpoint keeps it."""
+    import importlib
+
+    train_mod = importlib.import_module("jemtorch.train")
+    monkeypatch.setattr(AdaptiveSteps, "TARGET", 1.01)
+    monkeypatch.setattr(AdaptiveSteps, "COOLDOWN", 5)
+    lengths = []
+    real = JEMSampler.run_chains
+    monkeypatch.setattr(JEMSampler, "run_chains", lambda self, jem, x0, y=None, n_steps=None, callback=None: (
+        lengths.append(self.n_steps if n_steps is None else n_steps), real(self, jem, x0, y, n_steps, callback))[1])
+    cfg = TrainConfig(dataset="digits", model="cnn-4", epochs=1, max_iters=24, sgld_steps=1, sgld_steps_max=4,
+                      buffer_size=100, energy_reg=0.1, px_start_epoch=0, px_ramp_epochs=0.0, warmup_iters=0,
+                      log_every=4, progress=False, out=str(tmp_path / "r"))
+    t = train_mod.Trainer(cfg)
+    t.fit()
+    assert lengths[0] == 1 and lengths[-1] == 4 and lengths == sorted(lengths)
+    logged = [json.loads(ln).get("sgld_steps") for ln in (tmp_path / "r/metrics.jsonl").read_text().splitlines()]
+    assert max(v for v in logged if v is not None) > 1
+    saved = torch.load(t.run.checkpoint, weights_only=True)["callbacks"]["AdaptiveSteps"]
+    assert saved["steps"] == 4
