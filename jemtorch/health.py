@@ -13,7 +13,7 @@ until a penalty stops them, and the model learns nothing more about p(x). The pe
     travel      root-mean-square distance per pixel (pixels in [−1, 1]) between a chain's start and its end in this
                 iteration: chains that do not move cannot follow the model.
     saturation  share of chain-end pixels at the edge of the image range (|x| ≥ 0.99): steps too large.
-    pinned      (judged here) |E(data) − E(samples)| at ≥ 90% of the energy penalty's fixed point w/λ: the minimum of
+    pinned      (judged here) E(data) − E(samples) at ≥ 90% of the energy penalty's fixed point −w/λ: the minimum of
                 w·(Ē_d − Ē_s) + λ·(Ē_d² + Ē_s²) is Ē_d = −w/(2λ), Ē_s = +w/(2λ), where the penalty, not the data,
                 sets the energies.
 
@@ -57,9 +57,10 @@ def fixed_point(p_x_weight: float, energy_reg: float) -> Optional[float]:
 
 
 def pinned(gap: float, p_x_weight: float, energy_reg: float) -> bool:
-    """Is the energy gap at the penalty's fixed point −w/λ (within ``PINNED_AT``)?"""
+    """Is the energy gap E(data) − E(samples) at the penalty's fixed point −w/λ (within ``PINNED_AT``)? A positive gap
+    (chain ends below the data's energy, as when the chains overshoot early on) is the other way round: not pinned."""
     fixed = fixed_point(p_x_weight, energy_reg)
-    return fixed is not None and p_x_weight > 0 and abs(gap) >= PINNED_AT * fixed
+    return fixed is not None and p_x_weight > 0 and gap <= -PINNED_AT * fixed
 
 
 class Health(Callback):

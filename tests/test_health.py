@@ -71,6 +71,7 @@ def test_health_warns_when_pinned_or_unreached_and_says_when_it_recovers():
     assert healthy({"reach": REACH_MIN}) and not healthy({"reach": REACH_MIN - 0.01})
     assert not healthy({"reach": 0.5, "energy_gap": -9.5}, 1.0, 0.1)  # reached, but held there by the penalty
     assert pinned(-9.0, 1.0, 0.1) and not pinned(-8.9, 1.0, 0.1) and not pinned(-50.0, 1.0, 0.0)
+    assert not pinned(+9.5, 1.0, 0.1)  # chain ends below the data's energy: overshooting, not the penalty's fixed point
 
 
 def test_a_pinned_run_says_so_on_screen_in_the_log_and_the_summary(tmp_path, capsys):
