@@ -32,7 +32,8 @@ falls slowly while the chains keep up: the run looks for the smallest p(x) weigh
 ``AdaptiveSteps`` (``--sgld-steps-max``) acts on it the other way: it lengthens the chains instead of weakening the
 term. Each time the chains got more steps the switch came later (weight 0.3 pinned at iteration ~1560 with two
 steps and stayed healthy with five; weight 0.2 with five pinned at ~3000), so the chains grow, one step at a time,
-as the classifier strengthens.
+as the classifier strengthens. Measured: it grows them within ~100 iterations of the first sign and the run pins
+anyway (weights 0.2 and 0.1, five to twelve steps; docs/results/density.md) — a tool to study the switch, not a cure.
 """
 from __future__ import annotations
 
