@@ -64,6 +64,11 @@ def pinned(gap: float, p_x_weight: float, energy_reg: float) -> bool:
     return fixed is not None and p_x_weight > 0 and gap <= -PINNED_AT * fixed
 
 
+def moving_average(average: Optional[float], value: float, rate: float) -> float:
+    """Exponential moving average of ``value`` (the first value starts it); the adaptive callbacks smooth reach with it."""
+    return value if average is None else (1 - rate) * average + rate * value
+
+
 class Health(Callback):
     """Counts healthy iterations of the generative phase; a ``health`` record and a warning when a log window turns
     unhealthy (and when it recovers); ``summary()`` for summary.json."""
@@ -149,7 +154,7 @@ class AdaptivePx(Callback):
         if "reach" not in values:
             return
         r = values["reach"]
-        self.ema = r if self.ema is None else (1 - self.EMA) * self.ema + self.EMA * r
+        self.ema = moving_average(self.ema, r, self.EMA)
         err = (self.target - self.ema) / self.target
         self.scale = min(1.0, max(self.minimum, self.scale * math.exp((self.UP if err > 0 else self.DOWN) * err)))
         t.px_scale = values["px_scale"] = self.scale
@@ -187,7 +192,7 @@ class AdaptiveSteps(Callback):
         if "reach" not in values:
             return
         r = values["reach"]
-        self.ema = r if self.ema is None else (1 - self.EMA) * self.ema + self.EMA * r
+        self.ema = moving_average(self.ema, r, self.EMA)
         self.since += 1
         if self.ema < self.TARGET and self.since >= self.COOLDOWN and self.steps < self.maximum:
             self.steps, self.since = self.steps + 1, 0
