@@ -169,6 +169,9 @@ def test_adaptive_steps_lengthens_the_chains_when_they_fall_behind_and_never_sho
 
     assert main(["train", "--sgld-steps", "5", "--sgld-steps-max", "3", "--out", str(tmp_path / "bad")]) != 0
     assert "--sgld-steps-max must be 0" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    from jemtorch.sampler import SamplerSettings  # the flag's help states the controller's target, not a stale copy
+
+    assert f"reach below {AdaptiveSteps.TARGET}" in SamplerSettings.__dataclass_fields__["sgld_steps_max"].metadata["help"]
 
 
 def test_the_loop_runs_the_chains_adaptive_steps_sets(tmp_path, monkeypatch):
