@@ -103,6 +103,10 @@ def test_quality_benchmark_tables_and_reuse(tmp_path, capsys):
     assert list(rows["samples"][0]["by_length"]) == ["0", "2"]  # on the way to --sample-steps 2: none below it
     assert rows["samples"][0]["by_length"]["2"]["fd"] == rows["samples"][0]["fd"]["fresh chains (2 steps)"]
     assert 0 <= jem["healthy"] <= 1 and base["healthy"] is None
+    logged = [json.loads(ln) for ln in (out / "seed0" / "jem" / "metrics.jsonl").read_text().splitlines()]
+    last = [r["train_acc"] for r in logged if r.get("kind") == "train" and r["epoch"] > 1]  # epoch 2 of 2
+    assert last and jem["train_accuracy"] == pytest.approx(sum(last) / len(last))
+    assert "train acc (last epoch)" in table and f"{100 * jem['train_accuracy']:.2f}%" in table
     again = script(capsys, "quality.py", "--ood-only", *cmd)  # reused, the OOD table alone: the same figures
     assert again.returncode == 0 and "[quality]" not in again.stderr  # nothing trained twice
     rows2 = json.loads((out / "quality-ood.json").read_text())["rows"]
