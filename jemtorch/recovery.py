@@ -6,7 +6,9 @@ drops the step and goes back to the newest snapshot; a snapshot is used once, so
 (within 2·snapshot_every healthy iterations) goes further back and climbs one rung, while a divergence after a
 healthy stretch starts again at rung 1:
 
-  1. restore, re-seed the random number generators, lr ×0.5 (the lr doubles back after each healthy stretch)
+  1. restore, re-seed the random number generators, lr ×0.5 (the lr doubles back after each healthy stretch of
+     snapshot_every iterations, but not to a scale that diverged again within 2·snapshot_every iterations of its
+     return: that scale stays the ceiling for the rest of the run)
   2. + restart 10% of the replay buffer from the initial distribution
   3. + raise the energy penalty λ·(E(data)² + E(samples)²) to max(0.1, 2λ) (JEM issues #4/#8: "energy L2 ≈ 0.1")
   4. + halve the sampler's step size
@@ -45,6 +47,8 @@ class Recovery:
         self.level = 0  # rung of the last recovery
         self.healthy = 0  # healthy iterations since the last recovery
         self.lr_scale = 1.0
+        self.lr_ceiling = 1.0  # lowered when the lr diverges soon after it was raised back
+        self.since_raise: Optional[int] = None  # healthy iterations since the lr was last raised back
         self.energy_reg = cfg.energy_reg
         self.raised_energy_reg: Optional[float] = None  # set by rung 3; a resumed run keeps it over its config
         self.sampler_scale = 1.0
@@ -64,10 +68,12 @@ class Recovery:
         """After every applied step: snapshots, and the lr creeping back after a healthy stretch."""
         cfg, events = self.cfg, []
         self.healthy += 1
+        if self.since_raise is not None:
+            self.since_raise += 1
         if state.step % cfg.snapshot_every == 0:
             self.take_snapshot(state)
-        if self.lr_scale < 1.0 and self.healthy % cfg.snapshot_every == 0:
-            self.lr_scale = min(1.0, 2 * self.lr_scale)
+        if self.lr_scale < self.lr_ceiling and self.healthy % cfg.snapshot_every == 0:
+            self.lr_scale, self.since_raise = min(self.lr_ceiling, 2 * self.lr_scale), 0
             events.append({"kind": "recovery", "step": state.step, "action": "lr", "lr_scale": self.lr_scale,
                            "message": f"recovery: {cfg.snapshot_every} healthy iterations, lr back to ×{self.lr_scale:g}"})
         return events
@@ -98,8 +104,14 @@ class Recovery:
         state.step = snap["step"]
         self.count, self.level, self.healthy = self.count + 1, level, 0
         torch.manual_seed(self.cfg.seed + 1_000_003 * self.count + self.rank_seed)  # a new trajectory from there
-        self.lr_scale *= 0.5
-        actions = [f"rolled back to iteration {state.step}", "re-seeded", f"lr ×{self.lr_scale:g}"]
+        actions = [f"rolled back to iteration {state.step}", "re-seeded"]
+        if self.since_raise is not None and self.since_raise < 2 * self.cfg.snapshot_every:
+            self.lr_ceiling = self.lr_scale / 2  # raising the lr brought the divergence back: it stays below
+            actions.append(f"lr ×{self.lr_ceiling:g} at most from now on (it diverged {self.since_raise} iterations "
+                           f"after it was raised back)")
+        else:
+            actions.append(f"lr ×{self.lr_scale / 2:g}")
+        self.lr_scale, self.since_raise = self.lr_scale / 2, None
         if level >= 2:
             actions.append(f"restarted {state.buffer.refresh(self.REFRESH)} buffer chains from the initial distribution")
         if level >= 3:
@@ -113,7 +125,7 @@ class Recovery:
         state.sched.step()  # the lr of the restored step with the new scale
         gap = values.get("energy_gap", float("nan"))
         return [{"kind": "rollback", "step": state.step, "diverged_at": failed_at, "rung": level, "energy_gap": gap,
-                 "loss": values["loss"], "lr_scale": self.lr_scale, "energy_reg": self.energy_reg,
+                 "loss": values["loss"], "lr_scale": self.lr_scale, "lr_ceiling": self.lr_ceiling, "energy_reg": self.energy_reg,
                  "sampler_scale": self.sampler_scale,
                  "message": f"divergence at iteration {failed_at} (gap {gap:.4g}); rung {level}: " + ", ".join(actions)}]
 
@@ -123,6 +135,7 @@ class Recovery:
 
     def state_dict(self) -> dict:
         return {"count": self.count, "level": self.level, "healthy": self.healthy, "lr_scale": self.lr_scale,
+                "lr_ceiling": self.lr_ceiling, "since_raise": self.since_raise,
                 "raised_energy_reg": self.raised_energy_reg, "sampler_scale": self.sampler_scale}
 
     def load_state_dict(self, state: dict, sampler) -> None:
@@ -130,6 +143,9 @@ class Recovery:
         had raised it above that."""
         self.count, self.level, self.healthy = int(state["count"]), int(state["level"]), int(state["healthy"])
         self.lr_scale, self.sampler_scale = float(state["lr_scale"]), float(state["sampler_scale"])
+        self.lr_ceiling = float(state.get("lr_ceiling", 1.0))  # checkpoints before 0.2.1 have none
+        since = state.get("since_raise")
+        self.since_raise = None if since is None else int(since)
         raised = state.get("raised_energy_reg")
         self.raised_energy_reg = None if raised is None else float(raised)
         self.energy_reg = max(self.cfg.energy_reg, self.raised_energy_reg or 0.0)

@@ -162,6 +162,22 @@ def test_injected_divergences_recover_and_are_logged(tmp_path):
     assert (run / "curves.png").is_file()
 
 
+def test_an_lr_that_diverges_soon_after_its_return_stays_lowered(tmp_path):
+    """The ladder raises the lr back after a healthy stretch; when that brings the divergence back within
+    2·snapshot_every iterations, the halved lr becomes a ceiling for the rest of the run (a CIFAR-10 run without
+    normalisation diverged 12-63 iterations after each return to lr 0.1 and climbed to rung 4)."""
+    run = tmp_path / "r"
+    train(cfg(run, epochs=3, snapshot_every=10, inject_divergence=(15, 25, 80)))
+    recs = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    rollbacks = [r for r in recs if r["kind"] == "rollback"]
+    assert [(r["diverged_at"], r["step"], r["rung"], r["lr_ceiling"]) for r in rollbacks] == [
+        (15, 10, 1, 1.0), (25, 20, 2, 0.5), (80, 80, 1, 0.5)]  # 25: five iterations after the lr came back at 20
+    assert "lr ×0.5 at most from now on" in rollbacks[1]["message"] and "lr ×0.25" in rollbacks[2]["message"]
+    assert [r["lr_scale"] for r in recs if r["kind"] == "recovery"] == [1.0, 0.5]  # up to the ceiling, not past it
+    saved = torch.load(run / "checkpoint.pt", weights_only=True)["recovery"]
+    assert saved["lr_ceiling"] == 0.5  # a resumed run keeps it
+
+
 def test_config_validation():
     for bad in (dict(sgld_steps=-1), dict(reinit_freq=2.0), dict(lr=0), dict(optimizer="rmsprop"),
                 dict(p_y_given_x_weight=0, p_x_weight=0), dict(labels_per_class=0), dict(norm="group")):
