@@ -143,7 +143,7 @@ class Recovery:
         had raised it above that."""
         self.count, self.level, self.healthy = int(state["count"]), int(state["level"]), int(state["healthy"])
         self.lr_scale, self.sampler_scale = float(state["lr_scale"]), float(state["sampler_scale"])
-        self.lr_ceiling = float(state.get("lr_ceiling", 1.0))  # checkpoints before 0.2.1 have none
+        self.lr_ceiling = float(state.get("lr_ceiling", 1.0))  # older checkpoints have none: no ceiling
         since = state.get("since_raise")
         self.since_raise = None if since is None else int(since)
         raised = state.get("raised_energy_reg")
