@@ -5,7 +5,8 @@ schedule); the baseline only sets ``p_x_weight = 0`` (no samples are drawn). Eac
 code (both runs together, the baseline as the reference classifier):
 
 1. classification: test accuracy, ECE before and after temperature scaling (the JEM's raw ECE minus the baseline's
-   with a 95% paired-bootstrap interval over the test images), training time, rollbacks, the JEM's healthy share;
+   with a 95% paired-bootstrap interval over the test images), the median first-order L2 distance to the decision
+   boundary (``attacks.steepness``: large for a smooth model), training time, rollbacks, the JEM's healthy share;
 2. OOD, per set: the JEM's log p(x), its best own score (``detectors.OWN``: log p(x), max p(y|x), −‖∇ log p(x)‖,
    typicality, complexity), the best post-hoc detector on the baseline and on the JEM (MaxLogit, Mahalanobis, ViM,
    KNN, ReAct, and the model-free PNG length; the baseline's own scores count as post-hoc: its log p(x) is the Energy
@@ -150,7 +151,7 @@ def evaluate_pair(seed: int, out: Path, summaries: dict, ood: tuple, args) -> tu
                        train_seconds=s["train_seconds"], rollbacks=s["rollbacks"], recipe=s.get("recipe"),
                        healthy=s.get("health", {}).get("healthy_fraction"),
                        ece_vs_baseline=m.get("ece_vs_reference", {}).get("raw"),
-                       auroc=aurocs(m["ood"]))
+                       boundary_l2=m.get("steepness", {}).get("boundary_l2"), auroc=aurocs(m["ood"]))
         runs.append(row)
     if "jem" in metrics and "baseline" in metrics:
         oods = [ood_row(seed, label, metrics["jem"], metrics["baseline"]) for label in ood_labels(ood).values()]
@@ -165,8 +166,8 @@ def pct(v) -> str:
 
 
 def tables(runs: list, oods: list, gens: list) -> list[str]:
-    lines = ["| seed | run | test acc | train acc (last epoch) | ECE | ECE − baseline's [95%] | ECE (TS) | T | train s "
-             "| rollbacks | healthy |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| seed | run | test acc | train acc (last epoch) | ECE | ECE − baseline's [95%] | ECE (TS) | T "
+             "| boundary L2 | train s | rollbacks | healthy |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         if r.get("failed") or "test_accuracy" not in r:
             lines.append(f"| {r['seed']} | {r['run']} | FAILED: {r.get('failed')} |")
@@ -174,7 +175,8 @@ def tables(runs: list, oods: list, gens: list) -> list[str]:
         lines.append("| " + " | ".join(map(str, [
             r["seed"], r["run"], f"{100 * r['test_accuracy']:.2f}%", pct(r.get("train_accuracy")), pct(r.get("ece")),
             format_difference(r["ece_vs_baseline"]) if r.get("ece_vs_baseline") else "—", pct(r.get("ece_ts")),
-            f"{r['temperature']:.2f}" if r.get("temperature") else "—", f"{r['train_seconds']:.0f}", r["rollbacks"],
+            f"{r['temperature']:.2f}" if r.get("temperature") else "—",
+            f"{r['boundary_l2']:.2f}" if r.get("boundary_l2") is not None else "—", f"{r['train_seconds']:.0f}", r["rollbacks"],
             f"{100 * r['healthy']:.0f}%" if r.get("healthy") is not None else "—"])) + " |")
     for kind in ("jem", "baseline"):
         good = [r for r in runs if r["run"] == kind and r.get("ece") is not None]

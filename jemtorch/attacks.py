@@ -13,6 +13,8 @@ Units: ε is given for images in [0, 1] (8/255 means 8 grey levels); models see 
 * Gradient-free attacks from maintained libraries: foolbox 3 (Boundary: median L2; Pointwise: median L0) and
   torchattacks (Square, score-based black box: median L∞ needed, over an ε grid).
 * Distal adversarials: from U(−1, 1) noise, signed-gradient ascent on log p(y=c|x).
+* Steepness: the input-gradient scale at test images (∇ₓE, first-order distance to the decision boundary) — no
+  attack, the cheap view of what PGD measures.
 """
 from __future__ import annotations
 
@@ -237,6 +239,33 @@ def blackbox(model: Refined, x: torch.Tensor, y: torch.Tensor, attacks: list[str
                              "success_rate": float(torch.isfinite(needed).float().mean()), "n": len(y),
                              "queries": square_queries, "norm": "linf"}
     return out
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# steepness: how fast the logits change around the data (no attack, two gradients per image)
+# ------------------------------------------------------------------------------------------------------------------
+def steepness(jem: JEM, x: torch.Tensor, batch_size: int = 250) -> dict:
+    """Input-gradient scale of a model at images ``x`` (model units), medians over the images:
+
+    * ``energy_grad_rms``: the RMS per pixel of ∇ₓE(x), E = −LogSumExp f (model units) — what one step of the
+      chains moves a pixel by at step size 1;
+    * ``boundary_l2``: the first-order L2 distance to the decision boundary, (f₁ − f₂) / ‖∇ₓ(f₁ − f₂)‖₂ with f₁, f₂
+      the two largest logits, in [0, 1]-pixel units (ε's units; exact for a linear model) — large for a smooth model,
+      which PGD then needs a large ε to flip.
+    """
+    device = next(jem.parameters()).device
+    e_rms, dist = [], []
+    with frozen(jem):
+        for i in range(0, len(x), batch_size):
+            xb = x[i : i + batch_size].to(device).requires_grad_(True)
+            logits = jem(xb)
+            top2 = logits.topk(2, dim=1).values
+            (g_e,) = torch.autograd.grad(-logits.logsumexp(1).sum(), xb, retain_graph=True)
+            (g_m,) = torch.autograd.grad((top2[:, 0] - top2[:, 1]).sum(), xb)
+            e_rms.append(g_e.flatten(1).pow(2).mean(1).sqrt().cpu())
+            dist.append(((top2[:, 0] - top2[:, 1]).detach() / g_m.flatten(1).norm(dim=1).clamp_min(1e-12)).cpu() / SCALE)
+    return {"energy_grad_rms": torch.cat(e_rms).median().item(), "boundary_l2": torch.cat(dist).median().item(),
+            "n": len(x)}
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .attacks import steepness
 from .build import LoadedRun, load_run, load_runs, run_detectors
 from .checkpoint import replace_atomic, write_atomic
 from .data import DatasetError, check_ood_name, make_ood_set, ood_labels, to_float, to_uint8, training_splits
@@ -268,6 +269,7 @@ def evaluate_run(run: LoadedRun, opts: EvalOptions, reference: Optional[LoadedRu
     metrics = {"run": str(run.run_dir), "name": run.name, "dataset": run.cfg.dataset, "model": run.cfg.model,
                "p_x_weight": run.cfg.p_x_weight}
     cal, ece_boot = calibration(run, opts)
+    cal["steepness"] = steepness(run.jem, x_in)
     ood, hist = ood_detection(run, opts, x_in)
     samples = sample_grids(run, opts, g)
     gen = generation(run, reference, opts, g)
@@ -399,9 +401,15 @@ def build_report(results: list[dict], figs: dict) -> Report:
 
 def calibration_section(rep: Report, results: list[dict], figs: dict) -> None:
     rep.h2("Classification and calibration")
-    rep.table(["run", "test accuracy", "test NLL", f"ECE ({results[0]['ece_bins']} bins)", "ECE after TS", "temperature"],
-              [[r["name"], r["test_accuracy"], r["test_nll"], r["ece"], r["ece_ts"], r["temperature"]] for r in results])
-    rep.p(f"ECE: {results[0]['ece_binning']}.")
+    rep.table(["run", "test accuracy", "test NLL", f"ECE ({results[0]['ece_bins']} bins)", "ECE after TS", "temperature",
+               "boundary L2", "RMS ∇ₓE"],
+              [[r["name"], r["test_accuracy"], r["test_nll"], r["ece"], r["ece_ts"], r["temperature"],
+                r.get("steepness", {}).get("boundary_l2"), r.get("steepness", {}).get("energy_grad_rms")]
+               for r in results])
+    rep.p(f"ECE: {results[0]['ece_binning']}. Boundary L2: the median first-order L2 distance from a test image to "
+          f"the decision boundary in [0, 1] pixel units (the top-two logit margin over its input gradient's norm); RMS "
+          f"∇ₓE: the median RMS per pixel of the energy's input gradient (model units). A smooth model has a large "
+          f"first and a small second.")
     versus = [r for r in results if "ece_vs_reference" in r]
     if versus:
         rep.table(["run", "reference", "ECE − reference's (points) [95% interval]", "after TS"],

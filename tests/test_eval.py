@@ -145,6 +145,7 @@ def test_eval_end_to_end_two_runs(trained_runs, capsys):
     assert m["test_accuracy"] == pytest.approx(summary["test_accuracy"])
     assert 0 <= m["ece"] <= 1 and m["ece_bins"] == 15
     assert 0 <= m["ece_ts"] <= 1 and m["temperature"] > 0 and m["calibration_ts"]["n_bins"] == 15
+    assert m["steepness"]["boundary_l2"] > 0 and m["steepness"]["energy_grad_rms"] > 0
     mb = json.loads((base / "eval/metrics.json").read_text())
     versus = m["ece_vs_reference"]  # the baseline is the reference: the JEM's ECE minus its, paired bootstrap
     assert versus["reference"] == "base" and "ece_vs_reference" not in mb

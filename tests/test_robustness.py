@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from jemtorch import JEM, create_model
-from jemtorch.attacks import Refined, parse_eps, pgd
+from jemtorch.attacks import Refined, parse_eps, pgd, steepness
 from jemtorch.cli import main
 
 
@@ -42,6 +42,24 @@ def test_linf_attack_on_linear_model_matches_closed_form():
     torch.testing.assert_close(adv, x + eps * w.sign().view(1, 1, 4, 4))
     margin = lambda z: model(z)[:, 1] - model(z)[:, 0]
     torch.testing.assert_close(margin(adv), margin(x) + eps * w.abs().sum())
+
+
+def test_steepness_of_a_linear_model_matches_closed_form():
+    """Logits W·x: the first-order boundary distance (f1 − f2) / ‖w1 − w2‖ is exact, and ∇ₓE = −Σ_y p(y|x) w_y."""
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 3, bias=False)
+    jem = JEM(nn.Sequential(nn.Flatten(), lin))
+    x = torch.rand(40, 1, 4, 4) * 2 - 1
+    out = steepness(jem, x, batch_size=7)
+    w, z = lin.weight.detach(), lin(x.flatten(1)).detach()
+    top = z.topk(2, dim=1).indices
+    dist = (z.gather(1, top[:, :1]) - z.gather(1, top[:, 1:])).squeeze(1) / (w[top[:, 0]] - w[top[:, 1]]).norm(dim=1)
+    grad_e = -(z.softmax(1) @ w)
+    assert out["n"] == 40
+    assert out["boundary_l2"] == pytest.approx(dist.median().item() / 2, rel=1e-5)  # model units → [0, 1] units
+    assert out["energy_grad_rms"] == pytest.approx(grad_e.pow(2).mean(1).sqrt().median().item(), rel=1e-5)
+    jem.f[1].weight.data *= 10  # ten times steeper: ten times the gradient, the same distance
+    assert steepness(jem, x)["boundary_l2"] == pytest.approx(out["boundary_l2"], rel=1e-4)
 
 
 def test_pgd_never_turns_a_wrong_answer_right():
