@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .energy import JEM
+from .energy import JEM, in_batches
 from .sampler import frozen, sgld
 
 SCALE = 2.0  # [0,1]-pixel units → model units
@@ -253,19 +253,19 @@ def steepness(jem: JEM, x: torch.Tensor, batch_size: int = 250) -> dict:
       the two largest logits, in [0, 1]-pixel units (ε's units; exact for a linear model) — large for a smooth model,
       which PGD then needs a large ε to flip.
     """
-    device = next(jem.parameters()).device
-    e_rms, dist = [], []
+    def per_image(xb: torch.Tensor) -> torch.Tensor:  # (B, 2): RMS ∇ₓE, boundary distance
+        xb = xb.requires_grad_(True)
+        logits = jem(xb)
+        top2 = logits.topk(2, dim=1).values
+        margin = top2[:, 0] - top2[:, 1]
+        (g_e,) = torch.autograd.grad(-logits.logsumexp(1).sum(), xb, retain_graph=True)
+        (g_m,) = torch.autograd.grad(margin.sum(), xb)
+        dist = margin.detach() / g_m.flatten(1).norm(dim=1).clamp_min(1e-12) / SCALE
+        return torch.stack([g_e.flatten(1).pow(2).mean(1).sqrt(), dist], 1).cpu()
+
     with frozen(jem):
-        for i in range(0, len(x), batch_size):
-            xb = x[i : i + batch_size].to(device).requires_grad_(True)
-            logits = jem(xb)
-            top2 = logits.topk(2, dim=1).values
-            (g_e,) = torch.autograd.grad(-logits.logsumexp(1).sum(), xb, retain_graph=True)
-            (g_m,) = torch.autograd.grad((top2[:, 0] - top2[:, 1]).sum(), xb)
-            e_rms.append(g_e.flatten(1).pow(2).mean(1).sqrt().cpu())
-            dist.append(((top2[:, 0] - top2[:, 1]).detach() / g_m.flatten(1).norm(dim=1).clamp_min(1e-12)).cpu() / SCALE)
-    return {"energy_grad_rms": torch.cat(e_rms).median().item(), "boundary_l2": torch.cat(dist).median().item(),
-            "n": len(x)}
+        med = in_batches(per_image, x, batch_size, next(jem.parameters()).device).median(0).values
+    return {"energy_grad_rms": med[0].item(), "boundary_l2": med[1].item(), "n": len(x)}
 
 
 # ------------------------------------------------------------------------------------------------------------------

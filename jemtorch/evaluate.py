@@ -269,7 +269,6 @@ def evaluate_run(run: LoadedRun, opts: EvalOptions, reference: Optional[LoadedRu
     metrics = {"run": str(run.run_dir), "name": run.name, "dataset": run.cfg.dataset, "model": run.cfg.model,
                "p_x_weight": run.cfg.p_x_weight}
     cal, ece_boot = calibration(run, opts)
-    cal["steepness"] = steepness(run.jem, x_in)
     ood, hist = ood_detection(run, opts, x_in)
     samples = sample_grids(run, opts, g)
     gen = generation(run, reference, opts, g)
@@ -279,6 +278,7 @@ def evaluate_run(run: LoadedRun, opts: EvalOptions, reference: Optional[LoadedRu
         gen["inception"]["protocol"] = (f"{opts.n_samples} fresh samples ({opts.sample_steps} chain steps from the "
                                         f"initial distribution ({run.cfg.sgld_init})) vs test images")
     metrics.update(cal)
+    metrics["steepness"] = steepness(run.jem, x_in)
     metrics.update(ood)
     metrics["ood_protocol"] = (f"{len(x_in)} in-distribution test images vs {len(x_in)} images per OOD set; "
                                f"in-distribution is the positive class; every score: higher = more in-distribution "
