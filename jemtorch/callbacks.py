@@ -151,8 +151,8 @@ class MetricsWindow(Callback):
 
 class Validation(Callback):
     """Validation accuracy/NLL after every ``--eval-every`` epochs, at the end, and at a time-limited end; a new best
-    is saved as best.pt. A JEM's best model is chosen among its JEM epochs only (never the classifier-only epochs
-    before ``--px-start-epoch``)."""
+    is saved as best.pt. A JEM's best model is chosen among the epochs from ``--px-start-epoch`` on (never the
+    classifier-only epochs before it; the classifier's tail after ``--px-stop-epoch`` counts)."""
 
     def __init__(self):
         self.best = -1.0
@@ -170,7 +170,7 @@ class Validation(Callback):
         ev = accuracy_and_nll(t.state.jem, s.x_val, s.y_val, dist=t.dist)
         t.log.write({"kind": "eval", "step": t.state.step, "epoch": t.state.step / t.clock.iters_per_epoch,
                      "val_accuracy": ev["accuracy"], "val_nll": ev["nll"]})
-        if ev["accuracy"] > self.best and (t.phases.generative(t.state.step) or not t.cfg.uses_samples):
+        if ev["accuracy"] > self.best and (t.phases.started(t.state.step) or not t.cfg.uses_samples):
             self.best = ev["accuracy"]
             if t.dist.is_main:
                 t.run.save_best({"model": t.state.jem.f.state_dict(), "step": t.state.step,

@@ -105,17 +105,24 @@ class Clock:
 @dataclass(frozen=True)
 class Phases:
     """When the generative terms train: from ``start`` (``--px-start-epoch``), faded in over ``ramp`` iterations
-    (``--px-ramp-epochs``); both converted from epochs to iterations here, once."""
+    (``--px-ramp-epochs``), until ``stop`` (``--px-stop-epoch``; None: to the end); converted from epochs to
+    iterations here, once."""
 
     start: int
     ramp: int
     uses_samples: bool
+    stop: Optional[int] = None
 
     @classmethod
     def of(cls, cfg: TrainConfig, iters_per_epoch: int) -> Phases:
-        return cls(cfg.px_start_epoch * iters_per_epoch, round(cfg.px_ramp_epochs * iters_per_epoch), cfg.uses_samples)
+        return cls(cfg.px_start_epoch * iters_per_epoch, round(cfg.px_ramp_epochs * iters_per_epoch), cfg.uses_samples,
+                   None if cfg.px_stop_epoch < 0 else cfg.px_stop_epoch * iters_per_epoch)
 
     def generative(self, step: int) -> bool:
+        return self.uses_samples and self.start <= step and (self.stop is None or step < self.stop)
+
+    def started(self, step: int) -> bool:
+        """The generative terms have switched on (they may have stopped again: the classifier's tail)."""
         return self.uses_samples and step >= self.start
 
     def weights(self, w: Weights, step: int, scale: float = 1.0) -> Weights:

@@ -267,6 +267,21 @@ def test_px_start_epoch_trains_the_classifier_alone_first(tmp_path):
     assert best["step"] == 2 * t.clock.iters_per_epoch and summary["epochs"] == 2  # best chosen among JEM epochs only
 
 
+def test_px_stop_epoch_ends_with_the_classifier_alone(tmp_path):
+    t = Trainer(cfg(tmp_path, epochs=3, px_start_epoch=1, px_stop_epoch=2))
+    per = t.clock.iters_per_epoch
+    assert [t.phases.generative(s) for s in (0, per, 2 * per - 1, 2 * per)] == [False, True, True, False]
+    t.state.step = 2 * per
+    before = t.state.buffer.data.clone()
+    assert "l_px" not in t.iteration() and torch.equal(t.state.buffer.data, before)  # the tail moves no chains
+    summary = train(cfg(tmp_path / "r", epochs=3, px_start_epoch=1, px_stop_epoch=2))
+    assert summary["health"]["generative_iterations"] == per  # only epoch 2 trained the density
+    assert torch.load(tmp_path / "r/best.pt", weights_only=True)["step"] in (2 * per, 3 * per)  # the tail counts
+    for bad in (1, 4):  # not after the start, not past the end
+        with pytest.raises(ValueError, match=r"--px-stop-epoch must be -1 or in .*\(2\.\.3\)"):
+            cfg(tmp_path, epochs=3, px_start_epoch=1, px_stop_epoch=bad)
+
+
 def test_training_curves_draw_the_trajectory_the_run_kept(tmp_path):
     from jemtorch.figures import final_trajectory, training_curves
 
@@ -301,11 +316,11 @@ def test_a_baseline_never_reads_the_generative_settings(tmp_path):
 
     other = dict(px_start_epoch=1, px_ramp_epochs=0.5, energy_reg=0.3, energy_reg_form="batch-mean", sgld_steps=5,
                  sgld_steps_max=8, sgld_lr=3.0, sgld_std=0.1, sgld_clamp=True, sgld_update="pyld", pyld_inner_steps=2,
-                 pyld_lr=0.5, pyld_eps=0.5, px_target_reach=0.3, px_scale_min=0.5)
+                 pyld_lr=0.5, pyld_eps=0.5, px_target_reach=0.3, px_scale_min=0.5, px_stop_epoch=2)
     assert set(other) == set(GENERATIVE_ONLY)
     weights, configs = [], []
     for name, kw in (("a", {}), ("b", other)):  # one after the other: augmentation draws from the global RNG
-        t = Trainer(cfg(tmp_path / name, p_x_weight=0, epochs=1, **kw))
+        t = Trainer(cfg(tmp_path / name, p_x_weight=0, epochs=2, **kw))
         for _ in range(6):
             t.iteration()
         weights.append(t.state.jem.state_dict())
