@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from jemtorch.attacks import steepness
 from jemtorch.build import load_run
 from jemtorch.data import augment, make_ood_set, to_float, training_splits
-from jemtorch.energy import eval_mode
 from jemtorch.metrics import ood_metrics
 
 SETS = ("mnist", "constant", "interp", "uniform")
@@ -40,8 +39,8 @@ def main() -> None:
     torch.manual_seed(0)
     try:
         run = load_run(args.run, "cpu", args.data_root)
-        oods = {n: make_ood_set(n, to_float(run.data.x_test[:1000]), 1000, 0, args.data_root or run.cfg.data_root,
-                                run.cfg.dataset) for n in args.sets.split(",")}
+        x_ref = to_float(run.data.x_test[:1000])
+        oods = {n: make_ood_set(n, x_ref, 1000, 0, run.cfg.data_root, run.cfg.dataset) for n in args.sets.split(",")}
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     jem, data, cfg = run.jem, run.data, run.cfg
@@ -49,12 +48,12 @@ def main() -> None:
     x_test, y_test = to_float(data.x_test), data.y_test
     pick = torch.randperm(len(x_test), generator=torch.Generator().manual_seed(0))[:2000]
 
-    def measure(step: int) -> None:
-        with eval_mode(jem):
-            acc = (jem.logits(x_test, 1000).argmax(1) == y_test).float().mean().item()
-            st = steepness(jem, x_test[pick[:1000]].clone())
-            s_in = torch.logsumexp(jem.logits(x_test[pick], 500), 1).numpy()
-            au = {n: ood_metrics(s_in, torch.logsumexp(jem.logits(o, 500), 1).numpy())["auroc"] for n, o in oods.items()}
+    def measure(step: int) -> None:  # jem.logits and steepness each run the network in eval mode
+        logits = jem.logits(x_test, 1000)
+        acc = (logits.argmax(1) == y_test).float().mean().item()
+        st = steepness(jem, x_test[pick[:1000]].clone())
+        s_in = jem.log_px(logits=logits[pick]).numpy()
+        au = {n: ood_metrics(s_in, jem.log_px(logits=jem.logits(o)).numpy())["auroc"] for n, o in oods.items()}
         print(f"| {step} | {acc:.2%} | {st['boundary_l2']:.3f} | {st['energy_grad_rms']:.4f} | {s_in.mean():.2f} | "
               + " | ".join(f"{v:.3f}" for v in au.values()) + " |", flush=True)
 
