@@ -92,6 +92,9 @@ class LoopSettings:
     px_stop_epoch: int = setting(-1, "the generative terms stop at the start of this epoch and the classifier trains "
                                      "alone to the end (a cross-entropy tail that steepens the smooth classifier a "
                                      "healthy density leaves: docs/results/density.md); -1: they run to the end")
+    px_tail_scale: float = setting(0.0, "after --px-stop-epoch the generative terms keep training at this share of "
+                                        "their weights (and the energy penalty's), so the chains stay matched to the "
+                                        "classifier as it steepens; 0: the classifier alone")
     px_ramp_epochs: float = setting(0.0, "once the generative terms switch on, raise their weights (and the energy "
                                          "penalty's) linearly from 0 to their values over this many epochs, fractions "
                                          "allowed (0: at once, as the papers)")
@@ -130,6 +133,8 @@ class LoopSettings:
         need(self.px_stop_epoch == -1 or self.px_start_epoch < self.px_stop_epoch <= self.epochs,
              f"--px-stop-epoch must be -1 or in --px-start-epoch + 1..--epochs ({self.px_start_epoch + 1}.."
              f"{self.epochs}), got {self.px_stop_epoch}")
+        need(0 <= self.px_tail_scale <= 1, f"--px-tail-scale must be in [0, 1], got {self.px_tail_scale}")
+        need(self.px_tail_scale == 0 or self.px_stop_epoch >= 0, "--px-tail-scale needs --px-stop-epoch")
         need(0 <= self.px_target_reach < 1, f"--px-target-reach must be in [0, 1), got {self.px_target_reach}")
         need(0 < self.px_scale_min <= 1, f"--px-scale-min must be in (0, 1], got {self.px_scale_min}")
         need(self.data_noise >= 0, f"--data-noise must be >= 0, got {self.data_noise}")
@@ -419,7 +424,7 @@ RESUME_IGNORED = ("out", "name", "progress", "device")  # changes that are not w
 # what a run without generative terms (a classifier baseline, p_x_weight = p_x_y_weight = 0) never reads: it trains
 # to the same weights whatever their values (tests/test_train.py checks it), so benchmarks/quality.py reuses a
 # baseline across presets that differ only in these
-GENERATIVE_ONLY = ("px_start_epoch", "px_stop_epoch", "px_ramp_epochs", "px_target_reach", "px_scale_min", "energy_reg",
+GENERATIVE_ONLY = ("px_start_epoch", "px_stop_epoch", "px_tail_scale", "px_ramp_epochs", "px_target_reach", "px_scale_min", "energy_reg",
                    "energy_reg_form", "sgld_steps", "sgld_steps_max", "sgld_lr", "sgld_std", "sgld_clamp", "sgld_update",
                    "pyld_inner_steps", "pyld_lr", "pyld_eps")
 

@@ -105,21 +105,26 @@ class Clock:
 @dataclass(frozen=True)
 class Phases:
     """When the generative terms train: from ``start`` (``--px-start-epoch``), faded in over ``ramp`` iterations
-    (``--px-ramp-epochs``), until ``stop`` (``--px-stop-epoch``; None: to the end); converted from epochs to
-    iterations here, once."""
+    (``--px-ramp-epochs``), until ``stop`` (``--px-stop-epoch``; None: to the end), then at ``tail_scale`` of their
+    weights (``--px-tail-scale``; 0: off); converted from epochs to iterations here, once."""
 
     start: int
     ramp: int
     uses_samples: bool
     stop: Optional[int] = None
+    tail_scale: float = 0.0
 
     @classmethod
     def of(cls, cfg: TrainConfig, iters_per_epoch: int) -> Phases:
         return cls(cfg.px_start_epoch * iters_per_epoch, round(cfg.px_ramp_epochs * iters_per_epoch), cfg.uses_samples,
-                   None if cfg.px_stop_epoch < 0 else cfg.px_stop_epoch * iters_per_epoch)
+                   None if cfg.px_stop_epoch < 0 else cfg.px_stop_epoch * iters_per_epoch, cfg.px_tail_scale)
+
+    def tail(self, step: int) -> bool:
+        """Past ``--px-stop-epoch``."""
+        return self.stop is not None and step >= self.stop
 
     def generative(self, step: int) -> bool:
-        return self.uses_samples and self.start <= step and (self.stop is None or step < self.stop)
+        return self.uses_samples and self.start <= step and (not self.tail(step) or self.tail_scale > 0)
 
     def started(self, step: int) -> bool:
         """The generative terms have switched on (they may have stopped again: the classifier's tail)."""
@@ -127,11 +132,13 @@ class Phases:
 
     def weights(self, w: Weights, step: int, scale: float = 1.0) -> Weights:
         """The loss weights at ``step``: generative terms off before ``start``, then raised linearly (with the
-        energy penalty) over ``ramp`` iterations; times ``scale`` (health.AdaptivePx) throughout."""
+        energy penalty) over ``ramp`` iterations, at ``tail_scale`` after ``stop``; times ``scale``
+        (health.AdaptivePx) throughout."""
         if not self.generative(step):
             return replace(w, px=0.0, pxy=0.0)
         into = step - self.start + 1
         r = scale * (into / self.ramp if self.ramp > 0 and into < self.ramp else 1.0)
+        r *= self.tail_scale if self.tail(step) else 1.0
         return w if r == 1.0 else replace(w, px=r * w.px, pxy=r * w.pxy, energy_reg=r * w.energy_reg)
 
 

@@ -282,6 +282,22 @@ def test_px_stop_epoch_ends_with_the_classifier_alone(tmp_path):
             cfg(tmp_path, epochs=3, px_start_epoch=1, px_stop_epoch=bad)
 
 
+def test_px_tail_scale_keeps_the_density_training_at_a_share_of_its_weights(tmp_path):
+    from jemtorch.objective import Weights
+
+    t = Trainer(cfg(tmp_path, epochs=3, px_start_epoch=1, px_stop_epoch=2, px_tail_scale=0.25))
+    per, w = t.clock.iters_per_epoch, Weights(1.0, 0.4, 0.0, 1.0, "squared")
+    assert [t.phases.weights(w, s).px for s in (0, per, 2 * per)] == [0.0, 0.4, 0.1]
+    assert t.phases.weights(w, 2 * per).energy_reg == 0.25  # the penalty scales with the term it bounds
+    t.state.step = 2 * per
+    before = t.state.buffer.data.clone()
+    assert "l_px" in t.iteration() and not torch.equal(t.state.buffer.data, before)  # the chains move in the tail
+    with pytest.raises(ValueError, match="--px-tail-scale needs --px-stop-epoch"):
+        cfg(tmp_path, epochs=3, px_start_epoch=1, px_tail_scale=0.5)
+    with pytest.raises(ValueError, match=r"--px-tail-scale must be in \[0, 1\], got 1.5"):
+        cfg(tmp_path, epochs=3, px_start_epoch=1, px_stop_epoch=2, px_tail_scale=1.5)
+
+
 def test_training_curves_draw_the_trajectory_the_run_kept(tmp_path):
     from jemtorch.figures import final_trajectory, training_curves
 
@@ -316,7 +332,7 @@ def test_a_baseline_never_reads_the_generative_settings(tmp_path):
 
     other = dict(px_start_epoch=1, px_ramp_epochs=0.5, energy_reg=0.3, energy_reg_form="batch-mean", sgld_steps=5,
                  sgld_steps_max=8, sgld_lr=3.0, sgld_std=0.1, sgld_clamp=True, sgld_update="pyld", pyld_inner_steps=2,
-                 pyld_lr=0.5, pyld_eps=0.5, px_target_reach=0.3, px_scale_min=0.5, px_stop_epoch=2)
+                 pyld_lr=0.5, pyld_eps=0.5, px_target_reach=0.3, px_scale_min=0.5, px_stop_epoch=2, px_tail_scale=0.5)
     assert set(other) == set(GENERATIVE_ONLY)
     weights, configs = [], []
     for name, kw in (("a", {}), ("b", other)):  # one after the other: augmentation draws from the global RNG
