@@ -56,14 +56,14 @@ class Refined(nn.Module):
     """p(y|x) of ``jem``, optionally behind the SGLD-refinement defence. Returns log-probabilities (B, C)."""
 
     def __init__(self, jem: JEM, n_steps: int = 0, n_chains: int = 1, step_size: float = 1.0, noise: float = 0.01,
-                 grad: str = "full"):
+                 grad: str = "full", step_cap: float = 0.0):
         super().__init__()
         if grad not in ("full", "bpda"):
             raise ValueError(f"--defense-grad must be full or bpda, got {grad!r}")
         if n_steps < 0 or n_chains < 1:
             raise ValueError("refinement steps must be >= 0 and chains >= 1")
         self.jem, self.n_steps, self.n_chains = jem, n_steps, n_chains
-        self.step_size, self.noise, self.grad = step_size, noise, grad
+        self.step_size, self.noise, self.grad, self.step_cap = step_size, noise, grad, step_cap or None
 
     @property
     def name(self) -> str:
@@ -72,14 +72,17 @@ class Refined(nn.Module):
     def refine(self, x: torch.Tensor) -> torch.Tensor:
         if self.grad == "bpda":
             with torch.enable_grad():  # the chains need ∇ log p(x) also where the caller scores under no_grad
-                xs = sgld(self.jem.log_px, x, self.n_steps, self.step_size, self.noise)
+                xs = sgld(self.jem.log_px, x, self.n_steps, self.step_size, self.noise, step_cap=self.step_cap)
             return x + (xs - x).detach()  # forward: refined value; backward: identity
         keep_graph = x.requires_grad
         with torch.enable_grad():
             xr = x if keep_graph else x.detach().requires_grad_(True)
             for _ in range(self.n_steps):
                 (g,) = torch.autograd.grad(self.jem.log_px(xr).sum(), xr, create_graph=keep_graph)
-                xr = xr + self.step_size * g + self.noise * torch.randn_like(xr)
+                step = self.step_size
+                if self.step_cap is not None:  # sampler.sgld's cap; the step size itself is not differentiated
+                    step = min(step, self.step_cap / max(float(g.detach().pow(2).mean().sqrt()), 1e-12))
+                xr = xr + step * g + self.noise * torch.randn_like(xr)
         return xr if keep_graph else xr.detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -82,12 +82,17 @@ def sgld(
     clamp: Optional[tuple[float, float]] = None,
     record: Optional[dict] = None,
     grad_clip: Optional[float] = None,
+    step_cap: Optional[float] = None,
 ) -> torch.Tensor:
     """Run ``n_steps`` of x ← x + step_size·∇ log_density(x) + noise·N(0, I); returns a detached tensor.
 
     ``clamp=(lo, hi)`` projects x back into [lo, hi] after every step (keeps chains in the image domain).
-    ``record``: a dict that receives ``grad_norm``, the mean per-chain ‖∇ log_density‖ at the last step (a tensor).
+    ``record``: a dict that receives ``grad_norm``, the mean per-chain ‖∇ log_density‖ at the last step, and
+    ``step``, the step size the last step took (tensors).
     ``grad_clip=c`` clips every gradient entry to [−c, c] before the step (SADA-JEM's update).
+    ``step_cap=m`` lowers the step size, one value for the whole batch at each step, so that the gradient move
+    step_size·∇ has an RMS over the batch's entries of at most m: the chains keep the pace they were tuned for when
+    the energy steepens (gradient-norm clipping, applied to the chains' input gradient).
 
     ``log_density`` maps a batch to per-sample (unnormalised) log densities, shape (B,). With
     step_size = noise²/2 this is exact Langevin dynamics; JEM uses the paper's decoupled values (α=1, σ=0.01).
@@ -95,12 +100,16 @@ def sgld(
     x = x.detach().clone().requires_grad_(True)
     for t in range(n_steps):
         (grad,) = torch.autograd.grad(log_density(x).sum(), x)
-        if record is not None and t == n_steps - 1:
-            record["grad_norm"] = grad.flatten(1).norm(dim=1).mean().detach()
         with torch.no_grad():
             if grad_clip is not None:
                 grad.clamp_(-grad_clip, grad_clip)
-            x.add_(grad, alpha=step_size)
+            step = torch.as_tensor(step_size, dtype=grad.dtype, device=grad.device)
+            if step_cap is not None:  # a tensor expression: no host sync per step on an accelerator
+                step = torch.minimum(step, step_cap / grad.pow(2).mean().sqrt().clamp_min(1e-12))
+            if record is not None and t == n_steps - 1:
+                record["grad_norm"] = grad.flatten(1).norm(dim=1).mean()
+                record["step"] = step
+            x.add_(grad * step)
             if noise > 0:
                 x.add_(torch.randn_like(x), alpha=noise)
             if clamp is not None:
@@ -120,26 +129,27 @@ class ChainUpdate(Protocol):
 class SGLD:
     """The paper's update: x ← x + α ∇ log p(x) + σ ε (Grathwohl et al. 2020, Algorithm 1: α=1, σ=0.01)."""
 
-    def __init__(self, step_size: float = 1.0, noise: float = 0.01, clamp: bool = False):
-        self.step_size, self.noise = step_size, noise
+    def __init__(self, step_size: float = 1.0, noise: float = 0.01, clamp: bool = False, step_cap: float = 0.0):
+        self.step_size, self.noise, self.step_cap = step_size, noise, step_cap or None
         self.clamp = (-1.0, 1.0) if clamp else None
         self.record: dict = {}
 
     def run(self, jem, log_density, x, n_steps, callback=None):
-        return sgld(log_density, x, n_steps, self.step_size, self.noise, callback, self.clamp, self.record)
+        return sgld(log_density, x, n_steps, self.step_size, self.noise, callback, self.clamp, self.record,
+                    step_cap=self.step_cap)
 
 
 class ClampedGradient:
     """SADA-JEM's update (sndnyang/SADAJEM ``train_sadajem.py``, ``sample_q``):
     x ← clip(x + α·clip(∇ log p(x), −1, 1) + σ ε, −1, 1), with α=1, σ=0 in ``scripts/sadajem_cifar10.sh``."""
 
-    def __init__(self, step_size: float = 1.0, noise: float = 0.0):
-        self.step_size, self.noise = step_size, noise
+    def __init__(self, step_size: float = 1.0, noise: float = 0.0, step_cap: float = 0.0):
+        self.step_size, self.noise, self.step_cap = step_size, noise, step_cap or None
         self.record: dict = {}
 
     def run(self, jem, log_density, x, n_steps, callback=None):
         return sgld(log_density, x, n_steps, self.step_size, self.noise, callback, (-1.0, 1.0), self.record,
-                    grad_clip=1.0)
+                    grad_clip=1.0, step_cap=self.step_cap)
 
 
 def first_layer(module: nn.Module) -> nn.Module:
@@ -466,13 +476,16 @@ class JEMSampler:
     def sample(self, jem: JEM, batch_size: int, y: Optional[torch.Tensor] = None,
                n_steps: Optional[int] = None) -> torch.Tensor:
         """Buffer → chains → buffer. ``stats`` then holds the chains' ``travel`` (RMS per-pixel distance from start to
-        end) and ``saturation`` (share of end pixels at |x| ≥ 0.99), 0-d tensors (health.py reads them)."""
+        end), ``saturation`` (share of end pixels at |x| ≥ 0.99) and, under ``--sgld-step-cap``, ``chain_step`` (the
+        last step's size), 0-d tensors (health.py reads them)."""
         x0, idx = self.buffer.sample(batch_size, y)
         x = self.run_chains(jem, x0, y, n_steps)
         self.buffer.update(idx, x)
         with torch.no_grad():
             self.stats = {"travel": (x - x0).flatten(1).pow(2).mean(1).sqrt().mean(),
                           "saturation": (x.abs() >= 0.99).float().mean()}
+            if getattr(self.update, "step_cap", None) and "step" in self.update.record:
+                self.stats["chain_step"] = self.update.record["step"]  # the step size the cap left
         return x
 
 
@@ -488,6 +501,9 @@ class SamplerSettings:
     sgld_lr: float = setting(1.0, "chain step size α (paper: 1)")
     sgld_std: float = setting(0.01, "chain noise σ (paper: 0.01)")
     sgld_clamp: bool = setting(False, "clamp SGLD chains to the image range [−1, 1] after every step (paper: no)")
+    sgld_step_cap: float = setting(0.0, "lower the chain step size whenever α·∇ would move the chains by more than "
+                                        "this RMS per pixel (one value per batch and step), so chains keep their "
+                                        "pace as the energy steepens, e.g. in a --px-stop-epoch tail; 0: off")
     sgld_update: str = setting("sgld", "chain update: sgld (paper), clamped (SADA-JEM: clip(x + α·clip(∇, −1, 1))), "
                                        "pyld (JEM++: proximal inner steps through the first layer)")
     sgld_init: str = setting("uniform", "initial distribution of chains: uniform (paper), gmm (JEM++: one Gaussian "
@@ -508,6 +524,9 @@ class SamplerSettings:
              f"{self.sgld_steps_max}")
         need(self.sgld_lr >= 0, f"--sgld-lr must be >= 0, got {self.sgld_lr}")
         need(self.sgld_std >= 0, f"--sgld-std must be >= 0, got {self.sgld_std}")
+        need(self.sgld_step_cap >= 0, f"--sgld-step-cap must be >= 0, got {self.sgld_step_cap}")
+        need(self.sgld_step_cap == 0 or self.sgld_update != "pyld",
+             "--sgld-step-cap applies to --sgld-update sgld and clamped, not pyld")
         need(1 <= self.buffer_size <= 10_000_000, f"--buffer-size must be in 1..10000000, got {self.buffer_size}")
         need(0 <= self.reinit_freq <= 1, f"--reinit-freq must be in [0, 1], got {self.reinit_freq}")
         need(self.sgld_update in CHAIN_UPDATES,
@@ -521,8 +540,8 @@ class SamplerSettings:
 
 # name → factory(cfg); adding a chain update or an initial distribution is one class and one entry here
 CHAIN_UPDATES: dict[str, Callable[..., ChainUpdate]] = {
-    "sgld": lambda cfg: SGLD(cfg.sgld_lr, cfg.sgld_std, cfg.sgld_clamp),
-    "clamped": lambda cfg: ClampedGradient(cfg.sgld_lr, cfg.sgld_std),
+    "sgld": lambda cfg: SGLD(cfg.sgld_lr, cfg.sgld_std, cfg.sgld_clamp, cfg.sgld_step_cap),
+    "clamped": lambda cfg: ClampedGradient(cfg.sgld_lr, cfg.sgld_std, cfg.sgld_step_cap),
     "pyld": lambda cfg: PYLD(cfg.sgld_lr, cfg.pyld_inner_steps, cfg.pyld_lr, cfg.pyld_eps, cfg.sgld_std),
 }
 # factory(x_u8, y, num_classes, shape, device) → InitialDistribution; x_u8/y are training images (None: unavailable)

@@ -36,6 +36,8 @@ def test_cli_config_file_and_overrides(tmp_path):
 @pytest.mark.parametrize("argv,msg", [
     (["--sgld-steps", "-3"], "--sgld-steps must be >= 0"),
     (["--reinit-freq", "1.5"], "--reinit-freq"),
+    (["--sgld-step-cap", "-0.1"], "--sgld-step-cap must be >= 0"),
+    (["--sgld-step-cap", "0.02", "--sgld-update", "pyld"], "--sgld-step-cap applies to --sgld-update sgld and clamped"),
     (["--dataset", "mnist", "--data-root", "/nonexistent"], "MNIST not found"),
     (["--dataset", "nope"], "unknown dataset"),
     (["--model", "vgg"], "unknown model"),

@@ -86,6 +86,9 @@ def test_zero_refinement_equals_plain_classification():
     one = Refined(jem, n_steps=3, n_chains=1, step_size=0.1, noise=0.0)(x)
     torch.testing.assert_close(Refined(jem, n_steps=3, n_chains=4, step_size=0.1, noise=0.0)(x), one)
     assert (one - jem(x).log_softmax(1)).abs().max() > 0.1  # refinement did change the prediction
+    for grad in ("full", "bpda"):  # the run's --sgld-step-cap holds the defence's chains as it holds the sampler's
+        capped = Refined(jem, n_steps=3, step_size=0.1, noise=0.0, grad=grad, step_cap=1e-6)(x)
+        assert (capped - jem(x).log_softmax(1)).abs().max() < 1e-3
 
 
 @pytest.mark.parametrize("grad", ["full", "bpda"])

@@ -22,6 +22,16 @@ def test_sgld_zero_noise_is_gradient_ascent():
     torch.testing.assert_close(x, torch.full((3, 2), 0.5))  # x + 0.25 * (-2x)
 
 
+def test_sgld_step_cap_holds_the_move_on_a_steep_energy_and_leaves_a_flat_one_alone():
+    steep = lambda x: -50 * (x**2).sum(1)  # ∇ = −100·x: a step of size 1 from x = 1 moves by 100
+    x0, record = torch.ones(4, 3), {}
+    capped = sgld(steep, x0, n_steps=1, step_size=1.0, noise=0.0, step_cap=0.05, record=record)
+    assert (capped - x0).pow(2).mean().sqrt().item() == pytest.approx(0.05)
+    assert record["step"].item() == pytest.approx(0.05 / 100)
+    flat = lambda x: -0.005 * (x**2).sum(1)  # ∇ = −0.01·x: below the cap, the step is the step size
+    torch.testing.assert_close(sgld(flat, x0, 3, 1.0, 0.0, step_cap=0.05), sgld(flat, x0, 3, 1.0, 0.0), rtol=0, atol=0)
+
+
 def test_buffer_reinit_frequency():
     torch.manual_seed(0)
     buf = ReplayBuffer(1000, (1, 2, 2), reinit_freq=0.2)

@@ -298,6 +298,13 @@ def test_px_tail_scale_keeps_the_density_training_at_a_share_of_its_weights(tmp_
         cfg(tmp_path, epochs=3, px_start_epoch=1, px_stop_epoch=2, px_tail_scale=1.5)
 
 
+def test_sgld_step_cap_reaches_the_training_chains_and_is_logged(tmp_path):
+    t = Trainer(cfg(tmp_path, sgld_step_cap=1e-6))
+    stats = t.iteration()
+    assert 0 < float(stats["chain_step"]) < 1.0  # the cap, not --sgld-lr 1, set the step
+    assert "chain_step" not in Trainer(cfg(tmp_path / "free")).iteration()
+
+
 def test_training_curves_draw_the_trajectory_the_run_kept(tmp_path):
     from jemtorch.figures import final_trajectory, training_curves
 

@@ -1,0 +1,80 @@
+"""Does a chain step matched to the energy's steepness keep fresh samples near the data?
+
+A classifier-only tail steepens the energy (docs/results/density.md: RMS ∇ₓE ×3 over three epochs) while the chains
+keep the step size the density was trained with, and fresh chains then walk away from the data. This probe loads a
+run and a reference classifier and, for each chain step size given, runs class-conditional fresh chains from the
+run's initial distribution with its chain update (only the step size changed) and prints the Fréchet distance to test
+images in the reference's features and the reference's accuracy on the chains, at several chain lengths — the
+quality benchmark's sample table, one row per step size. It also prints the RMS of ∇ₓE on test images and on chain
+starts, so runs can be compared by how steep their energy is. The run is not changed.
+
+    python benchmarks/probe_step.py runs/quality/fm-stop8/seed0/jem runs/quality/fm-stop8/seed0/baseline \
+        --steps 1,0.5,0.3,0.1 --caps 0.02,0.01
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import torch
+
+from jemtorch.build import load_run
+from jemtorch.data import to_float
+from jemtorch.detectors import model_outputs
+from jemtorch.evaluate import fresh_chain_path
+from jemtorch.metrics import frechet_distance
+
+LENGTHS = (5, 20, 50, 200)
+
+
+def grad_rms(jem, x: torch.Tensor) -> float:
+    """RMS over images and pixels of ∇ₓE(x) (eval mode), E = −LogSumExp f(x)."""
+    x = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(-jem.log_px(x).sum(), x)
+    return float(g.pow(2).mean().sqrt())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("run", help="a JEM run directory")
+    ap.add_argument("reference", help="the classifier whose features the FD is measured in (its baseline)")
+    ap.add_argument("--data-root", default=None)
+    ap.add_argument("--steps", default="1", help="comma-separated chain step sizes (the run's own is --sgld-lr)")
+    ap.add_argument("--caps", default="", help="comma-separated --sgld-step-cap values, each with the run's step size")
+    ap.add_argument("--n", type=int, default=500, help="chains (class-conditional, equal per class) and test images")
+    args = ap.parse_args()
+    try:
+        variants = [{"sgld_lr": float(s)} for s in args.steps.split(",") if s]
+        variants += [{"sgld_step_cap": float(m)} for m in args.caps.split(",") if m]
+        run, ref = load_run(args.run, "cpu", args.data_root), load_run(args.reference, "cpu", args.data_root)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    run.jem.eval()
+    c = run.data.num_classes
+    y = torch.arange(c).repeat_interleave(-(-args.n // c))[:args.n]
+    g = torch.Generator().manual_seed(0)
+    real = to_float(run.data.x_test[torch.randperm(len(run.data.x_test), generator=g)[:args.n]])
+    real_feat = model_outputs(ref.jem, real, grad=False).features.numpy()
+    torch.manual_seed(7)
+    starts = run.sampler().buffer.init.sample(args.n, y)
+    print(f"{args.run} (trained with step {run.cfg.sgld_lr}, noise {run.cfg.sgld_std}, {run.cfg.sgld_update}); "
+          f"RMS ∇ₓE on test images {grad_rms(run.jem, real[:200]):.4f}, on chain starts {grad_rms(run.jem, starts[:200]):.4f}")
+
+    def row(x: torch.Tensor) -> str:
+        o = model_outputs(ref.jem, x.cpu(), grad=False)
+        fd = frechet_distance(o.features.numpy(), real_feat)
+        return f"{fd:.1f} ({float((o.logits.argmax(1) == y).float().mean()):.2f})"
+
+    print("\n| chain step | starts | " + " | ".join(f"{k} steps" for k in LENGTHS) + " |")
+    print("|---" * (len(LENGTHS) + 2) + "|")
+    base = row(starts)
+    cfg = run.cfg
+    for v in variants:
+        run.cfg = dataclasses.replace(cfg, **v)
+        path = fresh_chain_path(run, args.n, LENGTHS, y=y, seed=7)
+        name = f"α {v['sgld_lr']:g}" if "sgld_lr" in v else f"α {cfg.sgld_lr:g}, cap {v['sgld_step_cap']:g}"
+        print(f"| {name} | {base} | " + " | ".join(row(path[k]) for k in LENGTHS) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
