@@ -445,8 +445,10 @@ def training_differences(saved: dict, wanted: dict) -> list[str]:
 
 
 def resume_changes(old: dict, new: TrainConfig) -> dict:
-    """Entries a resume changes, {name: [old, new]}; a one-line ValueError for one it cannot change."""
+    """Entries a resume changes, {name: [old, new]}; a one-line ValueError for one it cannot change. A field the old
+    config lacks (added since it was written) had its default, which keeps the earlier behaviour."""
     new_d = json.loads(json.dumps(new.to_dict()))
+    old = {**json.loads(json.dumps(TrainConfig().to_dict())), **old}
     changed = {k: [old.get(k), v] for k, v in new_d.items() if k in old and old[k] != v and k not in RESUME_IGNORED}
     fixed = [k for k in changed if k in RESUME_FIXED]
     if fixed:

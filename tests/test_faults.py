@@ -129,6 +129,11 @@ def test_resume_applies_what_may_change_and_refuses_the_rest(tmp_path, capsys):
     lrs = [r["lr"] for r in records if r["kind"] == "train" and r["step"] > 20]
     assert lrs and all(lr == pytest.approx(0.0005) for lr in lrs)  # step schedule, no decay in 2 epochs
     assert json.loads((run / "config.json").read_text())["lr"] == 0.0005
+    saved = json.loads((run / "config.json").read_text())
+    del saved["sgld_step_cap"]  # a run written before the setting existed: its value was the default
+    (run / "config.json").write_text(json.dumps(saved))
+    assert main(["train", "--resume", str(run), "--epochs", "2", "--sgld-step-cap", "0.5", "--no-progress"]) == 0
+    assert "sgld_step_cap 0.0 -> 0.5" in capsys.readouterr().err
     before = (run / "config.json").read_text()
     for flag, value in (("--model", "cnn-8"), ("--dataset", "mnist"), ("--batch-size", "32")):
         assert main(["train", "--resume", str(run), flag, value, "--no-progress"]) == 2
