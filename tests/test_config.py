@@ -32,6 +32,15 @@ def test_every_preset_is_a_readable_file_of_known_entries():
     assert len(values) > 15 and all("#" in ln for ln in values)  # a one-line reason beside every value
 
 
+def test_shipped_config_files_resolve_and_give_a_reason_per_value():
+    for path in sorted((ROOT / "configs").glob("*.toml")):
+        dataset = path.stem.split("-density")[0]
+        cfg = make_config(str(path), dataset=dataset)
+        assert cfg.norm is None and cfg.sgld_step_cap > 0 and cfg.px_tail_scale > 0, path.name
+        values = [ln for ln in path.read_text().splitlines() if "=" in ln and not ln.startswith("#")]
+        assert values and all("#" in ln for ln in values), path.name
+
+
 def test_each_value_says_which_layer_set_it(tmp_path):
     cfg_file = tmp_path / "c.toml"
     cfg_file.write_text("sgld_steps = 4\n")
