@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .energy import JEM, in_batches
-from .sampler import frozen, sgld
+from .sampler import capped_step, frozen, sgld
 
 SCALE = 2.0  # [0,1]-pixel units → model units
 THREAT_MODELS = ("linf", "l2")
@@ -79,9 +79,7 @@ class Refined(nn.Module):
             xr = x if keep_graph else x.detach().requires_grad_(True)
             for _ in range(self.n_steps):
                 (g,) = torch.autograd.grad(self.jem.log_px(xr).sum(), xr, create_graph=keep_graph)
-                step = self.step_size
-                if self.step_cap is not None:  # sampler.sgld's cap; the step size itself is not differentiated
-                    step = min(step, self.step_cap / max(float(g.detach().pow(2).mean().sqrt()), 1e-12))
+                step = capped_step(self.step_size, self.step_cap, g)  # sampler.sgld's step, cap included
                 xr = xr + step * g + self.noise * torch.randn_like(xr)
         return xr if keep_graph else xr.detach()
 

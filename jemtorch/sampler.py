@@ -101,13 +101,13 @@ def sgld(
     for t in range(n_steps):
         (grad,) = torch.autograd.grad(log_density(x).sum(), x)
         with torch.no_grad():
+            last = record is not None and t == n_steps - 1
+            if last:  # the gradient itself, before any clipping
+                record["grad_norm"] = grad.flatten(1).norm(dim=1).mean()
             if grad_clip is not None:
                 grad.clamp_(-grad_clip, grad_clip)
-            step = torch.as_tensor(step_size, dtype=grad.dtype, device=grad.device)
-            if step_cap is not None:  # a tensor expression: no host sync per step on an accelerator
-                step = torch.minimum(step, step_cap / grad.pow(2).mean().sqrt().clamp_min(1e-12))
-            if record is not None and t == n_steps - 1:
-                record["grad_norm"] = grad.flatten(1).norm(dim=1).mean()
+            step = capped_step(step_size, step_cap, grad)
+            if last:
                 record["step"] = step
             x.add_(grad * step)
             if noise > 0:
@@ -117,6 +117,15 @@ def sgld(
         if callback is not None:
             callback(t)
     return x.detach()
+
+
+def capped_step(step_size: float, step_cap: Optional[float], grad: torch.Tensor) -> torch.Tensor:
+    """The step size a chain step takes: ``step_size``, lowered under ``step_cap=m`` so that step·``grad`` has an RMS
+    over all its entries of at most m (a 0-d tensor, no host sync; not differentiated)."""
+    step = torch.as_tensor(step_size, dtype=grad.dtype, device=grad.device)
+    if step_cap is None:
+        return step
+    return torch.minimum(step, step_cap / grad.detach().pow(2).mean().sqrt().clamp_min(1e-12))
 
 
 class ChainUpdate(Protocol):

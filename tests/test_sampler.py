@@ -28,6 +28,8 @@ def test_sgld_step_cap_holds_the_move_on_a_steep_energy_and_leaves_a_flat_one_al
     capped = sgld(steep, x0, n_steps=1, step_size=1.0, noise=0.0, step_cap=0.05, record=record)
     assert (capped - x0).pow(2).mean().sqrt().item() == pytest.approx(0.05)
     assert record["step"].item() == pytest.approx(0.05 / 100)
+    sgld(steep, x0, n_steps=1, step_size=1.0, noise=0.0, grad_clip=1.0, record=record)
+    assert record["grad_norm"].item() == pytest.approx(100 * 3**0.5)  # recorded before the clip, as logged
     flat = lambda x: -0.005 * (x**2).sum(1)  # ∇ = −0.01·x: below the cap, the step is the step size
     torch.testing.assert_close(sgld(flat, x0, 3, 1.0, 0.0, step_cap=0.05), sgld(flat, x0, 3, 1.0, 0.0), rtol=0, atol=0)
 
