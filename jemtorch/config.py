@@ -430,12 +430,17 @@ GENERATIVE_ONLY = ("px_start_epoch", "px_stop_epoch", "px_tail_scale", "px_ramp_
                    "sgld_std", "sgld_clamp", "sgld_step_cap", "sgld_update", "pyld_inner_steps", "pyld_lr", "pyld_eps")
 
 
+def saved_defaults() -> dict:
+    """Every field's default as config.json stores it (tuples become lists)."""
+    return json.loads(json.dumps(TrainConfig().to_dict()))
+
+
 def training_differences(saved: dict, wanted: dict) -> list[str]:
     """The config fields two runs differ in that change what is trained: neither where a run is written
     (RESUME_IGNORED) nor how the data's folder is spelt, nor, when both are baselines, the generative terms' settings
     (GENERATIVE_ONLY). A field missing from a config saved before it existed counts as its default: fields are added
     with the earlier behaviour as their default."""
-    defaults = json.loads(json.dumps(TrainConfig().to_dict()))  # as saved: tuples become lists
+    defaults = saved_defaults()
     saved, wanted = {**defaults, **upgrade_legacy(saved)}, {**defaults, **upgrade_legacy(wanted)}
     for d in (saved, wanted):  # the same folder, named relative to the working directory or in full
         d["data_root"] = str(Path(d["data_root"]).expanduser().resolve())
@@ -448,7 +453,7 @@ def resume_changes(old: dict, new: TrainConfig) -> dict:
     """Entries a resume changes, {name: [old, new]}; a one-line ValueError for one it cannot change. A field the old
     config lacks (added since it was written) had its default, which keeps the earlier behaviour."""
     new_d = json.loads(json.dumps(new.to_dict()))
-    old = {**json.loads(json.dumps(TrainConfig().to_dict())), **old}
+    old = {**saved_defaults(), **old}
     changed = {k: [old.get(k), v] for k, v in new_d.items() if k in old and old[k] != v and k not in RESUME_IGNORED}
     fixed = [k for k in changed if k in RESUME_FIXED]
     if fixed:
