@@ -8,6 +8,8 @@
 | gradnorm    | −‖∂ log p(x)/∂x‖₂ (Grathwohl et al. 2020)                          | —                               |
 | typicality  | log density of (log p(x), log ‖∇ₓ log p(x)‖) (DoSE-style)        | a kernel density of the pairs   |
 | complexity  | log density of (log p(x), log ‖∇ₓ log p(x)‖, PNG bits/dim)        | a kernel density of the triples |
+| ascent      | log density of (log p(x), PNG bits/dim, log rise of log p(x) over | a kernel density of the triples |
+|             | 10 capped gradient-ascent steps from the image)                   |                                 |
 | maxlogit    | max_y f(x)[y] (Hendrycks et al. 2022)                             | —                               |
 | mahalanobis | −½ min_c (z − μ_c)ᵀ Σ⁻¹ (z − μ_c) (Lee et al. 2018)               | class means, shared covariance  |
 | vim         | LogSumExp(Wz + b) − α‖(z − u) R‖ (Wang et al. 2022)              | residual space R, origin u, α   |
@@ -16,10 +18,12 @@
 | png         | log density of PNG bits/dim alone: no model (Serra et al. 2020)  | a kernel density of the lengths |
 
 ``z`` are the features that enter the classifier's head, its last ``nn.Linear`` (a model can name another head in a
-``jemtorch_head`` attribute: the name of a submodule). The first five are the JEM's own scores (``OWN``): they read
+``jemtorch_head`` attribute: the name of a submodule). The first six are the JEM's own scores (``OWN``): they read
 the energy model and its input gradient (typicality fits their joint density on the training split; complexity adds
-the image's PNG length, the input complexity that confounds every likelihood). ``png`` is that length alone, a
-reference without any model: a JEM's score that adds the length wins only where it beats the length alone. The post-hoc
+the image's PNG length, the input complexity that confounds every likelihood; ascent replaces the gradient's norm by
+how far log p(x) climbs along a short chain from the image: whether the image sits at a mode of the density).
+``png`` is that length alone, a reference without any model: a JEM's score that adds the length wins only where it
+beats the length alone. The post-hoc
 definitions follow pytorch-ood 0.4 (``pytorch_ood.detector``; for Mahalanobis its covariance, the sum of the centred
 outer products plus 1e-6·I) and the detectors' official code (ViM's residual dimension: haoqiwang/vim
 ``benchmark.py``; for features of lower rank than that, half their rank, said in ``info["notes"]``). jemtorch computes
@@ -50,9 +54,11 @@ from .energy import JEM
 from .sampler import frozen
 
 # the JEM's own scores: its energy, its classifier, its input gradient, and the typicality of energy and gradient
-OWN = ("logp", "maxprob", "gradnorm", "typicality", "complexity")
+OWN = ("logp", "maxprob", "gradnorm", "typicality", "complexity", "ascent")
 N_FIT = 10_000  # training images the detectors are fitted on (at most): the issue's and common practice's number
 FIT_VERSION = 3  # raised whenever a detector's fit changes: stored fits of another version are fitted again
+ASCENT_STEPS = 10  # chain steps the rise is read after: best or tied of 1, 3, 5, 10, 20 on MNIST (docs/results/density.md)
+ASCENT_CAP = 0.02  # RMS move per pixel and step ([−1, 1] pixels): configs/fashion-mnist-density.toml's sgld_step_cap
 KNN_K_FULL = 50  # Sun et al. 2022: k = 50 for CIFAR-10's 50 000 training images, scaled with the share used
 
 
@@ -81,12 +87,14 @@ def classifier_head(model: nn.Module) -> nn.Linear:
 @dataclass
 class Outputs:
     """A model's outputs for a set of images (CPU tensors): logits (N, C), head features (N, D), and when asked for
-    −‖∇ₓ log p(x)‖ (N,) and the images' PNG bits per dimension (N,)."""
+    −‖∇ₓ log p(x)‖ (N,), the images' PNG bits per dimension (N,) and the rise of log p(x) along ``ascent_rise``'s
+    chain (N,)."""
 
     logits: torch.Tensor
     features: torch.Tensor
     gradnorm: Optional[torch.Tensor] = None
     complexity: Optional[torch.Tensor] = None
+    rise: Optional[torch.Tensor] = None
 
     def __len__(self) -> int:
         return len(self.logits)
@@ -109,10 +117,33 @@ def png_bits(x: torch.Tensor) -> torch.Tensor:
     return torch.tensor(bits, dtype=torch.float64)
 
 
+def ascent_rise(jem: JEM, x: torch.Tensor, steps: int = ASCENT_STEPS, cap: float = ASCENT_CAP) -> torch.Tensor:
+    """How far log p(x) climbs along ``steps`` noise-free gradient-ascent steps from each image, x ← x + α∇ₓ log p(x)
+    with α = 1 (the JEM's chain step, Grathwohl et al. 2020) lowered per image so that the move has an RMS per pixel
+    of at most ``cap``: log p(x_steps) − log p(x), shape (N,). An image at a mode of the density barely climbs; one on
+    a slope — a digit under a garments density, whose log p(x) alone may be as high as a garment's — climbs far.
+    Each image moves alone (per-image step, eval mode), so its rise does not depend on the batch; no pixel clamp."""
+    xk = x.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        for t in range(steps + 1):
+            lp = jem(xk).logsumexp(1)
+            if t == 0:
+                lp0 = lp.detach()
+            if t == steps:
+                break
+            (g,) = torch.autograd.grad(lp.sum(), xk)
+            with torch.no_grad():
+                rms = g.flatten(1).pow(2).mean(1).sqrt().clamp_min(1e-12)
+                xk.add_(g * (cap / rms).clamp(max=1.0).view(-1, *([1] * (g.dim() - 1))))
+    return (lp.detach() - lp0).double()
+
+
 def model_outputs(jem: JEM, x: torch.Tensor, batch_size: int = 250, device=None, grad: bool = True,
-                  progress: bool = False, desc: str = "scores", complexity: bool = False) -> Outputs:
-    """Logits, head features, (``grad``) the input-gradient norm of log p(x) and (``complexity``) the PNG bits per
-    dimension for float images ``x``, in eval mode (each image scored alone: no batch statistics)."""
+                  progress: bool = False, desc: str = "scores", complexity: bool = False,
+                  ascent: bool = False) -> Outputs:
+    """Logits, head features, (``grad``) the input-gradient norm of log p(x), (``complexity``) the PNG bits per
+    dimension and (``ascent``) ``ascent_rise`` for float images ``x``, in eval mode (each image scored alone: no batch
+    statistics)."""
     device = device or next(jem.parameters()).device
     head = classifier_head(jem.f)
     feats: list[torch.Tensor] = []
@@ -128,9 +159,14 @@ def model_outputs(jem: JEM, x: torch.Tensor, batch_size: int = 250, device=None,
                     norms.append(g.flatten(1).norm(dim=1).cpu())
                 logits.append(out.detach().float().cpu())
     finally:
-        hook.remove()
+        hook.remove()  # the ascent's forward passes below are not the images' features
+    rises = []
+    if ascent:
+        with frozen(jem):
+            for i in tqdm(range(0, len(x), batch_size), desc=f"{desc}: ascent", disable=not progress, leave=False):
+                rises.append(ascent_rise(jem, x[i : i + batch_size].to(device)).cpu())
     res = Outputs(torch.cat(logits), torch.cat(feats), -torch.cat(norms) if grad else None,
-                  png_bits(x) if complexity else None)
+                  png_bits(x) if complexity else None, torch.cat(rises) if ascent else None)
     if not (torch.isfinite(res.logits).all() and torch.isfinite(res.features).all()):
         raise DetectorError("the model's logits or features are not finite on these images (NaN/inf weights?)")
     return res
@@ -147,6 +183,7 @@ class Detector:
     label = ""  # how tables name it
     needs_grad = False
     needs_complexity = False  # reads Outputs.complexity (PNG bits/dim)
+    needs_ascent = False  # reads Outputs.rise (ascent_rise: ASCENT_STEPS forward and backward passes more per image)
     model_free = False  # reads no model output: a reference, never the default OOD flag
     note = ""  # what a regularised fit changed, said in the reports
 
@@ -373,6 +410,26 @@ class Complexity(Typicality):
         return torch.cat([super().pairs(out), out.complexity.double()[:, None]], 1)
 
 
+class Ascent(Typicality):
+    """Does the image sit at a mode of the density? The density of (log p(x), PNG bits/dim, log of ``ascent_rise``)
+    on the training split. A JEM trained with short chains learns an energy whose training images sit near its local
+    maxima: ten small ascent steps from one barely raise log p(x), while from an image of another domain — MNIST
+    digits under a Fashion-MNIST JEM, rated as likely as garments by log p(x) alone — they climb far. It is the
+    gradient norm's non-local counterpart (the norm is the first step's slope; the rise integrates the path), set
+    beside log p(x) and the input complexity that confounds it, as in ``complexity``. Built from the energy model and
+    its input gradient: the JEM's own score; applied to a classifier, a post-hoc detector like the others. Costs
+    ``ASCENT_STEPS`` forward and backward passes per image."""
+
+    name, label, needs_complexity, needs_ascent = "ascent", "typicality of (log p(x), PNG bits/dim, ascent rise)", True, True
+
+    def pairs(self, out: Outputs) -> torch.Tensor:
+        if out.rise is None or out.complexity is None:
+            raise DetectorError("ascent needs the ascent rise and PNG lengths (model_outputs(ascent=True, "
+                                "complexity=True))")
+        return torch.stack([out.logits.double().logsumexp(1), out.complexity.double(),
+                            out.rise.double().clamp(min=1e-6).log()], 1)
+
+
 class PNG(Typicality):
     """The density of the PNG bits/dim alone on the training split: input complexity without any model, the
     reference that tells what a score gains from the model beyond the image's compressibility."""
@@ -385,8 +442,8 @@ class PNG(Typicality):
         return out.complexity.double()[:, None]
 
 
-DETECTORS: dict[str, type[Detector]] = {d.name: d for d in (Logp, MaxProb, GradNorm, Typicality, Complexity, MaxLogit,
-                                                            Mahalanobis, ViM, KNN, ReAct, PNG)}
+DETECTORS: dict[str, type[Detector]] = {d.name: d for d in (Logp, MaxProb, GradNorm, Typicality, Complexity, Ascent,
+                                                            MaxLogit, Mahalanobis, ViM, KNN, ReAct, PNG)}
 ALIASES = {"energy": "logp", "msp": "maxprob"}
 
 
@@ -423,7 +480,9 @@ class FittedDetectors:
             raise DetectorError(f"cannot fit the detectors on {len(x)} training image(s)")
         grad = any(DETECTORS[n].needs_grad for n in names)
         cx = any(DETECTORS[n].needs_complexity for n in names)
-        out = model_outputs(jem, x, grad=grad, progress=progress, desc="fitting OOD detectors", complexity=cx)
+        asc = any(DETECTORS[n].needs_ascent for n in names)
+        out = model_outputs(jem, x, grad=grad, progress=progress, desc="fitting OOD detectors", complexity=cx,
+                            ascent=asc)
         head = classifier_head(jem.f)
         dets = {}
         for name in names:
@@ -444,7 +503,9 @@ class FittedDetectors:
                            desc: str = "scores") -> tuple[Outputs, dict[str, np.ndarray]]:
         grad = any(d.needs_grad for d in self.detectors.values())
         cx = any(d.needs_complexity for d in self.detectors.values())
-        out = model_outputs(jem, x, batch_size, device, grad=grad, progress=progress, desc=desc, complexity=cx)
+        asc = any(d.needs_ascent for d in self.detectors.values())
+        out = model_outputs(jem, x, batch_size, device, grad=grad, progress=progress, desc=desc, complexity=cx,
+                            ascent=asc)
         dim = self.info.get("feature_dim")
         if dim is not None and out.features.shape[1] != dim:
             raise DetectorError(f"the detectors were fitted on {dim}-dimensional features, this model gives "

@@ -18,6 +18,7 @@ from jemtorch.detectors import (
     DetectorError,
     FittedDetectors,
     Outputs,
+    ascent_rise,
     classifier_head,
     detector_names,
     model_outputs,
@@ -161,6 +162,58 @@ def test_complexity_reads_png_lengths_and_flags_likely_but_simple_images():
     assert DETECTORS["png"].model_free and not any(DETECTORS[n].model_free for n in OWN)
 
 
+class Bowl(torch.nn.Module):
+    """log p(x) = LogSumExp of a linear head over −x²: one mode at the all-zero image, slopes everywhere else."""
+
+    def __init__(self, d=16, c=3):
+        super().__init__()
+        self.head = torch.nn.Linear(d, c)
+        torch.nn.init.constant_(self.head.weight, 0.5)
+
+    def forward(self, x):
+        return self.head(-x.flatten(1) ** 2)
+
+
+def test_ascent_rise_climbs_from_slopes_not_from_the_mode_and_each_image_alone():
+    """The rise of log p(x) over ASCENT_STEPS capped ascent steps: zero at the mode, positive on a slope, bounded by
+    what moves of at most ``cap`` RMS per pixel can climb, and the same for an image alone as in any batch."""
+    from jemtorch.detectors import ASCENT_CAP, ASCENT_STEPS
+
+    jem = JEM(Bowl())
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.zeros(1, 1, 4, 4), 0.5 * torch.ones(1, 1, 4, 4), torch.rand(6, 1, 4, 4, generator=g)])
+    rise = ascent_rise(jem, x)
+    assert rise[0] == 0 and (rise[1:] > 0).all()
+    # log p(x) = −½‖x‖² + const, its gradient −x: a move of cap RMS per pixel climbs at most (RMS x)·cap·pixels
+    assert rise[1] <= ASCENT_STEPS * 0.5 * ASCENT_CAP * 16 * (1 + 1e-6)
+    alone = torch.cat([ascent_rise(jem, xi[None]) for xi in x])
+    assert torch.allclose(alone, rise, rtol=1e-5, atol=1e-9)
+    assert ascent_rise(jem, x[1:2], cap=1e-3) < rise[1]  # a shorter step climbs less
+
+
+def test_ascent_flags_images_that_climb_more_than_the_training_images():
+    """The ascent score is the kernel density of (log p(x), PNG bits/dim, log rise): an image as likely and as
+    complex as the training images that climbs a thousand times further is atypical; without the rise it is refused
+    with a one-line error; model_outputs fills the rise only when asked."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(500, 3, generator=g)
+    cx = 4.0 + 0.2 * torch.randn(500, generator=g, dtype=torch.float64)
+    rise = (0.01 * torch.rand(500, generator=g, dtype=torch.float64) + 0.01)
+    det = DETECTORS["ascent"]()
+    det.fit(Outputs(logits, torch.zeros(500, 2), None, cx, rise), None, None)
+    q = Outputs(logits[:1].repeat(2, 1), torch.zeros(2, 2), None, cx[:1].repeat(2), torch.tensor([rise[0], 10.0]))
+    s = det.score(q)
+    assert s[0] > s[1] + 10
+    with pytest.raises(DetectorError, match="ascent needs the ascent rise"):
+        det.score(Outputs(logits[:2], torch.zeros(2, 2), None, cx[:2]))
+    jem = JEM(Bowl())
+    x = torch.rand(5, 1, 4, 4, generator=g)
+    assert model_outputs(jem, x, grad=False).rise is None
+    out = model_outputs(jem, x, grad=False, ascent=True, batch_size=2)
+    assert torch.allclose(out.rise, ascent_rise(jem, x)) and out.features.shape == (5, 16)  # chain passes not kept
+    assert "ascent" in OWN and DETECTORS["ascent"].needs_ascent
+
+
 def test_a_model_may_name_its_head():
     m = create_model("cnn-4", in_channels=1, num_classes=3)
     assert classifier_head(m) is m.head
@@ -176,8 +229,8 @@ def test_eval_detectors_table_and_score_with_any_detector(trained_runs, tmp_path
     out = capsys.readouterr().out
     assert "JEM's best own" in out and "best" in out
     m = json.loads((jem / "eval/metrics.json").read_text())
-    assert m["detectors"]["names"][:5] == ["logp", "maxprob", "gradnorm", "typicality", "complexity"]
-    assert len(m["detectors"]["names"]) == 11 and m["detectors"]["own"] == list(OWN)
+    assert m["detectors"]["names"][:6] == ["logp", "maxprob", "gradnorm", "typicality", "complexity", "ascent"]
+    assert len(m["detectors"]["names"]) == 12 and m["detectors"]["own"] == list(OWN)
     assert set(m["ood"]["constant"]) >= {"vim", "knn", "mahalanobis", "react", "maxlogit"}
     v = m["versus_posthoc"][0]
     assert v["auroc_diff"] == pytest.approx(v["own_auroc"] - v["best_auroc"])
