@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from .build import LoadedRun, load_run, pick_device, run_detectors
 from .checkpoint import CheckpointError, write_atomic
 from .data import SYNTHETIC_OOD, DatasetError, ImageReader, file_digest, find_images, make_ood_set, stack_converted, to_float
-from .detectors import DETECTORS, OWN, FittedDetectors
+from .detectors import DETECTORS, OWN, Detector, FittedDetectors
 from .energy import JEM
 from .metrics import ood_metrics
 from .models import create_model
@@ -186,7 +186,8 @@ class Predictor:
         brings them in ``detectors.safetensors``; an export of jemtorch 0.1 has the own scores alone)."""
         if self.detectors_ is None:
             if self.run is None:
-                self.detectors_ = FittedDetectors({k: DETECTORS[k]() for k in OWN}, {})
+                # the own scores that need no fit (typicality, complexity, ascent are fitted on a training split)
+                self.detectors_ = FittedDetectors({k: DETECTORS[k]() for k in OWN if DETECTORS[k].fit is Detector.fit}, {})
             else:
                 self.detectors_ = run_detectors(self.run)
                 self.notices += self.run.notices

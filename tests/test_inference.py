@@ -117,6 +117,13 @@ def test_export_roundtrip_identical_logits(trained_runs, tmp_path, capsys):
     assert (tmp_path / "mine" / "notes.txt").read_text() == "mine"
     # a scored export works like a scored run
     assert main(["score", str(out), str(tmp_path / "mine"), "--no-progress"]) == 1  # no images there: exit 1
+    # an export without detectors (jemtorch 0.1's) scores with the own scores that need no fit
+    card.pop("detectors")
+    (out / "model.json").write_text(json.dumps(card))
+    (out / "detectors.safetensors").unlink()
+    bare = jemtorch.load(out)
+    assert bare.detectors.names == ("logp", "maxprob", "gradnorm")
+    assert len(bare.score(x, score="logp")["ood"]) == len(x)
 
 
 def test_export_onnx_matches_torch(trained_runs, tmp_path):
