@@ -41,7 +41,7 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -123,19 +123,26 @@ def ascent_rise(jem: JEM, x: torch.Tensor, steps: int = ASCENT_STEPS, cap: float
     of at most ``cap``: log p(x_steps) − log p(x), shape (N,). An image at a mode of the density barely climbs; one on
     a slope — a digit under a garments density, whose log p(x) alone may be as high as a garment's — climbs far.
     Each image moves alone (per-image step, eval mode), so its rise does not depend on the batch; no pixel clamp."""
-    xk = x.detach().clone().requires_grad_(True)
+    return ascent_path(jem, x, (steps,), cap)[:, 0]
+
+
+def ascent_path(jem: JEM, x: torch.Tensor, lengths: Sequence[int], cap: float = ASCENT_CAP) -> torch.Tensor:
+    """``ascent_rise`` after each of ``lengths`` steps of one chain, shape (N, len(lengths)), float64."""
+    xk, rises = x.detach().clone().requires_grad_(True), []
     with torch.enable_grad():
-        for t in range(steps + 1):
+        for t in range(max(lengths) + 1):
             lp = jem(xk).logsumexp(1)
             if t == 0:
                 lp0 = lp.detach()
-            if t == steps:
+            if t in lengths:
+                rises.append((lp.detach() - lp0).double())
+            if t == max(lengths):
                 break
             (g,) = torch.autograd.grad(lp.sum(), xk)
             with torch.no_grad():
                 rms = g.flatten(1).pow(2).mean(1).sqrt().clamp_min(1e-12)
                 xk.add_(g * (cap / rms).clamp(max=1.0).view(-1, *([1] * (g.dim() - 1))))
-    return (lp.detach() - lp0).double()
+    return torch.stack(rises, 1)
 
 
 def model_outputs(jem: JEM, x: torch.Tensor, batch_size: int = 250, device=None, grad: bool = True,

@@ -116,3 +116,15 @@ def test_quality_benchmark_tables_and_reuse(tmp_path, capsys):
     assert other.returncode != 0 and "another configuration (lr)" in other.stderr  # never mixes configurations
     typo = script(capsys, "quality.py", *cmd[:-10], "--ood", "uniform,nosuch/folder", "--out", tmp_path / "t")
     assert typo.returncode != 0 and not (tmp_path / "t").exists()  # checked before anything is trained
+
+
+def test_probe_ascent_tables_every_combination_on_a_trained_run(trained_runs, capsys):
+    """The ascent probe reads a run (never changes it) and prints AUROC (FPR95) per combination and OOD set."""
+    before = sorted(p.name for p in (trained_runs / "jem").iterdir())
+    r = script(capsys, "probe_ascent.py", trained_runs / "jem", "--ood", "uniform,constant", "--n", "40",
+               "--n-fit", "60", "--lengths", "1,2")
+    assert r.returncode == 0, r.stderr
+    rows = [line for line in r.stdout.splitlines() if line.startswith("| (log p, PNG, rise2)")]
+    assert len(rows) == 1 and all(0 <= float(c.split()[0]) <= 1 for c in rows[0].split("|")[2:4])
+    assert "| −rise1 alone |" in r.stdout and "| uniform | constant |" in r.stdout.splitlines()[0]
+    assert sorted(p.name for p in (trained_runs / "jem").iterdir()) == before
