@@ -57,7 +57,7 @@ from .sampler import frozen
 OWN = ("logp", "maxprob", "gradnorm", "typicality", "complexity", "ascent")
 N_FIT = 10_000  # training images the detectors are fitted on (at most): the issue's and common practice's number
 FIT_VERSION = 3  # raised whenever a detector's fit changes: stored fits of another version are fitted again
-ASCENT_STEPS = 10  # steps the rise is read after: of 1-20 the best on MNIST, 2 seeds of 3 (docs/results/density.md)
+ASCENT_STEPS = 10  # steps the rise is read after: of 1-20 best or tied on MNIST, 2 seeds of 3 (docs/results/density.md)
 ASCENT_CAP = 0.02  # RMS move per pixel and step ([−1, 1] pixels): configs/fashion-mnist-density.toml's sgld_step_cap
 KNN_K_FULL = 50  # Sun et al. 2022: k = 50 for CIFAR-10's 50 000 training images, scaled with the share used
 
