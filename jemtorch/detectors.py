@@ -51,7 +51,7 @@ from tqdm.auto import tqdm
 from .checkpoint import CheckpointError, replace_atomic
 from .data import to_uint8
 from .energy import JEM
-from .sampler import frozen
+from .sampler import capped_step, frozen
 
 # the JEM's own scores: its energy, its classifier, its input gradient, and the typicality of energy and gradient
 OWN = ("logp", "maxprob", "gradnorm", "typicality", "complexity", "ascent")
@@ -140,8 +140,7 @@ def ascent_path(jem: JEM, x: torch.Tensor, lengths: Sequence[int], cap: float = 
                 break
             (g,) = torch.autograd.grad(lp.sum(), xk)
             with torch.no_grad():
-                rms = g.flatten(1).pow(2).mean(1).sqrt().clamp_min(1e-12)
-                xk.add_(g * (cap / rms).clamp(max=1.0).view(-1, *([1] * (g.dim() - 1))))
+                xk.add_(g * capped_step(1.0, cap, g, per_sample=True))  # the chain's step, α = 1, per image
     return torch.stack(rises, 1)
 
 

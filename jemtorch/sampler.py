@@ -119,13 +119,17 @@ def sgld(
     return x.detach()
 
 
-def capped_step(step_size: float, step_cap: Optional[float], grad: torch.Tensor) -> torch.Tensor:
+def capped_step(step_size: float, step_cap: Optional[float], grad: torch.Tensor,
+                per_sample: bool = False) -> torch.Tensor:
     """The step size a chain step takes: ``step_size``, lowered under ``step_cap=m`` so that step·``grad`` has an RMS
-    over all its entries of at most m (a 0-d tensor, no host sync; not differentiated)."""
+    over all its entries of at most m (a 0-d tensor, no host sync; not differentiated). ``per_sample``: one step per
+    sample instead, each lowered by its own RMS (shape (N, 1, ..., 1), broadcasting against ``grad``)."""
     step = torch.as_tensor(step_size, dtype=grad.dtype, device=grad.device)
     if step_cap is None:
         return step
-    return torch.minimum(step, step_cap / grad.detach().pow(2).mean().sqrt().clamp_min(1e-12))
+    g = grad.detach()
+    rms = g.flatten(1).pow(2).mean(1).view(-1, *([1] * (g.dim() - 1))) if per_sample else g.pow(2).mean()
+    return torch.minimum(step, step_cap / rms.sqrt().clamp_min(1e-12))
 
 
 class ChainUpdate(Protocol):
