@@ -126,19 +126,26 @@ def ascent_rise(jem: JEM, x: torch.Tensor, steps: int = ASCENT_STEPS, cap: float
     return ascent_path(jem, x, (steps,), cap)[:, 0]
 
 
-def ascent_path(jem: JEM, x: torch.Tensor, lengths: Sequence[int], cap: float = ASCENT_CAP) -> torch.Tensor:
-    """``ascent_rise`` after each of ``lengths`` steps of one chain, shape (N, len(lengths)), float64."""
+def ascent_path(jem: JEM, x: torch.Tensor, lengths: Sequence[int], cap: float = ASCENT_CAP,
+                start: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+    """``ascent_rise`` after each of ``lengths`` steps of one chain, shape (N, len(lengths)), float64. ``start``:
+    (log p(x), ∇ₓ log p(x)) at ``x`` when the caller has them already (``model_outputs``' gradient pass): the first
+    forward and backward are not repeated."""
     xk, rises = x.detach().clone().requires_grad_(True), []
     with torch.enable_grad():
         for t in range(max(lengths) + 1):
-            lp = jem(xk).logsumexp(1)
+            if t == 0 and start is not None:
+                lp, g = start[0].detach(), start[1]
+            else:
+                lp = jem(xk).logsumexp(1)
             if t == 0:
                 lp0 = lp.detach()
             if t in lengths:
                 rises.append((lp.detach() - lp0).double())
             if t == max(lengths):
                 break
-            (g,) = torch.autograd.grad(lp.sum(), xk)
+            if t > 0 or start is None:
+                (g,) = torch.autograd.grad(lp.sum(), xk)
             with torch.no_grad():
                 xk.add_(g * capped_step(1.0, cap, g, per_sample=True))  # the chain's step, α = 1, per image
     return torch.stack(rises, 1)
@@ -153,24 +160,31 @@ def model_outputs(jem: JEM, x: torch.Tensor, batch_size: int = 250, device=None,
     device = device or next(jem.parameters()).device
     head = classifier_head(jem.f)
     feats: list[torch.Tensor] = []
-    hook = head.register_forward_pre_hook(lambda mod, inp: feats.append(inp[0].detach().flatten(1).float().cpu()))
-    logits, norms = [], []
+    recording = [True]  # off during the ascent: its forward passes are not the images' features
+
+    def record(mod, inp):
+        if recording[0]:
+            feats.append(inp[0].detach().flatten(1).float().cpu())
+
+    hook = head.register_forward_pre_hook(record)
+    logits, norms, rises = [], [], []
+    backward = grad or ascent
     try:
-        with frozen(jem), torch.set_grad_enabled(grad):
+        with frozen(jem), torch.set_grad_enabled(backward):
             for i in tqdm(range(0, len(x), batch_size), desc=desc, disable=not progress, leave=False):
-                xb = x[i : i + batch_size].to(device).requires_grad_(grad)
+                xb = x[i : i + batch_size].to(device).requires_grad_(backward)
                 out = jem(xb)
-                if grad:  # samples are independent in eval mode: per-sample gradients
-                    (g,) = torch.autograd.grad(out.logsumexp(1).sum(), xb)
+                if backward:  # samples are independent in eval mode: per-sample gradients
+                    lp = out.logsumexp(1)
+                    (g,) = torch.autograd.grad(lp.sum(), xb)
                     norms.append(g.flatten(1).norm(dim=1).cpu())
                 logits.append(out.detach().float().cpu())
+                if ascent:  # the chain starts from this pass's log p(x) and gradient
+                    recording[0] = False
+                    rises.append(ascent_path(jem, xb, (ASCENT_STEPS,), start=(lp, g))[:, 0].cpu())
+                    recording[0] = True
     finally:
-        hook.remove()  # the ascent's forward passes below are not the images' features
-    rises = []
-    if ascent:
-        with frozen(jem):
-            for i in tqdm(range(0, len(x), batch_size), desc=f"{desc}: ascent", disable=not progress, leave=False):
-                rises.append(ascent_rise(jem, x[i : i + batch_size].to(device)).cpu())
+        hook.remove()
     res = Outputs(torch.cat(logits), torch.cat(feats), -torch.cat(norms) if grad else None,
                   png_bits(x) if complexity else None, torch.cat(rises) if ascent else None)
     if not (torch.isfinite(res.logits).all() and torch.isfinite(res.features).all()):
