@@ -177,7 +177,8 @@ def model_outputs(jem: JEM, x: torch.Tensor, batch_size: int = 250, device=None,
                 if backward:  # samples are independent in eval mode: per-sample gradients
                     lp = out.logsumexp(1)
                     (g,) = torch.autograd.grad(lp.sum(), xb)
-                    norms.append(g.flatten(1).norm(dim=1).cpu())
+                    if grad:
+                        norms.append(g.flatten(1).norm(dim=1).cpu())
                 logits.append(out.detach().float().cpu())
                 if ascent:  # the chain starts from this pass's log p(x) and gradient
                     recording[0] = False
