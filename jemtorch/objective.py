@@ -5,6 +5,8 @@
       + w_pxy·(f(x̂_y)[y] − f(x)[y])                          −log p(x, y) with class-conditional samples
       + λ·(E(x_px)² + E(x̂)²)                                 optional energy-magnitude penalty (--energy-reg):
                                                                per example (mean of E²) or on the batch means
+      + w_cd·(E(x_px) − E(x̃))                                optional contrastive divergence (--cd-weight): x̃ =
+                                                               p(x) images after K chain steps (Hinton 2002)
 
 Why the penalty's form matters: against the p(x) term's constant pull (−1 per example on E(data)), a per-example
 penalty λ·E(x)² balances at E(x) = −w_px/(2λ) for *every* training image, so every image's LogSumExp f(x) is driven
@@ -50,6 +52,13 @@ class ObjectiveSettings:
                                                   "Mordatch 2019, M-EBM: holds every image's energy at the same "
                                                   "value) or batch-mean (the square of the batch's mean E: holds only "
                                                   "the level, so confident images keep a larger LogSumExp)")
+    cd_weight: float = setting(0.0, "weight of a contrastive-divergence term E(data) − E(x̃), x̃ = p(x) training images "
+                                    "moved by the run's chain update (Hinton 2002, CD-K): pushes the density down "
+                                    "along the chains' path out of the data, so data sit at its local maxima and long "
+                                    "chains stop near them; read only with the p(x) term (a baseline ignores it); 0: off "
+                                    "(the JEM paper)")
+    cd_batch_size: int = setting(0, "images per step whose chains the --cd-weight term runs (the first of the p(x) "
+                                    "batch); 0: the whole p(x) batch")
     separate_forward: bool = setting(False, "pass data, p(x) data and samples through the network separately "
                                             "(needed with BatchNorm: no shared batch statistics); off: one "
                                             "concatenated forward pass")
@@ -62,6 +71,8 @@ class ObjectiveSettings:
         need(min(self.p_y_given_x_weight, self.p_x_weight, self.p_x_y_weight) >= 0, "loss weights must be >= 0")
         need(self.p_y_given_x_weight + self.p_x_weight + self.p_x_y_weight > 0, "at least one loss weight must be > 0")
         need(self.energy_reg >= 0, f"--energy-reg must be >= 0, got {self.energy_reg}")
+        need(self.cd_weight >= 0, f"--cd-weight must be >= 0, got {self.cd_weight}")
+        need(self.cd_batch_size >= 0, f"--cd-batch-size must be >= 0, got {self.cd_batch_size}")
         need(self.px_norm in ("batch", "running"), f"--px-norm must be batch or running, got {self.px_norm!r}")
         need(self.energy_reg_form in ENERGY_REG_FORMS,
              f"--energy-reg-form must be one of {', '.join(ENERGY_REG_FORMS)}, got {self.energy_reg_form!r}")
@@ -69,17 +80,20 @@ class ObjectiveSettings:
 
 @dataclass(frozen=True)
 class Weights:
-    """Loss weights (TrainConfig: p_y_given_x_weight, p_x_weight, p_x_y_weight, energy_reg, energy_reg_form)."""
+    """Loss weights (TrainConfig: p_y_given_x_weight, p_x_weight, p_x_y_weight, energy_reg, energy_reg_form,
+    cd_weight)."""
 
     clf: float = 1.0
     px: float = 1.0
     pxy: float = 0.0
     energy_reg: float = 0.0
     energy_reg_form: str = "per-example"
+    cd: float = 0.0
 
     @classmethod
     def from_config(cls, cfg) -> Weights:
-        return cls(cfg.p_y_given_x_weight, cfg.p_x_weight, cfg.p_x_y_weight, cfg.energy_reg, cfg.energy_reg_form)
+        return cls(cfg.p_y_given_x_weight, cfg.p_x_weight, cfg.p_x_y_weight, cfg.energy_reg, cfg.energy_reg_form,
+                   cfg.cd_weight if cfg.p_x_weight > 0 else 0.0)
 
 
 def energy_penalty(e_data: torch.Tensor, e_samples: torch.Tensor, form: str) -> torch.Tensor:
@@ -117,6 +131,7 @@ def jem_loss(
     x_px: Optional[torch.Tensor] = None,
     samples: Optional[torch.Tensor] = None,
     samples_y: Optional[torch.Tensor] = None,
+    x_cd: Optional[torch.Tensor] = None,
     separate: bool = False,
     running: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -124,13 +139,16 @@ def jem_loss(
 
     ``x, y``: the labelled batch (augmented). ``x_px``: the p(x) batch when it is not ``x`` itself (semi-supervised
     data, or un-augmented images). ``samples``: x̂ ~ p(x), needed when ``weights.px > 0``. ``samples_y``: x̂_y ~
-    p(x|y) for the labels ``y``, needed when ``weights.pxy > 0``. ``separate``, ``running``: see
+    p(x|y) for the labels ``y``, needed when ``weights.pxy > 0``. ``x_cd``: p(x) images moved by the chains, needed
+    when ``weights.cd > 0``. ``separate``, ``running``: see
     ``forward_chunks``; with ``running`` the p(x) data are always their own chunk, seen as evaluation sees them.
     """
     if weights.px > 0 and samples is None:
         raise ValueError("the p(x) term needs samples")
     if weights.pxy > 0 and samples_y is None:
         raise ValueError("the p(x, y) term needs class-conditional samples")
+    if weights.cd > 0 and (x_cd is None or weights.px <= 0):
+        raise ValueError("the contrastive-divergence term needs the p(x) term and chains from the data (x_cd)")
     chunks = {"x": x}
     if weights.px > 0 and (x_px is not None or (running and separate)):
         chunks["x_px"] = x_px if x_px is not None else x
@@ -138,6 +156,8 @@ def jem_loss(
         chunks["samples"] = samples
     if weights.pxy > 0:
         chunks["samples_y"] = samples_y
+    if weights.cd > 0:
+        chunks["x_cd"] = x_cd
     logits = forward_chunks(jem, chunks, separate, running)
 
     l_clf = F.cross_entropy(logits["x"], y)
@@ -152,6 +172,10 @@ def jem_loss(
             loss = loss + weights.energy_reg * energy_penalty(e_data, e_samples, weights.energy_reg_form)
         reach = (e_samples.detach() <= e_data.detach().median()).float().mean()  # health.py: chains reach the data?
         stats.update(l_px=l_px, energy_gap=l_px, e_data=e_data.mean(), e_samples=e_samples.mean(), reach=reach)
+        if weights.cd > 0:
+            l_cd = e_data.mean() + jem.log_px(logits=logits["x_cd"]).mean()  # E(data) − E(x̃)
+            loss = loss + weights.cd * l_cd
+            stats["l_cd"] = l_cd
     if weights.pxy > 0:
         l_pxy = -jem.log_pxy(None, y, logits=logits["x"]).mean() + jem.log_pxy(None, y, logits=logits["samples_y"]).mean()
         loss = loss + weights.pxy * l_pxy

@@ -135,11 +135,11 @@ class Phases:
         energy penalty) over ``ramp`` iterations, at ``tail_scale`` after ``stop``; times ``scale``
         (health.AdaptivePx) throughout."""
         if not self.generative(step):
-            return replace(w, px=0.0, pxy=0.0)
+            return replace(w, px=0.0, pxy=0.0, cd=0.0)
         into = step - self.start + 1
         r = scale * (into / self.ramp if self.ramp > 0 and into < self.ramp else 1.0)
         r *= self.tail_scale if self.tail(step) else 1.0
-        return w if r == 1.0 else replace(w, px=r * w.px, pxy=r * w.pxy, energy_reg=r * w.energy_reg)
+        return w if r == 1.0 else replace(w, px=r * w.px, pxy=r * w.pxy, energy_reg=r * w.energy_reg, cd=r * w.cd)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -169,8 +169,11 @@ def forward_backward(state: TrainState, cfg: TrainConfig, batch, weights: Weight
     (0-d tensors, no host sync) and the loss function, which SAM evaluates again at perturbed weights."""
     x, y, x_px = batch
     x_px = x_px if weights.px > 0 else None
-    samples = samples_y = None
+    samples = samples_y = x_cd = None
     with autocast():  # --amp bf16: the network's forward passes; the chains themselves stay fp32
+        if weights.cd > 0:  # chains from the data (before the buffer's, whose statistics the sampler keeps)
+            x0 = x_px if x_px is not None else x
+            x_cd = state.sampler.run_chains(state.jem, x0[:cfg.cd_batch_size or len(x0)])
         if weights.px > 0:
             samples = state.sampler.sample(state.jem, len(x_px) if x_px is not None else len(x))  # x̂ ~ p(x)
             chains = dict(state.sampler.stats)  # how far the p(x) chains moved (health.py)
@@ -180,7 +183,7 @@ def forward_backward(state: TrainState, cfg: TrainConfig, batch, weights: Weight
     def loss_fn() -> tuple[torch.Tensor, dict]:
         with autocast():
             return jem_loss(state.loss_jem, x, y, weights=weights, x_px=x_px, samples=samples, samples_y=samples_y,
-                            separate=cfg.separate_forward, running=cfg.px_norm == "running")
+                            x_cd=x_cd, separate=cfg.separate_forward, running=cfg.px_norm == "running")
 
     loss, stats = loss_fn()
     state.opt.zero_grad(set_to_none=True)

@@ -124,3 +124,16 @@ def test_batch_mean_penalty_reaches_the_loss(batch):
     with torch.no_grad():
         expected = 0.3 * (jem.energy(x_px).mean() ** 2 + jem.energy(x_q).mean() ** 2)
     assert (l1 - l0).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_contrastive_divergence_term_is_the_gap_to_chains_from_the_data(batch):
+    """w_cd·(E(x_px) − E(x̃)): x̃ are the p(x) images after the chains; the term needs both."""
+    jem, x, y, x_px, x_q, x_qy = batch
+    l0, _ = jem_loss(jem, x, y, weights=Weights(), x_px=x_px, samples=x_q)
+    l1, stats = jem_loss(jem, x, y, weights=Weights(cd=0.5), x_px=x_px, samples=x_q, x_cd=x_qy[:3])
+    with torch.no_grad():
+        cd = jem.energy(x_px).mean() - jem.energy(x_qy[:3]).mean()
+    assert stats["l_cd"].item() == pytest.approx(cd.item(), rel=1e-5, abs=1e-6)
+    assert (l1 - l0).item() == pytest.approx(0.5 * cd.item(), rel=1e-4, abs=1e-6)
+    with pytest.raises(ValueError, match="contrastive-divergence term needs"):
+        jem_loss(jem, x, y, weights=Weights(cd=0.5), x_px=x_px, samples=x_q)

@@ -1,3 +1,4 @@
+import importlib
 import json
 from pathlib import Path
 
@@ -305,6 +306,22 @@ def test_sgld_step_cap_reaches_the_training_chains_and_is_logged(tmp_path):
     assert "chain_step" not in Trainer(cfg(tmp_path / "free")).iteration()
 
 
+def test_cd_chains_start_at_the_data_and_leave_the_buffer_alone(tmp_path, monkeypatch):
+    loop = importlib.import_module("jemtorch.train")  # the package exports train(), the function, by that name
+
+    t = Trainer(cfg(tmp_path, cd_weight=0.5, cd_batch_size=4))
+    starts, batches = [], []
+    run_chains, batch = t.state.sampler.run_chains, loop.training_batch
+    monkeypatch.setattr(t.state.sampler, "run_chains", lambda jem, x0, *a, **k: starts.append(x0) or run_chains(jem, x0, *a, **k))
+    monkeypatch.setattr(loop, "training_batch", lambda *a: batches.append(batch(*a)) or batches[-1])
+    stats = t.iteration()
+    x, _, x_px = batches[0]
+    assert "l_cd" in stats and len(starts) == 2  # the chains from the data first, then the buffer's
+    assert torch.equal(starts[0], (x_px if x_px is not None else x)[:4]) and len(starts[1]) == len(starts[0]) * 8
+    assert t.recovery.weights.cd == 0.5
+    assert "l_cd" not in Trainer(cfg(tmp_path / "off")).iteration()
+
+
 def test_training_curves_draw_the_trajectory_the_run_kept(tmp_path):
     from jemtorch.figures import final_trajectory, training_curves
 
@@ -340,7 +357,7 @@ def test_a_baseline_never_reads_the_generative_settings(tmp_path):
     other = dict(px_start_epoch=1, px_ramp_epochs=0.5, energy_reg=0.3, energy_reg_form="batch-mean", sgld_steps=5,
                  sgld_steps_max=8, sgld_lr=3.0, sgld_std=0.1, sgld_clamp=True, sgld_update="clamped", pyld_inner_steps=2,
                  pyld_lr=0.5, pyld_eps=0.5, px_target_reach=0.3, px_scale_min=0.5, px_stop_epoch=2, px_tail_scale=0.5,
-                 sgld_step_cap=0.05)
+                 sgld_step_cap=0.05, cd_weight=0.5, cd_batch_size=2)
     assert set(other) == set(GENERATIVE_ONLY)
     weights, configs = [], []
     for name, kw in (("a", {}), ("b", other)):  # one after the other: augmentation draws from the global RNG
