@@ -8,8 +8,14 @@ images in the reference's features and the reference's accuracy on the chains, a
 quality benchmark's sample table, one row per step size. It also prints the RMS of ∇ₓE on test images and on chain
 starts, so runs can be compared by how steep their energy is. The run is not changed.
 
+``--noises`` adds rows with the chain noise σ changed instead, and ``--buffer`` a row that continues the run's own
+replay buffer (as trained, its chains' update unchanged, unconditional) on the trained model: do chains that were
+good when training ended stay good when the model stops changing? (Each row: FD, the reference's accuracy on the
+class the chain was drawn for — the buffer's: the class the reference gives it at the start —, and the share of
+pixels at |x| ≥ 0.99: a rising share is the oversaturation of long-run chains, Nijkamp et al. 2020.)
+
     python benchmarks/probe_step.py runs/quality/fm-stop8/seed0/jem runs/quality/fm-stop8/seed0/baseline \
-        --steps 1,0.5,0.3,0.1 --caps 0.02,0.01
+        --steps 1,0.5,0.3,0.1 --caps 0.02,0.01 --noises 0.01 --buffer
 """
 from __future__ import annotations
 
@@ -23,9 +29,6 @@ from jemtorch.data import to_float
 from jemtorch.detectors import model_outputs
 from jemtorch.evaluate import fresh_chain_path
 from jemtorch.metrics import frechet_distance
-
-LENGTHS = (5, 20, 50, 200)
-
 
 def grad_rms(jem, x: torch.Tensor) -> float:
     """RMS over images and pixels of ∇ₓE(x) (eval mode), E = −LogSumExp f(x)."""
@@ -41,11 +44,18 @@ def main() -> None:
     ap.add_argument("--data-root", default=None)
     ap.add_argument("--steps", default="1", help="comma-separated chain step sizes (the run's own is --sgld-lr)")
     ap.add_argument("--caps", default="", help="comma-separated --sgld-step-cap values, each with the run's step size")
+    ap.add_argument("--noises", default="", help="comma-separated --sgld-std values, each with the run's step size")
+    ap.add_argument("--buffer", action="store_true", help="also continue the run's replay buffer on the trained model")
+    ap.add_argument("--lengths", default="5,20,50,200,400", help="comma-separated chain lengths the table shows")
     ap.add_argument("--n", type=int, default=500, help="chains (class-conditional, equal per class) and test images")
     args = ap.parse_args()
     try:
         variants = [{"sgld_lr": float(s)} for s in args.steps.split(",") if s]
         variants += [{"sgld_step_cap": float(m)} for m in args.caps.split(",") if m]
+        variants += [{"sgld_std": float(m)} for m in args.noises.split(",") if m]
+        lengths = sorted({int(k) for k in args.lengths.split(",") if k})
+        if not lengths or lengths[0] < 1:
+            raise ValueError(f"--lengths must be chain lengths >= 1, got {args.lengths!r}")
         run, ref = load_run(args.run, "cpu", args.data_root), load_run(args.reference, "cpu", args.data_root)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
@@ -60,20 +70,33 @@ def main() -> None:
     print(f"{args.run} (trained with step {run.cfg.sgld_lr}, noise {run.cfg.sgld_std}, {run.cfg.sgld_update}); "
           f"RMS ∇ₓE on test images {grad_rms(run.jem, real[:200]):.4f}, on chain starts {grad_rms(run.jem, starts[:200]):.4f}")
 
-    def row(x: torch.Tensor) -> str:
+    def row(x: torch.Tensor, labels: torch.Tensor = y) -> str:
         o = model_outputs(ref.jem, x.cpu(), grad=False)
         fd = frechet_distance(o.features.numpy(), real_feat)
-        return f"{fd:.1f} ({float((o.logits.argmax(1) == y).float().mean()):.2f})"
+        sat = float((x.abs() >= 0.99).float().mean())
+        return f"{fd:.1f} ({float((o.logits.argmax(1) == labels).float().mean()):.2f}, {sat:.2f})"
 
-    print("\n| chain step | starts | " + " | ".join(f"{k} steps" for k in LENGTHS) + " |")
-    print("|---" * (len(LENGTHS) + 2) + "|")
+    print(f"\nFD to {args.n} test images (the reference's accuracy, share of pixels at |x| ≥ 0.99; test images: "
+          f"{float((real.abs() >= 0.99).float().mean()):.2f})")
+    print("\n| chains | starts | " + " | ".join(f"{k} steps" for k in lengths) + " |")
+    print("|---" * (len(lengths) + 2) + "|")
+    if args.buffer:
+        x = run.buffer[torch.randperm(len(run.buffer), generator=g)[:args.n]].float()
+        labels = model_outputs(ref.jem, x, grad=False).logits.argmax(1)
+        sampler, done, cells = run.sampler(), 0, [row(x, labels)]
+        for k in lengths:
+            x, done = sampler.run_chains(run.jem, x, None, k - done), k
+            cells.append(row(x.clamp(-1, 1), labels))
+        print("| the replay buffer, continued (as trained) | " + " | ".join(cells) + " |", flush=True)
     base = row(starts)
     cfg = run.cfg
     for v in variants:
         run.cfg = dataclasses.replace(cfg, **v)
-        path = fresh_chain_path(run, args.n, LENGTHS, y=y, seed=7)
-        name = f"α {v['sgld_lr']:g}" if "sgld_lr" in v else f"α {cfg.sgld_lr:g}, cap {v['sgld_step_cap']:g}"
-        print(f"| {name} | {base} | " + " | ".join(row(path[k]) for k in LENGTHS) + " |", flush=True)
+        path = fresh_chain_path(run, args.n, lengths, y=y, seed=7)
+        (key, value), = v.items()
+        name = {"sgld_lr": f"α {value:g}", "sgld_step_cap": f"α {cfg.sgld_lr:g}, cap {value:g}",
+                "sgld_std": f"α {cfg.sgld_lr:g}, noise σ {value:g}"}[key]
+        print(f"| fresh, {name} | {base} | " + " | ".join(row(path[k]) for k in lengths) + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -128,3 +128,18 @@ def test_probe_ascent_tables_every_combination_on_a_trained_run(trained_runs, ca
     assert len(rows) == 1 and all(0 <= float(c.split()[0]) <= 1 for c in rows[0].split("|")[2:4])
     assert "| −rise1 alone |" in r.stdout and "| uniform | constant |" in r.stdout.splitlines()[0]
     assert sorted(p.name for p in (trained_runs / "jem").iterdir()) == before
+
+
+def test_probe_step_tables_fresh_chains_and_the_continued_buffer(trained_runs, capsys):
+    """probe_step.py reads a run and a reference (never changes them): one row per variant and the buffer's row."""
+    before = sorted(p.name for p in (trained_runs / "jem").iterdir())
+    r = script(capsys, "probe_step.py", trained_runs / "jem", trained_runs / "base", "--steps", "0.5",
+               "--caps", "0.01", "--noises", "0.02", "--buffer", "--n", "20", "--lengths", "1,2")
+    assert r.returncode == 0, r.stderr
+    rows = [line for line in r.stdout.splitlines() if line.startswith("| ") and "steps |" not in line]
+    assert [row.split("|")[1].strip() for row in rows] == [
+        "the replay buffer, continued (as trained)", "fresh, α 0.5", "fresh, α 1, cap 0.01", "fresh, α 1, noise σ 0.02"]
+    assert all(len(row.split("|")) == 6 for row in rows)  # name, starts, 1 and 2 steps
+    assert sorted(p.name for p in (trained_runs / "jem").iterdir()) == before
+    bad = script(capsys, "probe_step.py", trained_runs / "jem", trained_runs / "base", "--lengths", "0")
+    assert bad.returncode != 0 and "--lengths" in bad.stderr
