@@ -30,6 +30,7 @@ from jemtorch.detectors import model_outputs
 from jemtorch.evaluate import fresh_chain_path
 from jemtorch.metrics import frechet_distance
 
+
 def grad_rms(jem, x: torch.Tensor) -> float:
     """RMS over images and pixels of ∇ₓE(x) (eval mode), E = −LogSumExp f(x)."""
     x = x.clone().requires_grad_(True)
