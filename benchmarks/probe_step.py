@@ -60,6 +60,8 @@ def main() -> None:
         run, ref = load_run(args.run, "cpu", args.data_root), load_run(args.reference, "cpu", args.data_root)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
+    if args.buffer and run.buffer is None:
+        raise SystemExit(f"error: {args.run} has no replay buffer to continue (a classifier run?); drop --buffer")
     run.jem.eval()
     c = run.data.num_classes
     y = torch.arange(c).repeat_interleave(-(-args.n // c))[:args.n]

@@ -170,12 +170,12 @@ def forward_backward(state: TrainState, cfg: TrainConfig, batch, weights: Weight
     x, y, x_px = batch
     x_px = x_px if weights.px > 0 else None
     samples = samples_y = x_cd = None
+    px_data = x_px if x_px is not None else x
     with autocast():  # --amp bf16: the network's forward passes; the chains themselves stay fp32
         if weights.cd > 0:  # chains from the data (before the buffer's, whose statistics the sampler keeps)
-            x0 = x_px if x_px is not None else x
-            x_cd = state.sampler.run_chains(state.jem, x0[:cfg.cd_batch_size or len(x0)])
+            x_cd = state.sampler.run_chains(state.jem, px_data[:cfg.cd_batch_size or len(px_data)])
         if weights.px > 0:
-            samples = state.sampler.sample(state.jem, len(x_px) if x_px is not None else len(x))  # x̂ ~ p(x)
+            samples = state.sampler.sample(state.jem, len(px_data))  # x̂ ~ p(x)
             chains = dict(state.sampler.stats)  # how far the p(x) chains moved (health.py)
         if weights.pxy > 0:
             samples_y = state.sampler.sample(state.jem, len(x), y=y)  # x̂_y ~ p(x|y)

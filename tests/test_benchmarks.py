@@ -143,3 +143,5 @@ def test_probe_step_tables_fresh_chains_and_the_continued_buffer(trained_runs, c
     assert sorted(p.name for p in (trained_runs / "jem").iterdir()) == before
     bad = script(capsys, "probe_step.py", trained_runs / "jem", trained_runs / "base", "--lengths", "0")
     assert bad.returncode != 0 and "--lengths" in bad.stderr
+    none = script(capsys, "probe_step.py", trained_runs / "base", trained_runs / "base", "--buffer", "--n", "20")
+    assert none.returncode != 0 and "no replay buffer" in none.stderr

@@ -306,7 +306,7 @@ def test_sgld_step_cap_reaches_the_training_chains_and_is_logged(tmp_path):
     assert "chain_step" not in Trainer(cfg(tmp_path / "free")).iteration()
 
 
-def test_cd_chains_start_at_the_data_and_leave_the_buffer_alone(tmp_path, monkeypatch):
+def test_cd_chains_start_at_the_p_x_batch_before_the_buffers_chains(tmp_path, monkeypatch):
     loop = importlib.import_module("jemtorch.train")  # the package exports train(), the function, by that name
 
     t = Trainer(cfg(tmp_path, cd_weight=0.5, cd_batch_size=4))
@@ -317,7 +317,8 @@ def test_cd_chains_start_at_the_data_and_leave_the_buffer_alone(tmp_path, monkey
     stats = t.iteration()
     x, _, x_px = batches[0]
     assert "l_cd" in stats and len(starts) == 2  # the chains from the data first, then the buffer's
-    assert torch.equal(starts[0], (x_px if x_px is not None else x)[:4]) and len(starts[1]) == len(starts[0]) * 8
+    px_data = x_px if x_px is not None else x
+    assert torch.equal(starts[0], px_data[:4]) and len(starts[1]) == len(px_data)
     assert t.recovery.weights.cd == 0.5
     assert "l_cd" not in Trainer(cfg(tmp_path / "off")).iteration()
 
