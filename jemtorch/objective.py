@@ -59,6 +59,7 @@ class ObjectiveSettings:
                                     "(the JEM paper)")
     cd_batch_size: int = setting(0, "images per step whose chains the --cd-weight term runs (the first of the p(x) "
                                     "batch); 0: the whole p(x) batch")
+    cd_steps: int = setting(0, "chain steps of the --cd-weight term's chains from the data; 0: the run's --sgld-steps")
     separate_forward: bool = setting(False, "pass data, p(x) data and samples through the network separately "
                                             "(needed with BatchNorm: no shared batch statistics); off: one "
                                             "concatenated forward pass")
@@ -73,6 +74,7 @@ class ObjectiveSettings:
         need(self.energy_reg >= 0, f"--energy-reg must be >= 0, got {self.energy_reg}")
         need(self.cd_weight >= 0, f"--cd-weight must be >= 0, got {self.cd_weight}")
         need(self.cd_batch_size >= 0, f"--cd-batch-size must be >= 0, got {self.cd_batch_size}")
+        need(self.cd_steps >= 0, f"--cd-steps must be >= 0, got {self.cd_steps}")
         need(self.px_norm in ("batch", "running"), f"--px-norm must be batch or running, got {self.px_norm!r}")
         need(self.energy_reg_form in ENERGY_REG_FORMS,
              f"--energy-reg-form must be one of {', '.join(ENERGY_REG_FORMS)}, got {self.energy_reg_form!r}")

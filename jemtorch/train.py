@@ -173,7 +173,8 @@ def forward_backward(state: TrainState, cfg: TrainConfig, batch, weights: Weight
     px_data = x_px if x_px is not None else x
     with autocast():  # --amp bf16: the network's forward passes; the chains themselves stay fp32
         if weights.cd > 0:  # chains from the data (before the buffer's, whose statistics the sampler keeps)
-            x_cd = state.sampler.run_chains(state.jem, px_data[:cfg.cd_batch_size or len(px_data)])
+            x_cd = state.sampler.run_chains(state.jem, px_data[:cfg.cd_batch_size or len(px_data)],
+                                            n_steps=cfg.cd_steps or None)
         if weights.px > 0:
             samples = state.sampler.sample(state.jem, len(px_data))  # x̂ ~ p(x)
             chains = dict(state.sampler.stats)  # how far the p(x) chains moved (health.py)

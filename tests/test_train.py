@@ -309,16 +309,22 @@ def test_sgld_step_cap_reaches_the_training_chains_and_is_logged(tmp_path):
 def test_cd_chains_start_at_the_p_x_batch_before_the_buffers_chains(tmp_path, monkeypatch):
     loop = importlib.import_module("jemtorch.train")  # the package exports train(), the function, by that name
 
-    t = Trainer(cfg(tmp_path, cd_weight=0.5, cd_batch_size=4))
-    starts, batches = [], []
+    t = Trainer(cfg(tmp_path, cd_weight=0.5, cd_batch_size=4, cd_steps=3))
+    starts, steps, batches = [], [], []
     run_chains, batch = t.state.sampler.run_chains, loop.training_batch
-    monkeypatch.setattr(t.state.sampler, "run_chains", lambda jem, x0, *a, **k: starts.append(x0) or run_chains(jem, x0, *a, **k))
+
+    def spy(jem, x0, y=None, n_steps=None):
+        starts.append(x0), steps.append(n_steps)
+        return run_chains(jem, x0, y, n_steps)
+
+    monkeypatch.setattr(t.state.sampler, "run_chains", spy)
     monkeypatch.setattr(loop, "training_batch", lambda *a: batches.append(batch(*a)) or batches[-1])
     stats = t.iteration()
     x, _, x_px = batches[0]
     assert "l_cd" in stats and len(starts) == 2  # the chains from the data first, then the buffer's
     px_data = x_px if x_px is not None else x
     assert torch.equal(starts[0], px_data[:4]) and len(starts[1]) == len(px_data)
+    assert steps == [3, None]  # --cd-steps for the chains from the data; the buffer's chains keep the run's steps
     assert t.recovery.weights.cd == 0.5
     assert "l_cd" not in Trainer(cfg(tmp_path / "off")).iteration()
 
