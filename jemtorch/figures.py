@@ -123,13 +123,18 @@ def histogram_figure(results: Sequence[tuple[dict, dict]], score: str, path: Pat
     return _save(fig, path, dpi=100)
 
 
-def curve_figure(curves: dict, path: Path, xlabel: str, ylabel: str, title: str) -> Path:
-    """Line plot of {label: ([x...], [y...])}; used for robustness curves."""
+def curve_figure(curves: dict, path: Path, xlabel: str, ylabel: str, title: str,
+                 ylim: Optional[tuple[float, float]] = (0, 1.02), xscale: str = "linear",
+                 hline: Optional[tuple[float, str]] = None) -> Path:
+    """Line plot of {label: ([x...], [y...])} (robustness curves, FD along the chains); ``hline=(y, label)`` draws a
+    dashed reference line (a target)."""
     plt = plt_module()
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for label, (xs, ys) in curves.items():
         ax.plot(xs, ys, marker="o", label=label)
-    ax.set(xlabel=xlabel, ylabel=ylabel, title=title, ylim=(0, 1.02))
+    if hline is not None:
+        ax.axhline(hline[0], color="k", ls="--", lw=1, label=hline[1])
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title, ylim=ylim, xscale=xscale)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
