@@ -145,3 +145,25 @@ def test_probe_step_tables_fresh_chains_and_the_continued_buffer(trained_runs, c
     assert bad.returncode != 0 and "--lengths" in bad.stderr
     none = script(capsys, "probe_step.py", trained_runs / "base", trained_runs / "base", "--buffer", "--n", "20")
     assert none.returncode != 0 and "no replay buffer" in none.stderr
+
+
+def test_fd_curves_tables_each_runs_ratios_and_draws_them(tmp_path, capsys):
+    """fd_curves.py divides each chain length's FD by the starts' (from jem eval's metrics) and draws one figure; a run
+    that was not evaluated is a one-line error."""
+    runs = {}
+    for name, fds in {"a": {"0": 40.0, "5": 30.0, "200": 20.0}, "b": {"0": 50.0, "40": 20.0}}.items():
+        (tmp_path / name / "eval").mkdir(parents=True)
+        by_length = {k: {"fd": v, "accuracy": 1.0} for k, v in fds.items()}
+        (tmp_path / name / "eval" / "metrics.json").write_text(json.dumps({"generation": {"fd_by_chain_length": by_length}}))
+        runs[name] = tmp_path / name
+    r = script(capsys, "fd_curves.py", f"A={runs['a']}", f"B={runs['b']}", "--out", tmp_path / "fd.png")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == "| run | 0 steps | 5 steps | 40 steps | 200 steps |"
+    assert lines[2] == "| A | 1.00 | 0.75 | — | 0.50 |" and lines[3] == "| B | 1.00 | — | 0.40 | — |"
+    assert (tmp_path / "fd.png").read_bytes()[:4] == b"\x89PNG"
+    (tmp_path / "c").mkdir()
+    missing = script(capsys, "fd_curves.py", f"C={tmp_path / 'c'}")
+    assert missing.returncode != 0 and "jem eval" in missing.stderr
+    bad = script(capsys, "fd_curves.py", str(runs["a"]))
+    assert bad.returncode != 0 and "LABEL=RUN_DIR" in bad.stderr
