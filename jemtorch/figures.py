@@ -135,6 +135,8 @@ def curve_figure(curves: dict, path: Path, xlabel: str, ylabel: str, title: str,
     if hline is not None:
         ax.axhline(hline[0], color="k", ls="--", lw=1, label=hline[1])
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title, ylim=ylim, xscale=xscale)
+    if xscale == "symlog":  # counts from 0: linear below 1, logarithmic above, nothing left of 0
+        ax.set_xlim(left=0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
