@@ -9,21 +9,25 @@ the issue's target line. Reads only; writes only ``--out``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
+from jemtorch.checkpoint import CheckpointError
 from jemtorch.figures import curve_figure
+from jemtorch.rundir import EVAL_DIR, RunDir
 
 
 def ratios(run: Path) -> dict[int, float]:
     """{chain length: FD ÷ FD of the starts} of one evaluated run; a one-line SystemExit when it has none."""
-    path = run / "eval" / "metrics.json"
-    if not path.is_file():
-        raise SystemExit(f"error: {path} not found: evaluate the run with `jem eval RUN --reference BASELINE` first")
-    by_length = json.loads(path.read_text()).get("generation", {}).get("fd_by_chain_length")
+    name = f"{EVAL_DIR}/metrics.json"
+    try:
+        metrics = RunDir(run).read_json(name)  # {} when the run was never evaluated
+    except CheckpointError as e:
+        raise SystemExit(f"error: {e}") from None
+    by_length = metrics.get("generation", {}).get("fd_by_chain_length")
     if not by_length or "0" not in by_length:
-        raise SystemExit(f"error: {path} has no FD by chain length: evaluate with `jem eval RUN --reference BASELINE`")
+        raise SystemExit(f"error: {run / name} has no FD by chain length: evaluate the run with "
+                         "`jem eval RUN --reference BASELINE` first")
     start = by_length["0"]["fd"]
     return {int(k): v["fd"] / start for k, v in sorted(by_length.items(), key=lambda kv: int(kv[0]))}
 
