@@ -130,6 +130,18 @@ def test_probe_ascent_tables_every_combination_on_a_trained_run(trained_runs, ca
     assert sorted(p.name for p in (trained_runs / "jem").iterdir()) == before
 
 
+def test_probe_msma_tables_the_multiscale_statistics_on_a_trained_run(trained_runs, capsys):
+    """The multiscale probe reads a run (never changes it): one row per combination, one column per OOD set."""
+    before = sorted(p.name for p in (trained_runs / "jem").iterdir())
+    r = script(capsys, "probe_msma.py", trained_runs / "jem", "--ood", "uniform,constant", "--n", "40",
+               "--n-fit", "60", "--sigmas", "0.1,0.3")
+    assert r.returncode == 0, r.stderr
+    rows = [line for line in r.stdout.splitlines() if line.startswith("| (log p, PNG, drop0.3)")]
+    assert len(rows) == 1 and all(0 <= float(c.split()[0]) <= 1 for c in rows[0].split("|")[2:4])
+    assert "| MSMA: ‖∇‖ at every σ |" in r.stdout and "| cos0.1 alone |" in r.stdout
+    assert sorted(p.name for p in (trained_runs / "jem").iterdir()) == before
+
+
 def test_probe_step_tables_fresh_chains_and_the_continued_buffer(trained_runs, capsys):
     """probe_step.py reads a run and a reference (never changes them): one row per variant and the buffer's row."""
     before = sorted(p.name for p in (trained_runs / "jem").iterdir())

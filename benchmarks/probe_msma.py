@@ -1,0 +1,100 @@
+"""Does the JEM's energy near an image, not only at it, tell its data from OOD images? Multiscale statistics.
+
+For a trained run, each image of its test split (``--n``) and of each OOD set gets log p(x), its PNG bits/dim and the
+log norm of ∇ₓ log p at the image; then, for each noise level σ of ``--sigmas``, at x + σε (one fixed Gaussian draw
+per image): the log norm of ∇ₓ log p there (the multiscale score norms of MSMA: Mahmood, Oliva & Styner 2021,
+"Multiscale score matching for out-of-distribution detection", ICLR), the fall of log p from x to x + σε, and the
+cosine between ∇ₓ log p(x + σε) and −ε (does the energy's slope lead the noisy image back to the image?). Each
+combination of columns is scored as ``typicality`` is: a kernel density fitted on ``--n-fit`` images of the run's
+training split (never on test or OOD images). Prints AUROC (FPR at 95% TPR) per combination and OOD set.
+
+    python benchmarks/probe_msma.py runs/quality/fm-std003-tail02/seed0/jem --data-root DATA --sigmas 0.03,0.1,0.3
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+from probe_ascent import Columns
+
+from jemtorch.build import detector_fit_images, load_run
+from jemtorch.data import make_ood_set, to_float
+from jemtorch.detectors import model_outputs, png_bits
+from jemtorch.evaluate import scored_test_images
+from jemtorch.metrics import ood_metrics
+from jemtorch.sampler import frozen
+
+
+def logp_and_grad(jem, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        lp = jem(x).logsumexp(1)
+        (g,) = torch.autograd.grad(lp.sum(), x)
+    return lp.detach().double(), g.detach()
+
+
+def statistics(jem, x: torch.Tensor, sigmas: list[float], seed: int, batch: int = 500) -> torch.Tensor:
+    """(N, 3 + 3·len(sigmas)): log p, PNG bits/dim, log ‖∇‖; per σ: log ‖∇‖ at x + σε, log p(x) − log p(x + σε),
+    cos(∇ log p(x + σε), −ε)."""
+    out = model_outputs(jem, x, batch, grad=True)
+    cols = [out.logits.double().logsumexp(1), png_bits(x), (-out.gradnorm.double()).log()]
+    g = torch.Generator().manual_seed(seed)
+    eps = torch.randn(x.shape, generator=g)
+    with frozen(jem):
+        for s in sigmas:
+            lps, norms, coss = [], [], []
+            for i in range(0, len(x), batch):
+                e = eps[i : i + batch]
+                lp, gr = logp_and_grad(jem, x[i : i + batch] + s * e)
+                lps.append(lp)
+                norms.append(gr.flatten(1).norm(dim=1).double().clamp(min=1e-12).log())
+                coss.append(torch.nn.functional.cosine_similarity(gr.flatten(1), -e.flatten(1)).double())
+            cols += [torch.cat(norms), cols[0] - torch.cat(lps), torch.cat(coss)]
+    return torch.stack(cols, 1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("run")
+    ap.add_argument("--data-root", default=None)
+    ap.add_argument("--ood", default="mnist,interp,constant,uniform")
+    ap.add_argument("--sigmas", default="0.01,0.03,0.1,0.3", help="noise levels (pixels in [−1, 1])")
+    ap.add_argument("--n", type=int, default=2000, help="test images (and images per OOD set)")
+    ap.add_argument("--n-fit", type=int, default=4000, help="training images the densities are fitted on")
+    args = ap.parse_args()
+    sigmas = [float(s) for s in args.sigmas.split(",")]
+    run = load_run(args.run, data_root=args.data_root)
+    x_fit, _ = detector_fit_images(run.cfg, run.data, args.n_fit)
+    x_in = scored_test_images(run, args.n, torch.Generator().manual_seed(0))  # jem eval's images
+    root = args.data_root or run.cfg.data_root
+    stats = {"fit": statistics(run.jem, to_float(x_fit), sigmas, 1), "in": statistics(run.jem, x_in, sigmas, 2)}
+    for k, name in enumerate(args.ood.split(",")):
+        x = make_ood_set(name, x_in, args.n, seed=1, data_root=root, in_dataset=run.cfg.dataset)
+        stats[name] = statistics(run.jem, x, sigmas, 3 + k)
+    norm = [3 + 3 * j for j in range(len(sigmas))]
+    drop = [4 + 3 * j for j in range(len(sigmas))]
+    cos = [5 + 3 * j for j in range(len(sigmas))]
+    # a tuple (column, sign): that column alone, signed so that higher = in-distribution; a list: a kernel density
+    combos = {"log p": (0, 1), "(log p, PNG)": [0, 1], "complexity: (log p, ‖∇‖, PNG)": [0, 1, 2],
+              "MSMA: ‖∇‖ at every σ": [2] + norm, "(log p, PNG, ‖∇‖ at every σ)": [0, 1, 2] + norm,
+              "(log p, PNG, drop at every σ)": [0, 1] + drop, "(log p, PNG, cos at every σ)": [0, 1] + cos}
+    for j, s in enumerate(sigmas):
+        combos.update({f"−drop{s} alone": (drop[j], -1), f"cos{s} alone": (cos[j], 1),
+                       f"(log p, PNG, ‖∇‖{s})": [0, 1, norm[j]], f"(log p, PNG, drop{s})": [0, 1, drop[j]],
+                       f"(log p, PNG, cos{s})": [0, 1, cos[j]]})
+    sets = [n for n in stats if n not in ("fit", "in")]
+    print(f"| {run.name}: AUROC (FPR95) | " + " | ".join(sets) + " |\n|---|" + "---|" * len(sets))
+    for label, cols in combos.items():
+        if isinstance(cols, tuple):
+            score = (lambda m, c=cols: c[1] * m[:, c[0]].numpy())
+        else:
+            det = Columns(cols)
+            det.fit(stats["fit"], None, None)
+            score = det.score
+        s_in = score(stats["in"])
+        cells = [ood_metrics(s_in, score(stats[n])) for n in sets]
+        print(f"| {label} | " + " | ".join(f"{r['auroc']:.4f} ({r['fpr95']:.3f})" for r in cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
