@@ -41,30 +41,22 @@ def statistics(jem, x: torch.Tensor, lengths: list[int], cap: float, batch: int 
                                    png_bits(x)], 1), rises.clamp(min=1e-6).log()], 1)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("run")
-    ap.add_argument("--data-root", default=None)
-    ap.add_argument("--ood", default="mnist,interp,constant,uniform")
-    ap.add_argument("--lengths", default="1,3,5,10,20", help="chain lengths the rise is read after")
-    ap.add_argument("--cap", type=float, default=ASCENT_CAP, help="RMS move per pixel and step")
-    ap.add_argument("--n", type=int, default=2000, help="test images (and images per OOD set)")
-    ap.add_argument("--n-fit", type=int, default=4000, help="training images the densities are fitted on")
-    args = ap.parse_args()
-    lengths = [int(k) for k in args.lengths.split(",")]
-    run = load_run(args.run, data_root=args.data_root)
+def gather(run, args, statistics) -> dict[str, torch.Tensor]:
+    """``statistics(jem, x, key)`` of ``--n-fit`` training images ("fit"), ``--n`` test images ("in", jem eval's) and
+    ``--n`` images of each ``--ood`` set: the matrices the combinations are scored on."""
     x_fit, _ = detector_fit_images(run.cfg, run.data, args.n_fit)
-    x_in = scored_test_images(run, args.n, torch.Generator().manual_seed(0))  # jem eval's images
+    x_in = scored_test_images(run, args.n, torch.Generator().manual_seed(0))
     root = args.data_root or run.cfg.data_root
-    stats = {"fit": statistics(run.jem, to_float(x_fit), lengths, args.cap), "in": statistics(run.jem, x_in, lengths, args.cap)}
-    for name in args.ood.split(","):
+    stats = {"fit": statistics(run.jem, to_float(x_fit), 1), "in": statistics(run.jem, x_in, 2)}
+    for k, name in enumerate(args.ood.split(",")):
         x = make_ood_set(name, x_in, args.n, seed=1, data_root=root, in_dataset=run.cfg.dataset)
-        stats[name] = statistics(run.jem, x, lengths, args.cap)
-    # a tuple (column, sign): that column alone, signed so that higher = in-distribution; a list: a kernel density
-    combos = {"log p": (0, 1), "(log p, PNG)": [0, 2], "complexity: (log p, ‖∇‖, PNG)": [0, 1, 2]}
-    for j, k in enumerate(lengths):
-        combos.update({f"−rise{k} alone": (3 + j, -1), f"(log p, rise{k})": [0, 3 + j],
-                       f"(log p, PNG, rise{k})": [0, 2, 3 + j], f"(log p, ‖∇‖, PNG, rise{k})": [0, 1, 2, 3 + j]})
+        stats[name] = statistics(run.jem, x, 3 + k)
+    return stats
+
+
+def print_table(run, stats: dict[str, torch.Tensor], combos: dict) -> None:
+    """One row per combination: a tuple (column, sign) scores that column alone, signed so that higher =
+    in-distribution; a list of columns is scored by a kernel density fitted on the "fit" rows."""
     sets = [n for n in stats if n not in ("fit", "in")]
     print(f"| {run.name}: AUROC (FPR95) | " + " | ".join(sets) + " |\n|---|" + "---|" * len(sets))
     for label, cols in combos.items():
@@ -77,6 +69,26 @@ def main() -> None:
         s_in = score(stats["in"])
         cells = [ood_metrics(s_in, score(stats[n])) for n in sets]
         print(f"| {label} | " + " | ".join(f"{r['auroc']:.4f} ({r['fpr95']:.3f})" for r in cells) + " |", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("run")
+    ap.add_argument("--data-root", default=None)
+    ap.add_argument("--ood", default="mnist,interp,constant,uniform")
+    ap.add_argument("--lengths", default="1,3,5,10,20", help="chain lengths the rise is read after")
+    ap.add_argument("--cap", type=float, default=ASCENT_CAP, help="RMS move per pixel and step")
+    ap.add_argument("--n", type=int, default=2000, help="test images (and images per OOD set)")
+    ap.add_argument("--n-fit", type=int, default=4000, help="training images the densities are fitted on")
+    args = ap.parse_args()
+    lengths = [int(k) for k in args.lengths.split(",")]
+    run = load_run(args.run, data_root=args.data_root)
+    stats = gather(run, args, lambda jem, x, _: statistics(jem, x, lengths, args.cap))
+    combos = {"log p": (0, 1), "(log p, PNG)": [0, 2], "complexity: (log p, ‖∇‖, PNG)": [0, 1, 2]}
+    for j, k in enumerate(lengths):
+        combos.update({f"−rise{k} alone": (3 + j, -1), f"(log p, rise{k})": [0, 3 + j],
+                       f"(log p, PNG, rise{k})": [0, 2, 3 + j], f"(log p, ‖∇‖, PNG, rise{k})": [0, 1, 2, 3 + j]})
+    print_table(run, stats, combos)
 
 
 if __name__ == "__main__":

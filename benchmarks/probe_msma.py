@@ -15,13 +15,10 @@ from __future__ import annotations
 import argparse
 
 import torch
-from probe_ascent import Columns
+from probe_ascent import gather, print_table
 
-from jemtorch.build import detector_fit_images, load_run
-from jemtorch.data import make_ood_set, to_float
+from jemtorch.build import load_run
 from jemtorch.detectors import model_outputs, png_bits
-from jemtorch.evaluate import scored_test_images
-from jemtorch.metrics import ood_metrics
 from jemtorch.sampler import frozen
 
 
@@ -64,17 +61,8 @@ def main() -> None:
     args = ap.parse_args()
     sigmas = [float(s) for s in args.sigmas.split(",")]
     run = load_run(args.run, data_root=args.data_root)
-    x_fit, _ = detector_fit_images(run.cfg, run.data, args.n_fit)
-    x_in = scored_test_images(run, args.n, torch.Generator().manual_seed(0))  # jem eval's images
-    root = args.data_root or run.cfg.data_root
-    stats = {"fit": statistics(run.jem, to_float(x_fit), sigmas, 1), "in": statistics(run.jem, x_in, sigmas, 2)}
-    for k, name in enumerate(args.ood.split(",")):
-        x = make_ood_set(name, x_in, args.n, seed=1, data_root=root, in_dataset=run.cfg.dataset)
-        stats[name] = statistics(run.jem, x, sigmas, 3 + k)
-    norm = [3 + 3 * j for j in range(len(sigmas))]
-    drop = [4 + 3 * j for j in range(len(sigmas))]
-    cos = [5 + 3 * j for j in range(len(sigmas))]
-    # a tuple (column, sign): that column alone, signed so that higher = in-distribution; a list: a kernel density
+    stats = gather(run, args, lambda jem, x, key: statistics(jem, x, sigmas, seed=key))  # its own noise per set
+    norm, drop, cos = ([k + 3 * j for j in range(len(sigmas))] for k in (3, 4, 5))
     combos = {"log p": (0, 1), "(log p, PNG)": [0, 1], "complexity: (log p, ‖∇‖, PNG)": [0, 1, 2],
               "MSMA: ‖∇‖ at every σ": [2] + norm, "(log p, PNG, ‖∇‖ at every σ)": [0, 1, 2] + norm,
               "(log p, PNG, drop at every σ)": [0, 1] + drop, "(log p, PNG, cos at every σ)": [0, 1] + cos}
@@ -82,18 +70,7 @@ def main() -> None:
         combos.update({f"−drop{s} alone": (drop[j], -1), f"cos{s} alone": (cos[j], 1),
                        f"(log p, PNG, ‖∇‖{s})": [0, 1, norm[j]], f"(log p, PNG, drop{s})": [0, 1, drop[j]],
                        f"(log p, PNG, cos{s})": [0, 1, cos[j]]})
-    sets = [n for n in stats if n not in ("fit", "in")]
-    print(f"| {run.name}: AUROC (FPR95) | " + " | ".join(sets) + " |\n|---|" + "---|" * len(sets))
-    for label, cols in combos.items():
-        if isinstance(cols, tuple):
-            score = (lambda m, c=cols: c[1] * m[:, c[0]].numpy())
-        else:
-            det = Columns(cols)
-            det.fit(stats["fit"], None, None)
-            score = det.score
-        s_in = score(stats["in"])
-        cells = [ood_metrics(s_in, score(stats[n])) for n in sets]
-        print(f"| {label} | " + " | ".join(f"{r['auroc']:.4f} ({r['fpr95']:.3f})" for r in cells) + " |", flush=True)
+    print_table(run, stats, combos)
 
 
 if __name__ == "__main__":

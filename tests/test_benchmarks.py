@@ -118,27 +118,19 @@ def test_quality_benchmark_tables_and_reuse(tmp_path, capsys):
     assert typo.returncode != 0 and not (tmp_path / "t").exists()  # checked before anything is trained
 
 
-def test_probe_ascent_tables_every_combination_on_a_trained_run(trained_runs, capsys):
-    """The ascent probe reads a run (never changes it) and prints AUROC (FPR95) per combination and OOD set."""
+@pytest.mark.parametrize("name, args, row, others", [
+    ("probe_ascent.py", ("--lengths", "1,2"), "(log p, PNG, rise2)", ("| −rise1 alone |",)),
+    ("probe_msma.py", ("--sigmas", "0.1,0.3"), "(log p, PNG, drop0.3)", ("| MSMA: ‖∇‖ at every σ |", "| cos0.1 alone |")),
+])
+def test_probes_of_the_energy_table_every_combination_on_a_trained_run(trained_runs, capsys, name, args, row, others):
+    """The ascent and multiscale probes read a run (never change it) and print AUROC (FPR95) per combination and OOD
+    set."""
     before = sorted(p.name for p in (trained_runs / "jem").iterdir())
-    r = script(capsys, "probe_ascent.py", trained_runs / "jem", "--ood", "uniform,constant", "--n", "40",
-               "--n-fit", "60", "--lengths", "1,2")
+    r = script(capsys, name, trained_runs / "jem", "--ood", "uniform,constant", "--n", "40", "--n-fit", "60", *args)
     assert r.returncode == 0, r.stderr
-    rows = [line for line in r.stdout.splitlines() if line.startswith("| (log p, PNG, rise2)")]
+    rows = [line for line in r.stdout.splitlines() if line.startswith(f"| {row}")]
     assert len(rows) == 1 and all(0 <= float(c.split()[0]) <= 1 for c in rows[0].split("|")[2:4])
-    assert "| −rise1 alone |" in r.stdout and "| uniform | constant |" in r.stdout.splitlines()[0]
-    assert sorted(p.name for p in (trained_runs / "jem").iterdir()) == before
-
-
-def test_probe_msma_tables_the_multiscale_statistics_on_a_trained_run(trained_runs, capsys):
-    """The multiscale probe reads a run (never changes it): one row per combination, one column per OOD set."""
-    before = sorted(p.name for p in (trained_runs / "jem").iterdir())
-    r = script(capsys, "probe_msma.py", trained_runs / "jem", "--ood", "uniform,constant", "--n", "40",
-               "--n-fit", "60", "--sigmas", "0.1,0.3")
-    assert r.returncode == 0, r.stderr
-    rows = [line for line in r.stdout.splitlines() if line.startswith("| (log p, PNG, drop0.3)")]
-    assert len(rows) == 1 and all(0 <= float(c.split()[0]) <= 1 for c in rows[0].split("|")[2:4])
-    assert "| MSMA: ‖∇‖ at every σ |" in r.stdout and "| cos0.1 alone |" in r.stdout
+    assert all(o in r.stdout for o in others) and "| uniform | constant |" in r.stdout.splitlines()[0]
     assert sorted(p.name for p in (trained_runs / "jem").iterdir()) == before
 
 
