@@ -4,7 +4,9 @@ For a trained run, each image of its test split (``--n``) and of each OOD set ge
 log norm of ∇ₓ log p at the image; then, for each noise level σ of ``--sigmas``, at x + σε (one fixed Gaussian draw
 per image): the log norm of ∇ₓ log p there (the multiscale score norms of MSMA: Mahmood, Oliva & Styner 2021,
 "Multiscale score matching for out-of-distribution detection", ICLR), the fall of log p from x to x + σε, and the
-cosine between ∇ₓ log p(x + σε) and −ε (does the energy's slope lead the noisy image back to the image?). Each
+cosine between ∇ₓ log p(x + σε) and −ε (does the energy's slope lead the noisy image back to the image?). Last, the
+rise of log p along the run's own chain from the image (its chain update, noise and step cap, ``--chain`` steps): a
+sampler trained to keep the data in place should move its data less than other images. Each
 combination of columns is scored as ``typicality`` is: a kernel density fitted on ``--n-fit`` images of the run's
 training split (never on test or OOD images). Prints AUROC (FPR at 95% TPR) per combination and OOD set.
 
@@ -19,7 +21,7 @@ from probe_ascent import gather, print_table
 
 from jemtorch.build import load_run
 from jemtorch.detectors import model_outputs, png_bits
-from jemtorch.sampler import frozen
+from jemtorch.sampler import CHAIN_UPDATES, frozen
 
 
 def logp_and_grad(jem, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,9 +32,22 @@ def logp_and_grad(jem, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return lp.detach().double(), g.detach()
 
 
-def statistics(jem, x: torch.Tensor, sigmas: list[float], seed: int, batch: int = 500) -> torch.Tensor:
-    """(N, 3 + 3·len(sigmas)): log p, PNG bits/dim, log ‖∇‖; per σ: log ‖∇‖ at x + σε, log p(x) − log p(x + σε),
-    cos(∇ log p(x + σε), −ε)."""
+def chain_rises(jem, update, x: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """log p after each of ``lengths`` steps of one run of ``update`` (a ``ChainUpdate``) from ``x``, minus log p(x):
+    (N, len(lengths)). The update's step cap is one value per batch, as in training."""
+    def log_density(z):
+        return jem(z).logsumexp(1)
+
+    xk, lp0, rises, done = x, logp_and_grad(jem, x)[0], [], 0
+    for k in lengths:
+        xk, done = update.run(jem, log_density, xk, k - done), k
+        rises.append(logp_and_grad(jem, xk)[0] - lp0)
+    return torch.stack(rises, 1)
+
+
+def statistics(jem, x: torch.Tensor, sigmas: list[float], seed: int, update=None, lengths=(), batch: int = 500):
+    """(N, 3 + 3·len(sigmas) + len(lengths)): log p, PNG bits/dim, log ‖∇‖; per σ: log ‖∇‖ at x + σε, log p(x) −
+    log p(x + σε), cos(∇ log p(x + σε), −ε); per length, ``chain_rises``."""
     out = model_outputs(jem, x, batch, grad=True)
     cols = [out.logits.double().logsumexp(1), png_bits(x), (-out.gradnorm.double()).log()]
     g = torch.Generator().manual_seed(seed)
@@ -47,6 +62,10 @@ def statistics(jem, x: torch.Tensor, sigmas: list[float], seed: int, batch: int 
                 norms.append(gr.flatten(1).norm(dim=1).double().clamp(min=1e-12).log())
                 coss.append(torch.nn.functional.cosine_similarity(gr.flatten(1), -e.flatten(1)).double())
             cols += [torch.cat(norms), cols[0] - torch.cat(lps), torch.cat(coss)]
+        if lengths:
+            torch.manual_seed(seed)  # the chains' noise
+            cols += list(torch.cat([chain_rises(jem, update, x[i : i + batch], lengths)
+                                    for i in range(0, len(x), batch)]).T)
     return torch.stack(cols, 1)
 
 
@@ -56,12 +75,15 @@ def main() -> None:
     ap.add_argument("--data-root", default=None)
     ap.add_argument("--ood", default="mnist,interp,constant,uniform")
     ap.add_argument("--sigmas", default="0.01,0.03,0.1,0.3", help="noise levels (pixels in [−1, 1])")
+    ap.add_argument("--chain", default="5,10,20", help="steps of the run's own chain the rise is read after")
     ap.add_argument("--n", type=int, default=2000, help="test images (and images per OOD set)")
     ap.add_argument("--n-fit", type=int, default=4000, help="training images the densities are fitted on")
     args = ap.parse_args()
     sigmas = [float(s) for s in args.sigmas.split(",")]
     run = load_run(args.run, data_root=args.data_root)
-    stats = gather(run, args, lambda jem, x, key: statistics(jem, x, sigmas, seed=key))  # its own noise per set
+    lengths = [int(k) for k in args.chain.split(",")] if args.chain else []
+    update = CHAIN_UPDATES[run.cfg.sgld_update](run.cfg)
+    stats = gather(run, args, lambda jem, x, key: statistics(jem, x, sigmas, key, update, lengths))  # own noise per set
     norm, drop, cos = ([k + 3 * j for j in range(len(sigmas))] for k in (3, 4, 5))
     combos = {"log p": (0, 1), "(log p, PNG)": [0, 1], "complexity: (log p, ‖∇‖, PNG)": [0, 1, 2],
               "MSMA: ‖∇‖ at every σ": [2] + norm, "(log p, PNG, ‖∇‖ at every σ)": [0, 1, 2] + norm,
@@ -70,6 +92,9 @@ def main() -> None:
         combos.update({f"−drop{s} alone": (drop[j], -1), f"cos{s} alone": (cos[j], 1),
                        f"(log p, PNG, ‖∇‖{s})": [0, 1, norm[j]], f"(log p, PNG, drop{s})": [0, 1, drop[j]],
                        f"(log p, PNG, cos{s})": [0, 1, cos[j]]})
+    for j, k in enumerate(lengths):
+        c = 3 + 3 * len(sigmas) + j
+        combos.update({f"−chain rise{k} alone": (c, -1), f"(log p, PNG, chain rise{k})": [0, 1, c]})
     print_table(run, stats, combos)
 
 

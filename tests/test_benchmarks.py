@@ -120,7 +120,8 @@ def test_quality_benchmark_tables_and_reuse(tmp_path, capsys):
 
 @pytest.mark.parametrize("name, args, row, others", [
     ("probe_ascent.py", ("--lengths", "1,2"), "(log p, PNG, rise2)", ("| −rise1 alone |",)),
-    ("probe_msma.py", ("--sigmas", "0.1,0.3"), "(log p, PNG, drop0.3)", ("| MSMA: ‖∇‖ at every σ |", "| cos0.1 alone |")),
+    ("probe_msma.py", ("--sigmas", "0.1,0.3", "--chain", "1,2"), "(log p, PNG, drop0.3)",
+     ("| MSMA: ‖∇‖ at every σ |", "| cos0.1 alone |", "| (log p, PNG, chain rise2) |")),
 ])
 def test_probes_of_the_energy_table_every_combination_on_a_trained_run(trained_runs, capsys, name, args, row, others):
     """The ascent and multiscale probes read a run (never change it) and print AUROC (FPR95) per combination and OOD
