@@ -41,6 +41,17 @@ def statistics(jem, x: torch.Tensor, lengths: list[int], cap: float, batch: int 
                                    png_bits(x)], 1), rises.clamp(min=1e-6).log()], 1)
 
 
+def probe_parser(doc: str) -> argparse.ArgumentParser:
+    """The arguments ``gather`` reads: the run, its data root, the OOD sets and how many images of each split."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("run")
+    ap.add_argument("--data-root", default=None)
+    ap.add_argument("--ood", default="mnist,interp,constant,uniform")
+    ap.add_argument("--n", type=int, default=2000, help="test images (and images per OOD set)")
+    ap.add_argument("--n-fit", type=int, default=4000, help="training images the densities are fitted on")
+    return ap
+
+
 def gather(run, args, statistics) -> dict[str, torch.Tensor]:
     """``statistics(jem, x, key)`` of ``--n-fit`` training images ("fit"), ``--n`` test images ("in", jem eval's) and
     ``--n`` images of each ``--ood`` set: the matrices the combinations are scored on."""
@@ -72,14 +83,9 @@ def print_table(run, stats: dict[str, torch.Tensor], combos: dict) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("run")
-    ap.add_argument("--data-root", default=None)
-    ap.add_argument("--ood", default="mnist,interp,constant,uniform")
+    ap = probe_parser(__doc__)
     ap.add_argument("--lengths", default="1,3,5,10,20", help="chain lengths the rise is read after")
     ap.add_argument("--cap", type=float, default=ASCENT_CAP, help="RMS move per pixel and step")
-    ap.add_argument("--n", type=int, default=2000, help="test images (and images per OOD set)")
-    ap.add_argument("--n-fit", type=int, default=4000, help="training images the densities are fitted on")
     args = ap.parse_args()
     lengths = [int(k) for k in args.lengths.split(",")]
     run = load_run(args.run, data_root=args.data_root)

@@ -14,10 +14,8 @@ training split (never on test or OOD images). Prints AUROC (FPR at 95% TPR) per 
 """
 from __future__ import annotations
 
-import argparse
-
 import torch
-from probe_ascent import gather, print_table
+from probe_ascent import gather, print_table, probe_parser
 
 from jemtorch.build import load_run
 from jemtorch.detectors import model_outputs, png_bits
@@ -38,10 +36,13 @@ def chain_rises(jem, update, x: torch.Tensor, lengths: list[int]) -> torch.Tenso
     def log_density(z):
         return jem(z).logsumexp(1)
 
-    xk, lp0, rises, done = x, logp_and_grad(jem, x)[0], [], 0
+    with torch.no_grad():  # log p alone: the chain takes its own gradients
+        lp0 = log_density(x).double()
+    xk, rises, done = x, [], 0
     for k in lengths:
         xk, done = update.run(jem, log_density, xk, k - done), k
-        rises.append(logp_and_grad(jem, xk)[0] - lp0)
+        with torch.no_grad():
+            rises.append(log_density(xk).double() - lp0)
     return torch.stack(rises, 1)
 
 
@@ -70,14 +71,9 @@ def statistics(jem, x: torch.Tensor, sigmas: list[float], seed: int, update=None
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("run")
-    ap.add_argument("--data-root", default=None)
-    ap.add_argument("--ood", default="mnist,interp,constant,uniform")
+    ap = probe_parser(__doc__)
     ap.add_argument("--sigmas", default="0.01,0.03,0.1,0.3", help="noise levels (pixels in [−1, 1])")
     ap.add_argument("--chain", default="5,10,20", help="steps of the run's own chain the rise is read after")
-    ap.add_argument("--n", type=int, default=2000, help="test images (and images per OOD set)")
-    ap.add_argument("--n-fit", type=int, default=4000, help="training images the densities are fitted on")
     args = ap.parse_args()
     sigmas = [float(s) for s in args.sigmas.split(",")]
     run = load_run(args.run, data_root=args.data_root)
