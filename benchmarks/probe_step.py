@@ -70,7 +70,7 @@ def main() -> None:
     real_feat = model_outputs(ref.jem, real, grad=False).features.numpy()
     torch.manual_seed(7)
     starts = run.sampler().buffer.init.sample(args.n, y)
-    print(f"{args.run} (trained with step {run.cfg.sgld_lr}, noise {run.cfg.sgld_std}, {run.cfg.sgld_update}); "
+    print(f"{args.run} (trained with step {run.cfg.sgld_lr}, noise {run.cfg.final_sgld_std}, {run.cfg.sgld_update}); "
           f"RMS ∇ₓE on test images {grad_rms(run.jem, real[:200]):.4f}, on chain starts {grad_rms(run.jem, starts[:200]):.4f}")
 
     def row(x: torch.Tensor, labels: torch.Tensor = y) -> str:
@@ -92,7 +92,7 @@ def main() -> None:
             cells.append(row(x.clamp(-1, 1), labels))
         print("| the replay buffer, continued (as trained) | " + " | ".join(cells) + " |", flush=True)
     base = row(starts)
-    cfg = run.cfg
+    cfg = dataclasses.replace(run.cfg, sgld_std=run.cfg.final_sgld_std, px_tail_std=-1.0)  # one σ: the last trained
     for v in variants:
         run.cfg = dataclasses.replace(cfg, **v)
         path = fresh_chain_path(run, args.n, lengths, y=y, seed=7)

@@ -3,7 +3,7 @@ speed settings, and a trained run read back from its directory (``load_run``).""
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -103,8 +103,9 @@ class LoadedRun:
         return not self.cfg.uses_samples
 
     def sampler(self) -> JEMSampler:
-        """The run's sampler as configured (initial distribution fitted on the training images when it needs them)."""
-        return build_sampler(self.cfg, self.data.shape, self.data.num_classes, self.device,
+        """The run's sampler as configured (initial distribution fitted on the training images when it needs them),
+        its chains at the noise the model last trained with (``--px-tail-std`` in a tail that has one)."""
+        return build_sampler(replace(self.cfg, sgld_std=self.cfg.final_sgld_std), self.data.shape, self.data.num_classes, self.device,
                              init_images(self.cfg, self.data))
 
 

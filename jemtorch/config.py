@@ -96,6 +96,10 @@ class LoopSettings:
                                         "their weights (and the energy penalty's) instead of stopping; 0: the "
                                         "classifier alone (on Fashion-MNIST 0.1 and 0.3 pinned within ~1 000 "
                                         "iterations: docs/results/density.md)")
+    px_tail_std: float = setting(-1.0, "the chains' noise σ in that tail (--px-tail-scale > 0) instead of --sgld-std, "
+                                       "and the σ eval, fresh samples and the attack defence sample with: the noise "
+                                       "the model last trained with (Fashion-MNIST: noisy chains while the density "
+                                       "trains, noise-free ones in the tail: docs/results/density.md); -1: --sgld-std")
     px_ramp_epochs: float = setting(0.0, "once the generative terms switch on, raise their weights (and the energy "
                                          "penalty's) linearly from 0 to their values over this many epochs, fractions "
                                          "allowed (0: at once, as the papers)")
@@ -136,6 +140,8 @@ class LoopSettings:
              f"{self.epochs}), got {self.px_stop_epoch}")
         need(0 <= self.px_tail_scale <= 1, f"--px-tail-scale must be in [0, 1], got {self.px_tail_scale}")
         need(self.px_tail_scale == 0 or self.px_stop_epoch >= 0, "--px-tail-scale needs --px-stop-epoch")
+        need(self.px_tail_std == -1 or self.px_tail_std >= 0, f"--px-tail-std must be -1 or >= 0, got {self.px_tail_std}")
+        need(self.px_tail_std == -1 or self.px_tail_scale > 0, "--px-tail-std needs --px-tail-scale > 0")
         need(0 <= self.px_target_reach < 1, f"--px-target-reach must be in [0, 1), got {self.px_target_reach}")
         need(0 < self.px_scale_min <= 1, f"--px-scale-min must be in (0, 1], got {self.px_scale_min}")
         need(self.data_noise >= 0, f"--data-noise must be >= 0, got {self.data_noise}")
@@ -230,6 +236,12 @@ class TrainConfig(LogSettings, LoopSettings, OptimSettings, SamplerSettings, Obj
     def class_conditional(self) -> bool:
         """Class-conditional buffer: asked for, or implied when p(x, y) is the only generative term."""
         return self.class_cond_buffer or (self.p_x_y_weight > 0 and self.p_x_weight == 0)
+
+    @property
+    def final_sgld_std(self) -> float:
+        """The chain noise σ the model last trained with (--px-tail-std in a tail that has one): the σ eval, fresh
+        samples and the attack defence sample a trained run with."""
+        return self.px_tail_std if self.px_tail_std >= 0 and self.px_tail_scale > 0 else self.sgld_std
 
     @property
     def run_name(self) -> str:
@@ -425,7 +437,7 @@ RESUME_IGNORED = ("out", "name", "progress", "device")  # changes that are not w
 # what a run without generative terms (a classifier baseline, p_x_weight = p_x_y_weight = 0) never reads: it trains
 # to the same weights whatever their values (tests/test_train.py checks it), so benchmarks/quality.py reuses a
 # baseline across presets that differ only in these
-GENERATIVE_ONLY = ("px_start_epoch", "px_stop_epoch", "px_tail_scale", "px_ramp_epochs", "px_target_reach",
+GENERATIVE_ONLY = ("px_start_epoch", "px_stop_epoch", "px_tail_scale", "px_tail_std", "px_ramp_epochs", "px_target_reach",
                    "px_scale_min", "energy_reg", "energy_reg_form", "sgld_steps", "sgld_steps_max", "sgld_lr",
                    "sgld_std", "sgld_clamp", "sgld_step_cap", "sgld_update", "pyld_inner_steps", "pyld_lr", "pyld_eps",
                    "cd_weight", "cd_batch_size", "cd_steps", "reinit_freq")

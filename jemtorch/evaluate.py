@@ -283,7 +283,7 @@ def evaluate_run(run: LoadedRun, opts: EvalOptions, reference: Optional[LoadedRu
     metrics["ood_protocol"] = (f"{len(x_in)} in-distribution test images vs {len(x_in)} images per OOD set; "
                                f"in-distribution is the positive class; every score: higher = more in-distribution "
                                f"(detectors.py)")
-    metrics["samples"] = {"sample_steps": opts.sample_steps, "sgld_lr": run.cfg.sgld_lr, "sgld_std": run.cfg.sgld_std}
+    metrics["samples"] = {"sample_steps": opts.sample_steps, "sgld_lr": run.cfg.sgld_lr, "sgld_std": run.cfg.final_sgld_std}
     metrics["generation"] = gen
     return EvalResult(metrics, hist, samples, ece_boot)
 

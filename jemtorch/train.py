@@ -106,22 +106,30 @@ class Clock:
 class Phases:
     """When the generative terms train: from ``start`` (``--px-start-epoch``), faded in over ``ramp`` iterations
     (``--px-ramp-epochs``), until ``stop`` (``--px-stop-epoch``; None: to the end), then at ``tail_scale`` of their
-    weights (``--px-tail-scale``; 0: off); converted from epochs to iterations here, once."""
+    weights (``--px-tail-scale``; 0: off) with chains of noise ``tail_std`` (``--px-tail-std``) instead of ``std``
+    (``--sgld-std``); converted from epochs to iterations here, once."""
 
     start: int
     ramp: int
     uses_samples: bool
     stop: Optional[int] = None
     tail_scale: float = 0.0
+    std: float = 0.01
+    tail_std: float = 0.01
 
     @classmethod
     def of(cls, cfg: TrainConfig, iters_per_epoch: int) -> Phases:
         return cls(cfg.px_start_epoch * iters_per_epoch, round(cfg.px_ramp_epochs * iters_per_epoch), cfg.uses_samples,
-                   None if cfg.px_stop_epoch < 0 else cfg.px_stop_epoch * iters_per_epoch, cfg.px_tail_scale)
+                   None if cfg.px_stop_epoch < 0 else cfg.px_stop_epoch * iters_per_epoch, cfg.px_tail_scale,
+                   cfg.sgld_std, cfg.final_sgld_std)
 
     def tail(self, step: int) -> bool:
         """Past ``--px-stop-epoch``."""
         return self.stop is not None and step >= self.stop
+
+    def chain_std(self, step: int) -> float:
+        """The training chains' noise σ at ``step``."""
+        return self.tail_std if self.tail(step) else self.std
 
     def generative(self, step: int) -> bool:
         return self.uses_samples and self.start <= step and (not self.tail(step) or self.tail_scale > 0)
@@ -322,6 +330,7 @@ class Trainer:
         state.loss_jem.train()
         batch = training_batch(cfg, self.labeled, self.unlabeled, state.step, self.pad, self.flip)
         weights = self.phases.weights(self.recovery.weights, state.step, self.px_scale)
+        state.sampler.update.noise = self.phases.chain_std(state.step)
         stats, loss_fn = forward_backward(state, cfg, batch, weights, self.autocast)
         self.call("on_stats", stats)
         values, sound = reduce_stats(stats, cfg.max_energy_gap, self.dist)

@@ -299,6 +299,27 @@ def test_px_tail_scale_keeps_the_density_training_at_a_share_of_its_weights(tmp_
         cfg(tmp_path, epochs=3, px_start_epoch=1, px_stop_epoch=2, px_tail_scale=1.5)
 
 
+def test_px_tail_std_sets_the_tail_chains_noise_and_the_trained_runs_sampler(tmp_path):
+    from jemtorch.build import load_run
+
+    t = Trainer(cfg(tmp_path, epochs=3, px_stop_epoch=2, px_tail_scale=0.5, sgld_std=0.05, px_tail_std=0.0))
+    per = t.clock.iters_per_epoch
+    assert [t.phases.chain_std(s) for s in (0, 2 * per - 1, 2 * per)] == [0.05, 0.05, 0.0]
+    t.iteration()
+    assert t.state.sampler.update.noise == 0.05
+    t.state.step = 2 * per
+    t.iteration()
+    assert t.state.sampler.update.noise == 0.0  # the tail's chains run noise-free
+    kw = dict(epochs=2, px_stop_epoch=1, px_tail_scale=0.5, sgld_std=0.05, max_iters=2)
+    train(cfg(tmp_path / "r", **kw, px_tail_std=0.0))
+    assert load_run(tmp_path / "r", "cpu").sampler().update.noise == 0.0  # eval samples as the model last trained
+    assert cfg(tmp_path, **kw).final_sgld_std == 0.05  # -1: --sgld-std throughout
+    with pytest.raises(ValueError, match=r"--px-tail-std needs --px-tail-scale > 0"):
+        cfg(tmp_path, epochs=3, px_stop_epoch=2, px_tail_std=0.0)
+    with pytest.raises(ValueError, match=r"--px-tail-std must be -1 or >= 0, got -0.5"):
+        cfg(tmp_path, epochs=3, px_stop_epoch=2, px_tail_scale=0.5, px_tail_std=-0.5)
+
+
 def test_sgld_step_cap_reaches_the_training_chains_and_is_logged(tmp_path):
     t = Trainer(cfg(tmp_path, sgld_step_cap=1e-6))
     stats = t.iteration()
@@ -363,7 +384,7 @@ def test_a_baseline_never_reads_the_generative_settings(tmp_path):
 
     other = dict(px_start_epoch=1, px_ramp_epochs=0.5, energy_reg=0.3, energy_reg_form="batch-mean", sgld_steps=5,
                  sgld_steps_max=8, sgld_lr=3.0, sgld_std=0.1, sgld_clamp=True, sgld_update="clamped", pyld_inner_steps=2,
-                 pyld_lr=0.5, pyld_eps=0.5, px_target_reach=0.3, px_scale_min=0.5, px_stop_epoch=2, px_tail_scale=0.5,
+                 pyld_lr=0.5, pyld_eps=0.5, px_target_reach=0.3, px_scale_min=0.5, px_stop_epoch=2, px_tail_scale=0.5, px_tail_std=0.0,
                  sgld_step_cap=0.05, cd_weight=0.5, cd_batch_size=2, cd_steps=3, reinit_freq=0.5)
     assert set(other) == set(GENERATIVE_ONLY)
     weights, configs = [], []
