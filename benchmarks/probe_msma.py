@@ -14,8 +14,6 @@ training split (never on test or OOD images). Prints AUROC (FPR at 95% TPR) per 
 """
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 from probe_ascent import gather, print_table, probe_parser
 
@@ -80,7 +78,7 @@ def main() -> None:
     sigmas = [float(s) for s in args.sigmas.split(",")]
     run = load_run(args.run, data_root=args.data_root)
     lengths = [int(k) for k in args.chain.split(",")] if args.chain else []
-    update = CHAIN_UPDATES[run.cfg.sgld_update](replace(run.cfg, sgld_std=run.cfg.final_sgld_std))
+    update = CHAIN_UPDATES[run.cfg.sgld_update](run.cfg.as_trained())
     stats = gather(run, args, lambda jem, x, key: statistics(jem, x, sigmas, key, update, lengths))  # own noise per set
     norm, drop, cos = ([k + 3 * j for j in range(len(sigmas))] for k in (3, 4, 5))
     combos = {"log p": (0, 1), "(log p, PNG)": [0, 1], "complexity: (log p, ‖∇‖, PNG)": [0, 1, 2],

@@ -92,7 +92,7 @@ def main() -> None:
             cells.append(row(x.clamp(-1, 1), labels))
         print("| the replay buffer, continued (as trained) | " + " | ".join(cells) + " |", flush=True)
     base = row(starts)
-    cfg = dataclasses.replace(run.cfg, sgld_std=run.cfg.final_sgld_std, px_tail_std=-1.0)  # one σ: the last trained
+    cfg = run.cfg.as_trained()  # one σ: the one the model last trained with
     for v in variants:
         run.cfg = dataclasses.replace(cfg, **v)
         path = fresh_chain_path(run, args.n, lengths, y=y, seed=7)

@@ -3,7 +3,7 @@ speed settings, and a trained run read back from its directory (``load_run``).""
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -105,8 +105,8 @@ class LoadedRun:
     def sampler(self) -> JEMSampler:
         """The run's sampler as configured (initial distribution fitted on the training images when it needs them),
         its chains at the noise the model last trained with (``--px-tail-std`` in a tail that has one)."""
-        cfg = replace(self.cfg, sgld_std=self.cfg.final_sgld_std)
-        return build_sampler(cfg, self.data.shape, self.data.num_classes, self.device, init_images(self.cfg, self.data))
+        return build_sampler(self.cfg.as_trained(), self.data.shape, self.data.num_classes, self.device,
+                             init_images(self.cfg, self.data))
 
 
 # entries of config.json that must agree with the config stored inside a checkpoint

@@ -243,6 +243,11 @@ class TrainConfig(LogSettings, LoopSettings, OptimSettings, SamplerSettings, Obj
         samples and the attack defence sample a trained run with."""
         return self.px_tail_std if self.px_tail_std >= 0 and self.px_tail_scale > 0 else self.sgld_std
 
+    def as_trained(self) -> TrainConfig:
+        """This config with one chain noise, the σ the model last trained with (``final_sgld_std``) as --sgld-std: what
+        a trained run's sampler, and the probes' chains, are built from."""
+        return dataclasses.replace(self, sgld_std=self.final_sgld_std, px_tail_std=-1.0)
+
     @property
     def run_name(self) -> str:
         if self.name:

@@ -312,8 +312,11 @@ def test_px_tail_std_sets_the_tail_chains_noise_and_the_trained_runs_sampler(tmp
     assert t.state.sampler.update.noise == 0.0  # the tail's chains run noise-free
     kw = dict(epochs=2, px_stop_epoch=1, px_tail_scale=0.5, sgld_std=0.05, max_iters=2)
     train(cfg(tmp_path / "r", **kw, px_tail_std=0.0))
-    assert load_run(tmp_path / "r", "cpu").sampler().update.noise == 0.0  # eval samples as the model last trained
+    run = load_run(tmp_path / "r", "cpu")
+    assert run.sampler().update.noise == 0.0  # eval samples as the model last trained
     assert cfg(tmp_path, **kw).final_sgld_std == 0.05  # -1: --sgld-std throughout
+    trained = run.cfg.as_trained()
+    assert (trained.sgld_std, trained.px_tail_std) == (0.0, -1.0)  # one σ: the tail's
     with pytest.raises(ValueError, match=r"--px-tail-std needs --px-tail-scale > 0"):
         cfg(tmp_path, epochs=3, px_stop_epoch=2, px_tail_std=0.0)
     with pytest.raises(ValueError, match=r"--px-tail-std must be -1 or >= 0, got -0.5"):
