@@ -8,9 +8,10 @@ code (both runs together, the baseline as the reference classifier):
    with a 95% paired-bootstrap interval over the test images), the median first-order L2 distance to the decision
    boundary (``attacks.steepness``: large for a smooth model), training time, rollbacks, the JEM's healthy share;
 2. OOD, per set: the JEM's log p(x), its best own score (``detectors.OWN``: log p(x), max p(y|x), −‖∇ log p(x)‖,
-   typicality, complexity), the best post-hoc detector on the baseline and on the JEM (MaxLogit, Mahalanobis, ViM,
+   typicality, complexity, ascent), the best post-hoc detector on the baseline and on the JEM (MaxLogit, Mahalanobis, ViM,
    KNN, ReAct, and the model-free PNG length; the baseline's own scores count as post-hoc: its log p(x) is the Energy
-   score), AUROC and FPR at 95% TPR, and the JEM's own minus the best post-hoc;
+   score), AUROC and FPR at 95% TPR, and the JEM's own minus the best post-hoc with its verdict (won / lost / tied:
+   whether the paired bootstrap interval over the scored images excludes 0, ``evaluate.versus_posthoc``);
 3. samples: the Fréchet distance to test images in the baseline's features and the baseline's accuracy on
    class-conditional samples, for the chains' starting points, fresh chains and the replay buffer.
 
@@ -42,7 +43,7 @@ from jemtorch.cli import build_parser
 from jemtorch.config import resolve_config, training_differences
 from jemtorch.data import check_ood_name, load_dataset, ood_labels
 from jemtorch.detectors import OWN
-from jemtorch.evaluate import EvalOptions, evaluate_runs, ood_detection, scored_test_images
+from jemtorch.evaluate import EvalOptions, EvalResult, evaluate_runs, ood_detection, scored_test_images, versus_posthoc
 from jemtorch.metrics import format_difference
 from jemtorch.rundir import METRICS, MetricsLog
 from jemtorch.train import Trainer, TrainingDiverged
@@ -106,20 +107,30 @@ def ood_row(seed: int, label: str, jem: dict, base: dict) -> dict:
     bk, br = best(rb, base["detectors"]["names"])
     jk, jr = best(rj, [n for n in jem["detectors"]["names"] if n not in OWN])
     top = br if br["auroc"] >= jr["auroc"] else jr
-    return {"seed": seed, "set": label, "jem_logp": rj["logp"]["auroc"], "own": own, "own_auroc": own_r["auroc"],
-            "own_fpr95": own_r["fpr95"], "base_best": bk, "base_auroc": br["auroc"], "base_fpr95": br["fpr95"],
-            "jem_posthoc": jk, "jem_posthoc_auroc": jr["auroc"], "jem_posthoc_fpr95": jr["fpr95"],
-            "own_minus_best": own_r["auroc"] - top["auroc"], "own_minus_best_fpr95": own_r["fpr95"] - top["fpr95"]}
+    row = {"seed": seed, "set": label, "jem_logp": rj["logp"]["auroc"], "own": own, "own_auroc": own_r["auroc"],
+           "own_fpr95": own_r["fpr95"], "base_best": bk, "base_auroc": br["auroc"], "base_fpr95": br["fpr95"],
+           "jem_posthoc": jk, "jem_posthoc_auroc": jr["auroc"], "jem_posthoc_fpr95": jr["fpr95"],
+           "own_minus_best": own_r["auroc"] - top["auroc"], "own_minus_best_fpr95": own_r["fpr95"] - top["fpr95"]}
+    v = next((v for v in jem.get("versus_posthoc", []) if v["set"] == label), None)
+    if v is not None:  # jem eval's comparison (the same choice of rival), with its paired intervals and verdicts
+        row.update(own_minus_best=v["auroc_diff"], own_minus_best_fpr95=v["fpr95_diff"], auroc_ci=v["auroc_diff_ci"],
+                   fpr95_ci=v["fpr95_diff_ci"], verdict=f"{v['auroc_verdict']} / {v['fpr95_verdict']}")
+    return row
 
 
 def ood_only(out: Path, kinds: list[str], ood: tuple, args) -> dict:
     """Each run's OOD results alone (``jem eval``'s ood_detection: no calibration, no samples)."""
     opts = EvalOptions(ood=ood, n=args.n, data_root=args.data_root, progress=False)
-    res = {}
+    res, hist = {}, {}
     for kind in kinds:
         run = load_run(out / kind, data_root=args.data_root)
         x_in = scored_test_images(run, opts.n, torch.Generator().manual_seed(opts.seed))  # evaluate_run's images
-        res[kind] = {"name": run.name, **ood_detection(run, opts, x_in)[0]}
+        found, hist[kind] = ood_detection(run, opts, x_in)
+        res[kind] = {"name": run.name, **found}
+    if "jem" in res and "baseline" in res:  # as jem eval compares them: paired intervals from the per-image scores
+        res["jem"]["versus_posthoc"] = versus_posthoc(EvalResult(res["jem"], hist["jem"]),
+                                                      [EvalResult(res["baseline"], hist["baseline"])],
+                                                      opts.n_boot, opts.seed)
     return res
 
 
@@ -184,21 +195,24 @@ def tables(runs: list, oods: list, gens: list) -> list[str]:
             acc, ece = np.array([r["test_accuracy"] for r in good]), np.array([r["ece"] for r in good])
             lines.append(f"| mean ± sd | {kind} | {100 * acc.mean():.2f} ± {100 * acc.std(ddof=1):.2f}% | "
                          f"{100 * ece.mean():.2f} ± {100 * ece.std(ddof=1):.2f}% |")
-    lines += ["", "OOD (AUROC, FPR at 95% TPR in brackets; the best of each side chosen per set):", "",
+    lines += ["", "OOD (AUROC, FPR at 95% TPR in brackets; the best of each side chosen per set; the verdict: won or "
+              "lost when the 95% paired bootstrap interval of the difference over the scored images excludes 0, "
+              "else tied — the test images' noise, not the training's):", "",
               "| seed | OOD set | JEM log p(x) | JEM's best own | best post-hoc on the baseline | best post-hoc on the JEM "
-              "| JEM own − best post-hoc |", "|---|---|---|---|---|---|---|"]
+              "| JEM own − best post-hoc | the JEM's verdict (AUROC / FPR95) |", "|---|---|---|---|---|---|---|---|"]
     for o in oods:
         lines.append(f"| {o['seed']} | {o['set']} | {o['jem_logp']:.3f} | {o['own']} {o['own_auroc']:.3f} "
                      f"({o['own_fpr95']:.2f}) | {o['base_best']} {o['base_auroc']:.3f} ({o['base_fpr95']:.2f}) | "
                      f"{o['jem_posthoc']} {o['jem_posthoc_auroc']:.3f} ({o['jem_posthoc_fpr95']:.2f}) | "
-                     f"{o['own_minus_best']:+.3f} ({o['own_minus_best_fpr95']:+.2f}) |")
+                     f"{o['own_minus_best']:+.3f} ({o['own_minus_best_fpr95']:+.2f}) | {o.get('verdict', '—')} |")
     seeds = sorted({o["seed"] for o in oods})
     for label in dict.fromkeys(o["set"] for o in oods) if len(seeds) > 1 else ():
         rows = [o for o in oods if o["set"] == label]
         m = lambda k, rows=rows: np.mean([o[k] for o in rows])  # noqa: E731
         lines.append(f"| mean | {label} | {m('jem_logp'):.3f} | {m('own_auroc'):.3f} ({m('own_fpr95'):.2f}) | "
                      f"{m('base_auroc'):.3f} ({m('base_fpr95'):.2f}) | {m('jem_posthoc_auroc'):.3f} "
-                     f"({m('jem_posthoc_fpr95'):.2f}) | {m('own_minus_best'):+.3f} ({m('own_minus_best_fpr95'):+.2f}) |")
+                     f"({m('jem_posthoc_fpr95'):.2f}) | {m('own_minus_best'):+.3f} ({m('own_minus_best_fpr95'):+.2f}) "
+                     f"| {' '.join(o.get('verdict', '—') for o in rows)} |")
     if gens:
         sets = list(gens[0]["fd"])
         lines += ["", "JEM samples in the baseline's features: Fréchet distance to test images (the baseline's "

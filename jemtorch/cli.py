@@ -20,7 +20,7 @@ from .config import add_config_arguments, format_sources, resolve_with_sources, 
 from .data import DatasetError
 from .detectors import detector_names
 from .distributed import Dist, exit_process
-from .evaluate import EvalOptions, evaluate_runs
+from .evaluate import EvalOptions, difference_text, evaluate_runs
 from .inference import ScoreTable, export, load
 from .robustness import AttackOptions, attack_runs, distal_runs
 from .rundir import CONFIG, CONFIG_SOURCES, RunDir, TensorBoardLog
@@ -281,7 +281,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                   ", ".join(f"{k} {res[k]['auroc']:.3f}" for k in own))
         for v in r.get("versus_posthoc", []):
             print(f"  {v['set']}: JEM's best own {v['own']} {v['own_auroc']:.3f} vs {v['best']} on {v['best_run']} "
-                  f"{v['best_auroc']:.3f} ({v['auroc_diff']:+.3f})")
+                  f"{v['best_auroc']:.3f}: AUROC {difference_text(v, 'auroc')}, FPR95 {difference_text(v, 'fpr95')}")
         print(f"  report: {Path(r['run']) / 'eval' / 'report.html'}")
     return 0
 

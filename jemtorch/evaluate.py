@@ -34,6 +34,7 @@ from .energy import in_batches
 from .figures import histogram_figure, reliability_figure, save_grid
 from .metrics import (
     bootstrap_ece,
+    bootstrap_ood,
     calibration_bins,
     expected_calibration_error,
     fit_temperature,
@@ -291,22 +292,37 @@ def evaluate_run(run: LoadedRun, opts: EvalOptions, reference: Optional[LoadedRu
 # ------------------------------------------------------------------------------------------------------------------
 # several runs
 # ------------------------------------------------------------------------------------------------------------------
-def versus_posthoc(jem: dict, others: list[dict]) -> list[dict]:
+def versus_posthoc(jem: EvalResult, others: list[EvalResult], n_boot: int = 1000, seed: int = 0) -> list[dict]:
     """Per OOD set: the JEM's best own score against the best detector on any of the runs (the JEM's post-hoc
     detectors, and every detector of the others, whose log p(x) is the Energy score). Both sides pick their best per
-    set, with the set known (an oracle choice, the same on both sides)."""
-    rows = []
-    for label, res in jem["ood"].items():
-        own = max(jem["detectors"]["own"], key=lambda k: res[k]["auroc"], default=None)
-        rivals = [(jem["name"], k, res[k]) for k in jem["detectors"]["names"] if k not in OWN]
-        rivals += [(o["name"], k, o["ood"][label][k]) for o in others if label in o["ood"] for k in o["detectors"]["names"]]
+    set, with the set known (an oracle choice, the same on both sides). Every run scored the same images, so each
+    difference comes with a paired bootstrap interval over those images (``metrics.bootstrap_ood``) and a verdict
+    from the JEM's side: won or lost when the interval excludes 0, else tied."""
+    rows, m = [], jem.metrics
+    for label, res in m["ood"].items():
+        own = max(m["detectors"]["own"], key=lambda k: res[k]["auroc"], default=None)
+        rivals = [(jem, k) for k in m["detectors"]["names"] if k not in OWN]
+        rivals += [(o, k) for o in others if label in o.metrics["ood"] for k in o.metrics["detectors"]["names"]]
         if own is None or not rivals:
             continue
-        who, k, best = max(rivals, key=lambda r: r[2]["auroc"])
-        rows.append({"set": label, "own": own, "own_auroc": res[own]["auroc"], "own_fpr95": res[own]["fpr95"],
-                     "best_run": who, "best": k, "best_auroc": best["auroc"], "best_fpr95": best["fpr95"],
-                     "auroc_diff": res[own]["auroc"] - best["auroc"], "fpr95_diff": res[own]["fpr95"] - best["fpr95"]})
+        who, k = max(rivals, key=lambda r: r[0].metrics["ood"][label][r[1]]["auroc"])
+        best = who.metrics["ood"][label][k]
+        row = {"set": label, "own": own, "own_auroc": res[own]["auroc"], "own_fpr95": res[own]["fpr95"],
+               "best_run": who.metrics["name"], "best": k, "best_auroc": best["auroc"], "best_fpr95": best["fpr95"],
+               "auroc_diff": res[own]["auroc"] - best["auroc"], "fpr95_diff": res[own]["fpr95"] - best["fpr95"]}
+        pair = [bootstrap_ood(r.hist["in"][d], r.hist[label][d], n_boot, seed) for r, d in ((jem, own), (who, k))]
+        for i, metric in enumerate(("auroc", "fpr95")):
+            ci = paired_difference(pair[0][:, i], pair[1][:, i], row[f"{metric}_diff"])["ci"]
+            better, worse = (ci[0] > 0, ci[1] < 0) if metric == "auroc" else (ci[1] < 0, ci[0] > 0)  # FPR95: lower
+            row[f"{metric}_diff_ci"], row[f"{metric}_verdict"] = ci, "won" if better else "lost" if worse else "tied"
+        rows.append(row)
     return rows
+
+
+def difference_text(row: dict, metric: str) -> str:
+    """One ``versus_posthoc`` difference as "+0.004 [-0.001, +0.009] tied"."""
+    lo, hi = row[f"{metric}_diff_ci"]
+    return f"{row[f'{metric}_diff']:+.3f} [{lo:+.3f}, {hi:+.3f}] {row[f'{metric}_verdict']}"
 
 
 def evaluate_runs(run_dirs: list, opts: EvalOptions, reference_dir: Optional[str] = None,
@@ -335,26 +351,27 @@ def evaluate_runs(run_dirs: list, opts: EvalOptions, reference_dir: Optional[str
         raise DatasetError(f"reference {reference.run_dir} was trained on {reference.cfg.dataset}, not "
                            f"{runs[0].cfg.dataset}")
     results = [evaluate_run(run, opts, reference) for run in runs]
-    compare_runs(runs, results, reference)
+    compare_runs(runs, results, reference, opts)
     for run, res in zip(runs, results):
         write_eval(run, res)
     write_report([run.run_dir / EVAL_DIR for run in runs], results)  # every run's report shows all runs
     return [r.metrics for r in results]
 
 
-def compare_runs(runs: list[LoadedRun], results: list[EvalResult], reference: Optional[LoadedRun]) -> None:
+def compare_runs(runs: list[LoadedRun], results: list[EvalResult], reference: Optional[LoadedRun],
+                 opts: EvalOptions) -> None:
     """Into each JEM's metrics: its ECE minus the reference's (paired bootstrap) and the comparison with the
     baselines' post-hoc detectors."""
     ref = next((res for run, res in zip(runs, results)
                 if reference is not None and Path(run.run_dir).resolve() == Path(reference.run_dir).resolve()), None)
-    baselines = [res.metrics for run, res in zip(runs, results) if run.is_baseline]
+    baselines = [res for run, res in zip(runs, results) if run.is_baseline]
     for run, res in zip(runs, results):
         if ref is not None and res is not ref:  # the same test resamples: a paired interval
             res.metrics["ece_vs_reference"] = {"reference": ref.metrics["name"], **{
                 k: paired_difference(res.ece_boot[k], ref.ece_boot[k], res.metrics[key] - ref.metrics[key])
                 for k, key in (("raw", "ece"), ("ts", "ece_ts")) if k in res.ece_boot and k in ref.ece_boot}}
         if not run.is_baseline and baselines:
-            res.metrics["versus_posthoc"] = versus_posthoc(res.metrics, baselines)
+            res.metrics["versus_posthoc"] = versus_posthoc(res, baselines, opts.n_boot, opts.seed)
 
 
 def write_eval(run: LoadedRun, res: EvalResult) -> None:
@@ -439,12 +456,14 @@ def ood_section(rep: Report, results: list[dict], figs: dict) -> None:
                                                        for o in r["ood"]])
     for r in results:
         if r.get("versus_posthoc"):
-            rep.p(f"{r['name']}: its best own score vs the best post-hoc detector on any run (both chosen per set):")
+            rep.p(f"{r['name']}: its best own score vs the best post-hoc detector on any run (both chosen per set); "
+                  f"the differences with their 95% paired bootstrap interval over the scored images, and the JEM's "
+                  f"verdict (won / lost when the interval excludes 0, else tied):")
             rep.table(["OOD set", "JEM's best own", "AUROC", "FPR95", "best post-hoc", "AUROC", "FPR95", "AUROC diff",
                        "FPR95 diff"],
                       [[v["set"], v["own"], f"{v['own_auroc']:.3f}", f"{v['own_fpr95']:.3f}",
                         f"{v['best']} on {v['best_run']}", f"{v['best_auroc']:.3f}", f"{v['best_fpr95']:.3f}",
-                        f"{v['auroc_diff']:+.3f}", f"{v['fpr95_diff']:+.3f}"] for v in r["versus_posthoc"]])
+                        difference_text(v, "auroc"), difference_text(v, "fpr95")] for v in r["versus_posthoc"]])
     rep.table(["run", "OOD set", "detector", "AUROC", "AUPR", "FPR95"],
               [[r["name"], o, k, *(f"{r['ood'][o][k][m]:.4f}" for m in ("auroc", "aupr", "fpr95"))]
                for r in results for o in r["ood"] for k in r["detectors"]["names"]])

@@ -112,6 +112,10 @@ def test_quality_benchmark_tables_and_reuse(tmp_path, capsys):
     rows2 = json.loads((out / "quality-ood.json").read_text())["rows"]
     assert rows2["runs"][0]["test_accuracy"] == jem["test_accuracy"] and "ece" not in rows2["runs"][0]
     assert [o["own_auroc"] for o in rows2["ood"]] == [o["own_auroc"] for o in rows["ood"]] and not rows2["samples"]
+    verdicts = [o["verdict"] for o in rows["ood"]]  # jem eval's paired intervals, the same from the OOD-only path
+    assert all(a in {"won", "lost", "tied"} for v in verdicts for a in v.split(" / "))
+    assert [o["verdict"] for o in rows2["ood"]] == verdicts and [o["auroc_ci"] for o in rows2["ood"]] == [
+        o["auroc_ci"] for o in rows["ood"]] and f"| {verdicts[0]} |" in table
     other = script(capsys, "quality.py", *cmd, "--lr", "0.5")
     assert other.returncode != 0 and "another configuration (lr)" in other.stderr  # never mixes configurations
     typo = script(capsys, "quality.py", *cmd[:-10], "--ood", "uniform,nosuch/folder", "--out", tmp_path / "t")

@@ -232,8 +232,12 @@ def test_eval_detectors_table_and_score_with_any_detector(trained_runs, tmp_path
     assert m["detectors"]["names"][:6] == ["logp", "maxprob", "gradnorm", "typicality", "complexity", "ascent"]
     assert len(m["detectors"]["names"]) == 12 and m["detectors"]["own"] == list(OWN)
     assert set(m["ood"]["constant"]) >= {"vim", "knn", "mahalanobis", "react", "maxlogit"}
-    v = m["versus_posthoc"][0]
-    assert v["auroc_diff"] == pytest.approx(v["own_auroc"] - v["best_auroc"])
+    for v in m["versus_posthoc"]:
+        assert v["auroc_diff"] == pytest.approx(v["own_auroc"] - v["best_auroc"])
+        for metric in ("auroc", "fpr95"):  # a paired interval, and the verdict it gives
+            lo, hi = v[f"{metric}_diff_ci"]
+            assert lo <= hi and v[f"{metric}_verdict"] in {"won", "lost", "tied"}
+            assert (v[f"{metric}_verdict"] == "tied") == (lo <= 0 <= hi)
     assert "best post-hoc" in (jem / "eval/report.md").read_text()
     assert (jem / "detectors.safetensors").is_file()  # fitted once, kept for these weights
     np.save(tmp_path / "x.npy", np.random.default_rng(0).integers(0, 255, (5, 8, 8), dtype=np.uint8))

@@ -11,7 +11,9 @@ from jemtorch.data import DatasetError, convert_images, make_ood_set
 from jemtorch.detectors import DETECTORS, FittedDetectors
 from jemtorch.evaluate import fresh_chain_path, fresh_samples
 from jemtorch.metrics import (
+    _counted_ood,
     bootstrap_ece,
+    bootstrap_ood,
     calibration_bins,
     expected_calibration_error,
     fit_temperature,
@@ -81,6 +83,24 @@ def test_ood_metrics_extremes():
     assert same["auroc"] == 0.5 and same["fpr95"] == 1.0
     flipped = ood_metrics(np.array([-1.0, 0.0]), np.array([2.0, 3.0]))
     assert flipped["auroc"] == 0.0
+
+
+def test_bootstrap_ood_counts_images_as_ood_metrics_does_and_pairs_detectors():
+    rng = np.random.default_rng(0)
+    s_in, s_out = np.round(rng.normal(1, 1, 300), 1), np.round(rng.normal(0, 1, 250), 1)  # many ties
+    every_image_once = _counted_ood(s_in, s_out)(np.ones(300, int), np.ones(250, int))
+    m = ood_metrics(s_in, s_out)
+    assert every_image_once == pytest.approx((m["auroc"], m["fpr95"]))
+    twice = np.r_[s_in, s_in[:7]], np.r_[s_out, s_out[-3:]]  # counts are images drawn that many times
+    w_in, w_out = np.r_[np.ones(300, int) + (np.arange(300) < 7)], np.ones(250, int) + (np.arange(250) >= 247)
+    m2 = ood_metrics(*twice)
+    assert _counted_ood(s_in, s_out)(w_in, w_out) == pytest.approx((m2["auroc"], m2["fpr95"]))
+    noisy = s_in + 1.5 * rng.normal(size=300)  # the same images, scored by a worse detector
+    a, b = bootstrap_ood(s_in, s_out, 200, seed=1), bootstrap_ood(noisy, s_out, 200, seed=1)
+    assert a.shape == (200, 2) and np.allclose(a, bootstrap_ood(s_in, s_out, 200, seed=1))
+    assert paired_difference(a[:, 0], a[:, 0], 0.0)["ci"] == [0.0, 0.0]  # a detector against itself
+    d = paired_difference(a[:, 0], b[:, 0], m["auroc"] - ood_metrics(noisy, s_out)["auroc"])
+    assert 0 < d["ci"][0] <= d["diff"] <= d["ci"][1]  # the paired interval tells the better one
 
 
 def test_frechet_distance():
