@@ -10,12 +10,15 @@ starts, so runs can be compared by how steep their energy is. The run is not cha
 
 ``--noises`` adds rows with the chain noise σ changed instead, and ``--buffer`` a row that continues the run's own
 replay buffer (as trained, its chains' update unchanged, unconditional) on the trained model: do chains that were
-good when training ended stay good when the model stops changing? (Each row: FD, the reference's accuracy on the
+good when training ended stay good when the model stops changing? ``--energy-stop`` adds two rows whose chains
+(the run's own update) each stop once their energy reaches a target taken from training images: their median
+energy, or the energy of one training image drawn per chain (the data's spread of energies): would a chain that
+stops where the data's energy is sample better than one of fixed length? (Each row: FD, the reference's accuracy on the
 class the chain was drawn for — the buffer's: the class the reference gives it at the start —, and the share of
 pixels at |x| ≥ 0.99: a rising share is the oversaturation of long-run chains, Nijkamp et al. 2020.)
 
     python benchmarks/probe_step.py runs/quality/fm-stop8/seed0/jem runs/quality/fm-stop8/seed0/baseline \
-        --steps 1,0.5,0.3,0.1 --caps 0.02,0.01 --noises 0.01 --buffer
+        --steps 1,0.5,0.3,0.1 --caps 0.02,0.01 --noises 0.01 --buffer [--energy-stop]
 """
 from __future__ import annotations
 
@@ -47,6 +50,8 @@ def main() -> None:
     ap.add_argument("--caps", default="", help="comma-separated --sgld-step-cap values, each with the run's step size")
     ap.add_argument("--noises", default="", help="comma-separated --sgld-std values, each with the run's step size")
     ap.add_argument("--buffer", action="store_true", help="also continue the run's replay buffer on the trained model")
+    ap.add_argument("--energy-stop", action="store_true",
+                    help="also chains that stop at the training images' energy (their median; one drawn per chain)")
     ap.add_argument("--lengths", default="5,20,50,200,400", help="comma-separated chain lengths the table shows")
     ap.add_argument("--n", type=int, default=500, help="chains (class-conditional, equal per class) and test images")
     args = ap.parse_args()
@@ -100,6 +105,32 @@ def main() -> None:
         name = {"sgld_lr": f"α {value:g}", "sgld_step_cap": f"α {cfg.sgld_lr:g}, cap {value:g}",
                 "sgld_std": f"α {cfg.sgld_lr:g}, noise σ {value:g}"}[key]
         print(f"| fresh, {name} | {base} | " + " | ".join(row(path[k]) for k in lengths) + " |", flush=True)
+    if args.energy_stop:
+        run.cfg = cfg
+        train = to_float(run.data.x_train[torch.randperm(len(run.data.x_train), generator=g)[:2000]])
+        with torch.no_grad():
+            e_train = -run.jem.log_px(train)
+        drawn = e_train[torch.randint(len(e_train), (args.n,), generator=g)]
+        for name, target in ((f"median training energy {e_train.median():.2f}", e_train.median().expand(args.n)),
+                             ("one training image's energy per chain", drawn)):
+            cells = [row(x) for x in energy_stopped(run, starts, y, target, lengths)]
+            print(f"| fresh, stopped at the {name} | {base} | " + " | ".join(cells) + " |", flush=True)
+
+
+def energy_stopped(run, starts: torch.Tensor, y: torch.Tensor, target: torch.Tensor, lengths: list[int]) -> list:
+    """Fresh chains from ``starts`` (the run's chain update, one step at a time), each frozen once its energy
+    E(x) = −LogSumExp f(x) is at or below its ``target``: the chains at each of ``lengths`` (clamped to [−1, 1])."""
+    sampler, x, out = run.sampler(), starts.clone(), []
+    stopped = torch.zeros(len(x), dtype=torch.bool)
+    for k in range(1, max(lengths) + 1):
+        with torch.no_grad():
+            stopped |= -run.jem.log_px(x) <= target
+        x = torch.where(stopped[:, None, None, None], x, sampler.run_chains(run.jem, x, y, 1))
+        if k in lengths:
+            out.append(x.clamp(-1, 1))
+    print(f"energy stop: {float(stopped.float().mean()):.2f} of the chains stopped within {max(lengths)} steps",
+          flush=True)
+    return out
 
 
 if __name__ == "__main__":

@@ -143,11 +143,14 @@ def test_probe_step_tables_fresh_chains_and_the_continued_buffer(trained_runs, c
     """probe_step.py reads a run and a reference (never changes them): one row per variant and the buffer's row."""
     before = sorted(p.name for p in (trained_runs / "jem").iterdir())
     r = script(capsys, "probe_step.py", trained_runs / "jem", trained_runs / "base", "--steps", "0.5",
-               "--caps", "0.01", "--noises", "0.02", "--buffer", "--n", "20", "--lengths", "1,2")
+               "--caps", "0.01", "--noises", "0.02", "--buffer", "--energy-stop", "--n", "20", "--lengths", "1,2")
     assert r.returncode == 0, r.stderr
     rows = [line for line in r.stdout.splitlines() if line.startswith("| ") and "steps |" not in line]
-    assert [row.split("|")[1].strip() for row in rows] == [
+    names = [row.split("|")[1].strip() for row in rows]
+    assert names[:4] == [
         "the replay buffer, continued (as trained)", "fresh, α 0.5", "fresh, α 1, cap 0.01", "fresh, α 1, noise σ 0.02"]
+    assert names[4].startswith("fresh, stopped at the median training energy") and names[5] == (
+        "fresh, stopped at the one training image's energy per chain")
     assert all(len(row.split("|")) == 6 for row in rows)  # name, starts, 1 and 2 steps
     assert sorted(p.name for p in (trained_runs / "jem").iterdir()) == before
     bad = script(capsys, "probe_step.py", trained_runs / "jem", trained_runs / "base", "--lengths", "0")
