@@ -10,8 +10,9 @@ code (both runs together, the baseline as the reference classifier):
 2. OOD, per set: the JEM's log p(x), its best own score (``detectors.OWN``: log p(x), max p(y|x), −‖∇ log p(x)‖,
    typicality, complexity, ascent), the best post-hoc detector on the baseline and on the JEM (MaxLogit, Mahalanobis, ViM,
    KNN, ReAct, and the model-free PNG length; the baseline's own scores count as post-hoc: its log p(x) is the Energy
-   score), AUROC and FPR at 95% TPR, and the JEM's own minus the best post-hoc with its verdict (won / lost / tied:
-   whether the paired bootstrap interval over the scored images excludes 0, ``evaluate.versus_posthoc``);
+   score), AUROC and FPR at 95% TPR, the JEM's own minus the best post-hoc, and the verdict of the JEM's own against
+   the baseline's best (won / lost / tied: whether the paired bootstrap interval over the scored images excludes 0,
+   ``evaluate.versus_posthoc``);
 3. samples: the Fréchet distance to test images in the baseline's features and the baseline's accuracy on
    class-conditional samples, for the chains' starting points, fresh chains and the replay buffer.
 
@@ -111,9 +112,9 @@ def ood_row(seed: int, label: str, jem: dict, base: dict) -> dict:
            "own_fpr95": own_r["fpr95"], "base_best": bk, "base_auroc": br["auroc"], "base_fpr95": br["fpr95"],
            "jem_posthoc": jk, "jem_posthoc_auroc": jr["auroc"], "jem_posthoc_fpr95": jr["fpr95"],
            "own_minus_best": own_r["auroc"] - top["auroc"], "own_minus_best_fpr95": own_r["fpr95"] - top["fpr95"]}
-    v = next((v for v in jem.get("versus_posthoc", []) if v["set"] == label), None)
-    if v is not None:  # jem eval's comparison (the same choice of rival), with its paired intervals and verdicts
-        row.update(own_minus_best=v["auroc_diff"], own_minus_best_fpr95=v["fpr95_diff"], auroc_ci=v["auroc_diff_ci"],
+    v = next((v for v in jem.get("versus_baseline", []) if v["set"] == label), None)
+    if v is not None:  # jem eval's comparison with the baseline's best, with its paired intervals and verdicts
+        row.update(own_minus_base=v["auroc_diff"], own_minus_base_fpr95=v["fpr95_diff"], auroc_ci=v["auroc_diff_ci"],
                    fpr95_ci=v["fpr95_diff_ci"], verdict=f"{v['auroc_verdict']} / {v['fpr95_verdict']}")
     return row
 
@@ -128,9 +129,9 @@ def ood_only(out: Path, kinds: list[str], ood: tuple, args) -> dict:
         found, hist[kind] = ood_detection(run, opts, x_in)
         res[kind] = {"name": run.name, **found}
     if "jem" in res and "baseline" in res:  # as jem eval compares them: paired intervals from the per-image scores
-        res["jem"]["versus_posthoc"] = versus_posthoc(EvalResult(res["jem"], hist["jem"]),
-                                                      [EvalResult(res["baseline"], hist["baseline"])],
-                                                      opts.n_boot, opts.seed)
+        res["jem"]["versus_baseline"] = versus_posthoc(EvalResult(res["jem"], hist["jem"]),
+                                                       [EvalResult(res["baseline"], hist["baseline"])],
+                                                       opts.n_boot, opts.seed, own_posthoc=False)
     return res
 
 
@@ -195,11 +196,13 @@ def tables(runs: list, oods: list, gens: list) -> list[str]:
             acc, ece = np.array([r["test_accuracy"] for r in good]), np.array([r["ece"] for r in good])
             lines.append(f"| mean ± sd | {kind} | {100 * acc.mean():.2f} ± {100 * acc.std(ddof=1):.2f}% | "
                          f"{100 * ece.mean():.2f} ± {100 * ece.std(ddof=1):.2f}% |")
-    lines += ["", "OOD (AUROC, FPR at 95% TPR in brackets; the best of each side chosen per set; the verdict: won or "
-              "lost when the 95% paired bootstrap interval of the difference over the scored images excludes 0, "
-              "else tied — the test images' noise, not the training's):", "",
+    lines += ["", "OOD (AUROC, FPR at 95% TPR in brackets; the best of each side chosen per set; the verdict of the "
+              "JEM's own against the baseline's best: won or lost when the 95% paired bootstrap interval of the "
+              "difference over the scored images excludes 0, else tied — the test images' noise, not the "
+              "training's):", "",
               "| seed | OOD set | JEM log p(x) | JEM's best own | best post-hoc on the baseline | best post-hoc on the JEM "
-              "| JEM own − best post-hoc | the JEM's verdict (AUROC / FPR95) |", "|---|---|---|---|---|---|---|---|"]
+              "| JEM own − best post-hoc | JEM own vs the baseline's best: verdict (AUROC / FPR95) |",
+              "|---|---|---|---|---|---|---|---|"]
     for o in oods:
         lines.append(f"| {o['seed']} | {o['set']} | {o['jem_logp']:.3f} | {o['own']} {o['own_auroc']:.3f} "
                      f"({o['own_fpr95']:.2f}) | {o['base_best']} {o['base_auroc']:.3f} ({o['base_fpr95']:.2f}) | "

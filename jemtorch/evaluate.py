@@ -292,16 +292,18 @@ def evaluate_run(run: LoadedRun, opts: EvalOptions, reference: Optional[LoadedRu
 # ------------------------------------------------------------------------------------------------------------------
 # several runs
 # ------------------------------------------------------------------------------------------------------------------
-def versus_posthoc(jem: EvalResult, others: list[EvalResult], n_boot: int = 1000, seed: int = 0) -> list[dict]:
+def versus_posthoc(jem: EvalResult, others: list[EvalResult], n_boot: int = 1000, seed: int = 0,
+                   own_posthoc: bool = True) -> list[dict]:
     """Per OOD set: the JEM's best own score against the best detector on any of the runs (the JEM's post-hoc
-    detectors, and every detector of the others, whose log p(x) is the Energy score). Both sides pick their best per
-    set, with the set known (an oracle choice, the same on both sides). Every run scored the same images, so each
-    difference comes with a paired bootstrap interval over those images (``metrics.bootstrap_ood``) and a verdict
-    from the JEM's side: won or lost when the interval excludes 0, else tied."""
+    detectors unless ``own_posthoc`` is False, and every detector of the others, whose log p(x) is the Energy score).
+    Both sides pick their best per set, with the set known (an oracle choice, the same on both sides). Every run
+    scored the same images, so each difference comes with a paired bootstrap interval over those images
+    (``metrics.bootstrap_ood``) and a verdict from the JEM's side: won or lost when the interval excludes 0, else
+    tied."""
     rows, m = [], jem.metrics
     for label, res in m["ood"].items():
         own = max(m["detectors"]["own"], key=lambda k: res[k]["auroc"], default=None)
-        rivals = [(jem, k) for k in m["detectors"]["names"] if k not in OWN]
+        rivals = [(jem, k) for k in m["detectors"]["names"] if k not in OWN and own_posthoc]
         rivals += [(o, k) for o in others if label in o.metrics["ood"] for k in o.metrics["detectors"]["names"]]
         if own is None or not rivals:
             continue
@@ -360,8 +362,9 @@ def evaluate_runs(run_dirs: list, opts: EvalOptions, reference_dir: Optional[str
 
 def compare_runs(runs: list[LoadedRun], results: list[EvalResult], reference: Optional[LoadedRun],
                  opts: EvalOptions) -> None:
-    """Into each JEM's metrics: its ECE minus the reference's (paired bootstrap) and the comparison with the
-    baselines' post-hoc detectors."""
+    """Into each JEM's metrics: its ECE minus the reference's (paired bootstrap) and the comparison of its own scores
+    with the best post-hoc detector on either model (``versus_posthoc``) and on the baselines alone
+    (``versus_baseline``)."""
     ref = next((res for run, res in zip(runs, results)
                 if reference is not None and Path(run.run_dir).resolve() == Path(reference.run_dir).resolve()), None)
     baselines = [res for run, res in zip(runs, results) if run.is_baseline]
@@ -372,6 +375,8 @@ def compare_runs(runs: list[LoadedRun], results: list[EvalResult], reference: Op
                 for k, key in (("raw", "ece"), ("ts", "ece_ts")) if k in res.ece_boot and k in ref.ece_boot}}
         if not run.is_baseline and baselines:
             res.metrics["versus_posthoc"] = versus_posthoc(res, baselines, opts.n_boot, opts.seed)
+            # issue 24's question: the JEM's own score against a classifier with a post-hoc detector, alone
+            res.metrics["versus_baseline"] = versus_posthoc(res, baselines, opts.n_boot, opts.seed, own_posthoc=False)
 
 
 def write_eval(run: LoadedRun, res: EvalResult) -> None:

@@ -238,6 +238,8 @@ def test_eval_detectors_table_and_score_with_any_detector(trained_runs, tmp_path
             lo, hi = v[f"{metric}_diff_ci"]
             assert lo <= hi and v[f"{metric}_verdict"] in {"won", "lost", "tied"}
             assert (v[f"{metric}_verdict"] == "tied") == (lo <= 0 <= hi)
+    base_name = json.loads((base / "eval/metrics.json").read_text())["name"]
+    assert {v["best_run"] for v in m["versus_baseline"]} == {base_name}  # the classifier's detectors alone
     assert "best post-hoc" in (jem / "eval/report.md").read_text()
     assert (jem / "detectors.safetensors").is_file()  # fitted once, kept for these weights
     np.save(tmp_path / "x.npy", np.random.default_rng(0).integers(0, 255, (5, 8, 8), dtype=np.uint8))
