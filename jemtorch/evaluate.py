@@ -303,7 +303,7 @@ def versus_posthoc(jem: EvalResult, others: list[EvalResult], n_boot: int = 1000
     rows, m = [], jem.metrics
     for label, res in m["ood"].items():
         own = max(m["detectors"]["own"], key=lambda k: res[k]["auroc"], default=None)
-        rivals = [(jem, k) for k in m["detectors"]["names"] if k not in OWN and own_posthoc]
+        rivals = [(jem, k) for k in m["detectors"]["names"] if k not in OWN] if own_posthoc else []
         rivals += [(o, k) for o in others if label in o.metrics["ood"] for k in o.metrics["detectors"]["names"]]
         if own is None or not rivals:
             continue

@@ -92,7 +92,7 @@ def test_bootstrap_ood_counts_images_as_ood_metrics_does_and_pairs_detectors():
     m = ood_metrics(s_in, s_out)
     assert every_image_once == pytest.approx((m["auroc"], m["fpr95"]))
     twice = np.r_[s_in, s_in[:7]], np.r_[s_out, s_out[-3:]]  # counts are images drawn that many times
-    w_in, w_out = np.r_[np.ones(300, int) + (np.arange(300) < 7)], np.ones(250, int) + (np.arange(250) >= 247)
+    w_in, w_out = np.ones(300, int) + (np.arange(300) < 7), np.ones(250, int) + (np.arange(250) >= 247)
     m2 = ood_metrics(*twice)
     assert _counted_ood(s_in, s_out)(w_in, w_out) == pytest.approx((m2["auroc"], m2["fpr95"]))
     noisy = s_in + 1.5 * rng.normal(size=300)  # the same images, scored by a worse detector
