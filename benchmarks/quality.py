@@ -41,7 +41,7 @@ import torch
 
 from jemtorch.build import load_run
 from jemtorch.cli import build_parser
-from jemtorch.config import resolve_config, training_differences
+from jemtorch.config import load_config_file, resolve_config, training_differences
 from jemtorch.data import check_ood_name, load_dataset, ood_labels
 from jemtorch.detectors import OWN
 from jemtorch.evaluate import EvalOptions, EvalResult, evaluate_runs, ood_detection, scored_test_images, versus_posthoc
@@ -55,10 +55,12 @@ DEFAULT_OOD = {"fashion-mnist": "mnist,uniform,constant,interp", "mnist": "fashi
 
 
 def train_flags(extra: list[str]) -> dict:
-    """`jem train` flags (after --) parsed exactly as the CLI parses them."""
+    """`jem train` flags (after --) parsed exactly as the CLI parses them; a ``--config`` file's entries come in
+    under the explicit flags, as `jem train` layers them (jemtorch.config.config_layers)."""
     args = build_parser().parse_args(["train", *extra])
-    return {k: v for k, v in vars(args).items()
-            if k not in ("command", "config", "resume", "overwrite", "trust_code") and v is not None}
+    given = {k: v for k, v in vars(args).items()
+             if k not in ("command", "config", "resume", "overwrite", "trust_code") and v is not None}
+    return {**(load_config_file(args.config) if args.config else {}), **given}
 
 
 def train_pair(flags: dict, out: Path, data) -> dict:

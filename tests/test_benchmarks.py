@@ -122,6 +122,17 @@ def test_quality_benchmark_tables_and_reuse(tmp_path, capsys):
     assert typo.returncode != 0 and not (tmp_path / "t").exists()  # checked before anything is trained
 
 
+def test_quality_flags_read_a_config_file_under_the_explicit_flags(tmp_path, monkeypatch):
+    """``-- --config FILE`` is layered as `jem train` layers it: the file's entries, explicit flags above them."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from quality import train_flags
+
+    (tmp_path / "c.toml").write_text('p_x_weight = 0.3\nsgld_steps = 5\nnorm = "none"\n')
+    flags = train_flags(["--config", str(tmp_path / "c.toml"), "--sgld-steps", "7"])
+    assert flags["p_x_weight"] == 0.3 and flags["norm"] == "none" and flags["sgld_steps"] == 7
+    assert "config" not in flags
+
+
 @pytest.mark.parametrize("name, args, row, others", [
     ("probe_ascent.py", ("--lengths", "1,2"), "(log p, PNG, rise2)", ("| −rise1 alone |",)),
     ("probe_msma.py", ("--sigmas", "0.1,0.3", "--chain", "1,2"), "(log p, PNG, drop0.3)",
