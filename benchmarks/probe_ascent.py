@@ -33,12 +33,14 @@ class Columns(Typicality):
 
 
 def statistics(jem, x: torch.Tensor, lengths: list[int], cap: float, batch: int = 500) -> torch.Tensor:
-    """(N, 3 + len(lengths)): log p(x), log ‖∇ₓ log p(x)‖, PNG bits/dim, log rise after each length."""
+    """(N, 4 + len(lengths)): log p(x), log ‖∇ₓ log p(x)‖, PNG bits/dim, the logit margin f(x)[ŷ] − f(x)[second]
+    (how sure the classifier is: a blend of two garments sits between their classes), log rise after each length."""
     out = model_outputs(jem, x, batch, grad=True)
     with frozen(jem):
         rises = torch.cat([ascent_path(jem, x[i : i + batch], lengths, cap) for i in range(0, len(x), batch)])
+    top2 = out.logits.double().topk(2, 1).values
     return torch.cat([torch.stack([out.logits.double().logsumexp(1), (-out.gradnorm.double()).log(),
-                                   png_bits(x)], 1), rises.clamp(min=1e-6).log()], 1)
+                                   png_bits(x), top2[:, 0] - top2[:, 1]], 1), rises.clamp(min=1e-6).log()], 1)
 
 
 def probe_parser(doc: str) -> argparse.ArgumentParser:
@@ -90,10 +92,12 @@ def main() -> None:
     lengths = [int(k) for k in args.lengths.split(",")]
     run = load_run(args.run, data_root=args.data_root)
     stats = gather(run, args, lambda jem, x, _: statistics(jem, x, lengths, args.cap))
-    combos = {"log p": (0, 1), "(log p, PNG)": [0, 2], "complexity: (log p, ‖∇‖, PNG)": [0, 1, 2]}
+    combos = {"log p": (0, 1), "(log p, PNG)": [0, 2], "complexity: (log p, ‖∇‖, PNG)": [0, 1, 2],
+              "margin alone": (3, 1), "(log p, margin)": [0, 3], "(log p, PNG, margin)": [0, 2, 3]}
     for j, k in enumerate(lengths):
-        combos.update({f"−rise{k} alone": (3 + j, -1), f"(log p, rise{k})": [0, 3 + j],
-                       f"(log p, PNG, rise{k})": [0, 2, 3 + j], f"(log p, ‖∇‖, PNG, rise{k})": [0, 1, 2, 3 + j]})
+        r = 4 + j
+        combos.update({f"−rise{k} alone": (r, -1), f"(log p, rise{k})": [0, r], f"(log p, PNG, rise{k})": [0, 2, r],
+                       f"(log p, ‖∇‖, PNG, rise{k})": [0, 1, 2, r], f"(log p, PNG, rise{k}, margin)": [0, 2, r, 3]})
     print_table(run, stats, combos)
 
 

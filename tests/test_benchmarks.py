@@ -134,7 +134,8 @@ def test_quality_flags_read_a_config_file_under_the_explicit_flags(tmp_path, mon
 
 
 @pytest.mark.parametrize("name, args, row, others", [
-    ("probe_ascent.py", ("--lengths", "1,2"), "(log p, PNG, rise2)", ("| −rise1 alone |",)),
+    ("probe_ascent.py", ("--lengths", "1,2"), "(log p, PNG, rise2)", ("| −rise1 alone |", "| (log p, PNG, margin) |",
+                                                                     "| (log p, PNG, rise2, margin) |")),
     ("probe_msma.py", ("--sigmas", "0.1,0.3", "--chain", "1,2"), "(log p, PNG, drop0.3)",
      ("| MSMA: ‖∇‖ at every σ |", "| cos0.1 alone |", "| (log p, PNG, chain rise2) |")),
 ])
