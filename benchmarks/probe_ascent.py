@@ -23,10 +23,15 @@ from jemtorch.sampler import frozen
 
 
 class Columns(Typicality):
-    """``typicality``'s kernel density over chosen columns of a statistics matrix."""
+    """``typicality``'s kernel density over chosen columns of a statistics matrix; ``centres`` kernel centres (a
+    seeded subset of the fit rows, as the detectors keep) and Scott's bandwidth times ``scale``."""
 
-    def __init__(self, cols: list[int]):
-        self.cols = cols
+    def __init__(self, cols: list[int], centres: int = Typicality.MAX_POINTS, scale: float = 1.0):
+        self.cols, self.MAX_POINTS, self.scale = cols, centres, scale
+
+    def fit(self, out, y, head):
+        super().fit(out, y, head)
+        self.bandwidth = self.bandwidth * self.scale
 
     def pairs(self, m: torch.Tensor) -> torch.Tensor:
         return m[:, self.cols]
@@ -67,27 +72,34 @@ def gather(run, args, statistics) -> dict[str, torch.Tensor]:
     return stats
 
 
-def print_table(run, stats: dict[str, torch.Tensor], combos: dict) -> None:
+def print_table(run, stats: dict[str, torch.Tensor], combos: dict, centres: int = Typicality.MAX_POINTS,
+                scales: tuple[float, ...] = (1.0,)) -> None:
     """One row per combination: a tuple (column, sign) scores that column alone, signed so that higher =
-    in-distribution; a list of columns is scored by a kernel density fitted on the "fit" rows."""
+    in-distribution; a list of columns is scored by a kernel density fitted on the "fit" rows (``centres`` kernel
+    centres), one row per bandwidth scale (labelled "h×s" unless it is 1)."""
     sets = [n for n in stats if n not in ("fit", "in")]
     print(f"| {run.name}: AUROC (FPR95) | " + " | ".join(sets) + " |\n|---|" + "---|" * len(sets))
     for label, cols in combos.items():
-        if isinstance(cols, tuple):
-            score = (lambda m, c=cols: c[1] * m[:, c[0]].numpy())
-        else:
-            det = Columns(cols)
-            det.fit(stats["fit"], None, None)
-            score = det.score
-        s_in = score(stats["in"])
-        cells = [ood_metrics(s_in, score(stats[n])) for n in sets]
-        print(f"| {label} | " + " | ".join(f"{r['auroc']:.4f} ({r['fpr95']:.3f})" for r in cells) + " |", flush=True)
+        for scale in ((None,) if isinstance(cols, tuple) else scales):
+            if scale is None:
+                score = (lambda m, c=cols: c[1] * m[:, c[0]].numpy())
+            else:
+                det = Columns(cols, centres, scale)
+                det.fit(stats["fit"], None, None)
+                score = det.score
+            s_in = score(stats["in"])
+            cells = [ood_metrics(s_in, score(stats[n])) for n in sets]
+            name = label if scale in (None, 1.0) else f"{label} h×{scale:g}"
+            print(f"| {name} | " + " | ".join(f"{r['auroc']:.4f} ({r['fpr95']:.3f})" for r in cells) + " |",
+                  flush=True)
 
 
 def main() -> None:
     ap = probe_parser(__doc__)
     ap.add_argument("--lengths", default="1,3,5,10,20", help="chain lengths the rise is read after")
     ap.add_argument("--cap", type=float, default=ASCENT_CAP, help="RMS move per pixel and step")
+    ap.add_argument("--centres", type=int, default=Typicality.MAX_POINTS, help="kernel centres kept of the fit rows")
+    ap.add_argument("--bandwidths", default="1", help="multiples of Scott's bandwidth, one row each")
     args = ap.parse_args()
     lengths = [int(k) for k in args.lengths.split(",")]
     run = load_run(args.run, data_root=args.data_root)
@@ -98,7 +110,7 @@ def main() -> None:
         r = 4 + j
         combos.update({f"−rise{k} alone": (r, -1), f"(log p, rise{k})": [0, r], f"(log p, PNG, rise{k})": [0, 2, r],
                        f"(log p, ‖∇‖, PNG, rise{k})": [0, 1, 2, r], f"(log p, PNG, rise{k}, margin)": [0, 2, r, 3]})
-    print_table(run, stats, combos)
+    print_table(run, stats, combos, args.centres, tuple(float(b) for b in args.bandwidths.split(",")))
 
 
 if __name__ == "__main__":

@@ -134,8 +134,8 @@ def test_quality_flags_read_a_config_file_under_the_explicit_flags(tmp_path, mon
 
 
 @pytest.mark.parametrize("name, args, row, others", [
-    ("probe_ascent.py", ("--lengths", "1,2"), "(log p, PNG, rise2)", ("| −rise1 alone |", "| (log p, PNG, margin) |",
-                                                                     "| (log p, PNG, rise2, margin) |")),
+    ("probe_ascent.py", ("--lengths", "1,2", "--bandwidths", "1,0.5", "--centres", "50"), "(log p, PNG, rise2)",
+     ("| −rise1 alone |", "| (log p, PNG, margin) |", "| (log p, PNG, rise2, margin) |", "| (log p, PNG, rise2) h×0.5 |")),
     ("probe_msma.py", ("--sigmas", "0.1,0.3", "--chain", "1,2"), "(log p, PNG, drop0.3)",
      ("| MSMA: ‖∇‖ at every σ |", "| cos0.1 alone |", "| (log p, PNG, chain rise2) |")),
 ])
@@ -145,7 +145,7 @@ def test_probes_of_the_energy_table_every_combination_on_a_trained_run(trained_r
     before = sorted(p.name for p in (trained_runs / "jem").iterdir())
     r = script(capsys, name, trained_runs / "jem", "--ood", "uniform,constant", "--n", "40", "--n-fit", "60", *args)
     assert r.returncode == 0, r.stderr
-    rows = [line for line in r.stdout.splitlines() if line.startswith(f"| {row}")]
+    rows = [line for line in r.stdout.splitlines() if line.startswith(f"| {row} |")]
     assert len(rows) == 1 and all(0 <= float(c.split()[0]) <= 1 for c in rows[0].split("|")[2:4])
     assert all(o in r.stdout for o in others) and "| uniform | constant |" in r.stdout.splitlines()[0]
     assert sorted(p.name for p in (trained_runs / "jem").iterdir()) == before
