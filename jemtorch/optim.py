@@ -20,6 +20,8 @@ class OptimSettings:
     weight_decay: float = setting(0.0, "weight decay")
     sam_rho: float = setting(0.0, "sharpness-aware minimisation radius ρ (SADA-JEM: 2 with adaptive SAM); 0: off")
     sam_adaptive: bool = setting(True, "adaptive SAM (ASAM, Kwon et al. 2021), as SADA-JEM uses for ρ ≥ 0.5")
+    sam_tail: bool = setting(True, "SAM in the classifier's tail too (past --px-stop-epoch); false: plain optimiser "
+                                   "steps there")
     warmup_iters: int = setting(1000, "linear learning-rate warm-up iterations (paper: 1000)")
     schedule: str = setting("step", "learning-rate schedule after warm-up: step (×decay-rate at --decay-epochs; the "
                                     "papers') or cosine (to 0 at the last iteration)")

@@ -222,9 +222,10 @@ def reduce_stats(stats: dict, max_energy_gap: float, dist: Dist) -> tuple[dict, 
     return values, n_bad == 0 and all(math.isfinite(v) for v in values.values())
 
 
-def optimizer_step(state: TrainState, loss_fn: Callable, max_norm: float) -> None:
-    """θ ← optimiser step (SAM: the gradient at the sharpest nearby weights, same batches and samples); lr schedule."""
-    if state.sam is not None:
+def optimizer_step(state: TrainState, loss_fn: Callable, max_norm: float, sam: bool = True) -> None:
+    """θ ← optimiser step (SAM, unless ``sam`` is false: the gradient at the sharpest nearby weights, same batches and
+    samples); lr schedule."""
+    if state.sam is not None and sam:
         state.sam.first_step()
         with running_stats_frozen(state.jem):
             loss_fn()[0].backward()
@@ -338,7 +339,7 @@ class Trainer:
             state.opt.zero_grad(set_to_none=True)
             self.events += self.recovery.recover(state, values)
             return {**values, "rollback": 1.0}
-        optimizer_step(state, loss_fn, clip_norm(cfg))
+        optimizer_step(state, loss_fn, clip_norm(cfg), sam=cfg.sam_tail or not self.phases.tail(state.step))
         self.events += self.recovery.healthy_step(state)
         return values
 

@@ -247,6 +247,18 @@ def test_sam_moves_to_the_sharp_point_and_back():
     torch.testing.assert_close(w.detach(), torch.tensor([1.0, -2.0]) - 0.1 * w_sharp_grad)
 
 
+@pytest.mark.parametrize("sam_tail", [True, False])
+def test_sam_tail_false_takes_plain_steps_past_px_stop_epoch(tmp_path, sam_tail):
+    t = Trainer(cfg(tmp_path, epochs=2, px_stop_epoch=1, sam_rho=0.5, sam_tail=sam_tail))
+    calls = []
+    first = t.state.sam.first_step
+    t.state.sam.first_step = lambda: (calls.append(t.state.step), first())
+    t.iteration()
+    t.state.step = t.clock.iters_per_epoch  # the first step of the tail
+    t.iteration()
+    assert calls == ([0, t.clock.iters_per_epoch] if sam_tail else [0])
+
+
 @pytest.mark.parametrize("recipe", ["jempp", "sadajem"])
 def test_modern_recipes_train(tmp_path, recipe):
     t = Trainer(cfg(tmp_path, recipe=recipe, epochs=1, lr=0.01, warmup_iters=5, norm="batch", separate_forward=True,
