@@ -151,6 +151,22 @@ def test_probes_of_the_energy_table_every_combination_on_a_trained_run(trained_r
     assert sorted(p.name for p in (trained_runs / "jem").iterdir()) == before
 
 
+def test_probe_interp_splits_interpolations_by_same_and_different_class_pairs(trained_runs, capsys):
+    """probe_interp.py reads a JEM and its baseline (never changes them): one row per score, AUROC over all
+    interpolations and over each kind of pair; the split is counted in the header."""
+    before = sorted(p.name for p in (trained_runs / "jem").iterdir())
+    r = script(capsys, "probe_interp.py", trained_runs / "jem", trained_runs / "base", "--n", "60", "--n-fit", "60")
+    assert r.returncode == 0, r.stderr
+    rows = [line.split("|")[1:-1] for line in r.stdout.splitlines() if line.startswith("| jem |") or
+            line.startswith("| base |")]
+    assert [c[1].strip() for c in rows] == ["logp", "complexity", "ascent", "maxprob",
+                                            "vim", "knn", "mahalanobis", "logp", "maxlogit", "react"]
+    assert all(0 <= float(v) <= 1 for c in rows for v in c[2:])  # both kinds of pair drawn here
+    same = int(r.stdout.split(" of them of two images of one class")[0].split(", ")[-1])
+    assert 0 < same < 60  # 10 classes: about one pair in ten shares one
+    assert sorted(p.name for p in (trained_runs / "jem").iterdir()) == before
+
+
 def test_probe_step_tables_fresh_chains_and_the_continued_buffer(trained_runs, capsys):
     """probe_step.py reads a run and a reference (never changes them): one row per variant and the buffer's row."""
     before = sorted(p.name for p in (trained_runs / "jem").iterdir())
