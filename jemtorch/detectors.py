@@ -56,7 +56,7 @@ from .sampler import capped_step, frozen
 # the JEM's own scores: its energy, its classifier, its input gradient, and the typicality of energy and gradient
 OWN = ("logp", "maxprob", "gradnorm", "typicality", "complexity", "ascent")
 N_FIT = 10_000  # training images the detectors are fitted on (at most): the issue's and common practice's number
-FIT_VERSION = 3  # raised whenever a detector's fit changes: stored fits of another version are fitted again
+FIT_VERSION = 4  # raised whenever a detector's fit changes: stored fits of another version are fitted again
 ASCENT_STEPS = 10  # steps the rise is read after: of 1-20 best or tied on MNIST, 2 seeds of 3 (docs/results/density.md)
 ASCENT_CAP = 0.02  # RMS move per pixel and step ([−1, 1] pixels): configs/fashion-mnist-density.toml's sgld_step_cap
 KNN_K_FULL = 50  # Sun et al. 2022: k = 50 for CIFAR-10's 50 000 training images, scaled with the share used
@@ -384,7 +384,7 @@ class Typicality(Detector):
     p(x) is; applied to a classifier it is a post-hoc detector like the others."""
 
     name, label, needs_grad = "typicality", "typicality of (log p(x), ‖∇x log p(x)‖)", True
-    MAX_POINTS = 4000  # kernel centres kept (a seeded subset): 2 000 test images cost 8 M distances
+    MAX_POINTS = N_FIT  # kernel centres kept: every fit row (4 000 of them let through 2x the digits: density.md)
 
     def pairs(self, out: Outputs) -> torch.Tensor:
         if out.gradnorm is None:
@@ -402,7 +402,7 @@ class Typicality(Detector):
     def score(self, out):
         q = (self.pairs(out) - self.mean) / self.std
         h, pts = float(self.bandwidth), self.points
-        logk = [(-((qi[:, None, :] - pts[None]) ** 2).sum(-1) / (2 * h * h)).logsumexp(1) for qi in q.split(1000)]
+        logk = [(-((qi[:, None, :] - pts[None]) ** 2).sum(-1) / (2 * h * h)).logsumexp(1) for qi in q.split(250)]
         return (torch.cat(logk) - np.log(len(pts)) - pts.shape[1] / 2 * np.log(2 * np.pi * h * h)).numpy()
 
     def state_dict(self):
