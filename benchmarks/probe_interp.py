@@ -17,8 +17,9 @@ import argparse
 import torch
 
 from jemtorch.build import detector_fit_images, load_runs
-from jemtorch.data import to_float
+from jemtorch.data import interpolation_pairs, to_float
 from jemtorch.detectors import N_FIT, FittedDetectors
+from jemtorch.evaluate import scored_test_indices
 from jemtorch.metrics import ood_metrics
 
 OWN = ("logp", "complexity", "ascent", "maxprob")
@@ -34,11 +35,9 @@ def main() -> None:
     ap.add_argument("--n-fit", type=int, default=N_FIT, help="training images the detectors are fitted on")
     args = ap.parse_args()
     jem, base = load_runs([args.jem, args.baseline], device="cpu", data_root=args.data_root)
-    perm = torch.randperm(len(jem.data.x_test), generator=torch.Generator().manual_seed(0))[: args.n]
-    x_in, y_in = to_float(jem.data.x_test[perm]), jem.data.y_test[perm]
-    g = torch.Generator().manual_seed(1)  # the pairs as make_ood_set draws them
-    i = torch.randint(0, len(x_in), (len(x_in),), generator=g)
-    j = (i + torch.randint(1, len(x_in), (len(x_in),), generator=g)) % len(x_in)
+    k = scored_test_indices(jem, args.n, torch.Generator().manual_seed(0))  # jem eval's images and pairs (seed 0)
+    x_in, y_in = to_float(jem.data.x_test[k]), jem.data.y_test[k]
+    i, j = interpolation_pairs(len(x_in), len(x_in), torch.Generator().manual_seed(1))
     x_out, same = 0.5 * x_in[i] + 0.5 * x_in[j], (y_in[i] == y_in[j]).numpy()
     print(f"{len(x_in)} test images; {len(x_out)} interpolations, {same.sum()} of them of two images of one class\n")
     print("| run | score | all | same class | different classes |\n|---|---|---|---|---|")

@@ -672,6 +672,12 @@ def check_ood_name(name: str, in_dataset: Optional[str] = None) -> None:
         raise DatasetError(f"OOD set {name!r} is the in-distribution dataset")
 
 
+def interpolation_pairs(n_images: int, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``n`` index pairs (i, j), i ≠ j, of the images that ``make_ood_set``'s "interp" blends, drawn with ``g``."""
+    i = torch.randint(0, n_images, (n,), generator=g)
+    return i, (i + torch.randint(1, n_images, (n,), generator=g)) % n_images  # j: a different image
+
+
 def make_ood_set(name: str, x_in: torch.Tensor, n: int, seed: int = 0, data_root: Optional[str] = None,
                  in_dataset: Optional[str] = None) -> torch.Tensor:
     """``n`` OOD images as floats in [−1, 1] with the shape of ``x_in`` (float in-distribution test images)."""
@@ -685,8 +691,7 @@ def make_ood_set(name: str, x_in: torch.Tensor, n: int, seed: int = 0, data_root
     if name == "constant":
         return (torch.rand((n, shape[0], 1, 1), generator=g) * 2 - 1).expand(n, *shape).contiguous()
     if name == "interp":
-        i = torch.randint(0, len(x_in), (n,), generator=g)
-        j = (i + torch.randint(1, len(x_in), (n,), generator=g)) % len(x_in)  # a different image
+        i, j = interpolation_pairs(len(x_in), n, g)
         return 0.5 * x_in[i].cpu() + 0.5 * x_in[j].cpu()
     if is_folder_set(name):  # any folder of images, flat or with class subfolders; no train/ needed
         images, failures = read_image_folder(Path(name).expanduser(), limit=n, seed=seed)

@@ -110,10 +110,15 @@ def fresh_samples(run: LoadedRun, n: int, steps: int, y: Optional[torch.Tensor] 
     return fresh_chain_path(run, n, (steps,), y, progress, seed)[steps]
 
 
+def scored_test_indices(run: LoadedRun, n: int, g: torch.Generator) -> torch.Tensor:
+    """The indices of the ``n`` test images (−1: all) that OOD detection scores as in-distribution, drawn with ``g``."""
+    n = len(run.data.x_test) if n < 0 else min(n, len(run.data.x_test))
+    return torch.randperm(len(run.data.x_test), generator=g)[:n]
+
+
 def scored_test_images(run: LoadedRun, n: int, g: torch.Generator) -> torch.Tensor:
     """The ``n`` test images (−1: all) that OOD detection scores as in-distribution, drawn with ``g``."""
-    n = len(run.data.x_test) if n < 0 else min(n, len(run.data.x_test))
-    return to_float(run.data.x_test[torch.randperm(len(run.data.x_test), generator=g)[:n]])
+    return to_float(run.data.x_test[scored_test_indices(run, n, g)])
 
 
 def penultimate_features(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 500) -> np.ndarray:
