@@ -206,10 +206,12 @@ def test_refusals_come_before_any_write(trained_runs, tmp_path, capsys, monkeypa
 
 
 # 8. damaged caches heal ------------------------------------------------------------------------------------------------
-def test_damaged_caches_are_rebuilt_and_said(tmp_path, capsys):
+def test_damaged_caches_are_rebuilt_and_said(tmp_path, capsys, monkeypatch):
     from jemtorch.data import load_dataset
     from jemtorch.sampler import fit_gaussians_cached
 
+    # a cache of its own: in the worker's shared one, the glob below could find another test's file and damage that
+    monkeypatch.setenv("JEMTORCH_CACHE", str(tmp_path / "cache"))
     root = grey_imagefolder(tmp_path / "img")
     first = load_dataset("imagefolder", root)
     cache = next(Path(os.environ["JEMTORCH_CACHE"]).glob("imagefolder-*.npz"))
