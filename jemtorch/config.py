@@ -44,7 +44,7 @@ class RunSettings:
                                      "imagefolder")
     data_root: str = setting("./data", "folder holding the dataset in torchvision's layout (see README)")
     download: bool = setting(False, "download a missing dataset from its official URL (md5-verified)")
-    model: str = setting("wrn-28-10", "model name: cnn, cnn-<width>, wrn-<depth>-<width> (paper: wrn-28-10), or your "
+    model: str = setting("wrn-28-10", "model name: cnn, cnn-<width>, cnn-silu-<width>, wrn-<depth>-<width> (paper: wrn-28-10), or your "
                                       "own factory package.module:function or file.py:function (called with "
                                       "in_channels, num_classes; see --trust-code)")
     norm: Optional[str] = setting(None, "normalisation layers (cnn and wrn models): none, batch, instance, layer "

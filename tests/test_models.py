@@ -4,7 +4,8 @@ import torch
 from jemtorch.models import create_model
 
 
-@pytest.mark.parametrize("name,size,ch", [("cnn", 8, 1), ("cnn-16", 28, 1), ("wrn-10-1", 32, 3), ("wrn-16-2", 28, 1)])
+@pytest.mark.parametrize("name,size,ch", [("cnn", 8, 1), ("cnn-16", 28, 1), ("cnn-silu-8", 28, 1),
+                                             ("wrn-10-1", 32, 3), ("wrn-16-2", 28, 1)])
 def test_models_by_name_give_logits(name, size, ch):
     m = create_model(name, in_channels=ch, num_classes=7)
     assert m(torch.randn(2, ch, size, size)).shape == (2, 7)
@@ -58,7 +59,15 @@ def test_runs_of_jemtorch_01_keep_their_network():
     assert model_as_written("wrn-28-10", "0.2.0") == "wrn-28-10" and model_as_written("cnn-16", None) == "cnn-16"
 
 
-@pytest.mark.parametrize("bad", ["resnet", "wrn-27-10", "wrn-x", "cnn-abc", "wrn-28-1000", "wrn-firststride-2"])
+@pytest.mark.parametrize("bad", ["resnet", "wrn-27-10", "wrn-x", "cnn-abc", "cnn-silu-x", "wrn-28-1000", "wrn-firststride-2"])
 def test_bad_model_names(bad):
     with pytest.raises(ValueError):
         create_model(bad, in_channels=1, num_classes=10)
+
+
+def test_cnn_silu_is_the_cnn_with_a_smooth_activation():
+    """Same layers and parameter count as cnn-<w>; only the nonlinearity differs (and so the energy is smooth)."""
+    leaky, smooth = (create_model(n, in_channels=1, num_classes=10) for n in ("cnn-8", "cnn-silu-8"))
+    assert [p.shape for p in leaky.parameters()] == [p.shape for p in smooth.parameters()]
+    assert any(isinstance(m, torch.nn.SiLU) for m in smooth.modules())
+    assert not any(isinstance(m, torch.nn.SiLU) for m in leaky.modules())

@@ -1,8 +1,9 @@
 """The model registry (kept apart from the package so model modules import it without an import circle).
 
-A model is named either by a registered pattern (``cnn``, ``cnn-<width>``, ``wrn-<depth>-<width>``) or by a user's
-factory, ``package.module:function`` or ``path/to/file.py:function``, called as ``function(in_channels=C,
-num_classes=K)`` and expected to return an ``nn.Module`` that maps (B, C, H, W) images in [−1, 1] to (B, K) logits.
+A model is named either by a registered pattern (``cnn``, ``cnn-<width>``, ``cnn-silu-<width>``,
+``wrn-<depth>-<width>``) or by a user's factory, ``package.module:function`` or ``path/to/file.py:function``, called
+as ``function(in_channels=C, num_classes=K)`` and expected to return an ``nn.Module`` that maps (B, C, H, W) images
+in [−1, 1] to (B, K) logits.
 """
 from __future__ import annotations
 
@@ -97,8 +98,8 @@ def create_model(name: str, *, in_channels: int, num_classes: int, trust_code: b
         if name == prefix or name.startswith(prefix + "-"):
             spec = name[len(prefix) + 1 :]
             return factory(spec, in_channels=in_channels, num_classes=num_classes, **kwargs)
-    raise ValueError(f"unknown model {name!r}; available: cnn, cnn-<width>, wrn-<depth>-<width> (e.g. wrn-28-10), "
-                     f"or a factory package.module:function")
+    raise ValueError(f"unknown model {name!r}; available: cnn, cnn-<width>, cnn-silu-<width>, wrn-<depth>-<width> "
+                     f"(e.g. wrn-28-10), or a factory package.module:function")
 
 
 @torch.no_grad()
