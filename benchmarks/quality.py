@@ -26,15 +26,18 @@ in ``--out`` (default runs/quality/<dataset>[-ssl<k>]/seed<s>/{jem,baseline}); t
 written to ``--out/quality.md`` and ``quality.json`` (``--ood-only``: ``quality-ood.*``, the full tables kept). A
 run already in ``--out`` is reused (evaluated, not trained again) when it was trained with the same configuration; a
 baseline also when the two differ only in settings of the generative terms, which a baseline never reads
-(``jemtorch.config.GENERATIVE_ONLY``).
+(``jemtorch.config.GENERATIVE_ONLY``). ``--baseline-runs ROOT`` compares with the classifiers already trained in
+ROOT/seed<s>/baseline instead (copied in): a JEM on one network against the best classifier on another.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -63,10 +66,15 @@ def train_flags(extra: list[str]) -> dict:
     return {**(load_config_file(args.config) if args.config else {}), **given}
 
 
-def train_pair(flags: dict, out: Path, data) -> dict:
-    """Train JEM and baseline with the same config; returns {kind: summary or {'failed': message}}."""
+def train_pair(flags: dict, out: Path, data, baseline: Optional[Path] = None) -> dict:
+    """Train JEM and baseline with the same config; returns {kind: summary or {'failed': message}}. ``baseline``: a
+    trained classifier to compare with instead (copied into ``out``; same dataset and seed, any network)."""
     res = {}
+    if baseline is not None:
+        res["baseline"] = adopt_baseline(baseline, out / "baseline", flags)
     for kind, over in (("jem", {}), ("baseline", {"p_x_weight": 0.0, "p_x_y_weight": 0.0})):
+        if kind in res:
+            continue
         cfg = resolve_config({**flags, **over, "out": str(out / kind)})
         run_dir = out / kind
         if (run_dir / "summary.json").is_file():  # already trained with this configuration: reuse
@@ -84,6 +92,21 @@ def train_pair(flags: dict, out: Path, data) -> dict:
             res[kind] = {"failed": str(e)}
         print(f"[quality] {out.name} {kind}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     return res
+
+
+def adopt_baseline(src: Path, dst: Path, flags: dict) -> dict:
+    """Copy a trained classifier (p(x) off, the benchmark's dataset and seed) to ``dst``; returns its summary."""
+    if not (src / "summary.json").is_file():
+        sys.exit(f"quality: --baseline-runs: {src} is not a trained run (no summary.json)")
+    saved = json.loads((src / "config.json").read_text())
+    for key in ("dataset", "seed"):
+        if saved.get(key) != flags[key]:
+            sys.exit(f"quality: --baseline-runs: {src} has {key} {saved.get(key)!r}, the benchmark {flags[key]!r}")
+    if saved.get("p_x_weight") or saved.get("p_x_y_weight"):
+        sys.exit(f"quality: --baseline-runs: {src} is a JEM (p_x_weight {saved.get('p_x_weight')}), not a classifier")
+    if not dst.exists():
+        shutil.copytree(src, dst, ignore=shutil.ignore_patterns("eval", "detectors.safetensors"))
+    return json.loads((dst / "summary.json").read_text())
 
 
 def last_epoch_train_accuracy(run_dir: Path):
@@ -247,6 +270,9 @@ def main() -> int:
     p.add_argument("--sample-steps", type=int, default=200, help="chain steps of the fresh samples (jem eval's default)")
     p.add_argument("--out", default=None)
     p.add_argument("--ood-only", action="store_true", help="evaluate OOD detection alone (no calibration, no samples)")
+    p.add_argument("--baseline-runs", default=None,
+                   help="compare with the trained classifiers ROOT/seed<s>/baseline (another quality --out, say) "
+                        "instead of training one: a JEM on one network against a classifier on another")
     args, rest = p.parse_known_args()
     extra = rest[1:] if rest[:1] == ["--"] else rest
     tag = args.dataset + (f"-ssl{args.labels_per_class}" if args.labels_per_class > 0 else "")
@@ -260,7 +286,8 @@ def main() -> int:
     runs, oods, gens = [], [], []
     for seed in args.seeds:
         out = out_root / f"seed{seed}"
-        r, o, g = evaluate_pair(seed, out, train_pair({**flags, "seed": seed}, out, data), ood, args)
+        given = Path(args.baseline_runs) / f"seed{seed}" / "baseline" if args.baseline_runs else None
+        r, o, g = evaluate_pair(seed, out, train_pair({**flags, "seed": seed}, out, data, given), ood, args)
         runs, oods, gens = runs + r, oods + o, gens + g
     cfg = resolve_config({**flags, "seed": args.seeds[0]})
     head = (f"{args.dataset}, recipe {cfg.recipe}, model {cfg.model}, {cfg.epochs} epochs, batch {cfg.batch_size}, "

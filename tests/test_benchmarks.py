@@ -120,6 +120,17 @@ def test_quality_benchmark_tables_and_reuse(tmp_path, capsys):
     assert other.returncode != 0 and "another configuration (lr)" in other.stderr  # never mixes configurations
     typo = script(capsys, "quality.py", *cmd[:-10], "--ood", "uniform,nosuch/folder", "--out", tmp_path / "t")
     assert typo.returncode != 0 and not (tmp_path / "t").exists()  # checked before anything is trained
+    # --baseline-runs: a JEM on another network against the classifier trained above (copied in, not trained)
+    cross = script(capsys, "quality.py", "--ood-only", "--baseline-runs", out,
+                   *[tmp_path / "x" if c == out else c for c in cmd], "--model", "cnn-silu-4")
+    assert cross.returncode == 0, cross.stderr[-2000:]
+    assert "[quality] seed0 jem" in cross.stderr and "[quality] seed0 baseline" not in cross.stderr
+    crossed = {r["run"]: r for r in json.loads((tmp_path / "x" / "quality-ood.json").read_text())["rows"]["runs"]}
+    assert crossed["baseline"]["test_accuracy"] == base["test_accuracy"]
+    assert json.loads((tmp_path / "x" / "seed0" / "jem" / "config.json").read_text())["model"] == "cnn-silu-4"
+    missing = script(capsys, "quality.py", "--baseline-runs", tmp_path / "nosuch",
+                     *[tmp_path / "y" if c == out else c for c in cmd])
+    assert missing.returncode != 0 and "not a trained run" in missing.stderr
 
 
 def test_quality_flags_read_a_config_file_under_the_explicit_flags(tmp_path, monkeypatch):
