@@ -106,6 +106,8 @@ def adopt_baseline(src: Path, dst: Path, flags: dict) -> dict:
         sys.exit(f"quality: --baseline-runs: {src} is a JEM (p_x_weight {saved.get('p_x_weight')}), not a classifier")
     if not dst.exists():
         shutil.copytree(src, dst, ignore=shutil.ignore_patterns("eval", "detectors.safetensors"))
+    elif json.loads((dst / "config.json").read_text()) != saved:  # never compare with another classifier than named
+        sys.exit(f"quality: --baseline-runs: {dst} holds another classifier than {src}; choose another --out")
     return json.loads((dst / "summary.json").read_text())
 
 

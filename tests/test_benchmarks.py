@@ -2,6 +2,7 @@
 process (``runpy``, as ``python benchmarks/<script>.py`` would), which saves a torch import per call."""
 import json
 import runpy
+import shutil
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -128,6 +129,13 @@ def test_quality_benchmark_tables_and_reuse(tmp_path, capsys):
     crossed = {r["run"]: r for r in json.loads((tmp_path / "x" / "quality-ood.json").read_text())["rows"]["runs"]}
     assert crossed["baseline"]["test_accuracy"] == base["test_accuracy"]
     assert json.loads((tmp_path / "x" / "seed0" / "jem" / "config.json").read_text())["model"] == "cnn-silu-4"
+    other_root = tmp_path / "other"  # the same classifier but for one setting: --out already holds the first one
+    shutil.copytree(out / "seed0" / "baseline", other_root / "seed0" / "baseline")
+    saved = json.loads((other_root / "seed0" / "baseline" / "config.json").read_text())
+    (other_root / "seed0" / "baseline" / "config.json").write_text(json.dumps({**saved, "lr": 0.5}))
+    clash = script(capsys, "quality.py", "--ood-only", "--baseline-runs", other_root,
+                   *[tmp_path / "x" if c == out else c for c in cmd], "--model", "cnn-silu-4")
+    assert clash.returncode != 0 and "holds another classifier" in clash.stderr
     missing = script(capsys, "quality.py", "--baseline-runs", tmp_path / "nosuch",
                      *[tmp_path / "y" if c == out else c for c in cmd])
     assert missing.returncode != 0 and "not a trained run" in missing.stderr
