@@ -10,6 +10,14 @@
 #                                                  H100"): the recipe in fp32, then bf16 with the energy penalty of the
 #                                                  Fashion-MNIST preset, each against its SAM baseline
 #   benchmarks/gpu.sh compile                     step costs of wrn-28-10 with torch.compile
+#   benchmarks/gpu.sh density CIFAR_ROOT OOD_DIR "MODEL:SEED ..."
+#                                                  the density preset (configs/cifar10-density.toml) on each network
+#                                                  and seed against its baseline (benchmarks/quality.py), all at once
+#                                                  on the one GPU; OOD: interp, uniform, constant and OOD_DIR
+#   benchmarks/gpu.sh subset CIFAR_ROOT CIFAR100_TEST DEST NTRAIN NTEST NOOD
+#                                                  (run here, not there) NTRAIN / NTEST images per class and NOOD of
+#                                                  CIFAR-100's test images, drawn with seed 0, copied into DEST/cifar10
+#                                                  and DEST/cifar100: what fits the device's 64 MiB upload
 #
 # The device has no `unzip`: unpack a zipped subset with `python3 -m zipfile -e SUBSET.zip DIR`.
 #
@@ -83,7 +91,43 @@ sadajem)
 compile)
     step 300 "step cost, compiled" $PY benchmarks/step_cost.py --device $DEV --cases $MODEL:3x32x32 --k 5 \
         --batch 64 --rounds 3 --steps 3 --recipe jempp --compile 2>&1 | tee "$OUT/compile.log" ;;
+density)
+    cifar=$2 ood=$3 runs=$4
+    {
+        nvidia-smi -L || true
+        $PY -c "import torch; print('torch', torch.__version__, torch.version.cuda, torch.cuda.is_available() and torch.cuda.get_device_name())"
+        # decode the PNGs once into the image cache, so that the runs started together do not each decode them
+        step 120 "decode" $PY -c "from jemtorch.data import load_dataset; print(load_dataset('imagefolder', '$cifar').x_train.shape)"
+        for r in $runs; do
+            model=${r%%:*} seed=${r##*:}
+            step ${LIMIT:-420} "density $r" $PY benchmarks/quality.py --dataset imagefolder --data-root "$cifar" \
+                --ood "interp,uniform,constant,$ood" --seeds "$seed" --out "$RUNS/density-$model-s$seed" ${QARGS:-} \
+                -- --config configs/cifar10-density.toml --model "$model" --device $DEV --no-progress ${EXTRA:-} \
+                > "$OUT/density-$model-s$seed.log" 2>&1 &
+        done
+        wait
+        for r in $runs; do tail -n 60 "$OUT/density-${r%%:*}-s${r##*:}.log"; done
+    } 2>&1 | tee "$OUT/density.log"
+    tar -czf "$OUT/density-runs.tar.gz" -C "$RUNS" --exclude='*.pt' --exclude='*.safetensors' --exclude='report.html' --exclude='samples' \
+        $(cd "$RUNS" && ls -d density-*) ;;
+subset)
+    cifar=$2 c100=$3 dest=$4
+    $PY - "$cifar" "$c100" "$dest" "$5" "$6" "$7" <<'PYEOF'
+import random, shutil, sys
+from pathlib import Path
+cifar, c100, dest, n_train, n_test, n_ood = sys.argv[1:]
+rng = random.Random(0)
+def copy(files, src, dst):
+    for f in files:
+        (dst / f.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(f, dst / f.relative_to(src))
+for split, n in (("train", int(n_train)), ("test", int(n_test))):
+    for c in sorted(p for p in (Path(cifar) / split).iterdir() if p.is_dir()):
+        copy(rng.sample(sorted(c.glob("*.png")), n), Path(cifar), Path(dest) / "cifar10")
+copy(rng.sample(sorted(Path(c100).rglob("*.png")), int(n_ood)), Path(c100), Path(dest) / "cifar100")
+PYEOF
+    du -sh --apparent-size "$dest" ;;
 *)
-    echo "usage: benchmarks/gpu.sh smoke CIFAR_ROOT | recipes CIFAR_ROOT SECONDS | sadajem CIFAR_ROOT SECONDS | compile" >&2
+    echo "usage: benchmarks/gpu.sh smoke CIFAR_ROOT | recipes CIFAR_ROOT SECONDS | sadajem CIFAR_ROOT SECONDS | compile | density CIFAR_ROOT OOD_DIR RUNS | subset CIFAR_ROOT CIFAR100_TEST DEST NTRAIN NTEST NOOD" >&2
     exit 2 ;;
 esac
