@@ -271,7 +271,8 @@ class Mahalanobis(Detector):
 
     def score(self, out):
         z = out.features.double()
-        d2 = torch.stack([((z - m) @ self.precision * (z - m)).sum(1) for m in self.mu], 1)
+        zp = z @ self.precision  # (z−μ)ᵀP(z−μ) = zᵀPz − 2 zᵀPμ + μᵀPμ: one D×D product per image, not one per class
+        d2 = (zp * z).sum(1, keepdim=True) - 2 * zp @ self.mu.T + ((self.mu @ self.precision) * self.mu).sum(1)
         return (-0.5 * d2.min(1).values).numpy()
 
     def state_dict(self):

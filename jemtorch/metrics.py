@@ -145,10 +145,25 @@ def frechet_distance(feat_a: np.ndarray, feat_b: np.ndarray) -> float:
                          f"per set), got shapes {a.shape} and {b.shape}")
     require_finite("Fréchet distance", a, b)
     mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    # tr sqrt(A B) = Σ sqrt(λ_i(A B)): A B is similar to the PSD matrix A^½ B A^½, so its eigenvalues are ≥ 0
-    eig = np.linalg.eigvals(cov_a @ cov_b).real.clip(min=0)
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.sqrt(eig).sum())
+    ca, cb = a - mu_a, b - mu_b
+    trace_a, trace_b = (ca**2).sum() / (len(a) - 1), (cb**2).sum() / (len(b) - 1)
+    return float(((mu_a - mu_b) ** 2).sum() + trace_a + trace_b - 2 * trace_sqrt_product(ca, cb))
+
+
+def trace_sqrt_product(ca: np.ndarray, cb: np.ndarray) -> float:
+    """tr (A B)^½ for the covariances A, B of the centred rows ``ca``, ``cb``, with symmetric eigensolvers only, in
+    whichever space is smaller. A B is similar to the PSD matrix A^½ B A^½, so tr (A B)^½ = Σ λ_i(A^½ B A^½)^½ (in the
+    D feature dimensions); and A B = caᵀ ca cbᵀ cb / ((n_a−1)(n_b−1)) has the nonzero eigenvalues of M Mᵀ, M = ca cbᵀ,
+    so it is also the sum of M's singular values over √((n_a−1)(n_b−1)) (in the n_a × n_b sample space). With more
+    dimensions than samples (1 000 samples, 4 096 features of cnn-64) the second costs seconds where the general
+    eigensolver on the D × D product took minutes per distance."""
+    n_a, n_b, dim = len(ca), len(cb), ca.shape[1]
+    if dim <= min(n_a, n_b):
+        cov_a, cov_b = ca.T @ ca / (n_a - 1), cb.T @ cb / (n_b - 1)
+        w, v = np.linalg.eigh(cov_a)
+        root_a = (v * np.sqrt(w.clip(min=0))) @ v.T
+        return float(np.sqrt(np.linalg.eigvalsh(root_a @ cov_b @ root_a).clip(min=0)).sum())
+    return float(np.linalg.svd(ca @ cb.T, compute_uv=False).sum() / np.sqrt((n_a - 1) * (n_b - 1)))
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 200) -> float:

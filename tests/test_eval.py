@@ -113,6 +113,17 @@ def test_frechet_distance():
     assert frechet_distance(rng.normal(size=(20000, 3)), c) == pytest.approx(3 * (1 + 4 - 2 * 2), abs=0.15)
 
 
+@pytest.mark.parametrize("n_a,n_b,dim", [(300, 200, 40), (60, 80, 200)])  # fewer features than samples, and more
+def test_frechet_distance_matches_the_matrix_square_root(n_a, n_b, dim):
+    from scipy.linalg import sqrtm
+    rng = np.random.default_rng(1)
+    mix = rng.normal(size=(dim, dim)) / np.sqrt(dim)
+    a, b = rng.normal(size=(n_a, dim)) @ mix, rng.normal(size=(n_b, dim)) @ mix.T + 0.3
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    reference = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(cov_a + cov_b - 2 * sqrtm(cov_a @ cov_b).real)
+    assert frechet_distance(a, b) == pytest.approx(reference, rel=1e-6)
+
+
 def test_gradnorm_score_matches_finite_differences():
     torch.manual_seed(0)
     jem = JEM(create_model("cnn-2", in_channels=1, num_classes=3)).double()
