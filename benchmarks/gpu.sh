@@ -20,6 +20,8 @@
 #                                                  and DEST/cifar100: what fits the device's 64 MiB upload
 #
 # The device has no `unzip`: unpack a zipped subset with `python3 -m zipfile -e SUBSET.zip DIR`.
+# Send a subset as one archive (`tar -czf .gpudata/sub.tgz -C DEST cifar10 cifar100`, carry `.gpudata`, unpack with
+# `tar -xzf` there): 60 MB of loose PNGs were refused as more than the 64 MiB upload (2026-12-04).
 #
 # CIFAR_ROOT holds {train,test}/<class>/*.png (the PNG copy in ../shared/data, or a subset of it).
 set -uo pipefail
