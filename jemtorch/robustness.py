@@ -94,6 +94,7 @@ def attack_runs(run_dirs: Sequence[str | Path], opts: AttackOptions, device: str
             for d in metrics.get("defenses", {}).values():
                 d.pop(norm, None)
             metrics["defenses"] = {k: v for k, v in metrics.get("defenses", {}).items() if v}
+            metrics.pop(norm, None)  # the undefended curve too: it is set again below only if this run measures it
             settings = opts.refine_steps if not run.is_baseline else (0,)
             for k in settings:
                 model = refined_model(run, k, opts)

@@ -175,6 +175,12 @@ def test_attack_rerun_replaces_that_norm(trained_runs):
     m = json.loads((trained_runs / "jem/robustness/metrics.json").read_text())
     assert set(m["defenses"]) == {"none"} and set(m["defenses"]["none"]) == {"linf", "l2"}
     assert set(m["linf"]) == {"0"} and set(m["l2"]) == {"0", "1"}
+    # a defence-only rerun (on other images) leaves no undefended linf curve of the earlier invocation behind
+    assert main(["attack", jem, "--norm", "linf", "--eps", "0", "--refine-steps", "1", "--refine-chains", "1",
+                 "--n", "4", "--steps", "2", "--no-progress"]) == 0
+    m = json.loads((trained_runs / "jem/robustness/metrics.json").read_text())
+    assert "linf" not in m and set(m["defenses"]) == {"none", "sgld-1x1-full"}
+    assert set(m["defenses"]["none"]) == {"l2"} and m["pgd"]["linf"]["n"] == 4
 
 
 def test_threat_model_flag_and_deprecated_norm_spelling(trained_runs, capsys):
