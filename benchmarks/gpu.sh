@@ -13,7 +13,9 @@
 #   benchmarks/gpu.sh density CIFAR_ROOT OOD_DIR "MODEL:SEED ..."
 #                                                  the density preset (configs/cifar10-density.toml) on each network
 #                                                  and seed against its baseline (benchmarks/quality.py), all at once
-#                                                  on the one GPU; OOD: interp, uniform, constant and OOD_DIR
+#                                                  on the one GPU; OOD: interp, uniform, constant and OOD_DIR.
+#                                                  MODEL:SEED:NAME adds the flags in $V_NAME to that run only, e.g.
+#                                                  V_noisy="--sgld-std 0.025" ... "cnn-16:0 cnn-16:0:noisy"
 #   benchmarks/gpu.sh subset CIFAR_ROOT CIFAR100_TEST DEST NTRAIN NTEST NOOD
 #                                                  (run here, not there) NTRAIN / NTEST images per class and NOOD of
 #                                                  CIFAR-100's test images, drawn with seed 0, copied into DEST/cifar10
@@ -101,14 +103,17 @@ density)
         # decode the PNGs once into the image cache, so that the runs started together do not each decode them
         step 120 "decode" $PY -c "from jemtorch.data import load_dataset; print(load_dataset('imagefolder', '$cifar').x_train.shape)"
         for r in $runs; do
-            model=${r%%:*} seed=${r##*:}
+            IFS=: read -r model seed variant <<< "$r"
+            flags=V_${variant:-}; name=density-$model-s$seed${variant:+-$variant}
+            [ -n "${variant:-}" ] && [ -z "${!flags:-}" ] && { echo "no flags \$$flags for $r" >&2; exit 2; }
             step ${LIMIT:-420} "density $r" $PY benchmarks/quality.py --dataset imagefolder --data-root "$cifar" \
-                --ood "interp,uniform,constant,$ood" --seeds "$seed" --out "$RUNS/density-$model-s$seed" ${QARGS:-} \
+                --ood "interp,uniform,constant,$ood" --seeds "$seed" --out "$RUNS/$name" ${QARGS:-} \
                 -- --config configs/cifar10-density.toml --model "$model" --device $DEV --no-progress ${EXTRA:-} \
-                > "$OUT/density-$model-s$seed.log" 2>&1 &
+                ${variant:+${!flags}} > "$OUT/$name.log" 2>&1 &
         done
         wait
-        for r in $runs; do tail -n 60 "$OUT/density-${r%%:*}-s${r##*:}.log"; done
+        for r in $runs; do IFS=: read -r model seed variant <<< "$r"
+            tail -n 60 "$OUT/density-$model-s$seed${variant:+-$variant}.log"; done
     } 2>&1 | tee "$OUT/density.log"
     tar -czf "$OUT/density-runs.tar.gz" -C "$RUNS" --exclude='*.pt' --exclude='*.safetensors' --exclude='report.html' --exclude='samples' \
         $(cd "$RUNS" && ls -d density-*) ;;
