@@ -16,6 +16,10 @@
 #                                                  on the one GPU; OOD: interp, uniform, constant and OOD_DIR.
 #                                                  MODEL:SEED:NAME adds the flags in $V_NAME to that run only, e.g.
 #                                                  V_noisy="--sgld-std 0.025" ... "cnn-16:0 cnn-16:0:noisy"
+#   benchmarks/gpu.sh pairs DATASET ROOT CONFIG "SEED[:NAME] ..."
+#                                                  accuracy only: each seed's JEM (CONFIG, plus $V_NAME) and its
+#                                                  baseline (the same with --p-x-weight 0), all at once; a table of
+#                                                  test accuracies, health and rollbacks
 #   benchmarks/gpu.sh subset CIFAR_ROOT CIFAR100_TEST DEST NTRAIN NTEST NOOD
 #                                                  (run here, not there) NTRAIN / NTEST images per class and NOOD of
 #                                                  CIFAR-100's test images, drawn with seed 0, copied into DEST/cifar10
@@ -117,6 +121,40 @@ density)
     } 2>&1 | tee "$OUT/density.log"
     tar -czf "$OUT/density-runs.tar.gz" -C "$RUNS" --exclude='*.pt' --exclude='*.safetensors' --exclude='report.html' --exclude='samples' \
         $(cd "$RUNS" && ls -d density-*) ;;
+pairs)
+    dataset=$2 root=$3 config=$4 runs=$5
+    {
+        nvidia-smi -L || true
+        for r in $runs; do
+            IFS=: read -r seed variant <<< "$r"
+            flags=V_${variant:-}; name=s$seed${variant:+-$variant}
+            [ -n "${variant:-}" ] && [ -z "${!flags:-}" ] && { echo "no flags \$$flags for $r" >&2; exit 2; }
+            for kind in jem baseline; do
+                px=(); [ $kind = baseline ] && px=(--p-x-weight 0)
+                step ${LIMIT:-420} "$kind $r" $JEM train --dataset "$dataset" --data-root "$root" --config "$config" \
+                    --seed "$seed" --device $DEV --no-progress --out "$RUNS/$name/$kind" ${variant:+${!flags}} "${px[@]}" \
+                    > "$OUT/pairs-$name-$kind.log" 2>&1 &
+            done
+        done
+        wait
+        $PY - "$RUNS" $runs <<'PYEOF'
+import json, sys
+from pathlib import Path
+print("| run | JEM test acc | baseline | JEM - baseline | healthy | rollbacks | JEM / baseline s |")
+print("|---|---|---|---|---|---|---|")
+for r in sys.argv[2:]:
+    seed, _, variant = r.partition(":")
+    d = Path(sys.argv[1]) / (f"s{seed}" + (f"-{variant}" if variant else ""))
+    try:
+        j, b = (json.loads((d / k / "summary.json").read_text()) for k in ("jem", "baseline"))
+    except OSError as e:
+        print(f"| {r} | not finished ({e.filename}) |"); continue
+    print(f"| {r} | {100 * j['test_accuracy']:.2f}% | {100 * b['test_accuracy']:.2f}% | "
+          f"{100 * (j['test_accuracy'] - b['test_accuracy']):+.2f} | {100 * j['health']['healthy_fraction']:.1f}% | "
+          f"{j['rollbacks']} | {j['train_seconds']:.0f} / {b['train_seconds']:.0f} |")
+PYEOF
+    } 2>&1 | tee "$OUT/pairs.log"
+    tar -czf "$OUT/pairs-runs.tar.gz" -C "$RUNS" --exclude='*.pt' --exclude='*.safetensors' --exclude='samples' . ;;
 subset)
     cifar=$2 c100=$3 dest=$4
     $PY - "$cifar" "$c100" "$dest" "$5" "$6" "$7" <<'PYEOF'
@@ -135,6 +173,6 @@ copy(rng.sample(sorted(Path(c100).rglob("*.png")), int(n_ood)), Path(c100), Path
 PYEOF
     du -sh --apparent-size "$dest" ;;
 *)
-    echo "usage: benchmarks/gpu.sh smoke CIFAR_ROOT | recipes CIFAR_ROOT SECONDS | sadajem CIFAR_ROOT SECONDS | compile | density CIFAR_ROOT OOD_DIR RUNS | subset CIFAR_ROOT CIFAR100_TEST DEST NTRAIN NTEST NOOD" >&2
+    echo "usage: benchmarks/gpu.sh smoke CIFAR_ROOT | pairs DATASET ROOT CONFIG RUNS | recipes CIFAR_ROOT SECONDS | sadajem CIFAR_ROOT SECONDS | compile | density CIFAR_ROOT OOD_DIR RUNS | subset CIFAR_ROOT CIFAR100_TEST DEST NTRAIN NTEST NOOD" >&2
     exit 2 ;;
 esac
