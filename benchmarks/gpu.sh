@@ -40,6 +40,12 @@ PY=${PY:-python3}
 DEV=${DEV:-cuda}          # DEV=cpu MODEL=cnn-8 try the script out on a CPU
 MODEL=${MODEL:-wrn-28-10}
 JEM="$PY -m jemtorch"
+vflags() {  # vflags NAME RUN: the flags in $V_NAME for that run (none for an empty NAME); fails when $V_NAME is unset
+    [ -z "$1" ] && return 0
+    local var=V_$1
+    [ -n "${!var:-}" ] || { echo "no flags \$$var for $2" >&2; return 1; }
+    echo "${!var}"
+}
 step() {  # step SECONDS NAME command...: run, log, never stop the script
     local limit=$1 name=$2; shift 2
     echo "=== $name ($(date +%T), limit ${limit}s): $*"
@@ -106,18 +112,18 @@ density)
         $PY -c "import torch; print('torch', torch.__version__, torch.version.cuda, torch.cuda.is_available() and torch.cuda.get_device_name())"
         # decode the PNGs once into the image cache, so that the runs started together do not each decode them
         step 120 "decode" $PY -c "from jemtorch.data import load_dataset; print(load_dataset('imagefolder', '$cifar').x_train.shape)"
+        names=()
         for r in $runs; do
             IFS=: read -r model seed variant <<< "$r"
-            flags=V_${variant:-}; name=density-$model-s$seed${variant:+-$variant}
-            [ -n "${variant:-}" ] && [ -z "${!flags:-}" ] && { echo "no flags \$$flags for $r" >&2; exit 2; }
+            flags=$(vflags "${variant:-}" "$r") || exit 2
+            name=density-$model-s$seed${variant:+-$variant}; names+=("$name")
             step ${LIMIT:-420} "density $r" $PY benchmarks/quality.py --dataset imagefolder --data-root "$cifar" \
                 --ood "interp,uniform,constant,$ood" --seeds "$seed" --out "$RUNS/$name" ${QARGS:-} \
                 -- --config configs/cifar10-density.toml --model "$model" --device $DEV --no-progress ${EXTRA:-} \
-                ${variant:+${!flags}} > "$OUT/$name.log" 2>&1 &
+                $flags > "$OUT/$name.log" 2>&1 &
         done
         wait
-        for r in $runs; do IFS=: read -r model seed variant <<< "$r"
-            tail -n 60 "$OUT/density-$model-s$seed${variant:+-$variant}.log"; done
+        for name in "${names[@]}"; do tail -n 60 "$OUT/$name.log"; done
     } 2>&1 | tee "$OUT/density.log"
     tar -czf "$OUT/density-runs.tar.gz" -C "$RUNS" --exclude='*.pt' --exclude='*.safetensors' --exclude='report.html' --exclude='samples' \
         $(cd "$RUNS" && ls -d density-*) ;;
@@ -127,12 +133,12 @@ pairs)
         nvidia-smi -L || true
         for r in $runs; do
             IFS=: read -r seed variant <<< "$r"
-            flags=V_${variant:-}; name=s$seed${variant:+-$variant}
-            [ -n "${variant:-}" ] && [ -z "${!flags:-}" ] && { echo "no flags \$$flags for $r" >&2; exit 2; }
+            flags=$(vflags "${variant:-}" "$r") || exit 2
+            name=s$seed${variant:+-$variant}
             for kind in jem baseline; do
                 px=(); [ $kind = baseline ] && px=(--p-x-weight 0)
                 step ${LIMIT:-420} "$kind $r" $JEM train --dataset "$dataset" --data-root "$root" --config "$config" \
-                    --seed "$seed" --device $DEV --no-progress --out "$RUNS/$name/$kind" ${variant:+${!flags}} "${px[@]}" \
+                    --seed "$seed" --device $DEV --no-progress --out "$RUNS/$name/$kind" $flags "${px[@]}" \
                     > "$OUT/pairs-$name-$kind.log" 2>&1 &
             done
         done
