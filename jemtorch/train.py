@@ -106,8 +106,9 @@ class Clock:
 class Phases:
     """When the generative terms train: from ``start`` (``--px-start-epoch``), faded in over ``ramp`` iterations
     (``--px-ramp-epochs``), until ``stop`` (``--px-stop-epoch``; None: to the end), then at ``tail_scale`` of their
-    weights (``--px-tail-scale``; 0: off) with chains of noise ``tail_std`` (``--px-tail-std``) instead of ``std``
-    (``--sgld-std``); converted from epochs to iterations here, once."""
+    weights (``--px-tail-scale``; 0: off), reached linearly over ``fade`` iterations (``--px-fade-epochs``; 0: at
+    once), with chains of noise ``tail_std`` (``--px-tail-std``) instead of ``std`` (``--sgld-std``); converted from
+    epochs to iterations here, once."""
 
     start: int
     ramp: int
@@ -116,12 +117,13 @@ class Phases:
     tail_scale: float = 0.0
     std: float = 0.01
     tail_std: float = 0.01
+    fade: int = 0
 
     @classmethod
     def of(cls, cfg: TrainConfig, iters_per_epoch: int) -> Phases:
         return cls(cfg.px_start_epoch * iters_per_epoch, round(cfg.px_ramp_epochs * iters_per_epoch), cfg.uses_samples,
                    None if cfg.px_stop_epoch < 0 else cfg.px_stop_epoch * iters_per_epoch, cfg.px_tail_scale,
-                   cfg.sgld_std, cfg.final_sgld_std)
+                   cfg.sgld_std, cfg.final_sgld_std, round(cfg.px_fade_epochs * iters_per_epoch))
 
     def tail(self, step: int) -> bool:
         """Past ``--px-stop-epoch``."""
@@ -132,7 +134,15 @@ class Phases:
         return self.tail_std if self.tail(step) else self.std
 
     def generative(self, step: int) -> bool:
-        return self.uses_samples and self.start <= step and (not self.tail(step) or self.tail_scale > 0)
+        return self.uses_samples and self.start <= step and self.tail_share(step) > 0
+
+    def tail_share(self, step: int) -> float:
+        """The share of their weights the generative terms keep at ``step``: 1 before ``stop``, then falling linearly
+        over ``fade`` iterations to ``tail_scale``."""
+        if not self.tail(step):
+            return 1.0
+        into = step - self.stop + 1
+        return self.tail_scale if into >= self.fade else 1.0 - (1.0 - self.tail_scale) * into / self.fade
 
     def started(self, step: int) -> bool:
         """The generative terms have switched on (they may have stopped again: the classifier's tail)."""
@@ -140,13 +150,13 @@ class Phases:
 
     def weights(self, w: Weights, step: int, scale: float = 1.0) -> Weights:
         """The loss weights at ``step``: generative terms off before ``start``, then raised linearly (with the
-        energy penalty) over ``ramp`` iterations, at ``tail_scale`` after ``stop``; times ``scale``
+        energy penalty) over ``ramp`` iterations, at ``tail_share`` after ``stop``; times ``scale``
         (health.AdaptivePx) throughout."""
         if not self.generative(step):
             return replace(w, px=0.0, pxy=0.0, cd=0.0)
         into = step - self.start + 1
         r = scale * (into / self.ramp if self.ramp > 0 and into < self.ramp else 1.0)
-        r *= self.tail_scale if self.tail(step) else 1.0
+        r *= self.tail_share(step)
         return w if r == 1.0 else replace(w, px=r * w.px, pxy=r * w.pxy, energy_reg=r * w.energy_reg, cd=r * w.cd)
 
 

@@ -311,6 +311,24 @@ def test_px_tail_scale_keeps_the_density_training_at_a_share_of_its_weights(tmp_
         cfg(tmp_path, epochs=3, px_start_epoch=1, px_stop_epoch=2, px_tail_scale=1.5)
 
 
+def test_px_fade_epochs_lowers_the_density_to_its_tail_share_linearly(tmp_path):
+    from jemtorch.objective import Weights
+
+    t = Trainer(cfg(tmp_path, epochs=4, px_start_epoch=1, px_stop_epoch=2, px_tail_scale=0.2, px_fade_epochs=1.0))
+    per, w = t.clock.iters_per_epoch, Weights(1.0, 0.5, 0.0, 1.0, "squared")
+    fade = [t.phases.weights(w, 2 * per - 1 + i).px for i in range(per + 2)]
+    assert fade[0] == 0.5 and fade[-2] == fade[-1] == pytest.approx(0.1)  # full before the stop, the tail's share after
+    assert all(a > b for a, b in zip(fade, fade[1:-1]))  # falling at every step of the fade
+    k = per // 2  # k steps into the fade: 1 - (1 - 0.2) k / per of the penalty too
+    assert t.phases.weights(w, 2 * per + k - 1).energy_reg == pytest.approx(1 - 0.8 * k / per)
+    off = Trainer(cfg(tmp_path / "off", epochs=4, px_start_epoch=1, px_stop_epoch=2, px_fade_epochs=1.0)).phases
+    assert [off.generative(s) for s in (2 * per, 3 * per - 2, 3 * per - 1)] == [True, True, False]  # fades out to 0
+    with pytest.raises(ValueError, match="--px-fade-epochs needs --px-stop-epoch"):
+        cfg(tmp_path, epochs=3, px_fade_epochs=1.0)
+    with pytest.raises(ValueError, match="--px-fade-epochs must be >= 0, got -1"):
+        cfg(tmp_path, epochs=3, px_stop_epoch=2, px_fade_epochs=-1.0)
+
+
 def test_px_tail_std_sets_the_tail_chains_noise_and_the_trained_runs_sampler(tmp_path):
     from jemtorch.build import load_run
 
