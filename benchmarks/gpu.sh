@@ -16,6 +16,10 @@
 #                                                  on the one GPU; OOD: interp, uniform, constant and OOD_DIR.
 #                                                  MODEL:SEED:NAME adds the flags in $V_NAME to that run only, e.g.
 #                                                  V_noisy="--sgld-std 0.025" ... "cnn-16:0 cnn-16:0:noisy"
+#   benchmarks/gpu.sh quality DATASET ROOT CONFIG "MODEL:SEED[:NAME] ..."
+#                                                  the same for any dataset and config file (the dataset's default OOD
+#                                                  sets), e.g. fashion-mnist with configs/fashion-mnist-density-silu.toml;
+#                                                  WEIGHTS=1 also sends back each run's best.pt
 #   benchmarks/gpu.sh pairs DATASET ROOT CONFIG "SEED[:NAME] ..."
 #                                                  accuracy only: each seed's JEM (CONFIG, plus $V_NAME) and its
 #                                                  baseline (the same with --p-x-weight 0), all at once; a table of
@@ -52,6 +56,35 @@ step() {  # step SECONDS NAME command...: run, log, never stop the script
     local t0=$SECONDS
     timeout "$limit" "$@"
     echo "=== $name: exit $? after $((SECONDS - t0)) s"
+}
+
+quality_runs() {  # quality_runs TAG DATASET ROOT CONFIG OOD "MODEL:SEED[:NAME] ...": benchmarks/quality.py per run, all at once
+    local tag=$1 dataset=$2 root=$3 config=$4 ood=$5 runs=$6
+    {
+        nvidia-smi -L || true
+        $PY -c "import torch; print('torch', torch.__version__, torch.version.cuda, torch.cuda.is_available() and torch.cuda.get_device_name())"
+        # decode the data once into the image cache, so that the runs started together do not each decode them
+        step 120 "decode" $PY -c "from jemtorch.data import load_dataset; print(load_dataset('$dataset', '$root').x_train.shape)"
+        local names=() r model seed variant flags name
+        for r in $runs; do
+            IFS=: read -r model seed variant <<< "$r"
+            flags=$(vflags "${variant:-}" "$r") || exit 2
+            name=$tag-$model-s$seed${variant:+-$variant}; names+=("$name")
+            step ${LIMIT:-420} "$tag $r" $PY benchmarks/quality.py --dataset "$dataset" --data-root "$root" \
+                ${ood:+--ood "$ood"} --seeds "$seed" --out "$RUNS/$name" ${QARGS:-} \
+                -- --config "$config" --model "$model" --device $DEV --no-progress ${EXTRA:-} \
+                $flags > "$RUNS/$name.log" 2>&1 &
+        done
+        wait
+        for name in "${names[@]}"; do tail -n 60 "$RUNS/$name.log"; done
+    } 2>&1 | tee "$OUT/$tag.log"
+    # at most 8 files come back from the device, 16 MiB each: the runs' logs and records in one archive, the
+    # figures of the JEMs' evaluations in a second, and with WEIGHTS=1 each run's best.pt in a third
+    (cd "$RUNS" && tar -czf "$OUT/$tag-runs.tar.gz" --exclude='*.pt' --exclude='*.safetensors' --exclude='report.html' \
+        --exclude='samples' --exclude='eval/*.png' --exclude='samples_*.png' "$tag"-*
+     find "$tag"-* -path '*/jem/eval/*.png' | tar -czf "$OUT/$tag-figures.tar.gz" -T -
+     [ -z "${WEIGHTS:-}" ] || find "$tag"-* -name best.pt | tar -czf "$OUT/$tag-weights.tar.gz" -T -)
+    return 0
 }
 
 case "${1:-}" in
@@ -105,28 +138,10 @@ sadajem)
 compile)
     step 300 "step cost, compiled" $PY benchmarks/step_cost.py --device $DEV --cases $MODEL:3x32x32 --k 5 \
         --batch 64 --rounds 3 --steps 3 --recipe jempp --compile 2>&1 | tee "$OUT/compile.log" ;;
-density)
-    cifar=$2 ood=$3 runs=$4
-    {
-        nvidia-smi -L || true
-        $PY -c "import torch; print('torch', torch.__version__, torch.version.cuda, torch.cuda.is_available() and torch.cuda.get_device_name())"
-        # decode the PNGs once into the image cache, so that the runs started together do not each decode them
-        step 120 "decode" $PY -c "from jemtorch.data import load_dataset; print(load_dataset('imagefolder', '$cifar').x_train.shape)"
-        names=()
-        for r in $runs; do
-            IFS=: read -r model seed variant <<< "$r"
-            flags=$(vflags "${variant:-}" "$r") || exit 2
-            name=density-$model-s$seed${variant:+-$variant}; names+=("$name")
-            step ${LIMIT:-420} "density $r" $PY benchmarks/quality.py --dataset imagefolder --data-root "$cifar" \
-                --ood "interp,uniform,constant,$ood" --seeds "$seed" --out "$RUNS/$name" ${QARGS:-} \
-                -- --config configs/cifar10-density.toml --model "$model" --device $DEV --no-progress ${EXTRA:-} \
-                $flags > "$OUT/$name.log" 2>&1 &
-        done
-        wait
-        for name in "${names[@]}"; do tail -n 60 "$OUT/$name.log"; done
-    } 2>&1 | tee "$OUT/density.log"
-    tar -czf "$OUT/density-runs.tar.gz" -C "$RUNS" --exclude='*.pt' --exclude='*.safetensors' --exclude='report.html' --exclude='samples' \
-        $(cd "$RUNS" && ls -d density-*) ;;
+density)  # the CIFAR-10 density preset: quality imagefolder CIFAR_ROOT configs/cifar10-density.toml ...
+    quality_runs density imagefolder "$2" configs/cifar10-density.toml "interp,uniform,constant,$3" "$4" ;;
+quality)
+    quality_runs quality "$2" "$3" "$4" "" "$5" ;;
 pairs)
     dataset=$2 root=$3 config=$4 runs=$5
     {
@@ -179,6 +194,6 @@ copy(rng.sample(sorted(Path(c100).rglob("*.png")), int(n_ood)), Path(c100), Path
 PYEOF
     du -sh --apparent-size "$dest" ;;
 *)
-    echo "usage: benchmarks/gpu.sh smoke CIFAR_ROOT | pairs DATASET ROOT CONFIG RUNS | recipes CIFAR_ROOT SECONDS | sadajem CIFAR_ROOT SECONDS | compile | density CIFAR_ROOT OOD_DIR RUNS | subset CIFAR_ROOT CIFAR100_TEST DEST NTRAIN NTEST NOOD" >&2
+    echo "usage: benchmarks/gpu.sh smoke CIFAR_ROOT | quality DATASET ROOT CONFIG RUNS | pairs DATASET ROOT CONFIG RUNS | recipes CIFAR_ROOT SECONDS | sadajem CIFAR_ROOT SECONDS | compile | density CIFAR_ROOT OOD_DIR RUNS | subset CIFAR_ROOT CIFAR100_TEST DEST NTRAIN NTEST NOOD" >&2
     exit 2 ;;
 esac
