@@ -19,7 +19,12 @@
 #   benchmarks/gpu.sh quality DATASET ROOT CONFIG "MODEL:SEED[:NAME] ..."
 #                                                  the same for any dataset and config file (the dataset's default OOD
 #                                                  sets), e.g. fashion-mnist with configs/fashion-mnist-density-silu.toml;
-#                                                  WEIGHTS=1 also sends back each run's best.pt
+#                                                  WEIGHTS=1 also sends back each run's best.pt. Sizing (H200,
+#                                                  2026-12-04): Fashion-MNIST JEMs of 13 epochs are GPU-bound when
+#                                                  many share it — twelve at once ran ~10.4 iterations/s each (the
+#                                                  GPU 99% busy) and none of their 5 473 iterations finished in 500 s;
+#                                                  two at once beside their baselines took 150 s each (pairs). About
+#                                                  six quality runs fit a 10-minute call (estimated from these rates)
 #   benchmarks/gpu.sh pairs DATASET ROOT CONFIG "SEED[:NAME] ..."
 #                                                  accuracy only: each seed's JEM (CONFIG, plus $V_NAME) and its
 #                                                  baseline (the same with --p-x-weight 0), all at once; a table of
