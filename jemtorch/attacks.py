@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .energy import JEM, in_batches
-from .sampler import capped_step, frozen, sgld
+from .sampler import capped_noise, capped_step, frozen, sgld
 
 SCALE = 2.0  # [0,1]-pixel units → model units
 THREAT_MODELS = ("linf", "l2")
@@ -56,7 +56,7 @@ class Refined(nn.Module):
     """p(y|x) of ``jem``, optionally behind the SGLD-refinement defence. Returns log-probabilities (B, C)."""
 
     def __init__(self, jem: JEM, n_steps: int = 0, n_chains: int = 1, step_size: float = 1.0, noise: float = 0.01,
-                 grad: str = "full", step_cap: float = 0.0):
+                 grad: str = "full", step_cap: float = 0.0, cap_noise: bool = False):
         super().__init__()
         if grad not in ("full", "bpda"):
             raise ValueError(f"--defense-grad must be full or bpda, got {grad!r}")
@@ -64,6 +64,7 @@ class Refined(nn.Module):
             raise ValueError("refinement steps must be >= 0 and chains >= 1")
         self.jem, self.n_steps, self.n_chains = jem, n_steps, n_chains
         self.step_size, self.noise, self.grad, self.step_cap = step_size, noise, grad, step_cap or None
+        self.cap_noise = cap_noise and self.step_cap is not None
 
     @property
     def name(self) -> str:
@@ -72,7 +73,8 @@ class Refined(nn.Module):
     def refine(self, x: torch.Tensor) -> torch.Tensor:
         if self.grad == "bpda":
             with torch.enable_grad():  # the chains need ∇ log p(x) also where the caller scores under no_grad
-                xs = sgld(self.jem.log_px, x, self.n_steps, self.step_size, self.noise, step_cap=self.step_cap)
+                xs = sgld(self.jem.log_px, x, self.n_steps, self.step_size, self.noise, step_cap=self.step_cap,
+                          cap_noise=self.cap_noise)
             return x + (xs - x).detach()  # forward: refined value; backward: identity
         keep_graph = x.requires_grad
         with torch.enable_grad():
@@ -80,7 +82,8 @@ class Refined(nn.Module):
             for _ in range(self.n_steps):
                 (g,) = torch.autograd.grad(self.jem.log_px(xr).sum(), xr, create_graph=keep_graph)
                 step = capped_step(self.step_size, self.step_cap, g)  # sampler.sgld's step, cap included
-                xr = xr + step * g + self.noise * torch.randn_like(xr)
+                noise = capped_noise(self.noise, step, self.step_size, self.cap_noise)
+                xr = xr + step * g + noise * torch.randn_like(xr)
         return xr if keep_graph else xr.detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

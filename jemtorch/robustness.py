@@ -72,7 +72,7 @@ def write_metrics(run_dir: Path, metrics: dict) -> None:
 def refined_model(run: LoadedRun, refine_steps: int, opts: AttackOptions) -> Refined:
     """The run's classifier behind ``refine_steps`` SGLD steps with the run's own SGLD step size, cap and noise."""
     return Refined(run.jem, refine_steps, opts.refine_chains if refine_steps > 0 else 1, run.cfg.sgld_lr,
-                   run.cfg.final_sgld_std, opts.defense_grad, run.cfg.sgld_step_cap)
+                   run.cfg.final_sgld_std, opts.defense_grad, run.cfg.sgld_step_cap, run.cfg.sgld_cap_noise)
 
 
 def attack_runs(run_dirs: Sequence[str | Path], opts: AttackOptions, device: str = "auto",

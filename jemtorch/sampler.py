@@ -83,6 +83,7 @@ def sgld(
     record: Optional[dict] = None,
     grad_clip: Optional[float] = None,
     step_cap: Optional[float] = None,
+    cap_noise: bool = False,
 ) -> torch.Tensor:
     """Run ``n_steps`` of x ← x + step_size·∇ log_density(x) + noise·N(0, I); returns a detached tensor.
 
@@ -93,6 +94,7 @@ def sgld(
     ``step_cap=m`` lowers the step size, one value for the whole batch at each step, so that the gradient move
     step_size·∇ has an RMS over the batch's entries of at most m: the chains keep the pace they were tuned for when
     the energy steepens (gradient-norm clipping, applied to the chains' input gradient).
+    ``cap_noise``: where the cap lowers the step, lower the noise with it (``capped_noise``).
 
     ``log_density`` maps a batch to per-sample (unnormalised) log densities, shape (B,). With
     step_size = noise²/2 this is exact Langevin dynamics; JEM uses the paper's decoupled values (α=1, σ=0.01).
@@ -111,7 +113,7 @@ def sgld(
                 record["step"] = step
             x.add_(grad * step)
             if noise > 0:
-                x.add_(torch.randn_like(x), alpha=noise)
+                x.add_(torch.randn_like(x) * capped_noise(noise, step, step_size, cap_noise and step_cap is not None))
             if clamp is not None:
                 x.clamp_(*clamp)
         if callback is not None:
@@ -132,6 +134,15 @@ def capped_step(step_size: float, step_cap: Optional[float], grad: torch.Tensor,
     return torch.minimum(step, step_cap / rms.sqrt().clamp_min(1e-12))
 
 
+def capped_noise(noise: float, step: torch.Tensor, step_size: float, follow: bool) -> torch.Tensor | float:
+    """The noise σ a chain step adds: ``noise``, or, with ``follow``, ``noise``·√(step/step_size): lowered with the
+    step the cap left, so that the chains' Langevin temperature σ²/(2·step) stays the one they were tuned at
+    (a cap that shortens the step and keeps σ heats the chains by step_size/step)."""
+    if not follow or step_size <= 0:
+        return noise
+    return noise * (step / step_size).sqrt()
+
+
 class ChainUpdate(Protocol):
     """Moves a batch of chains ``n_steps`` along ``log_density``; returns detached chains."""
 
@@ -142,27 +153,28 @@ class ChainUpdate(Protocol):
 class SGLD:
     """The paper's update: x ← x + α ∇ log p(x) + σ ε (Grathwohl et al. 2020, Algorithm 1: α=1, σ=0.01)."""
 
-    def __init__(self, step_size: float = 1.0, noise: float = 0.01, clamp: bool = False, step_cap: float = 0.0):
-        self.step_size, self.noise, self.step_cap = step_size, noise, step_cap or None
+    def __init__(self, step_size: float = 1.0, noise: float = 0.01, clamp: bool = False, step_cap: float = 0.0,
+                 cap_noise: bool = False):
+        self.step_size, self.noise, self.step_cap, self.cap_noise = step_size, noise, step_cap or None, cap_noise
         self.clamp = (-1.0, 1.0) if clamp else None
         self.record: dict = {}
 
     def run(self, jem, log_density, x, n_steps, callback=None):
         return sgld(log_density, x, n_steps, self.step_size, self.noise, callback, self.clamp, self.record,
-                    step_cap=self.step_cap)
+                    step_cap=self.step_cap, cap_noise=self.cap_noise)
 
 
 class ClampedGradient:
     """SADA-JEM's update (sndnyang/SADAJEM ``train_sadajem.py``, ``sample_q``):
     x ← clip(x + α·clip(∇ log p(x), −1, 1) + σ ε, −1, 1), with α=1, σ=0 in ``scripts/sadajem_cifar10.sh``."""
 
-    def __init__(self, step_size: float = 1.0, noise: float = 0.0, step_cap: float = 0.0):
-        self.step_size, self.noise, self.step_cap = step_size, noise, step_cap or None
+    def __init__(self, step_size: float = 1.0, noise: float = 0.0, step_cap: float = 0.0, cap_noise: bool = False):
+        self.step_size, self.noise, self.step_cap, self.cap_noise = step_size, noise, step_cap or None, cap_noise
         self.record: dict = {}
 
     def run(self, jem, log_density, x, n_steps, callback=None):
         return sgld(log_density, x, n_steps, self.step_size, self.noise, callback, (-1.0, 1.0), self.record,
-                    grad_clip=1.0, step_cap=self.step_cap)
+                    grad_clip=1.0, step_cap=self.step_cap, cap_noise=self.cap_noise)
 
 
 def first_layer(module: nn.Module) -> nn.Module:
@@ -517,6 +529,9 @@ class SamplerSettings:
     sgld_step_cap: float = setting(0.0, "lower the chain step size whenever α·∇ would move the chains by more than "
                                         "this RMS per pixel (one value per batch and step), so chains keep their "
                                         "pace as the energy steepens, e.g. in a --px-stop-epoch tail; 0: off")
+    sgld_cap_noise: bool = setting(False, "where --sgld-step-cap lowers a step, lower the chain noise with it, "
+                                          "σ·√(step/α), so the chains keep their temperature σ²/2α instead of "
+                                          "heating up as the energy steepens (off: σ stays, as measured so far)")
     sgld_update: str = setting("sgld", "chain update: sgld (paper), clamped (SADA-JEM: clip(x + α·clip(∇, −1, 1))), "
                                        "pyld (JEM++: proximal inner steps through the first layer)")
     sgld_init: str = setting("uniform", "initial distribution of chains: uniform (paper), gmm (JEM++: one Gaussian "
@@ -540,6 +555,7 @@ class SamplerSettings:
         need(self.sgld_step_cap >= 0, f"--sgld-step-cap must be >= 0, got {self.sgld_step_cap}")
         need(self.sgld_step_cap == 0 or self.sgld_update != "pyld",
              "--sgld-step-cap applies to --sgld-update sgld and clamped, not pyld")
+        need(not self.sgld_cap_noise or self.sgld_step_cap > 0, "--sgld-cap-noise needs --sgld-step-cap")
         need(1 <= self.buffer_size <= 10_000_000, f"--buffer-size must be in 1..10000000, got {self.buffer_size}")
         need(0 <= self.reinit_freq <= 1, f"--reinit-freq must be in [0, 1], got {self.reinit_freq}")
         need(self.sgld_update in CHAIN_UPDATES,
@@ -553,8 +569,8 @@ class SamplerSettings:
 
 # name → factory(cfg); adding a chain update or an initial distribution is one class and one entry here
 CHAIN_UPDATES: dict[str, Callable[..., ChainUpdate]] = {
-    "sgld": lambda cfg: SGLD(cfg.sgld_lr, cfg.sgld_std, cfg.sgld_clamp, cfg.sgld_step_cap),
-    "clamped": lambda cfg: ClampedGradient(cfg.sgld_lr, cfg.sgld_std, cfg.sgld_step_cap),
+    "sgld": lambda cfg: SGLD(cfg.sgld_lr, cfg.sgld_std, cfg.sgld_clamp, cfg.sgld_step_cap, cfg.sgld_cap_noise),
+    "clamped": lambda cfg: ClampedGradient(cfg.sgld_lr, cfg.sgld_std, cfg.sgld_step_cap, cfg.sgld_cap_noise),
     "pyld": lambda cfg: PYLD(cfg.sgld_lr, cfg.pyld_inner_steps, cfg.pyld_lr, cfg.pyld_eps, cfg.sgld_std),
 }
 # factory(x_u8, y, num_classes, shape, device) → InitialDistribution; x_u8/y are training images (None: unavailable)

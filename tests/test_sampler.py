@@ -34,6 +34,21 @@ def test_sgld_step_cap_holds_the_move_on_a_steep_energy_and_leaves_a_flat_one_al
     torch.testing.assert_close(sgld(flat, x0, 3, 1.0, 0.0, step_cap=0.05), sgld(flat, x0, 3, 1.0, 0.0), rtol=0, atol=0)
 
 
+def test_sgld_cap_noise_keeps_the_chains_temperature_where_the_cap_binds():
+    """Langevin (step = σ²/2) on a Gaussian steep enough that the cap shortens every step: with --sgld-cap-noise the
+    noise shrinks with the step and the chains still sample the Gaussian; without, the shortened step with the full
+    noise heats them (variance ≈ s² · step size / capped step)."""
+    torch.manual_seed(0)
+    s, noise = 0.1, 0.05
+    step = noise**2 / 2  # at x ~ s the move step·x/s² is ~0.0125 RMS: a cap of 0.005 lowers it ~2.5×
+    log_p = lambda x: (-(x**2) / (2 * s**2)).sum(1)
+    x0 = torch.randn(4000, 1) * s
+    tempered = sgld(log_p, x0, 3000, step, noise, step_cap=0.005, cap_noise=True)
+    hot = sgld(log_p, x0, 3000, step, noise, step_cap=0.005)
+    assert abs(tempered.var().item() - s**2) / s**2 < 0.1
+    assert hot.var().item() > 1.5 * s**2
+
+
 def test_buffer_reinit_frequency():
     torch.manual_seed(0)
     buf = ReplayBuffer(1000, (1, 2, 2), reinit_freq=0.2)
