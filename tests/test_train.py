@@ -358,6 +358,12 @@ def test_sgld_step_cap_reaches_the_training_chains_and_is_logged(tmp_path):
     stats = t.iteration()
     assert 0 < float(stats["chain_step"]) < 1.0  # the cap, not --sgld-lr 1, set the step
     assert "chain_step" not in Trainer(cfg(tmp_path / "free")).iteration()
+    # --sgld-cap-noise: the short step the cap left takes the noise down with it, so the chains hardly move
+    hot = Trainer(cfg(tmp_path / "hot", sgld_step_cap=1e-6, sgld_std=0.05)).iteration()
+    cool = Trainer(cfg(tmp_path / "cool", sgld_step_cap=1e-6, sgld_std=0.05, sgld_cap_noise=True)).iteration()
+    assert float(cool["travel"]) < 0.25 * float(hot["travel"])
+    with pytest.raises(ValueError, match="--sgld-cap-noise needs --sgld-step-cap"):
+        cfg(tmp_path, sgld_cap_noise=True)
 
 
 def test_cd_chains_start_at_the_p_x_batch_before_the_buffers_chains(tmp_path, monkeypatch):
@@ -418,7 +424,7 @@ def test_a_baseline_never_reads_the_generative_settings(tmp_path):
     other = dict(px_start_epoch=1, px_ramp_epochs=0.5, energy_reg=0.3, energy_reg_form="batch-mean", sgld_steps=5,
                  sgld_steps_max=8, sgld_lr=3.0, sgld_std=0.1, sgld_clamp=True, sgld_update="clamped", pyld_inner_steps=2,
                  pyld_lr=0.5, pyld_eps=0.5, px_target_reach=0.3, px_scale_min=0.5, px_stop_epoch=2, px_tail_scale=0.5, px_tail_std=0.0,
-                 px_fade_epochs=0.5, sgld_step_cap=0.05, cd_weight=0.5, cd_batch_size=2, cd_steps=3, reinit_freq=0.5)
+                 px_fade_epochs=0.5, sgld_step_cap=0.05, sgld_cap_noise=True, cd_weight=0.5, cd_batch_size=2, cd_steps=3, reinit_freq=0.5)
     assert set(other) == set(GENERATIVE_ONLY)
     weights, configs = [], []
     for name, kw in (("a", {}), ("b", other)):  # one after the other: augmentation draws from the global RNG
