@@ -18,7 +18,7 @@ class the chain was drawn for — the buffer's: the class the reference gives it
 pixels at |x| ≥ 0.99: a rising share is the oversaturation of long-run chains, Nijkamp et al. 2020.)
 
     python benchmarks/probe_step.py runs/quality/fm-stop8/seed0/jem runs/quality/fm-stop8/seed0/baseline \
-        --steps 1,0.5,0.3,0.1 --caps 0.02,0.01 --noises 0.01 --buffer [--energy-stop]
+        --steps 1,0.5,0.3,0.1 --caps 0.02,0.01 [--cap-noise] --noises 0.01 --buffer [--energy-stop]
 """
 from __future__ import annotations
 
@@ -48,6 +48,8 @@ def main() -> None:
     ap.add_argument("--data-root", default=None)
     ap.add_argument("--steps", default="1", help="comma-separated chain step sizes (the run's own is --sgld-lr)")
     ap.add_argument("--caps", default="", help="comma-separated --sgld-step-cap values, each with the run's step size")
+    ap.add_argument("--cap-noise", action="store_true",
+                    help="each cap again with --sgld-cap-noise (the noise lowered with the step the cap leaves)")
     ap.add_argument("--noises", default="", help="comma-separated --sgld-std values, each with the run's step size")
     ap.add_argument("--buffer", action="store_true", help="also continue the run's replay buffer on the trained model")
     ap.add_argument("--energy-stop", action="store_true",
@@ -101,9 +103,9 @@ def main() -> None:
     for v in variants:
         run.cfg = dataclasses.replace(cfg, **v)
         path = fresh_chain_path(run, args.n, lengths, y=y, seed=7)
-        (key, value), = v.items()
+        (key, value), *cap_noise = v.items()
         name = {"sgld_lr": f"α {value:g}", "sgld_step_cap": f"α {cfg.sgld_lr:g}, cap {value:g}",
-                "sgld_std": f"α {cfg.sgld_lr:g}, noise σ {value:g}"}[key]
+                "sgld_std": f"α {cfg.sgld_lr:g}, noise σ {value:g}"}[key] + (", noise with the step" if cap_noise else "")
         print(f"| fresh, {name} | {base} | " + " | ".join(row(path[k]) for k in lengths) + " |", flush=True)
     if args.energy_stop:
         run.cfg = cfg
