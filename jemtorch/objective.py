@@ -7,6 +7,8 @@
                                                                per example (mean of E²) or on the batch means
       + w_cd·(E(x_px) − E(x̃))                                optional contrastive divergence (--cd-weight): x̃ =
                                                                p(x) images after K chain steps (Hinton 2002)
+      + γ·‖∇ₓE(x_gp)‖²                                       optional zero-centred gradient penalty on p(x) images
+                                                               (--grad-penalty; R1, Mescheder et al. 2018)
 
 Why the penalty's form matters: against the p(x) term's constant pull (−1 per example on E(data)), a per-example
 penalty λ·E(x)² balances at E(x) = −w_px/(2λ) for *every* training image, so every image's LogSumExp f(x) is driven
@@ -60,6 +62,14 @@ class ObjectiveSettings:
     cd_batch_size: int = setting(0, "images per step whose chains the --cd-weight term runs (the first of the p(x) "
                                     "batch); 0: the whole p(x) batch")
     cd_steps: int = setting(0, "chain steps of the --cd-weight term's chains from the data; 0: the run's --sgld-steps")
+    grad_penalty: float = setting(0.0, "weight γ of γ·‖∇ₓE(x)‖² on p(x) training images: a zero-centred gradient "
+                                        "penalty (R1: Mescheder et al. 2018, 'Which training methods for GANs do "
+                                        "actually converge?'; on an EBM's data: Kumar et al. 2019, 'Maximum entropy "
+                                        "generators for energy-based models') that keeps the energy flat at the data; "
+                                        "costs a double backward pass over --grad-penalty-batch images; read only with "
+                                        "the p(x) term; 0: off (the JEM paper)")
+    grad_penalty_batch: int = setting(32, "images per step the --grad-penalty term sees (the first of the p(x) batch); "
+                                          "0: the whole p(x) batch")
     separate_forward: bool = setting(False, "pass data, p(x) data and samples through the network separately "
                                             "(needed with BatchNorm: no shared batch statistics); off: one "
                                             "concatenated forward pass")
@@ -75,6 +85,8 @@ class ObjectiveSettings:
         need(self.cd_weight >= 0, f"--cd-weight must be >= 0, got {self.cd_weight}")
         need(self.cd_batch_size >= 0, f"--cd-batch-size must be >= 0, got {self.cd_batch_size}")
         need(self.cd_steps >= 0, f"--cd-steps must be >= 0, got {self.cd_steps}")
+        need(self.grad_penalty >= 0, f"--grad-penalty must be >= 0, got {self.grad_penalty}")
+        need(self.grad_penalty_batch >= 0, f"--grad-penalty-batch must be >= 0, got {self.grad_penalty_batch}")
         need(self.px_norm in ("batch", "running"), f"--px-norm must be batch or running, got {self.px_norm!r}")
         need(self.energy_reg_form in ENERGY_REG_FORMS,
              f"--energy-reg-form must be one of {', '.join(ENERGY_REG_FORMS)}, got {self.energy_reg_form!r}")
@@ -83,7 +95,7 @@ class ObjectiveSettings:
 @dataclass(frozen=True)
 class Weights:
     """Loss weights (TrainConfig: p_y_given_x_weight, p_x_weight, p_x_y_weight, energy_reg, energy_reg_form,
-    cd_weight)."""
+    cd_weight, grad_penalty)."""
 
     clf: float = 1.0
     px: float = 1.0
@@ -91,11 +103,13 @@ class Weights:
     energy_reg: float = 0.0
     energy_reg_form: str = "per-example"
     cd: float = 0.0
+    gp: float = 0.0
 
     @classmethod
     def from_config(cls, cfg) -> Weights:
+        px = cfg.p_x_weight > 0
         return cls(cfg.p_y_given_x_weight, cfg.p_x_weight, cfg.p_x_y_weight, cfg.energy_reg, cfg.energy_reg_form,
-                   cfg.cd_weight if cfg.p_x_weight > 0 else 0.0)
+                   cfg.cd_weight if px else 0.0, cfg.grad_penalty if px else 0.0)
 
 
 def energy_penalty(e_data: torch.Tensor, e_samples: torch.Tensor, form: str) -> torch.Tensor:
@@ -106,6 +120,16 @@ def energy_penalty(e_data: torch.Tensor, e_samples: torch.Tensor, form: str) -> 
     if form == "batch-mean":
         return e_data.mean().pow(2) + e_samples.mean().pow(2)
     raise ValueError(f"energy penalty form must be one of {', '.join(ENERGY_REG_FORMS)}, got {form!r}")
+
+
+def grad_penalty(jem: JEM, x: torch.Tensor) -> torch.Tensor:
+    """Mean over images of ‖∇ₓE(x)‖², differentiable in the weights (double backpropagation). Its own forward pass,
+    leaving normalisation layers' running statistics as they are."""
+    x = x.detach().requires_grad_(True)
+    with running_stats_frozen(jem):
+        e = -jem.log_px(x)
+    (g,) = torch.autograd.grad(e.sum(), x, create_graph=True)
+    return g.pow(2).flatten(1).sum(1).mean()
 
 
 def forward_chunks(jem: JEM, chunks: dict[str, torch.Tensor], separate: bool = False,
@@ -134,6 +158,7 @@ def jem_loss(
     samples: Optional[torch.Tensor] = None,
     samples_y: Optional[torch.Tensor] = None,
     x_cd: Optional[torch.Tensor] = None,
+    x_gp: Optional[torch.Tensor] = None,
     separate: bool = False,
     running: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -142,7 +167,8 @@ def jem_loss(
     ``x, y``: the labelled batch (augmented). ``x_px``: the p(x) batch when it is not ``x`` itself (semi-supervised
     data, or un-augmented images). ``samples``: x̂ ~ p(x), needed when ``weights.px > 0``. ``samples_y``: x̂_y ~
     p(x|y) for the labels ``y``, needed when ``weights.pxy > 0``. ``x_cd``: p(x) images moved by the chains, needed
-    when ``weights.cd > 0``. ``separate``, ``running``: see
+    when ``weights.cd > 0``. ``x_gp``: p(x) images for the gradient penalty, needed when ``weights.gp > 0``.
+    ``separate``, ``running``: see
     ``forward_chunks``; with ``running`` the p(x) data are always their own chunk, seen as evaluation sees them.
     """
     if weights.px > 0 and samples is None:
@@ -151,6 +177,8 @@ def jem_loss(
         raise ValueError("the p(x, y) term needs class-conditional samples")
     if weights.cd > 0 and (x_cd is None or weights.px <= 0):
         raise ValueError("the contrastive-divergence term needs the p(x) term and chains from the data (x_cd)")
+    if weights.gp > 0 and (x_gp is None or weights.px <= 0):
+        raise ValueError("the gradient penalty needs the p(x) term and its images (x_gp)")
     chunks = {"x": x}
     if weights.px > 0 and (x_px is not None or (running and separate)):
         chunks["x_px"] = x_px if x_px is not None else x
@@ -178,6 +206,10 @@ def jem_loss(
             l_cd = e_data.mean() + jem.log_px(logits=logits["x_cd"]).mean()  # E(data) − E(x̃)
             loss = loss + weights.cd * l_cd
             stats["l_cd"] = l_cd
+        if weights.gp > 0:
+            l_gp = grad_penalty(jem, x_gp)
+            loss = loss + weights.gp * l_gp
+            stats["l_gp"] = l_gp
     if weights.pxy > 0:
         l_pxy = -jem.log_pxy(None, y, logits=logits["x"]).mean() + jem.log_pxy(None, y, logits=logits["samples_y"]).mean()
         loss = loss + weights.pxy * l_pxy

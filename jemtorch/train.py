@@ -153,11 +153,12 @@ class Phases:
         energy penalty) over ``ramp`` iterations, at ``tail_share`` after ``stop``; times ``scale``
         (health.AdaptivePx) throughout."""
         if not self.generative(step):
-            return replace(w, px=0.0, pxy=0.0, cd=0.0)
+            return replace(w, px=0.0, pxy=0.0, cd=0.0, gp=0.0)
         into = step - self.start + 1
         r = scale * (into / self.ramp if self.ramp > 0 and into < self.ramp else 1.0)
         r *= self.tail_share(step)
-        return w if r == 1.0 else replace(w, px=r * w.px, pxy=r * w.pxy, energy_reg=r * w.energy_reg, cd=r * w.cd)
+        return w if r == 1.0 else replace(w, px=r * w.px, pxy=r * w.pxy, energy_reg=r * w.energy_reg, cd=r * w.cd,
+                                          gp=r * w.gp)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -189,6 +190,7 @@ def forward_backward(state: TrainState, cfg: TrainConfig, batch, weights: Weight
     x_px = x_px if weights.px > 0 else None
     samples = samples_y = x_cd = None
     px_data = x_px if x_px is not None else x
+    x_gp = px_data[:cfg.grad_penalty_batch or len(px_data)] if weights.gp > 0 else None
     with autocast():  # --amp bf16: the network's forward passes; the chains themselves stay fp32
         if weights.cd > 0:  # chains from the data (before the buffer's, whose statistics the sampler keeps)
             x_cd = state.sampler.run_chains(state.jem, px_data[:cfg.cd_batch_size or len(px_data)],
@@ -202,7 +204,7 @@ def forward_backward(state: TrainState, cfg: TrainConfig, batch, weights: Weight
     def loss_fn() -> tuple[torch.Tensor, dict]:
         with autocast():
             return jem_loss(state.loss_jem, x, y, weights=weights, x_px=x_px, samples=samples, samples_y=samples_y,
-                            x_cd=x_cd, separate=cfg.separate_forward, running=cfg.px_norm == "running")
+                            x_cd=x_cd, x_gp=x_gp, separate=cfg.separate_forward, running=cfg.px_norm == "running")
 
     loss, stats = loss_fn()
     state.opt.zero_grad(set_to_none=True)
