@@ -389,6 +389,22 @@ def test_cd_chains_start_at_the_p_x_batch_before_the_buffers_chains(tmp_path, mo
     assert "l_cd" not in Trainer(cfg(tmp_path / "off")).iteration()
 
 
+def test_gradient_penalty_sees_the_first_images_of_the_p_x_batch(tmp_path, monkeypatch):
+    loop = importlib.import_module("jemtorch.train")
+    seen, batches, real, batch = [], [], loop.jem_loss, loop.training_batch
+    monkeypatch.setattr(loop, "jem_loss", lambda *a, **k: (seen.append(k), real(*a, **k))[1])
+    monkeypatch.setattr(loop, "training_batch", lambda *a: batches.append(batch(*a)) or batches[-1])
+    t = Trainer(cfg(tmp_path, grad_penalty=0.5, grad_penalty_batch=3, p_x_weight=0.5))
+    stats = t.iteration()
+    x, _, x_px = batches[0]
+    assert torch.equal(seen[0]["x_gp"], (x_px if x_px is not None else x)[:3]) and seen[0]["weights"].gp == 0.5
+    assert float(stats["l_gp"]) > 0
+    assert "l_gp" not in Trainer(cfg(tmp_path / "off")).iteration()
+    assert Trainer(cfg(tmp_path / "clf", grad_penalty=0.5, p_x_weight=0)).recovery.weights.gp == 0  # p(x) term only
+    with pytest.raises(ValueError, match="--grad-penalty must be >= 0"):
+        cfg(tmp_path, grad_penalty=-1)
+
+
 def test_training_curves_draw_the_trajectory_the_run_kept(tmp_path):
     from jemtorch.figures import final_trajectory, training_curves
 
@@ -424,7 +440,8 @@ def test_a_baseline_never_reads_the_generative_settings(tmp_path):
     other = dict(px_start_epoch=1, px_ramp_epochs=0.5, energy_reg=0.3, energy_reg_form="batch-mean", sgld_steps=5,
                  sgld_steps_max=8, sgld_lr=3.0, sgld_std=0.1, sgld_clamp=True, sgld_update="clamped", pyld_inner_steps=2,
                  pyld_lr=0.5, pyld_eps=0.5, px_target_reach=0.3, px_scale_min=0.5, px_stop_epoch=2, px_tail_scale=0.5, px_tail_std=0.0,
-                 px_fade_epochs=0.5, sgld_step_cap=0.05, sgld_cap_noise=True, cd_weight=0.5, cd_batch_size=2, cd_steps=3, reinit_freq=0.5)
+                 px_fade_epochs=0.5, sgld_step_cap=0.05, sgld_cap_noise=True, cd_weight=0.5, cd_batch_size=2, cd_steps=3, reinit_freq=0.5,
+                 grad_penalty=0.5, grad_penalty_batch=2)
     assert set(other) == set(GENERATIVE_ONLY)
     weights, configs = [], []
     for name, kw in (("a", {}), ("b", other)):  # one after the other: augmentation draws from the global RNG
