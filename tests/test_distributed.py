@@ -73,10 +73,12 @@ def test_two_ranks_equal_one_rank_with_twice_the_batch(tmp_path):
 
 def test_jem_on_two_nodes_shares_weights_not_buffers_and_rolls_back_together(tmp_path):
     """Two nodes of one process each (the multi-node launch, rendezvous on localhost): a JEM whose ranks keep their
-    own buffers, roll back together after a divergence injected on rank 0, and resume in one process."""
+    own buffers, roll back together after a divergence injected on rank 0, and resume in one process. With the
+    gradient penalty on: its double backward pass goes through the DDP wrapper and the ranks stay in sync."""
     port, run = free_port(), tmp_path / "jem"
     common = ["--nnodes=2", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=jemtest"]
-    args = [*TINY, "--epochs", "2", "--batch-size", "32", "--inject-divergence", "25", "--out", str(run)]
+    args = [*TINY, "--epochs", "2", "--batch-size", "32", "--inject-divergence", "25", "--grad-penalty", "0.1",
+            "--out", str(run)]
     nodes = [torchrun(args, nproc=1, extra=[*common, f"--node-rank={i}"], wait=False) for i in range(2)]
     outs = [p.communicate(timeout=300) for p in nodes]
     for p, (_, err) in zip(nodes, outs):
