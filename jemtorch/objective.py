@@ -123,8 +123,9 @@ def energy_penalty(e_data: torch.Tensor, e_samples: torch.Tensor, form: str) -> 
 
 
 def grad_penalty(jem: JEM, x: torch.Tensor) -> torch.Tensor:
-    """Mean over images of ‖∇ₓE(x)‖², differentiable in the weights (double backpropagation). Its own forward pass,
-    leaving normalisation layers' running statistics as they are."""
+    """Mean over images of ‖∇ₓE(x)‖², differentiable in the weights (double backpropagation). Its own forward pass
+    in the network's current mode (in training, BatchNorm normalises by these images' statistics, whatever
+    --px-norm), leaving normalisation layers' running statistics as they are."""
     x = x.detach().requires_grad_(True)
     with running_stats_frozen(jem):
         e = -jem.log_px(x)

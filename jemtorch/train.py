@@ -150,7 +150,7 @@ class Phases:
 
     def weights(self, w: Weights, step: int, scale: float = 1.0) -> Weights:
         """The loss weights at ``step``: generative terms off before ``start``, then raised linearly (with the
-        energy penalty) over ``ramp`` iterations, at ``tail_share`` after ``stop``; times ``scale``
+        energy and gradient penalties) over ``ramp`` iterations, at ``tail_share`` after ``stop``; times ``scale``
         (health.AdaptivePx) throughout."""
         if not self.generative(step):
             return replace(w, px=0.0, pxy=0.0, cd=0.0, gp=0.0)
