@@ -122,12 +122,13 @@ def energy_penalty(e_data: torch.Tensor, e_samples: torch.Tensor, form: str) -> 
     raise ValueError(f"energy penalty form must be one of {', '.join(ENERGY_REG_FORMS)}, got {form!r}")
 
 
-def grad_penalty(jem: JEM, x: torch.Tensor) -> torch.Tensor:
-    """Mean over images of ‖∇ₓE(x)‖², differentiable in the weights (double backpropagation). Its own forward pass
-    in the network's current mode (in training, BatchNorm normalises by these images' statistics, whatever
-    --px-norm), leaving normalisation layers' running statistics as they are."""
+def grad_penalty(jem: JEM, x: torch.Tensor, running: bool = False) -> torch.Tensor:
+    """Mean over images of ‖∇ₓE(x)‖², differentiable in the weights (double backpropagation). Its own forward pass,
+    leaving normalisation layers' running statistics as they are: in the network's current mode (in training,
+    BatchNorm normalises by these images' statistics), or with ``running`` in eval mode, as the p(x) data are seen
+    under --px-norm running."""
     x = x.detach().requires_grad_(True)
-    with running_stats_frozen(jem):
+    with running_stats_frozen(jem), (eval_mode(jem) if running else contextlib.nullcontext()):
         e = -jem.log_px(x)
     (g,) = torch.autograd.grad(e.sum(), x, create_graph=True)
     return g.pow(2).flatten(1).sum(1).mean()
@@ -208,7 +209,7 @@ def jem_loss(
             loss = loss + weights.cd * l_cd
             stats["l_cd"] = l_cd
         if weights.gp > 0:
-            l_gp = grad_penalty(jem, x_gp)
+            l_gp = grad_penalty(jem, x_gp, running=running and separate)
             loss = loss + weights.gp * l_gp
             stats["l_gp"] = l_gp
     if weights.pxy > 0:

@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from jemtorch import JEM, Weights, create_model, jem_loss
+from jemtorch.energy import eval_mode
 from jemtorch.objective import forward_chunks, grad_penalty
 
 
@@ -96,6 +97,30 @@ def test_px_norm_running_scores_the_p_x_chunks_as_evaluation_does():
         jem.eval()
         e_data = -jem.log_px(data)
     torch.testing.assert_close(stats["e_data"], e_data.mean(), rtol=1e-4, atol=1e-4)
+
+
+def test_gradient_penalty_under_px_norm_running_sees_the_images_as_evaluation_does():
+    """--px-norm running: the penalty's images go through the network in eval mode like the other p(x) chunks (not by
+    their own batch statistics), and no running average moves."""
+    torch.manual_seed(0)
+    jem = JEM(create_model("cnn-4", in_channels=1, num_classes=3, norm="batch"))
+    jem.train()
+    with torch.no_grad():
+        for _ in range(30):  # running averages of the data's scale
+            jem(torch.randn(16, 1, 8, 8))
+    data, samples = torch.randn(8, 1, 8, 8), torch.randn(8, 1, 8, 8)
+    before = {k: v.clone() for k, v in jem.state_dict().items()}
+    running = grad_penalty(jem, data[:4], running=True)
+    for k, v in jem.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+    assert jem.training
+    with eval_mode(jem):
+        torch.testing.assert_close(running, grad_penalty(jem, data[:4]), rtol=1e-5, atol=0)
+    assert grad_penalty(jem, data[:4]).item() > 3 * running.item()  # by the images' own statistics: another value
+    _, stats = jem_loss(jem, data, torch.arange(8) % 3, weights=Weights(gp=0.5), samples=samples, x_gp=data[:4],
+                        separate=True, running=True)
+    with eval_mode(jem):  # the averages as the labelled batch left them, before the penalty's pass
+        torch.testing.assert_close(stats["l_gp"], grad_penalty(jem, data[:4]).detach(), rtol=1e-5, atol=0)
 
 
 def test_energy_penalty_forms():
