@@ -66,8 +66,9 @@ class ObjectiveSettings:
                                         "penalty (R1: Mescheder et al. 2018, 'Which training methods for GANs do "
                                         "actually converge?'; on an EBM's data: Kumar et al. 2019, 'Maximum entropy "
                                         "generators for energy-based models') that keeps the energy flat at the data; "
-                                        "costs a double backward pass over --grad-penalty-batch images; read only with "
-                                        "the p(x) term; 0: off (the JEM paper)")
+                                        "costs a double backward pass over --grad-penalty-batch images; seen as the "
+                                        "p(x) data are (--px-norm); read only with the p(x) term; 0: off (the JEM "
+                                        "paper)")
     grad_penalty_batch: int = setting(32, "images per step the --grad-penalty term sees (the first of the p(x) batch); "
                                           "0: the whole p(x) batch")
     separate_forward: bool = setting(False, "pass data, p(x) data and samples through the network separately "
