@@ -123,13 +123,21 @@ def energy_penalty(e_data: torch.Tensor, e_samples: torch.Tensor, form: str) -> 
     raise ValueError(f"energy penalty form must be one of {', '.join(ENERGY_REG_FORMS)}, got {form!r}")
 
 
+@contextlib.contextmanager
+def as_px_chunk(jem: JEM, running: bool):
+    """How a pass other than the labelled batch's sees the network: running statistics left as they are, and with
+    ``running`` (--px-norm running) in eval mode, as evaluation sees every image."""
+    with running_stats_frozen(jem), (eval_mode(jem) if running else contextlib.nullcontext()):
+        yield
+
+
 def grad_penalty(jem: JEM, x: torch.Tensor, running: bool = False) -> torch.Tensor:
     """Mean over images of ‖∇ₓE(x)‖², differentiable in the weights (double backpropagation). Its own forward pass,
     leaving normalisation layers' running statistics as they are: in the network's current mode (in training,
     BatchNorm normalises by these images' statistics), or with ``running`` in eval mode, as the p(x) data are seen
     under --px-norm running."""
     x = x.detach().requires_grad_(True)
-    with running_stats_frozen(jem), (eval_mode(jem) if running else contextlib.nullcontext()):
+    with as_px_chunk(jem, running):
         e = -jem.log_px(x)
     (g,) = torch.autograd.grad(e.sum(), x, create_graph=True)
     return g.pow(2).flatten(1).sum(1).mean()
@@ -145,7 +153,7 @@ def forward_chunks(jem: JEM, chunks: dict[str, torch.Tensor], separate: bool = F
         logits = jem(torch.cat([chunks[n] for n in names])).split([len(chunks[n]) for n in names])
         return dict(zip(names, logits))
     out = {names[0]: jem(chunks[names[0]])}
-    with running_stats_frozen(jem), (eval_mode(jem) if running else contextlib.nullcontext()):
+    with as_px_chunk(jem, running):
         for n in names[1:]:
             out[n] = jem(chunks[n])
     return out
