@@ -6,7 +6,8 @@ Lightning's ``Timer`` and ``ModelCheckpoint``). The loop in ``train.py`` only ca
     Validation      validation accuracy after epochs; the best model → best.pt
     Curves          curves.png after epochs (at most every 30 s) and at the end
     SampleGrids     replay-buffer grids every ``--sample-every`` iterations and at the end
-    Checkpoint      checkpoint.pt after every ``--ckpt-every`` epochs and at the end; resume
+    Checkpoint      checkpoint.pt after every ``--ckpt-every`` epochs and at the end (copies kept after
+                    ``--keep-epochs``); resume
     Interrupt       Ctrl-C: finish the iteration, save a checkpoint, stop
     FaultInjection  ``--inject-divergence``: report a divergence at given iterations (tests the recovery ladder)
 
@@ -294,13 +295,17 @@ class Interrupt(Callback):
 
 # ----------------------------------------------------------------------------------------------------------------
 class Checkpoint(Callback):
-    """checkpoint.pt: after every ``--ckpt-every`` epochs and at the end; ``save`` and ``resume``. Under
+    """checkpoint.pt: after every ``--ckpt-every`` epochs and at the end, copied to checkpoint-epoch<E>.pt (best.pt
+    to best-epoch<E>.pt) after the epochs of ``--keep-epochs``; ``save`` and ``resume``. Under
     torch.distributed saving is a collective (every rank calls it at the same step): the file holds every rank's
     buffer and RNG state (``ranks``) and, as ``buffer``, all buffers concatenated; rank 0 writes it."""
 
     def on_step_end(self, t, values: dict) -> None:
-        if (t.epoch_done and t.epoch % t.cfg.ckpt_every == 0) or t.last:
+        keep = t.epoch_done and t.epoch in t.cfg.kept_epochs
+        if (t.epoch_done and t.epoch % t.cfg.ckpt_every == 0) or t.last or keep:
             self.save(t)
+        if keep and t.dist.is_main:
+            t.run.keep(t.epoch)
 
     @staticmethod
     def save(t) -> None:

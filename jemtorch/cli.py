@@ -2,6 +2,7 @@
 
     jem train [--dataset digits] [--model cnn] [--config FILE] [--any-config-flag VALUE ...]
     jem train --resume RUN_DIR [--epochs N ...]
+    jem train --resume RUN_DIR --from-epoch E --out NEW_DIR [--px-tail-scale S ...]   (a branch; RUN_DIR is only read)
     jem eval RUN_DIR [RUN_DIR ...]        jem attack RUN_DIR ...        jem distal RUN_DIR --class C
     jem score RUN_DIR PATH [PATH ...]     jem export RUN_DIR --out DIR
 """
@@ -61,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a JEM (default: digits, small CNN)")
     t.add_argument("--config", help="JSON or TOML file of config entries (CLI flags override it)")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
+    t.add_argument("--from-epoch", type=int, metavar="E", help="with --resume and --out NEW: branch off — start NEW as "
+                   "RUN_DIR was after epoch E (kept by --keep-epochs E) and train on with the flags given; RUN_DIR is "
+                   "only read")
     t.add_argument("--overwrite", action="store_true", help="start afresh in a run directory that already has a run")
     t.add_argument("--trust-code", action="store_true", help="import user code that a --config file or the resumed "
                    "run names as its model (a --model given on this command line is trusted)")
@@ -158,32 +162,48 @@ def _add_common(p: argparse.ArgumentParser, progress: bool = True) -> None:
         p.add_argument("--no-progress", action="store_true")
 
 
-NOT_CONFIG = ("command", "config", "resume", "overwrite", "json", "trust_code")
+NOT_CONFIG = ("command", "config", "resume", "from_epoch", "overwrite", "json", "trust_code")
 
 
 def resolve_args(args: argparse.Namespace):
     """The configuration ``jem train``/``jem config`` arguments ask for: (config, sources, run directory, changes a
-    resume makes or None). Checks everything it can before anything is written."""
+    resume makes or None, the run a branch starts from or None). Checks everything it can before anything is
+    written."""
     overrides = {k: v for k, v in vars(args).items() if k not in NOT_CONFIG}
+    epoch = getattr(args, "from_epoch", None)
     if not args.resume:
+        if epoch is not None:
+            raise ValueError("--from-epoch branches a run: give the run with --resume RUN_DIR (and the new one with --out)")
         cfg, sources = resolve_with_sources(overrides, args.config)
-        return cfg, sources, RunDir(cfg.run_dir), None
+        return cfg, sources, RunDir(cfg.run_dir), None, None
     run = RunDir(args.resume)
     if not run.checkpoint.is_file() or not (run / CONFIG).is_file():
         raise FileNotFoundError(f"nothing to resume in {run.path}: expected {run.checkpoint} and {CONFIG}")
-    for flag in ("out", "name"):
-        if overrides.get(flag) is not None and (flag == "name" or Path(overrides[flag]).resolve() != run.path.resolve()):
-            raise ValueError(f"--resume continues in {run.path} itself; --{flag} cannot send it elsewhere (to branch "
-                             f"off, copy the run directory first)")
-    base = {**run.read_config(), "out": str(run.path)}
+    source = None
+    if epoch is not None:  # a branch: a new run directory that starts where RUN_DIR was after epoch E
+        if not run.kept(epoch)[0].is_file():
+            kept = sorted(int(p.stem.split("epoch")[1]) for p in run.path.glob("checkpoint-epoch*.pt")
+                          if p.stem.split("epoch")[1].isdigit())
+            raise FileNotFoundError(f"{run.path} kept no checkpoint after epoch {epoch} (kept: "
+                                    f"{', '.join(map(str, kept)) or 'none'}; a run keeps them with --keep-epochs)")
+        if overrides.get("out") is None or Path(overrides["out"]).resolve() == run.path.resolve():
+            raise ValueError(f"--from-epoch starts a new run: name its folder with --out (not {run.path})")
+        source, run = run, RunDir(overrides["out"])
+    else:
+        for flag in ("out", "name"):
+            if overrides.get(flag) is not None and (flag == "name" or Path(overrides[flag]).resolve() != run.path.resolve()):
+                raise ValueError(f"--resume continues in {run.path} itself; --{flag} cannot send it elsewhere (to "
+                                 f"branch off into a new folder: --from-epoch E with --keep-epochs E)")
+    origin = source or run
+    base = {**origin.read_config(), "out": str(run.path)}
     cfg, sources = resolve_with_sources(overrides, args.config, base)
-    old = run.read_json(CONFIG_SOURCES)  # what the resumed values came from when the run started
+    old = origin.read_json(CONFIG_SOURCES)  # what the resumed values came from when the run started
     sources = {k: (old.get(k, v) if v == "resumed run" and isinstance(old.get(k), str) else v) for k, v in sources.items()}
-    return cfg, sources, run, resume_changes(base, cfg)
+    return cfg, sources, run, resume_changes(base, cfg), source
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    cfg, sources, _, _ = resolve_args(args)
+    cfg, sources, _, _, _ = resolve_args(args)
     if args.json:
         values = json.loads(json.dumps(cfg.to_dict()))
         print(json.dumps({k: {"value": values[k], "source": sources[k]} for k in values}, indent=1))
@@ -193,13 +213,13 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    cfg, sources, run, changed = resolve_args(args)
+    cfg, sources, run, changed, source = resolve_args(args)
     if cfg.tensorboard:  # before anything is written
         TensorBoardLog.check_available()
     dist = Dist.from_env(cfg.device)  # torchrun: join the process group; otherwise one process
     ok = False
     try:
-        rc = _train(args, cfg, sources, run, dist, changed)
+        rc = _train(args, cfg, sources, run, dist, changed, source)
         ok = True
         return rc
     except (RuntimeError, ConnectionError) as e:
@@ -222,14 +242,19 @@ def lost_peer(e: BaseException) -> bool:
         w in text for w in ("connection closed", "connection reset", "broken pipe", "gloo", "nccl", "timed out"))
 
 
-def _train(args: argparse.Namespace, cfg, sources: dict, run: RunDir, dist: Dist, changed: Optional[dict]) -> int:
+def _train(args: argparse.Namespace, cfg, sources: dict, run: RunDir, dist: Dist, changed: Optional[dict],
+           source: Optional[RunDir] = None) -> int:
     say = (lambda msg: print(msg, file=sys.stderr)) if dist.is_main else (lambda msg: None)
     if dist.is_main:  # rank 0 alone decides about and writes into the run directory
         run.check_links()  # nothing of it may lead elsewhere
-    if not args.resume and dist.is_main:
+    if (not args.resume or source is not None) and dist.is_main:
         run.check_new_run(args.overwrite)
         if run.has_run:
             run.remove_train_outputs()
+        if source is not None:
+            run.path.mkdir(parents=True, exist_ok=True)
+            run.branch_from(source, args.from_epoch)
+            say(f"jem train: branching {source.path} after epoch {args.from_epoch} into {run.path}")
     trusted = args.trust_code or args.model is not None  # a model named on this command line is the user's own
     trainer = Trainer(cfg, dist=dist, trust_code=trusted)
     if dist.is_main:

@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import json
 import math
+import re
 import sys
 from dataclasses import dataclass, fields
 from importlib import resources
@@ -167,6 +168,10 @@ class LogSettings:
     sample_every: int = setting(-1, "write sample grids every N iterations (-1: every 10 epochs and at the end)")
     eval_every: int = setting(1, "evaluate on the validation split every N epochs")
     ckpt_every: int = setting(1, "write the resumable checkpoint every N epochs (and at the end)")
+    keep_epochs: str = setting("", "also keep the checkpoint after these epochs (comma-separated, e.g. 8 for a tail "
+                                   "from --px-stop-epoch 8) as checkpoint-epoch<E>.pt, and best.pt as "
+                                   "best-epoch<E>.pt: points to branch the run from with jem train --resume RUN "
+                                   "--from-epoch E --out NEW (each as large as checkpoint.pt)")
     progress: bool = setting(True, "show a progress bar")
     tensorboard: bool = setting(False, "also write metrics and sample grids as TensorBoard events to RUN/tb (needs the "
                                        "tensorboard package: pip install tensorboard)")
@@ -174,6 +179,13 @@ class LogSettings:
     def check(self, need: Need) -> None:
         need(self.log_every >= 1 and self.eval_every >= 1 and self.ckpt_every >= 1,
              "--log-every, --eval-every and --ckpt-every must be >= 1")
+        need(re.fullmatch(r"(\s*[1-9]\d*\s*(,\s*[1-9]\d*\s*)*)?", self.keep_epochs) is not None,
+             f"--keep-epochs must be epochs >= 1 separated by commas (e.g. 8 or 4,8), got {self.keep_epochs!r}")
+
+    @property
+    def kept_epochs(self) -> frozenset[int]:
+        """The epochs after which ``--keep-epochs`` keeps a copy of the checkpoint."""
+        return frozenset(int(e) for e in self.keep_epochs.split(",") if e.strip())
 
 
 SECTIONS = (RunSettings, ObjectiveSettings, SamplerSettings, OptimSettings, LoopSettings, LogSettings)
@@ -443,7 +455,7 @@ def add_config_arguments(parser) -> None:
 # what a resumed run cannot change: the checkpoint's weights, buffer, optimiser state and data order are built on them
 RESUME_FIXED = ("dataset", "model", "norm", "dropout", "seed", "n_valid", "labels_per_class", "batch_size",
                 "buffer_size", "class_cond_buffer", "optimizer", "recipe")
-RESUME_IGNORED = ("out", "name", "progress", "device")  # changes that are not worth a log line
+RESUME_IGNORED = ("out", "name", "progress", "device", "keep_epochs")  # changes that are not worth a log line
 # what a run without generative terms (a classifier baseline, p_x_weight = p_x_y_weight = 0) never reads: it trains
 # to the same weights whatever their values (tests/test_train.py checks it), so benchmarks/quality.py reuses a
 # baseline across presets that differ only in these

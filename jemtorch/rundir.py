@@ -6,12 +6,14 @@
       config_sources.json  where each value of config.json came from (default, recipe, preset, file, flag)
       checkpoint.pt        everything needed to resume (model, optimiser, scheduler, buffer, RNG, step, callbacks)
       best.pt              model weights with the best validation accuracy
+      checkpoint-epoch<E>.pt, best-epoch<E>.pt
+                           the two as they were after epoch E (--keep-epochs E): a point to branch the run from
       metrics.jsonl        one JSON record per line (kind: train | eval | health | rollback | recovery | resume | time_limit)
       summary.json         test accuracy of the best-validation model, time, iterations, health, ...
       curves.png           training curves, rewritten every epoch
       tb/                  TensorBoard events (--tensorboard)
       ood_calibration.json OOD thresholds of the weights, written by ``jem score`` / ``jemtorch.load(...).score``
-      detectors.pt         post-hoc detectors fitted on the run's training split (``jem eval --detectors``, ``jem score``)
+      detectors.safetensors post-hoc detectors fitted on the run's training split (``jem eval --detectors``, ``jem score``)
       samples/             replay-buffer grids during training; samples_{uncond,cond}.png: the latest
       eval/                written by ``jem eval``
       robustness/          written by ``jem attack`` and ``jem distal``
@@ -23,10 +25,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import IO, Optional
 
-from .checkpoint import CheckpointError, check_inside, refuse_link, save_atomic, write_atomic
+from .checkpoint import CheckpointError, check_inside, refuse_link, replace_atomic, save_atomic, write_atomic
 from .config import TrainConfig
 
 MARKER = ".jemtorch-run"  # written first by jem train: the folder is a run directory
@@ -46,6 +49,7 @@ OOD_CALIBRATION = "ood_calibration.json"  # written by jem score / jemtorch.load
 DETECTORS = "detectors.safetensors"  # post-hoc detectors fitted on the run's training split, keyed by the weights' SHA-256
 # what `jem train --overwrite` removes: only files jem train itself writes (and what is fitted to its weights)
 TRAIN_OUTPUTS = (CHECKPOINT, BEST, METRICS, SUMMARY, CURVES, CONFIG_SOURCES, OOD_CALIBRATION, DETECTORS, *LATEST_SAMPLES)
+KEPT = r"(checkpoint|best)-epoch\d+\.pt"  # --keep-epochs: checkpoint.pt and best.pt as they were after an epoch
 
 
 class RunDir:
@@ -64,6 +68,27 @@ class RunDir:
     @property
     def best(self) -> Path:
         return self.path / BEST
+
+    def kept(self, epoch: int) -> tuple[Path, Path]:
+        """checkpoint.pt and best.pt as ``--keep-epochs`` kept them after ``epoch``."""
+        return self.path / f"checkpoint-epoch{epoch}.pt", self.path / f"best-epoch{epoch}.pt"
+
+    def keep(self, epoch: int) -> None:
+        """Copy checkpoint.pt (just written) and best.pt (if any yet) to their kept names for ``epoch``."""
+        for src, dst in zip((self.checkpoint, self.best), self.kept(epoch)):
+            if src.is_file():
+                replace_atomic(dst, lambda tmp, src=src: shutil.copyfile(src, tmp))
+            else:
+                dst.unlink(missing_ok=True)
+
+    def branch_from(self, source: RunDir, epoch: int) -> None:
+        """Start this (new) run as ``source`` was after ``epoch``: its kept checkpoint and best model, and its metrics
+        log (the resume drops the records after the checkpoint's step). ``source`` is only read."""
+        for src, dst in zip(source.kept(epoch), (self.checkpoint, self.best)):
+            if src.is_file():
+                replace_atomic(dst, lambda tmp, src=src: shutil.copyfile(src, tmp))
+        if (source / METRICS).is_file():
+            replace_atomic(self / METRICS, lambda tmp: shutil.copyfile(source / METRICS, tmp))
 
     @property
     def weights(self) -> Path:
@@ -161,6 +186,9 @@ class RunDir:
         and ``tb/`` stay, and so do ``eval/`` and ``robustness/``)."""
         for name in TRAIN_OUTPUTS:
             (self.path / name).unlink(missing_ok=True)
+        for f in self.path.iterdir():
+            if f.is_file() and re.fullmatch(KEPT, f.name):
+                f.unlink()
         self.remove_stale_temporaries()
         for folder, pattern in ((SAMPLES_DIR, r"(un)?cond_\d+\.png"), (TENSORBOARD_DIR, r"events\.out\.tfevents\..*")):
             d = self.path / folder

@@ -141,6 +141,49 @@ def test_resume_applies_what_may_change_and_refuses_the_rest(tmp_path, capsys):
         assert (run / "config.json").read_text() == before
 
 
+def test_a_branch_from_a_kept_epoch_trains_as_the_run_did_and_leaves_it_untouched(tmp_path, capsys):
+    args = ["train", *TINY, "--epochs", "3", "--log-every", "1", "--keep-epochs", "2"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one float reduction order for the run and its branch
+    try:
+        run, branch, other = tmp_path / "run", tmp_path / "branch", tmp_path / "other"
+        assert main([*args, "--out", str(run)]) == 0
+        kept = sorted(p.name for p in run.glob("*-epoch*.pt"))
+        assert kept == ["best-epoch2.pt", "checkpoint-epoch2.pt"] and load_safe(run / kept[1])["step"] == 2 * 20
+        before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+        capsys.readouterr()
+        assert main(["train", "--resume", str(run), "--from-epoch", "2", "--out", str(branch), "--no-progress"]) == 0
+        assert "branching" in capsys.readouterr().err
+        # a branch with nothing changed retrains the run's last epoch to the same weights, log and test accuracy
+        a, b = load_safe(run / "checkpoint.pt"), load_safe(branch / "checkpoint.pt")
+        assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+        strip = lambda p: [{k: v for k, v in json.loads(ln).items() if k != "time"} for ln in p.read_text().splitlines()]
+        assert strip(run / "metrics.jsonl") == strip(branch / "metrics.jsonl")
+        assert (json.loads((run / "summary.json").read_text())["test_accuracy"]
+                == json.loads((branch / "summary.json").read_text())["test_accuracy"])
+        assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before  # only read
+        # a branch with a new value logs it from the branch point on
+        assert main(["train", "--resume", str(run), "--from-epoch", "2", "--out", str(other), "--lr", "0.0005",
+                     "--no-progress"]) == 0
+        resume = [json.loads(ln) for ln in (other / "metrics.jsonl").read_text().splitlines() if '"resume"' in ln]
+        assert len(resume) == 1 and resume[0]["step"] == 40 and resume[0]["changed"]["lr"][1] == 0.0005
+    finally:
+        torch.set_num_threads(threads)
+    capsys.readouterr()
+    for bad, fragment in ((["--from-epoch", "1", "--out", str(tmp_path / "x")], "kept: 2"),
+                          (["--from-epoch", "2"], "name its folder with --out"),
+                          (["--from-epoch", "2", "--out", str(branch)], "already holds a run")):
+        assert main(["train", "--resume", str(run), *bad, "--no-progress"]) == 2
+        one_line_error(capsys, fragment)
+    assert not (tmp_path / "x").exists()
+    assert main(["train", *TINY, "--from-epoch", "2", "--out", str(tmp_path / "y")]) == 2
+    one_line_error(capsys, "give the run with --resume")
+    assert main(["train", *TINY, "--keep-epochs", "2,x", "--out", str(tmp_path / "y")]) == 2
+    one_line_error(capsys, "--keep-epochs must be epochs")
+    assert main(["train", *TINY, "--overwrite", "--out", str(run)]) == 0  # --overwrite removes the kept copies too
+    assert not list(run.glob("*-epoch*.pt"))
+
+
 def test_torn_metrics_line_and_stale_temporaries(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", *TINY, "--out", str(run)]) == 0
