@@ -28,6 +28,12 @@ run already in ``--out`` is reused (evaluated, not trained again) when it was tr
 baseline also when the two differ only in settings of the generative terms, which a baseline never reads
 (``jemtorch.config.GENERATIVE_ONLY``). ``--baseline-runs ROOT`` compares with the classifiers already trained in
 ROOT/seed<s>/baseline instead (copied in): a JEM on one network against the best classifier on another.
+``--branch-from ROOT --from-epoch E`` trains each JEM as a branch of ROOT/seed<s>/jem after epoch E (kept there by
+``--keep-epochs E``; ``jem train --from-epoch``): tails that share a density phase cost only their own epochs.
+
+    python benchmarks/quality.py --seeds 4 --out runs/quality/A -- --config FILE --keep-epochs 8
+    python benchmarks/quality.py --seeds 4 --out runs/quality/B --baseline-runs runs/quality/A \
+        --branch-from runs/quality/A --from-epoch 8 -- --config FILE --keep-epochs 8 --px-tail-scale 0.1
 """
 from __future__ import annotations
 
@@ -44,6 +50,7 @@ import torch
 
 from jemtorch.build import load_run
 from jemtorch.cli import build_parser
+from jemtorch.cli import main as cli_main
 from jemtorch.config import load_config_file, resolve_config, training_differences
 from jemtorch.data import check_ood_name, load_dataset, ood_labels
 from jemtorch.detectors import OWN
@@ -66,9 +73,10 @@ def train_flags(extra: list[str]) -> dict:
     return {**(load_config_file(args.config) if args.config else {}), **given}
 
 
-def train_pair(flags: dict, out: Path, data, baseline: Optional[Path] = None) -> dict:
+def train_pair(flags: dict, out: Path, data, baseline: Optional[Path] = None, branch: Optional[tuple] = None) -> dict:
     """Train JEM and baseline with the same config; returns {kind: summary or {'failed': message}}. ``baseline``: a
-    trained classifier to compare with instead (copied into ``out``; same dataset and seed, any network)."""
+    trained classifier to compare with instead (copied into ``out``; same dataset and seed, any network). ``branch``:
+    (a JEM run, an epoch it kept, the `jem train` flags): the JEM is trained as its branch (``jem train --from-epoch``)."""
     res = {}
     if baseline is not None:
         res["baseline"] = adopt_baseline(baseline, out / "baseline", flags)
@@ -86,12 +94,30 @@ def train_pair(flags: dict, out: Path, data, baseline: Optional[Path] = None) ->
             res[kind] = json.loads((run_dir / "summary.json").read_text())
             continue
         t0 = time.perf_counter()
-        try:
-            res[kind] = Trainer(cfg, data).fit()
-        except TrainingDiverged as e:
-            res[kind] = {"failed": str(e)}
+        if kind == "jem" and branch is not None:
+            res[kind] = train_branch(cfg, *branch)
+        else:
+            try:
+                res[kind] = Trainer(cfg, data).fit()
+            except TrainingDiverged as e:
+                res[kind] = {"failed": str(e)}
         print(f"[quality] {out.name} {kind}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     return res
+
+
+def train_branch(cfg, source: Path, epoch: int, extra: list[str]) -> dict:
+    """Train the JEM ``cfg`` describes as a branch of the run ``source`` after ``epoch``, by `jem train` itself; the
+    branch must come out with ``cfg``'s configuration (the settings the source was built on cannot change)."""
+    rc = cli_main(["train", "--resume", str(source), "--from-epoch", str(epoch), "--out", str(cfg.run_dir),
+                   "--dataset", cfg.dataset, "--data-root", cfg.data_root, "--seed", str(cfg.seed),
+                   "--labels-per-class", str(cfg.labels_per_class), "--no-progress", *extra])
+    if rc != 0:
+        sys.exit(f"quality: --branch-from: jem train could not branch {source} after epoch {epoch} (exit {rc})")
+    saved = json.loads((Path(cfg.run_dir) / "config.json").read_text())
+    diff = training_differences(saved, json.loads(json.dumps(cfg.to_dict())))
+    if diff:
+        sys.exit(f"quality: --branch-from: the branch of {source} differs from the benchmark's JEM in {', '.join(diff)}")
+    return json.loads((Path(cfg.run_dir) / "summary.json").read_text())
 
 
 def adopt_baseline(src: Path, dst: Path, flags: dict) -> dict:
@@ -275,7 +301,13 @@ def main() -> int:
     p.add_argument("--baseline-runs", default=None,
                    help="compare with the trained classifiers ROOT/seed<s>/baseline (another quality --out, say) "
                         "instead of training one: a JEM on one network against a classifier on another")
+    p.add_argument("--branch-from", default=None, metavar="ROOT",
+                   help="train each JEM as a branch of ROOT/seed<s>/jem after --from-epoch (kept there by "
+                        "--keep-epochs): only the epochs after it are trained")
+    p.add_argument("--from-epoch", type=int, default=None, help="the epoch of --branch-from")
     args, rest = p.parse_known_args()
+    if (args.branch_from is None) != (args.from_epoch is None):
+        p.error("--branch-from and --from-epoch go together")
     extra = rest[1:] if rest[:1] == ["--"] else rest
     tag = args.dataset + (f"-ssl{args.labels_per_class}" if args.labels_per_class > 0 else "")
     out_root = Path(args.out or f"runs/quality/{tag}")
@@ -289,7 +321,8 @@ def main() -> int:
     for seed in args.seeds:
         out = out_root / f"seed{seed}"
         given = Path(args.baseline_runs) / f"seed{seed}" / "baseline" if args.baseline_runs else None
-        r, o, g = evaluate_pair(seed, out, train_pair({**flags, "seed": seed}, out, data, given), ood, args)
+        branch = (Path(args.branch_from) / out.name / "jem", args.from_epoch, extra) if args.branch_from else None
+        r, o, g = evaluate_pair(seed, out, train_pair({**flags, "seed": seed}, out, data, given, branch), ood, args)
         runs, oods, gens = runs + r, oods + o, gens + g
     cfg = resolve_config({**flags, "seed": args.seeds[0]})
     head = (f"{args.dataset}, recipe {cfg.recipe}, model {cfg.model}, {cfg.epochs} epochs, batch {cfg.batch_size}, "

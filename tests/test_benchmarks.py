@@ -86,7 +86,7 @@ def test_quality_benchmark_tables_and_reuse(tmp_path, capsys):
     for i in range(12):
         Image.fromarray((37 * i % 255) * __import__("numpy").ones((8, 8), "uint8")).save(folder / f"{i}.png")
     cmd = ["--dataset", "digits", "--seeds", "0", "--n", "60", "--n-gen", "40", "--sample-steps", "2",
-           "--ood", f"uniform,constant,{folder}", "--out", out, "--", "--model", "cnn-4", "--epochs", "2",
+           "--ood", f"uniform,constant,{folder}", "--out", out, "--", "--keep-epochs", "1", "--model", "cnn-4", "--epochs", "2",
            "--warmup-iters", "0", "--buffer-size", "100", "--sgld-steps", "1"]
     first = script(capsys, "quality.py", *cmd)
     assert first.returncode == 0, first.stderr[-2000:]
@@ -139,6 +139,18 @@ def test_quality_benchmark_tables_and_reuse(tmp_path, capsys):
     missing = script(capsys, "quality.py", "--baseline-runs", tmp_path / "nosuch",
                      *[tmp_path / "y" if c == out else c for c in cmd])
     assert missing.returncode != 0 and "not a trained run" in missing.stderr
+    # --branch-from: another tail of the JEM above, trained from the epoch it kept (only the second epoch trained)
+    branched = script(capsys, "quality.py", "--ood-only", "--baseline-runs", out, "--branch-from", out, "--from-epoch",
+                      "1", *[tmp_path / "b" if c == out else c for c in cmd], "--px-stop-epoch", "1",
+                      "--px-tail-scale", "0.5")
+    assert branched.returncode == 0, branched.stderr[-2000:]
+    assert "branching" in branched.stderr and "[quality] seed0 baseline" not in branched.stderr
+    log = lambda d: [{k: v for k, v in json.loads(ln).items() if k != "time"}
+                     for ln in (d / "seed0" / "jem" / "metrics.jsonl").read_text().splitlines()]
+    a, b = log(out), log(tmp_path / "b")
+    cut = next(i for i, r in enumerate(b) if r["kind"] == "resume")
+    assert b[cut]["changed"]["px_tail_scale"] == [0.0, 0.5] and 0 < cut < len(a)
+    assert b[:cut] == [r for r in a if r["step"] <= b[cut]["step"]][:cut] and b[cut + 1:] != a[cut:]
 
 
 def test_quality_flags_read_a_config_file_under_the_explicit_flags(tmp_path, monkeypatch):
