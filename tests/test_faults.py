@@ -182,6 +182,8 @@ def test_a_branch_from_a_kept_epoch_trains_as_the_run_did_and_leaves_it_untouche
     one_line_error(capsys, "--keep-epochs must be epochs")
     assert main(["train", *TINY, "--overwrite", "--out", str(run)]) == 0  # --overwrite removes the kept copies too
     assert not list(run.glob("*-epoch*.pt"))
+    from jemtorch.config import make_config
+    assert make_config(keep_epochs=[4, 8]).kept_epochs == make_config(keep_epochs=" 8, 4").kept_epochs == {4, 8}
 
 
 def test_torn_metrics_line_and_stale_temporaries(tmp_path, capsys):
