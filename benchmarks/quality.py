@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from jemtorch.build import load_run
-from jemtorch.cli import build_parser
+from jemtorch.cli import build_parser, resolve_args
 from jemtorch.cli import main as cli_main
 from jemtorch.config import load_config_file, resolve_config, training_differences
 from jemtorch.data import check_ood_name, load_dataset, ood_labels
@@ -106,17 +106,23 @@ def train_pair(flags: dict, out: Path, data, baseline: Optional[Path] = None, br
 
 
 def train_branch(cfg, source: Path, epoch: int, extra: list[str]) -> dict:
-    """Train the JEM ``cfg`` describes as a branch of the run ``source`` after ``epoch``, by `jem train` itself; the
-    branch must come out with ``cfg``'s configuration (the settings the source was built on cannot change)."""
-    rc = cli_main(["train", "--resume", str(source), "--from-epoch", str(epoch), "--out", str(cfg.run_dir),
-                   "--dataset", cfg.dataset, "--data-root", cfg.data_root, "--seed", str(cfg.seed),
-                   "--labels-per-class", str(cfg.labels_per_class), "--no-progress", *extra])
+    """Train the JEM ``cfg`` describes as a branch of the run ``source`` after ``epoch``, by `jem train` itself. The
+    branch keeps the source's values where the flags are silent, so before anything is trained its configuration
+    must be ``cfg``'s (say, a source trained with --px-fade-epochs 3 needs --px-fade-epochs 0 for a step)."""
+    argv = ["train", "--resume", str(source), "--from-epoch", str(epoch), "--out", str(cfg.run_dir),
+            "--dataset", cfg.dataset, "--data-root", cfg.data_root, "--seed", str(cfg.seed),
+            "--labels-per-class", str(cfg.labels_per_class), "--no-progress", *extra]
+    try:
+        branched = resolve_args(build_parser().parse_args(argv))[0]
+    except (ValueError, OSError) as e:
+        sys.exit(f"quality: --branch-from: {e}")
+    diff = training_differences(json.loads(json.dumps(branched.to_dict())), json.loads(json.dumps(cfg.to_dict())))
+    if diff:
+        sys.exit(f"quality: --branch-from: a branch of {source} would differ from the benchmark's JEM in "
+                 f"{', '.join(diff)} (the source's values stay where no flag sets them); nothing was trained")
+    rc = cli_main(argv)
     if rc != 0:
         sys.exit(f"quality: --branch-from: jem train could not branch {source} after epoch {epoch} (exit {rc})")
-    saved = json.loads((Path(cfg.run_dir) / "config.json").read_text())
-    diff = training_differences(saved, json.loads(json.dumps(cfg.to_dict())))
-    if diff:
-        sys.exit(f"quality: --branch-from: the branch of {source} differs from the benchmark's JEM in {', '.join(diff)}")
     return json.loads((Path(cfg.run_dir) / "summary.json").read_text())
 
 

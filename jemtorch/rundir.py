@@ -49,7 +49,7 @@ OOD_CALIBRATION = "ood_calibration.json"  # written by jem score / jemtorch.load
 DETECTORS = "detectors.safetensors"  # post-hoc detectors fitted on the run's training split, keyed by the weights' SHA-256
 # what `jem train --overwrite` removes: only files jem train itself writes (and what is fitted to its weights)
 TRAIN_OUTPUTS = (CHECKPOINT, BEST, METRICS, SUMMARY, CURVES, CONFIG_SOURCES, OOD_CALIBRATION, DETECTORS, *LATEST_SAMPLES)
-KEPT = r"(checkpoint|best)-epoch\d+\.pt"  # --keep-epochs: checkpoint.pt and best.pt as they were after an epoch
+KEPT = r"(checkpoint|best)-epoch(\d+)\.pt"  # --keep-epochs: checkpoint.pt and best.pt as they were after an epoch
 
 
 class RunDir:
@@ -82,9 +82,15 @@ class RunDir:
                 dst.unlink(missing_ok=True)
 
     def branch_from(self, source: RunDir, epoch: int) -> None:
-        """Start this (new) run as ``source`` was after ``epoch``: its kept checkpoint and best model, and its metrics
-        log (the resume drops the records after the checkpoint's step). ``source`` is only read."""
-        for src, dst in zip(source.kept(epoch), (self.checkpoint, self.best)):
+        """Start this (new) run as ``source`` was after ``epoch``: its kept checkpoint and best model, the copies it
+        kept up to then (a branch can be branched again), and its metrics log (the resume drops the records after the
+        checkpoint's step). ``source`` is only read."""
+        pairs = list(zip(source.kept(epoch), (self.checkpoint, self.best)))
+        for f in source.path.iterdir():
+            m = re.fullmatch(KEPT, f.name)
+            if m and int(m.group(2)) <= epoch:
+                pairs.append((f, self / f.name))
+        for src, dst in pairs:
             if src.is_file():
                 replace_atomic(dst, lambda tmp, src=src: shutil.copyfile(src, tmp))
         if (source / METRICS).is_file():

@@ -151,6 +151,10 @@ def test_quality_benchmark_tables_and_reuse(tmp_path, capsys):
     cut = next(i for i, r in enumerate(b) if r["kind"] == "resume")
     assert b[cut]["changed"]["px_tail_scale"] == [0.0, 0.5] and 0 < cut < len(a)
     assert b[:cut] == [r for r in a if r["step"] <= b[cut]["step"]][:cut] and b[cut + 1:] != a[cut:]
+    stale = script(capsys, "quality.py", "--ood-only", "--baseline-runs", out, "--branch-from", tmp_path / "b",
+                   "--from-epoch", "1", *[tmp_path / "c" if c == out else c for c in cmd])  # the source's tail stays
+    assert stale.returncode != 0 and "differ from the benchmark's JEM in px_stop_epoch, px_tail_scale" in stale.stderr
+    assert not (tmp_path / "c" / "seed0" / "jem").exists()
 
 
 def test_quality_flags_read_a_config_file_under_the_explicit_flags(tmp_path, monkeypatch):

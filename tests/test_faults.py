@@ -162,6 +162,7 @@ def test_a_branch_from_a_kept_epoch_trains_as_the_run_did_and_leaves_it_untouche
         assert (json.loads((run / "summary.json").read_text())["test_accuracy"]
                 == json.loads((branch / "summary.json").read_text())["test_accuracy"])
         assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before  # only read
+        assert (branch / "checkpoint-epoch2.pt").read_bytes() == before["checkpoint-epoch2.pt"]  # to branch again
         # a branch with a new value logs it from the branch point on
         assert main(["train", "--resume", str(run), "--from-epoch", "2", "--out", str(other), "--lr", "0.0005",
                      "--no-progress"]) == 0
