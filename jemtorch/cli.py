@@ -182,8 +182,7 @@ def resolve_args(args: argparse.Namespace):
     source = None
     if epoch is not None:  # a branch: a new run directory that starts where RUN_DIR was after epoch E
         if not run.kept(epoch)[0].is_file():
-            kept = sorted(int(p.stem.split("epoch")[1]) for p in run.path.glob("checkpoint-epoch*.pt")
-                          if p.stem.split("epoch")[1].isdigit())
+            kept = sorted({e for f, e in run.kept_files().items() if f.name.startswith("checkpoint")})
             raise FileNotFoundError(f"{run.path} kept no checkpoint after epoch {epoch} (kept: "
                                     f"{', '.join(map(str, kept)) or 'none'}; a run keeps them with --keep-epochs)")
         if overrides.get("out") is None or Path(overrides["out"]).resolve() == run.path.resolve():

@@ -73,6 +73,11 @@ class RunDir:
         """checkpoint.pt and best.pt as ``--keep-epochs`` kept them after ``epoch``."""
         return self.path / f"checkpoint-epoch{epoch}.pt", self.path / f"best-epoch{epoch}.pt"
 
+    def kept_files(self) -> dict[Path, int]:
+        """The copies ``--keep-epochs`` kept here, each with its epoch."""
+        found = ((f, re.fullmatch(KEPT, f.name)) for f in self.path.iterdir()) if self.path.is_dir() else ()
+        return {f: int(m.group(2)) for f, m in found if m and f.is_file()}
+
     def keep(self, epoch: int) -> None:
         """Copy checkpoint.pt (just written) and best.pt (if any yet) to their kept names for ``epoch``."""
         for src, dst in zip((self.checkpoint, self.best), self.kept(epoch)):
@@ -86,10 +91,7 @@ class RunDir:
         kept up to then (a branch can be branched again), and its metrics log (the resume drops the records after the
         checkpoint's step). ``source`` is only read."""
         pairs = list(zip(source.kept(epoch), (self.checkpoint, self.best)))
-        for f in source.path.iterdir():
-            m = re.fullmatch(KEPT, f.name)
-            if m and int(m.group(2)) <= epoch:
-                pairs.append((f, self / f.name))
+        pairs += [(f, self / f.name) for f, e in source.kept_files().items() if e <= epoch]
         for src, dst in pairs:
             if src.is_file():
                 replace_atomic(dst, lambda tmp, src=src: shutil.copyfile(src, tmp))
@@ -192,9 +194,8 @@ class RunDir:
         and ``tb/`` stay, and so do ``eval/`` and ``robustness/``)."""
         for name in TRAIN_OUTPUTS:
             (self.path / name).unlink(missing_ok=True)
-        for f in self.path.iterdir():
-            if f.is_file() and re.fullmatch(KEPT, f.name):
-                f.unlink()
+        for f in self.kept_files():
+            f.unlink()
         self.remove_stale_temporaries()
         for folder, pattern in ((SAMPLES_DIR, r"(un)?cond_\d+\.png"), (TENSORBOARD_DIR, r"events\.out\.tfevents\..*")):
             d = self.path / folder
