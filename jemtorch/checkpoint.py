@@ -10,6 +10,7 @@ a file. A target that is a symbolic link is refused in one line (a run directory
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Callable
 
@@ -54,6 +55,11 @@ def replace_atomic(path: str | Path, write: Callable[[Path], Any]) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def copy_atomic(src: str | Path, dst: str | Path) -> Path:
+    """A copy of the file ``src`` at ``dst``, whole or not at all (``replace_atomic``)."""
+    return replace_atomic(dst, lambda tmp: shutil.copyfile(src, tmp))
 
 
 def save_atomic(obj: Any, path: str | Path) -> Path:

@@ -251,7 +251,6 @@ def _train(args: argparse.Namespace, cfg, sources: dict, run: RunDir, dist: Dist
         if run.has_run:
             run.remove_train_outputs()
         if source is not None:
-            run.path.mkdir(parents=True, exist_ok=True)
             run.branch_from(source, args.from_epoch)
             say(f"jem train: branching {source.path} after epoch {args.from_epoch} into {run.path}")
     trusted = args.trust_code or args.model is not None  # a model named on this command line is the user's own

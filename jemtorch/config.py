@@ -196,9 +196,10 @@ class TrainConfig(LogSettings, LoopSettings, OptimSettings, SamplerSettings, Obj
     """Every knob of a run (fields in the order of ``SECTIONS``)."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.keep_epochs, (list, tuple)) or type(self.keep_epochs) is int:  # a file's 8 or [4, 8]
-            self.keep_epochs = ",".join(str(e) for e in (self.keep_epochs if isinstance(self.keep_epochs, (list, tuple))
-                                                         else [self.keep_epochs]))
+        if type(self.keep_epochs) is int:  # a config file's keep_epochs = 8
+            self.keep_epochs = [self.keep_epochs]
+        if isinstance(self.keep_epochs, (list, tuple)):  # or [4, 8]
+            self.keep_epochs = ",".join(map(str, self.keep_epochs))
         self.validate()
         module, sep, fn = self.model.rpartition(":")
         if sep and module.endswith(".py") and not Path(module).expanduser().is_absolute():

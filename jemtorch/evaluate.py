@@ -15,7 +15,6 @@ OOD sets (``data.make_ood_set``): a folder of images, a dataset name, or the syn
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -27,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .attacks import steepness
 from .build import LoadedRun, load_run, load_runs, run_detectors
-from .checkpoint import replace_atomic, write_atomic
+from .checkpoint import copy_atomic, write_atomic
 from .data import DatasetError, check_ood_name, make_ood_set, ood_labels, to_float, to_uint8, training_splits
 from .detectors import DETECTORS, OWN, model_outputs
 from .energy import in_batches
@@ -406,7 +405,7 @@ def write_report(outs: list[Path], results: list[EvalResult]) -> None:
     for out in outs:
         if out.resolve() != first.resolve():
             for f in figs.values():
-                replace_atomic(out / f.name, lambda tmp, f=f: shutil.copyfile(f, tmp))
+                copy_atomic(f, out / f.name)
         rep = build_report(metrics, {k: out / f.name for k, f in figs.items()})
         add_robustness_section(rep, [m["run"] for m in metrics])  # written by `jem attack` / `jem distal`, if run
         rep.write(out)

@@ -6,7 +6,6 @@ Figures take plain data (dicts, arrays, tensors) and a path; they never read run
 from __future__ import annotations
 
 import math
-import shutil
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -14,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .checkpoint import replace_atomic
+from .checkpoint import copy_atomic, replace_atomic
 from .data import to_uint8
 from .energy import JEM
 
@@ -195,8 +194,8 @@ def buffer_grids(buffer: torch.Tensor, jem: JEM, num_classes: int, class_conditi
     uncond = save_grid(buffer[pick], out_dir / f"uncond_{step:07d}.png", nrow=10)
     cond = save_grid(samples_by_class(buffer, jem, num_classes, n_per_class, g, class_conditional),
                      out_dir / f"cond_{step:07d}.png", nrow=n_per_class)
-    replace_atomic(latest[0], lambda tmp: shutil.copyfile(uncond, tmp))
-    replace_atomic(latest[1], lambda tmp: shutil.copyfile(cond, tmp))
+    copy_atomic(uncond, latest[0])
+    copy_atomic(cond, latest[1])
 
 
 def final_trajectory(records: Sequence[dict], kind: str) -> list[dict]:

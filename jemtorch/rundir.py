@@ -25,11 +25,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 from typing import IO, Optional
 
-from .checkpoint import CheckpointError, check_inside, refuse_link, replace_atomic, save_atomic, write_atomic
+from .checkpoint import CheckpointError, check_inside, copy_atomic, refuse_link, save_atomic, write_atomic
 from .config import TrainConfig
 
 MARKER = ".jemtorch-run"  # written first by jem train: the folder is a run directory
@@ -82,7 +81,7 @@ class RunDir:
         """Copy checkpoint.pt (just written) and best.pt (if any yet) to their kept names for ``epoch``."""
         for src, dst in zip((self.checkpoint, self.best), self.kept(epoch)):
             if src.is_file():
-                replace_atomic(dst, lambda tmp, src=src: shutil.copyfile(src, tmp))
+                copy_atomic(src, dst)
             else:
                 dst.unlink(missing_ok=True)
 
@@ -90,13 +89,11 @@ class RunDir:
         """Start this (new) run as ``source`` was after ``epoch``: its kept checkpoint and best model, the copies it
         kept up to then (a branch can be branched again), and its metrics log (the resume drops the records after the
         checkpoint's step). ``source`` is only read."""
-        pairs = list(zip(source.kept(epoch), (self.checkpoint, self.best)))
+        pairs = list(zip(source.kept(epoch), (self.checkpoint, self.best))) + [(source / METRICS, self / METRICS)]
         pairs += [(f, self / f.name) for f, e in source.kept_files().items() if e <= epoch]
         for src, dst in pairs:
             if src.is_file():
-                replace_atomic(dst, lambda tmp, src=src: shutil.copyfile(src, tmp))
-        if (source / METRICS).is_file():
-            replace_atomic(self / METRICS, lambda tmp: shutil.copyfile(source / METRICS, tmp))
+                copy_atomic(src, dst)
 
     @property
     def weights(self) -> Path:
