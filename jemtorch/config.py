@@ -104,6 +104,10 @@ class LoopSettings:
     px_fade_epochs: float = setting(0.0, "at --px-stop-epoch lower the generative terms' weights (and the energy "
                                          "penalty's) linearly to --px-tail-scale over this many epochs, fractions "
                                          "allowed, instead of at once (0: a step, as the tail has been measured)")
+    px_pause_epochs: float = setting(0.0, "after --px-stop-epoch the classifier trains alone for this many epochs, "
+                                          "fractions allowed, before the generative terms return at --px-tail-scale "
+                                          "for the rest of the tail: the density retrained at the end on a classifier "
+                                          "that caught up (0: no pause; docs/results/density.md)")
     px_ramp_epochs: float = setting(0.0, "once the generative terms switch on, raise their weights (and the energy "
                                          "penalty's) linearly from 0 to their values over this many epochs, fractions "
                                          "allowed (0: at once, as the papers)")
@@ -146,6 +150,12 @@ class LoopSettings:
         need(self.px_tail_scale == 0 or self.px_stop_epoch >= 0, "--px-tail-scale needs --px-stop-epoch")
         need(self.px_fade_epochs >= 0, f"--px-fade-epochs must be >= 0, got {self.px_fade_epochs}")
         need(self.px_fade_epochs == 0 or self.px_stop_epoch >= 0, "--px-fade-epochs needs --px-stop-epoch")
+        need(self.px_pause_epochs >= 0, f"--px-pause-epochs must be >= 0, got {self.px_pause_epochs}")
+        need(self.px_pause_epochs == 0 or (self.px_tail_scale > 0 and self.px_fade_epochs == 0),
+             "--px-pause-epochs needs --px-tail-scale > 0 (the weight the density returns at) and no --px-fade-epochs")
+        need(self.px_pause_epochs == 0 or self.px_stop_epoch + self.px_pause_epochs < self.epochs,
+             f"--px-pause-epochs {self.px_pause_epochs} after --px-stop-epoch {self.px_stop_epoch} leaves no epoch of "
+             f"the {self.epochs} for the density to return in")
         need(self.px_tail_std == -1 or self.px_tail_std >= 0, f"--px-tail-std must be -1 or >= 0, got {self.px_tail_std}")
         need(self.px_tail_std == -1 or self.px_tail_scale > 0, "--px-tail-std needs --px-tail-scale > 0")
         need(0 <= self.px_target_reach < 1, f"--px-target-reach must be in [0, 1), got {self.px_target_reach}")
@@ -463,7 +473,7 @@ RESUME_IGNORED = ("out", "name", "progress", "device", "keep_epochs")  # changes
 # what a run without generative terms (a classifier baseline, p_x_weight = p_x_y_weight = 0) never reads: it trains
 # to the same weights whatever their values (tests/test_train.py checks it), so benchmarks/quality.py reuses a
 # baseline across presets that differ only in these
-GENERATIVE_ONLY = ("px_start_epoch", "px_stop_epoch", "px_tail_scale", "px_tail_std", "px_fade_epochs", "px_ramp_epochs",
+GENERATIVE_ONLY = ("px_start_epoch", "px_stop_epoch", "px_tail_scale", "px_tail_std", "px_fade_epochs", "px_pause_epochs", "px_ramp_epochs",
                    "px_target_reach", "px_scale_min", "energy_reg", "energy_reg_form", "sgld_steps", "sgld_steps_max", "sgld_lr",
                    "sgld_std", "sgld_clamp", "sgld_step_cap", "sgld_cap_noise", "sgld_update", "pyld_inner_steps", "pyld_lr", "pyld_eps",
                    "cd_weight", "cd_batch_size", "cd_steps", "grad_penalty", "grad_penalty_batch", "reinit_freq")

@@ -107,8 +107,9 @@ class Phases:
     """When the generative terms train: from ``start`` (``--px-start-epoch``), faded in over ``ramp`` iterations
     (``--px-ramp-epochs``), until ``stop`` (``--px-stop-epoch``; None: to the end), then at ``tail_scale`` of their
     weights (``--px-tail-scale``; 0: off), reached linearly over ``fade`` iterations (``--px-fade-epochs``; 0: at
-    once), with chains of noise ``tail_std`` (``--px-tail-std``) instead of ``std`` (``--sgld-std``); converted from
-    epochs to iterations here, once."""
+    once) or after ``pause`` iterations of the classifier alone (``--px-pause-epochs``), with chains of noise
+    ``tail_std`` (``--px-tail-std``) instead of ``std`` (``--sgld-std``); converted from epochs to iterations here,
+    once."""
 
     start: int
     ramp: int
@@ -118,12 +119,14 @@ class Phases:
     std: float = 0.01
     tail_std: float = 0.01
     fade: int = 0
+    pause: int = 0
 
     @classmethod
     def of(cls, cfg: TrainConfig, iters_per_epoch: int) -> Phases:
         return cls(cfg.px_start_epoch * iters_per_epoch, round(cfg.px_ramp_epochs * iters_per_epoch), cfg.uses_samples,
                    None if cfg.px_stop_epoch < 0 else cfg.px_stop_epoch * iters_per_epoch, cfg.px_tail_scale,
-                   cfg.sgld_std, cfg.final_sgld_std, round(cfg.px_fade_epochs * iters_per_epoch))
+                   cfg.sgld_std, cfg.final_sgld_std, round(cfg.px_fade_epochs * iters_per_epoch),
+                   round(cfg.px_pause_epochs * iters_per_epoch))
 
     def tail(self, step: int) -> bool:
         """Past ``--px-stop-epoch``."""
@@ -138,10 +141,12 @@ class Phases:
 
     def tail_share(self, step: int) -> float:
         """The share of their weights the generative terms keep at ``step``: 1 before ``stop``, then falling linearly
-        over ``fade`` iterations to ``tail_scale``."""
+        over ``fade`` iterations to ``tail_scale``, or 0 for ``pause`` iterations and then ``tail_scale``."""
         if not self.tail(step):
             return 1.0
         into = step - self.stop + 1
+        if into <= self.pause:
+            return 0.0
         return self.tail_scale if into >= self.fade else 1.0 - (1.0 - self.tail_scale) * into / self.fade
 
     def started(self, step: int) -> bool:

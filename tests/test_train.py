@@ -329,6 +329,28 @@ def test_px_fade_epochs_lowers_the_density_to_its_tail_share_linearly(tmp_path):
         cfg(tmp_path, epochs=3, px_stop_epoch=2, px_fade_epochs=-1.0)
 
 
+def test_px_pause_epochs_trains_the_classifier_alone_then_returns_the_density_at_its_tail_share(tmp_path):
+    from jemtorch.objective import Weights
+
+    t = Trainer(cfg(tmp_path, epochs=4, px_start_epoch=1, px_stop_epoch=2, px_tail_scale=0.2, px_pause_epochs=1.0))
+    per, w, ph = t.clock.iters_per_epoch, Weights(1.0, 0.5, 0.0, 1.0, "squared"), t.phases
+    assert [ph.generative(s) for s in (2 * per - 1, 2 * per, 3 * per - 1, 3 * per)] == [True, False, False, True]
+    assert [ph.weights(w, s).px for s in (2 * per - 1, 2 * per, 3 * per - 1, 3 * per, 4 * per - 1)] == \
+        [0.5, 0.0, 0.0, pytest.approx(0.1), pytest.approx(0.1)]  # full, paused for an epoch, back at the tail's share
+    assert ph.weights(w, 3 * per).energy_reg == pytest.approx(0.2)  # the penalty returns with the term it bounds
+    t.state.step = 3 * per
+    before = t.state.buffer.data.clone()
+    assert "l_px" in t.iteration() and not torch.equal(t.state.buffer.data, before)  # the chains run again
+    with pytest.raises(ValueError, match="--px-pause-epochs needs --px-tail-scale > 0"):
+        cfg(tmp_path, epochs=4, px_stop_epoch=2, px_pause_epochs=1.0)
+    with pytest.raises(ValueError, match="--px-pause-epochs needs --px-tail-scale > 0"):
+        cfg(tmp_path, epochs=4, px_stop_epoch=2, px_tail_scale=0.2, px_fade_epochs=0.5, px_pause_epochs=1.0)
+    with pytest.raises(ValueError, match="leaves no epoch of the 4 for the density to return in"):
+        cfg(tmp_path, epochs=4, px_stop_epoch=2, px_tail_scale=0.2, px_pause_epochs=2.0)
+    with pytest.raises(ValueError, match="--px-pause-epochs must be >= 0, got -1"):
+        cfg(tmp_path, epochs=4, px_stop_epoch=2, px_tail_scale=0.2, px_pause_epochs=-1.0)
+
+
 def test_px_tail_std_sets_the_tail_chains_noise_and_the_trained_runs_sampler(tmp_path):
     from jemtorch.build import load_run
 
