@@ -10,6 +10,9 @@
       + γ·‖∇ₓE(x_gp)‖²                                       optional zero-centred gradient penalty on p(x) images
                                                                (--grad-penalty; R1, Mescheder et al. 2018)
 
+With --grad-surgery the gradient of everything after the first line is projected off the classification term's
+gradient where the two conflict before they are summed (``surgery_backward``; PCGrad, Yu et al. 2020).
+
 Why the penalty's form matters: against the p(x) term's constant pull (−1 per example on E(data)), a per-example
 penalty λ·E(x)² balances at E(x) = −w_px/(2λ) for *every* training image, so every image's LogSumExp f(x) is driven
 to the same value — a logit-norm constraint that leaves the classifier under-confident. The batch-mean form
@@ -71,6 +74,12 @@ class ObjectiveSettings:
                                         "paper)")
     grad_penalty_batch: int = setting(32, "images per step the --grad-penalty term sees (the first of the p(x) batch); "
                                           "0: the whole p(x) batch")
+    grad_surgery: bool = setting(False, "project the generative terms' gradient off the classification term's where "
+                                        "they conflict (negative dot product over all weights), so that to first order "
+                                        "no step raises the cross-entropy: PCGrad (Yu et al. 2020, 'Gradient surgery "
+                                        "for multi-task learning'), one projection over the whole network; costs a "
+                                        "second backward pass; not with --sam-rho or torchrun; off: the plain sum (the "
+                                        "JEM paper)")
     separate_forward: bool = setting(False, "pass data, p(x) data and samples through the network separately "
                                             "(needed with BatchNorm: no shared batch statistics); off: one "
                                             "concatenated forward pass")
@@ -88,6 +97,7 @@ class ObjectiveSettings:
         need(self.cd_steps >= 0, f"--cd-steps must be >= 0, got {self.cd_steps}")
         need(self.grad_penalty >= 0, f"--grad-penalty must be >= 0, got {self.grad_penalty}")
         need(self.grad_penalty_batch >= 0, f"--grad-penalty-batch must be >= 0, got {self.grad_penalty_batch}")
+        need(not (self.grad_surgery and self.sam_rho > 0), "--grad-surgery does not combine with --sam-rho")
         need(self.px_norm in ("batch", "running"), f"--px-norm must be batch or running, got {self.px_norm!r}")
         need(self.energy_reg_form in ENERGY_REG_FORMS,
              f"--energy-reg-form must be one of {', '.join(ENERGY_REG_FORMS)}, got {self.energy_reg_form!r}")
@@ -141,6 +151,26 @@ def grad_penalty(jem: JEM, x: torch.Tensor, running: bool = False) -> torch.Tens
         e = -jem.log_px(x)
     (g,) = torch.autograd.grad(e.sum(), x, create_graph=True)
     return g.pow(2).flatten(1).sum(1).mean()
+
+
+def surgery_backward(params, clf_loss: torch.Tensor, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``loss.backward()`` with the gradient of the rest, g = ∇(loss − clf_loss), projected off the classification
+    gradient c = ∇clf_loss where they conflict: g − min(0, g·c)/‖c‖²·c, then c added (PCGrad: Yu et al. 2020,
+    'Gradient surgery for multi-task learning', NeurIPS; one projection over all ``params``). To first order the step
+    then never raises ``clf_loss``. Returns the cosine of g and c before projection and whether they conflicted
+    (0-d tensors)."""
+    params = [p for p in params if p.requires_grad]
+    c = torch.autograd.grad(clf_loss, params, retain_graph=True, allow_unused=True)
+    (loss - clf_loss).backward()
+    c = [torch.zeros_like(p) if gc is None else gc for p, gc in zip(params, c)]
+    g = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+    with torch.no_grad():
+        dot = sum((a * b).sum() for a, b in zip(g, c))
+        cc, gg = sum(a.pow(2).sum() for a in c), sum(a.pow(2).sum() for a in g)
+        coef = dot.clamp(max=0) / cc.clamp(min=1e-30)
+        for p, gp, cp in zip(params, g, c):
+            p.grad = gp + (1 - coef) * cp
+    return {"grad_cos": dot / (cc * gg).sqrt().clamp(min=1e-30), "grad_conflict": (dot < 0).float()}
 
 
 def forward_chunks(jem: JEM, chunks: dict[str, torch.Tensor], separate: bool = False,

@@ -5,6 +5,7 @@
     w      ← loss weights at step s: classifier-only phase, p(x) ramp, the recovery's penalty     Phases.weights
     x̂      ← sampler: replay buffer → K chain steps on log p(x) (parameters frozen) → buffer      forward_backward
     loss   ← objective.jem_loss(jem, x, y, x_px, x̂, x̂_y); backward; gradient clipping           forward_backward
+             (--grad-surgery: the generative terms' gradient projected off the classifier's)
     guard  ← a non-finite statistic or |E(data) − E(samples)| > max_energy_gap rolls the state
              back (recovery.Recovery) instead of stepping                                         Trainer.iteration
     θ      ← optimiser step (SAM: a second gradient at the sharpest nearby weights); lr schedule  optimizer_step
@@ -45,7 +46,7 @@ from .data import BatchStream, ImageData, Splits, augment, labeled_subset, load_
 from .distributed import Dist
 from .energy import JEM
 from .health import AdaptivePx, AdaptiveSteps, Health
-from .objective import Weights, jem_loss
+from .objective import Weights, jem_loss, surgery_backward
 from .optim import SAM, build_optimizer, lr_factor
 from .recovery import Recovery, TrainingDiverged
 from .rundir import METRICS, TENSORBOARD_DIR, MetricsLog, RunDir, TensorBoardLog
@@ -213,7 +214,10 @@ def forward_backward(state: TrainState, cfg: TrainConfig, batch, weights: Weight
 
     loss, stats = loss_fn()
     state.opt.zero_grad(set_to_none=True)
-    loss.backward()
+    if cfg.grad_surgery and weights.clf > 0 and (weights.px > 0 or weights.pxy > 0):
+        stats.update(surgery_backward(state.jem.parameters(), weights.clf * stats["l_clf"], loss))
+    else:
+        loss.backward()
     stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(state.jem.parameters(), clip_norm(cfg))
     if samples is not None:
         stats.update(chains)
@@ -298,6 +302,9 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, data: Optional[ImageData] = None, dist: Optional[Dist] = None,
                  callbacks: Optional[list[Callback]] = None, trust_code: bool = True):
         self.cfg, self.dist = cfg, dist or Dist.single()
+        if cfg.grad_surgery and self.dist.enabled:
+            raise ValueError("--grad-surgery runs in one process only (its two gradients are not all-reduced): drop "
+                             "it or train without torchrun")
         self.device = pick_device(self.dist.device(cfg.device))
         self.run, self.rank_seed = RunDir(cfg.run_dir), 7919 * self.dist.rank
         torch.manual_seed(cfg.seed)

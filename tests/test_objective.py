@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from jemtorch import JEM, Weights, create_model, jem_loss
 from jemtorch.energy import eval_mode
-from jemtorch.objective import forward_chunks, grad_penalty
+from jemtorch.objective import forward_chunks, grad_penalty, surgery_backward
 
 
 @pytest.fixture
@@ -191,3 +191,15 @@ def test_gradient_penalty_is_the_squared_input_gradient_of_the_energy(batch):
     assert grad_penalty(jem, x_px).item() < 0.95 * before.item()
     with pytest.raises(ValueError, match="gradient penalty needs"):
         jem_loss(jem, x, y, weights=Weights(gp=0.5), x_px=x_px, samples=x_q)
+
+
+def test_surgery_backward_projects_the_rest_off_the_classification_gradient_only_where_they_conflict():
+    w = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    clf = (w * torch.tensor([1.0, 0.0])).sum()  # c = (1, 0)
+    stats = surgery_backward([w], clf, clf + (w * torch.tensor([-2.0, 3.0])).sum())  # g = (−2, 3): they conflict
+    assert torch.allclose(w.grad, torch.tensor([1.0, 3.0]))  # g's part along c removed: (0, 3), then c added
+    assert stats["grad_conflict"] == 1 and stats["grad_cos"] == pytest.approx(-2 / 13 ** 0.5)
+    w.grad = None
+    clf = (w * torch.tensor([1.0, 0.0])).sum()
+    stats = surgery_backward([w], clf, clf + (w * torch.tensor([2.0, 3.0])).sum())  # no conflict: the plain sum
+    assert torch.allclose(w.grad, torch.tensor([3.0, 3.0])) and stats["grad_conflict"] == 0

@@ -455,6 +455,32 @@ def test_px_ramp_fades_the_generative_terms_in(tmp_path, monkeypatch):
         cfg(tmp_path, px_ramp_epochs=-1)
 
 
+def test_grad_surgery_steps_with_the_projected_gradient_and_logs_the_conflict(tmp_path):
+    from jemtorch.objective import Weights
+    from jemtorch.train import forward_backward
+
+    t = Trainer(cfg(tmp_path, epochs=1, grad_surgery=True, norm="none"))  # no batch statistics: x's logits alone
+    values = t.iteration()
+    assert {"grad_cos", "grad_conflict"} <= set(values) and -1 <= values["grad_cos"] <= 1
+    batch = (t.state.buffer.data[:8] * 0 + 0.1, torch.arange(8) % 10, None)  # the step's gradient, taken apart
+    torch.manual_seed(0)
+    stats, loss_fn = forward_backward(t.state, t.cfg, batch, Weights.from_config(t.cfg), t.autocast)
+    got = [p.grad.clone() for p in t.state.jem.parameters()]
+    t.state.opt.zero_grad(set_to_none=True)
+    torch.nn.functional.cross_entropy(t.state.jem(batch[0]), batch[1]).backward()
+    clf = [p.grad.clone() for p in t.state.jem.parameters()]
+    along, cc = (float(sum(v.sum() for v in ts)) for ts in ([a * b for a, b in zip(got, clf)], [a * a for a in clf]))
+    if stats["grad_conflict"]:  # the generative part projected off c: what is left along c is c itself
+        assert along == pytest.approx(cc, rel=1e-5)
+    else:
+        assert along >= cc
+    with pytest.raises(ValueError, match="--grad-surgery does not combine with --sam-rho"):
+        cfg(tmp_path, grad_surgery=True, sam_rho=0.5)
+    from jemtorch.distributed import Dist
+    with pytest.raises(ValueError, match="--grad-surgery runs in one process only"):
+        Trainer(cfg(tmp_path, grad_surgery=True), dist=Dist(rank=0, world_size=2))
+
+
 def test_a_baseline_never_reads_the_generative_settings(tmp_path):
     """config.GENERATIVE_ONLY: quality.py reuses a baseline across them, so they must not change its weights."""
     from jemtorch.config import GENERATIVE_ONLY, training_differences
@@ -463,7 +489,7 @@ def test_a_baseline_never_reads_the_generative_settings(tmp_path):
                  sgld_steps_max=8, sgld_lr=3.0, sgld_std=0.1, sgld_clamp=True, sgld_update="clamped", pyld_inner_steps=2,
                  pyld_lr=0.5, pyld_eps=0.5, px_target_reach=0.3, px_scale_min=0.5, px_stop_epoch=2, px_tail_scale=0.5, px_tail_std=0.0,
                  px_fade_epochs=0.5, sgld_step_cap=0.05, sgld_cap_noise=True, cd_weight=0.5, cd_batch_size=2, cd_steps=3, reinit_freq=0.5,
-                 grad_penalty=0.5, grad_penalty_batch=2)
+                 grad_penalty=0.5, grad_penalty_batch=2, grad_surgery=True)
     pause = dict(px_stop_epoch=1, px_tail_scale=0.5, px_pause_epochs=0.5)  # a pause rules out a fade: a run of its own
     assert set(other) | set(pause) == set(GENERATIVE_ONLY)
     weights, configs = [], []
