@@ -476,7 +476,8 @@ RESUME_IGNORED = ("out", "name", "progress", "device", "keep_epochs")  # changes
 GENERATIVE_ONLY = ("px_start_epoch", "px_stop_epoch", "px_tail_scale", "px_tail_std", "px_fade_epochs", "px_pause_epochs", "px_ramp_epochs",
                    "px_target_reach", "px_scale_min", "energy_reg", "energy_reg_form", "sgld_steps", "sgld_steps_max", "sgld_lr",
                    "sgld_std", "sgld_clamp", "sgld_step_cap", "sgld_cap_noise", "sgld_update", "pyld_inner_steps", "pyld_lr", "pyld_eps",
-                   "cd_weight", "cd_batch_size", "cd_steps", "grad_penalty", "grad_penalty_batch", "grad_surgery", "reinit_freq")
+                   "cd_weight", "cd_batch_size", "cd_steps", "grad_penalty", "grad_penalty_batch", "grad_surgery",
+                   "reinit_freq")
 
 
 def saved_defaults() -> dict:

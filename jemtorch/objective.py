@@ -11,7 +11,7 @@
                                                                (--grad-penalty; R1, Mescheder et al. 2018)
 
 With --grad-surgery the gradient of everything after the first line is projected off the classification term's
-gradient where the two conflict before they are summed (``surgery_backward``; PCGrad, Yu et al. 2020).
+gradient where the two conflict before they are summed (``split_gradients``; PCGrad, Yu et al. 2020).
 
 Why the penalty's form matters: against the p(x) term's constant pull (−1 per example on E(data)), a per-example
 penalty λ·E(x)² balances at E(x) = −w_px/(2λ) for *every* training image, so every image's LogSumExp f(x) is driven
@@ -153,24 +153,26 @@ def grad_penalty(jem: JEM, x: torch.Tensor, running: bool = False) -> torch.Tens
     return g.pow(2).flatten(1).sum(1).mean()
 
 
-def surgery_backward(params, clf_loss: torch.Tensor, loss: torch.Tensor) -> dict[str, torch.Tensor]:
-    """``loss.backward()`` with the gradient of the rest, g = ∇(loss − clf_loss), projected off the classification
-    gradient c = ∇clf_loss where they conflict: g − min(0, g·c)/‖c‖²·c, then c added (PCGrad: Yu et al. 2020,
-    'Gradient surgery for multi-task learning', NeurIPS; one projection over all ``params``). To first order the step
-    then never raises ``clf_loss``. Returns the cosine of g and c before projection and whether they conflicted
-    (0-d tensors)."""
-    params = [p for p in params if p.requires_grad]
+def split_gradients(params: list, clf_loss: torch.Tensor, loss: torch.Tensor, project: bool = False):
+    """The gradients of ``clf_loss`` (c) and of the rest of ``loss`` (g = ∇(loss − clf_loss)), per parameter, by two
+    backward passes (``p.grad`` is left holding g). ``project`` (--grad-surgery): g projected off c where they
+    conflict, g − min(0, g·c)/‖c‖²·c (PCGrad: Yu et al. 2020, 'Gradient surgery for multi-task learning', NeurIPS;
+    one projection over all ``params``), so that a step along c + g never raises ``clf_loss`` to first order.
+    Returns c, g and their statistics before any projection (0-d tensors): the cosine, whether they conflict, and
+    ‖g‖/‖c‖."""
     c = torch.autograd.grad(clf_loss, params, retain_graph=True, allow_unused=True)
     (loss - clf_loss).backward()
     c = [torch.zeros_like(p) if gc is None else gc for p, gc in zip(params, c)]
-    g = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+    g = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]
     with torch.no_grad():
         dot = sum((a * b).sum() for a, b in zip(g, c))
         cc, gg = sum(a.pow(2).sum() for a in c), sum(a.pow(2).sum() for a in g)
-        coef = dot.clamp(max=0) / cc.clamp(min=1e-30)
-        for p, gp, cp in zip(params, g, c):
-            p.grad = gp + (1 - coef) * cp
-    return {"grad_cos": dot / (cc * gg).sqrt().clamp(min=1e-30), "grad_conflict": (dot < 0).float()}
+        stats = {"grad_cos": dot / (cc * gg).sqrt().clamp(min=1e-30), "grad_conflict": (dot < 0).float(),
+                 "grad_ratio": (gg / cc.clamp(min=1e-30)).sqrt()}
+        if project:
+            coef = dot.clamp(max=0) / cc.clamp(min=1e-30)
+            g = [gp - coef * cp for gp, cp in zip(g, c)]
+    return c, g, stats
 
 
 def forward_chunks(jem: JEM, chunks: dict[str, torch.Tensor], separate: bool = False,

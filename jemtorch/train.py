@@ -5,7 +5,7 @@
     w      ← loss weights at step s: classifier-only phase, p(x) ramp, the recovery's penalty     Phases.weights
     x̂      ← sampler: replay buffer → K chain steps on log p(x) (parameters frozen) → buffer      forward_backward
     loss   ← objective.jem_loss(jem, x, y, x_px, x̂, x̂_y); backward; gradient clipping           forward_backward
-             (--grad-surgery: the generative terms' gradient projected off the classifier's)
+             (--grad-surgery: the density's gradient projected off the classifier's)               split_backward
     guard  ← a non-finite statistic or |E(data) − E(samples)| > max_energy_gap rolls the state
              back (recovery.Recovery) instead of stepping                                         Trainer.iteration
     θ      ← optimiser step (SAM: a second gradient at the sharpest nearby weights); lr schedule  optimizer_step
@@ -46,7 +46,7 @@ from .data import BatchStream, ImageData, Splits, augment, labeled_subset, load_
 from .distributed import Dist
 from .energy import JEM
 from .health import AdaptivePx, AdaptiveSteps, Health
-from .objective import Weights, jem_loss, surgery_backward
+from .objective import Weights, jem_loss, split_gradients
 from .optim import SAM, build_optimizer, lr_factor
 from .recovery import Recovery, TrainingDiverged
 from .rundir import METRICS, TENSORBOARD_DIR, MetricsLog, RunDir, TensorBoardLog
@@ -215,7 +215,7 @@ def forward_backward(state: TrainState, cfg: TrainConfig, batch, weights: Weight
     loss, stats = loss_fn()
     state.opt.zero_grad(set_to_none=True)
     if cfg.grad_surgery and weights.clf > 0 and (weights.px > 0 or weights.pxy > 0):
-        stats.update(surgery_backward(state.jem.parameters(), weights.clf * stats["l_clf"], loss))
+        split_backward(weights.clf * stats["l_clf"], loss, state.jem.parameters(), stats)
     else:
         loss.backward()
     stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(state.jem.parameters(), clip_norm(cfg))
@@ -224,6 +224,16 @@ def forward_backward(state: TrainState, cfg: TrainConfig, batch, weights: Weight
         if state.sampler.grad_norm is not None:
             stats["sgld_grad_norm"] = state.sampler.grad_norm
     return stats, loss_fn
+
+
+def split_backward(clf_loss: torch.Tensor, loss: torch.Tensor, params, stats: dict) -> None:
+    """--grad-surgery: the classifier's and the generative terms' gradients apart, the second projected off the
+    first where they conflict (objective.split_gradients), their sum in ``p.grad``; their statistics into ``stats``."""
+    params = [p for p in params if p.requires_grad]
+    c, g, split = split_gradients(params, clf_loss, loss, project=True)
+    stats.update(split)
+    for p, cp, gp in zip(params, c, g):
+        p.grad = cp + gp
 
 
 def clip_norm(cfg: TrainConfig) -> float:

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from jemtorch import JEM, Weights, create_model, jem_loss
 from jemtorch.energy import eval_mode
-from jemtorch.objective import forward_chunks, grad_penalty, surgery_backward
+from jemtorch.objective import forward_chunks, grad_penalty, split_gradients
 
 
 @pytest.fixture
@@ -193,13 +193,16 @@ def test_gradient_penalty_is_the_squared_input_gradient_of_the_energy(batch):
         jem_loss(jem, x, y, weights=Weights(gp=0.5), x_px=x_px, samples=x_q)
 
 
-def test_surgery_backward_projects_the_rest_off_the_classification_gradient_only_where_they_conflict():
+def test_split_gradients_projects_the_rest_off_the_classification_gradient_only_where_they_conflict():
     w = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
-    clf = (w * torch.tensor([1.0, 0.0])).sum()  # c = (1, 0)
-    stats = surgery_backward([w], clf, clf + (w * torch.tensor([-2.0, 3.0])).sum())  # g = (−2, 3): they conflict
-    assert torch.allclose(w.grad, torch.tensor([1.0, 3.0]))  # g's part along c removed: (0, 3), then c added
-    assert stats["grad_conflict"] == 1 and stats["grad_cos"] == pytest.approx(-2 / 13 ** 0.5)
+    for rest, projected, conflict in (([-2.0, 3.0], [0.0, 3.0], 1), ([2.0, 3.0], [2.0, 3.0], 0)):  # c = (1, 0)
+        w.grad = None
+        clf = (w * torch.tensor([1.0, 0.0])).sum()
+        c, g, stats = split_gradients([w], clf, clf + (w * torch.tensor(rest)).sum(), project=True)
+        assert torch.allclose(c[0], torch.tensor([1.0, 0.0])) and torch.allclose(g[0], torch.tensor(projected))
+        assert stats["grad_conflict"] == conflict
+        assert stats["grad_cos"] == pytest.approx(rest[0] / 13 ** 0.5) and stats["grad_ratio"] == pytest.approx(13 ** 0.5)
     w.grad = None
     clf = (w * torch.tensor([1.0, 0.0])).sum()
-    stats = surgery_backward([w], clf, clf + (w * torch.tensor([2.0, 3.0])).sum())  # no conflict: the plain sum
-    assert torch.allclose(w.grad, torch.tensor([3.0, 3.0])) and stats["grad_conflict"] == 0
+    _, g, _ = split_gradients([w], clf, clf + (w * torch.tensor([-2.0, 3.0])).sum())  # not asked: g as it is
+    assert torch.allclose(g[0], torch.tensor([-2.0, 3.0]))
