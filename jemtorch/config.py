@@ -88,6 +88,11 @@ class LoopSettings:
     batch_size: int = setting(64, "batch size (data and SGLD samples each; paper: 64)")
     px_batch_size: int = setting(-1, "images and chains per step in the p(x) term when smaller than --batch-size (-1: "
                                      "the batch size, as the papers); the classifier keeps the full batch")
+    px_data_batches: int = setting(1, "the p(x) term's data side averages the energy over this many batches of "
+                                      "training images (the step's own and independent draws of the training set), "
+                                      "its chains stay one batch: the density's gradient is mostly the data batch's "
+                                      "noise (benchmarks/probe_gradients.py), and this averages it away at the cost "
+                                      "of one forward and backward pass per extra batch; 1: the papers'")
     px_start_epoch: int = setting(0, "train the classifier alone for this many epochs before the generative terms "
                                      "switch on (0: from the start, as the papers)")
     px_stop_epoch: int = setting(-1, "the generative terms stop at the start of this epoch and the classifier trains "
@@ -141,6 +146,7 @@ class LoopSettings:
         need(1 <= self.batch_size <= 1_000_000, f"--batch-size must be in 1..1000000, got {self.batch_size}")
         need(self.px_batch_size == -1 or 1 <= self.px_batch_size <= self.batch_size,
              f"--px-batch-size must be -1 or in 1..--batch-size, got {self.px_batch_size}")
+        need(1 <= self.px_data_batches <= 64, f"--px-data-batches must be in 1..64, got {self.px_data_batches}")
         need(self.px_start_epoch >= 0, f"--px-start-epoch must be >= 0, got {self.px_start_epoch}")
         need(self.px_ramp_epochs >= 0, f"--px-ramp-epochs must be >= 0, got {self.px_ramp_epochs}")
         need(self.px_stop_epoch == -1 or self.px_start_epoch < self.px_stop_epoch <= self.epochs,
@@ -473,11 +479,12 @@ RESUME_IGNORED = ("out", "name", "progress", "device", "keep_epochs")  # changes
 # what a run without generative terms (a classifier baseline, p_x_weight = p_x_y_weight = 0) never reads: it trains
 # to the same weights whatever their values (tests/test_train.py checks it), so benchmarks/quality.py reuses a
 # baseline across presets that differ only in these
-GENERATIVE_ONLY = ("px_start_epoch", "px_stop_epoch", "px_tail_scale", "px_tail_std", "px_fade_epochs", "px_pause_epochs", "px_ramp_epochs",
-                   "px_target_reach", "px_scale_min", "energy_reg", "energy_reg_form", "sgld_steps", "sgld_steps_max", "sgld_lr",
-                   "sgld_std", "sgld_clamp", "sgld_step_cap", "sgld_cap_noise", "sgld_update", "pyld_inner_steps", "pyld_lr", "pyld_eps",
-                   "cd_weight", "cd_batch_size", "cd_steps", "grad_penalty", "grad_penalty_batch", "grad_surgery",
-                   "reinit_freq")
+GENERATIVE_ONLY = ("px_data_batches", "px_start_epoch", "px_stop_epoch", "px_tail_scale", "px_tail_std",
+                   "px_fade_epochs", "px_pause_epochs", "px_ramp_epochs", "px_target_reach", "px_scale_min",
+                   "energy_reg", "energy_reg_form", "sgld_steps", "sgld_steps_max", "sgld_lr", "sgld_std",
+                   "sgld_clamp", "sgld_step_cap", "sgld_cap_noise", "sgld_update", "pyld_inner_steps", "pyld_lr",
+                   "pyld_eps", "cd_weight", "cd_batch_size", "cd_steps", "grad_penalty", "grad_penalty_batch",
+                   "grad_surgery", "reinit_freq")
 
 
 def saved_defaults() -> dict:

@@ -171,21 +171,31 @@ class Phases:
 # one step
 # --------------------------------------------------------------------------------------------------------------
 def training_batch(cfg: TrainConfig, labeled: BatchStream, unlabeled: Optional[BatchStream], step: int, pad: int,
-                   flip: bool) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """Step ``step``'s labelled batch (augmented) and, when it is not the labelled batch itself, the p(x) batch."""
+                   flip: bool, extra: Optional[BatchStream] = None) -> tuple[torch.Tensor, torch.Tensor,
+                                                                            Optional[torch.Tensor]]:
+    """Step ``step``'s labelled batch (augmented) and, when it is not the labelled batch itself, the p(x) batch:
+    its first ``n_chains(cfg, x)`` images are the chains' counterparts, then ``extra``'s images (--px-data-batches)."""
     x_u8, y = labeled.batch(step)
     x = augment(to_float(x_u8), pad, flip, cfg.data_noise)
     if cfg.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    n_px = cfg.px_batch_size if cfg.px_batch_size > 0 else len(x)
-    if not cfg.uses_samples or (unlabeled is None and cfg.px_augment and n_px >= len(x)):
+    n_px = n_chains(cfg, x)
+    if not cfg.uses_samples or (unlabeled is None and cfg.px_augment and n_px >= len(x) and extra is None):
         return x, y, None
+    seen = (pad, flip) if cfg.px_augment else (0, False)  # SADA-JEM: p(x) on un-augmented images
     if unlabeled is None and cfg.px_augment:
-        return x, y, x[:n_px]
-    px_u8 = (unlabeled.batch(step)[0] if unlabeled is not None else x_u8)[:n_px]
-    if cfg.px_augment:
-        return x, y, augment(to_float(px_u8), pad, flip, cfg.data_noise)
-    return x, y, augment(to_float(px_u8), 0, False, cfg.data_noise)  # SADA-JEM: p(x) on un-augmented images
+        x_px = x[:n_px]
+    else:
+        x_px = augment(to_float((unlabeled.batch(step)[0] if unlabeled is not None else x_u8)[:n_px]), *seen,
+                       cfg.data_noise)
+    if extra is not None:
+        x_px = torch.cat([x_px, augment(to_float(extra.batch(step)[0]), *seen, cfg.data_noise)])
+    return x, y, x_px
+
+
+def n_chains(cfg: TrainConfig, x: torch.Tensor) -> int:
+    """How many chains (samples) a step's p(x) term runs: --px-batch-size, or one per labelled image."""
+    return cfg.px_batch_size if cfg.px_batch_size > 0 else len(x)
 
 
 def forward_backward(state: TrainState, cfg: TrainConfig, batch, weights: Weights,
@@ -196,13 +206,13 @@ def forward_backward(state: TrainState, cfg: TrainConfig, batch, weights: Weight
     x_px = x_px if weights.px > 0 else None
     samples = samples_y = x_cd = None
     px_data = x_px if x_px is not None else x
-    x_gp = px_data[:cfg.grad_penalty_batch or len(px_data)] if weights.gp > 0 else None
+    n = min(len(px_data), n_chains(cfg, x))  # the chains' count; --px-data-batches adds data images beyond it
+    x_gp = px_data[:cfg.grad_penalty_batch or n] if weights.gp > 0 else None
     with autocast():  # --amp bf16: the network's forward passes; the chains themselves stay fp32
         if weights.cd > 0:  # chains from the data (before the buffer's, whose statistics the sampler keeps)
-            x_cd = state.sampler.run_chains(state.jem, px_data[:cfg.cd_batch_size or len(px_data)],
-                                            n_steps=cfg.cd_steps or None)
+            x_cd = state.sampler.run_chains(state.jem, px_data[:cfg.cd_batch_size or n], n_steps=cfg.cd_steps or None)
         if weights.px > 0:
-            samples = state.sampler.sample(state.jem, len(px_data))  # x̂ ~ p(x)
+            samples = state.sampler.sample(state.jem, n)  # x̂ ~ p(x)
             chains = dict(state.sampler.stats)  # how far the p(x) chains moved (health.py)
         if weights.pxy > 0:
             samples_y = state.sampler.sample(state.jem, len(x), y=y)  # x̂_y ~ p(x|y)
@@ -321,6 +331,9 @@ class Trainer:
         self.data = data if data is not None else load_dataset(cfg.dataset, cfg.data_root, cfg.download)
         self.splits = training_splits(self.data, cfg.n_valid, cfg.seed, self.device)
         self.labeled, self.unlabeled = batch_streams(cfg, self.splits, self.dist)
+        self.extra = (BatchStream(self.splits.x_train, None, (cfg.px_data_batches - 1) * self.labeled.batch_size,
+                                  cfg.seed + 2, self.dist.rank, self.dist.world_size)
+                      if cfg.px_data_batches > 1 and cfg.uses_samples else None)  # --px-data-batches' own images
         self.clock = Clock.of(cfg, (self.unlabeled or self.labeled).batches_per_epoch)
         self.phases = Phases.of(cfg, self.clock.iters_per_epoch)
         self.pad, self.flip = (self.data.pad if cfg.augment else 0), (self.data.flip and cfg.augment)
@@ -363,7 +376,7 @@ class Trainer:
         guard rolled the state back instead)."""
         state, cfg = self.state, self.cfg
         state.loss_jem.train()
-        batch = training_batch(cfg, self.labeled, self.unlabeled, state.step, self.pad, self.flip)
+        batch = training_batch(cfg, self.labeled, self.unlabeled, state.step, self.pad, self.flip, self.extra)
         weights = self.phases.weights(self.recovery.weights, state.step, self.px_scale)
         state.sampler.update.noise = self.phases.chain_std(state.step)
         stats, loss_fn = forward_backward(state, cfg, batch, weights, self.autocast)

@@ -455,6 +455,30 @@ def test_px_ramp_fades_the_generative_terms_in(tmp_path, monkeypatch):
         cfg(tmp_path, px_ramp_epochs=-1)
 
 
+@pytest.mark.parametrize("px_augment", [True, False])
+def test_px_data_batches_adds_independent_data_images_to_the_px_term_and_keeps_one_batch_of_chains(tmp_path, px_augment):
+    from jemtorch.train import training_batch
+
+    one = Trainer(cfg(tmp_path / "one", epochs=1, px_augment=px_augment))
+    three = Trainer(cfg(tmp_path / "three", epochs=1, px_augment=px_augment, px_data_batches=3))
+    assert one.extra is None and three.extra.batch_size == 64
+    torch.manual_seed(0)
+    x, _, x_px = training_batch(three.cfg, three.labeled, None, 5, three.pad, three.flip, three.extra)
+    torch.manual_seed(0)
+    x1, _, x_px1 = training_batch(one.cfg, one.labeled, None, 5, one.pad, one.flip)
+    assert torch.equal(x, x1) and len(x_px) == 3 * len(x)
+    assert torch.equal(x_px[:32], x1 if x_px1 is None else x_px1)  # the step's own p(x) images come first
+    extra_u8 = three.extra.batch(5)[0]  # then images of the extra stream (un-augmented ones exactly, up to the noise)
+    if not px_augment:
+        assert (x_px[32:] - extra_u8.float() / 127.5 + 1).abs().max() < 0.3
+    seen = {}
+    sample = three.state.sampler.sample
+    three.state.sampler.sample = lambda jem, n, **kw: (seen.setdefault("n", n), sample(jem, n, **kw))[1]
+    assert "l_px" in three.iteration() and seen["n"] == 32  # one chain per labelled image, not per data image
+    with pytest.raises(ValueError, match="--px-data-batches must be in 1..64, got 0"):
+        cfg(tmp_path, px_data_batches=0)
+
+
 def test_grad_surgery_steps_with_the_projected_gradient_and_logs_the_conflict(tmp_path):
     from jemtorch.objective import Weights
     from jemtorch.train import forward_backward
@@ -489,7 +513,7 @@ def test_a_baseline_never_reads_the_generative_settings(tmp_path):
                  sgld_steps_max=8, sgld_lr=3.0, sgld_std=0.1, sgld_clamp=True, sgld_update="clamped", pyld_inner_steps=2,
                  pyld_lr=0.5, pyld_eps=0.5, px_target_reach=0.3, px_scale_min=0.5, px_stop_epoch=2, px_tail_scale=0.5, px_tail_std=0.0,
                  px_fade_epochs=0.5, sgld_step_cap=0.05, sgld_cap_noise=True, cd_weight=0.5, cd_batch_size=2, cd_steps=3, reinit_freq=0.5,
-                 grad_penalty=0.5, grad_penalty_batch=2, grad_surgery=True)
+                 grad_penalty=0.5, grad_penalty_batch=2, grad_surgery=True, px_data_batches=2)
     pause = dict(px_stop_epoch=1, px_tail_scale=0.5, px_pause_epochs=0.5)  # a pause rules out a fade: a run of its own
     assert set(other) | set(pause) == set(GENERATIVE_ONLY)
     weights, configs = [], []
