@@ -90,9 +90,10 @@ class LoopSettings:
                                      "the batch size, as the papers); the classifier keeps the full batch")
     px_data_batches: int = setting(1, "the p(x) term's data side averages the energy over this many batches of "
                                       "training images (the step's own and independent draws of the training set), "
-                                      "its chains stay one batch: the density's gradient is mostly the data batch's "
-                                      "noise (benchmarks/probe_gradients.py), and this averages it away at the cost "
-                                      "of one forward and backward pass per extra batch; 1: the papers'")
+                                      "its chains stay one batch: the density's gradient changes mostly with the "
+                                      "batch (benchmarks/probe_gradients.py), and more data images make it steadier "
+                                      "from step to step, for one forward and backward pass per extra batch "
+                                      "(docs/results/density.md, 'Gradient surgery'); 1: the papers'")
     px_start_epoch: int = setting(0, "train the classifier alone for this many epochs before the generative terms "
                                      "switch on (0: from the start, as the papers)")
     px_stop_epoch: int = setting(-1, "the generative terms stop at the start of this epoch and the classifier trains "
