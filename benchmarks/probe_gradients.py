@@ -23,7 +23,7 @@ import torch
 from jemtorch import TrainConfig, Trainer
 from jemtorch.checkpoint import load_safe
 from jemtorch.objective import Weights, jem_loss, split_gradients
-from jemtorch.train import training_batch
+from jemtorch.train import n_chains, training_batch
 
 
 def flat(grads) -> torch.Tensor:
@@ -63,7 +63,7 @@ def main() -> None:
     print("| batch | cos(g, c) | ‖g‖/‖c‖ | ‖c‖ |\n|---|---|---|---|")
     for k in range(args.batches):
         x, y, x_px = training_batch(cfg, t.labeled, t.unlabeled, t.state.step + k, t.pad, t.flip, t.extra)
-        samples = t.state.sampler.sample(t.state.jem, min(len(x), len(x_px if x_px is not None else x)))
+        samples = t.state.sampler.sample(t.state.jem, min(len(x_px if x_px is not None else x), n_chains(cfg, x)))
         loss, stats = jem_loss(t.state.loss_jem, x, y, weights=full, x_px=x_px, samples=samples,
                                separate=cfg.separate_forward, running=cfg.px_norm == "running")
         for p in params:

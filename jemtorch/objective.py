@@ -163,7 +163,7 @@ def split_gradients(params: list, clf_loss: torch.Tensor, loss: torch.Tensor, pr
     c = torch.autograd.grad(clf_loss, params, retain_graph=True, allow_unused=True)
     (loss - clf_loss).backward()
     c = [torch.zeros_like(p) if gc is None else gc for p, gc in zip(params, c)]
-    g = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]
+    g = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
     with torch.no_grad():
         dot = sum((a * b).sum() for a, b in zip(g, c))
         cc, gg = sum(a.pow(2).sum() for a in c), sum(a.pow(2).sum() for a in g)
