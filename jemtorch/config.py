@@ -114,6 +114,12 @@ class LoopSettings:
                                           "fractions allowed, before the generative terms return at --px-tail-scale "
                                           "for the rest of the tail: the density retrained at the end on a classifier "
                                           "that caught up (0: no pause; docs/results/density.md)")
+    px_tail_grad: str = setting("all", "what the generative terms train after --px-stop-epoch (--px-tail-scale > 0): "
+                                       "all (every weight, as before the stop) or logit-shift (only the shift the "
+                                       "network's last linear layer adds to every logit, its weights' and bias's "
+                                       "common mode: the softmax ignores it, so the classifier's tail trains as with "
+                                       "no density, and the density keeps a linear term in the last features; "
+                                       "docs/results/density.md, 'The density on the logits' shift')")
     px_ramp_epochs: float = setting(0.0, "once the generative terms switch on, raise their weights (and the energy "
                                          "penalty's) linearly from 0 to their values over this many epochs, fractions "
                                          "allowed (0: at once, as the papers)")
@@ -165,6 +171,13 @@ class LoopSettings:
              f"the {self.epochs} for the density to return in")
         need(self.px_tail_std == -1 or self.px_tail_std >= 0, f"--px-tail-std must be -1 or >= 0, got {self.px_tail_std}")
         need(self.px_tail_std == -1 or self.px_tail_scale > 0, "--px-tail-std needs --px-tail-scale > 0")
+        need(self.px_tail_grad in ("all", "logit-shift"),
+             f"--px-tail-grad must be all or logit-shift, got {self.px_tail_grad!r}")
+        need(self.px_tail_grad == "all" or self.px_tail_scale > 0, "--px-tail-grad logit-shift needs --px-tail-scale > 0")
+        need(self.px_tail_grad == "all" or not self.grad_surgery, "--px-tail-grad logit-shift and --grad-surgery "
+             "are two ways of splitting the gradient: use one")
+        need(self.px_tail_grad == "all" or self.sam_rho == 0 or not self.sam_tail,
+             "--px-tail-grad logit-shift does not combine with SAM in the tail: add --no-sam-tail or --sam-rho 0")
         need(0 <= self.px_target_reach < 1, f"--px-target-reach must be in [0, 1), got {self.px_target_reach}")
         need(0 < self.px_scale_min <= 1, f"--px-scale-min must be in (0, 1], got {self.px_scale_min}")
         need(self.data_noise >= 0, f"--data-noise must be >= 0, got {self.data_noise}")
@@ -481,7 +494,7 @@ RESUME_IGNORED = ("out", "name", "progress", "device", "keep_epochs")  # changes
 # to the same weights whatever their values (tests/test_train.py checks it), so benchmarks/quality.py reuses a
 # baseline across presets that differ only in these
 GENERATIVE_ONLY = ("px_data_batches", "px_start_epoch", "px_stop_epoch", "px_tail_scale", "px_tail_std",
-                   "px_fade_epochs", "px_pause_epochs", "px_ramp_epochs", "px_target_reach", "px_scale_min",
+                   "px_fade_epochs", "px_pause_epochs", "px_tail_grad", "px_ramp_epochs", "px_target_reach", "px_scale_min",
                    "energy_reg", "energy_reg_form", "sgld_steps", "sgld_steps_max", "sgld_lr", "sgld_std",
                    "sgld_clamp", "sgld_step_cap", "sgld_cap_noise", "sgld_update", "pyld_inner_steps", "pyld_lr",
                    "pyld_eps", "cd_weight", "cd_batch_size", "cd_steps", "grad_penalty", "grad_penalty_batch",

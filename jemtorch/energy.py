@@ -34,6 +34,17 @@ def in_batches(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batc
     return torch.cat(outs)
 
 
+def logit_head(classifier: nn.Module, num_classes: Optional[int] = None) -> nn.Linear:
+    """The classifier's last ``nn.Linear`` layer, taken to compute the logits from the last features (every network
+    in the registry ends in one: ``head``). Its weights' and bias's common mode over the classes is the shift the
+    network adds to every logit, which p(y|x) ignores and E(x) = −LogSumExp f(x) does not."""
+    heads = [m for m in classifier.modules() if isinstance(m, nn.Linear)]
+    if not heads or (num_classes is not None and heads[-1].out_features != num_classes):
+        raise ValueError(f"{type(classifier).__name__} does not end in an nn.Linear layer with one output per class "
+                         "(the logits): --px-tail-grad logit-shift needs one")
+    return heads[-1]
+
+
 class JEM(nn.Module):
     """Wraps a classifier ``f`` (any ``nn.Module`` mapping images to logits) as an energy model.
 

@@ -12,6 +12,8 @@
 
 With --grad-surgery the gradient of everything after the first line is projected off the classification term's
 gradient where the two conflict before they are summed (``split_gradients``; PCGrad, Yu et al. 2020).
+With --px-tail-grad logit-shift, in the classifier's tail, that gradient is kept only on the shift the last layer adds
+to every logit (``logit_shift_only``), which the softmax ignores.
 
 Why the penalty's form matters: against the p(x) term's constant pull (−1 per example on E(data)), a per-example
 penalty λ·E(x)² balances at E(x) = −w_px/(2λ) for *every* training image, so every image's LogSumExp f(x) is driven
@@ -173,6 +175,23 @@ def split_gradients(params: list, clf_loss: torch.Tensor, loss: torch.Tensor, pr
             coef = dot.clamp(max=0) / cc.clamp(min=1e-30)
             g = [gp - coef * cp for gp, cp in zip(g, c)]
     return c, g, stats
+
+
+def logit_shift_only(params: list, grads: list, head: torch.nn.Linear) -> list:
+    """``grads`` (one per parameter in ``params``) kept only on the shift ``head`` adds to every logit: on its weight
+    each row replaced by the rows' mean (W ← W + 1·uᵀ moves every logit by u·h), on its bias each entry by the mean,
+    every other parameter's gradient zero. The softmax, and so the classifier, does not see such a step: the
+    cross-entropy's own gradient has no component there (its rows sum to zero), so adding it leaves the classifier's
+    training as it would be alone, while the energy −LogSumExp f(x) moves by −u·h(x) (--px-tail-grad logit-shift)."""
+
+    def kept(p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        if p is head.weight:
+            return g.mean(0, keepdim=True).expand_as(g).clone()
+        if p is head.bias:
+            return g.mean().expand_as(g).clone()
+        return torch.zeros_like(g)
+
+    return [kept(p, g) for p, g in zip(params, grads)]
 
 
 def forward_chunks(jem: JEM, chunks: dict[str, torch.Tensor], separate: bool = False,

@@ -5,7 +5,8 @@
     w      ← loss weights at step s: classifier-only phase, p(x) ramp, the recovery's penalty     Phases.weights
     x̂      ← sampler: replay buffer → K chain steps on log p(x) (parameters frozen) → buffer      forward_backward
     loss   ← objective.jem_loss(jem, x, y, x_px, x̂, x̂_y); backward; gradient clipping           forward_backward
-             (--grad-surgery: the density's gradient projected off the classifier's)               split_backward
+             (--grad-surgery: the density's gradient projected off the classifier's; --px-tail-grad split_backward
+             logit-shift: in the tail, kept on the logits' common shift, which the softmax ignores)
     guard  ← a non-finite statistic or |E(data) − E(samples)| > max_energy_gap rolls the state
              back (recovery.Recovery) instead of stepping                                         Trainer.iteration
     θ      ← optimiser step (SAM: a second gradient at the sharpest nearby weights); lr schedule  optimizer_step
@@ -44,9 +45,9 @@ from .checkpoint import CheckpointError, load_safe, rng_state, set_rng_state
 from .config import TrainConfig
 from .data import BatchStream, ImageData, Splits, augment, labeled_subset, load_dataset, to_float, training_splits
 from .distributed import Dist
-from .energy import JEM
+from .energy import JEM, logit_head
 from .health import AdaptivePx, AdaptiveSteps, Health
-from .objective import Weights, jem_loss, split_gradients
+from .objective import Weights, jem_loss, logit_shift_only, split_gradients
 from .optim import SAM, build_optimizer, lr_factor
 from .recovery import Recovery, TrainingDiverged
 from .rundir import METRICS, TENSORBOARD_DIR, MetricsLog, RunDir, TensorBoardLog
@@ -199,9 +200,10 @@ def n_chains(cfg: TrainConfig, x: torch.Tensor) -> int:
 
 
 def forward_backward(state: TrainState, cfg: TrainConfig, batch, weights: Weights,
-                     autocast: Callable) -> tuple[dict, Callable]:
+                     autocast: Callable, shift_only: bool = False) -> tuple[dict, Callable]:
     """Samples x̂ (and x̂_y), the loss, its gradient (clipped at ``--clip-grad``). Returns the step's statistics
-    (0-d tensors, no host sync) and the loss function, which SAM evaluates again at perturbed weights."""
+    (0-d tensors, no host sync) and the loss function, which SAM evaluates again at perturbed weights.
+    ``shift_only`` (--px-tail-grad logit-shift, in the tail): the generative terms train only the logits' shift."""
     x, y, x_px = batch
     x_px = x_px if weights.px > 0 else None
     samples = samples_y = x_cd = None
@@ -224,8 +226,8 @@ def forward_backward(state: TrainState, cfg: TrainConfig, batch, weights: Weight
 
     loss, stats = loss_fn()
     state.opt.zero_grad(set_to_none=True)
-    if cfg.grad_surgery and weights.clf > 0 and (weights.px > 0 or weights.pxy > 0):
-        split_backward(weights.clf * stats["l_clf"], loss, state.jem.parameters(), stats)
+    if (cfg.grad_surgery or shift_only) and weights.clf > 0 and (weights.px > 0 or weights.pxy > 0):
+        split_backward(weights.clf * stats["l_clf"], loss, state.jem, stats, shift_only)
     else:
         loss.backward()
     stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(state.jem.parameters(), clip_norm(cfg))
@@ -236,12 +238,16 @@ def forward_backward(state: TrainState, cfg: TrainConfig, batch, weights: Weight
     return stats, loss_fn
 
 
-def split_backward(clf_loss: torch.Tensor, loss: torch.Tensor, params, stats: dict) -> None:
-    """--grad-surgery: the classifier's and the generative terms' gradients apart, the second projected off the
-    first where they conflict (objective.split_gradients), their sum in ``p.grad``; their statistics into ``stats``."""
-    params = [p for p in params if p.requires_grad]
-    c, g, split = split_gradients(params, clf_loss, loss, project=True)
+def split_backward(clf_loss: torch.Tensor, loss: torch.Tensor, jem: JEM, stats: dict, shift_only: bool) -> None:
+    """The classifier's and the generative terms' gradients apart (objective.split_gradients), their sum in
+    ``p.grad``, their statistics into ``stats``. --grad-surgery: the second projected off the first where they
+    conflict; ``shift_only`` (--px-tail-grad logit-shift): the second kept on the logits' shift alone
+    (objective.logit_shift_only)."""
+    params = [p for p in jem.parameters() if p.requires_grad]
+    c, g, split = split_gradients(params, clf_loss, loss, project=not shift_only)
     stats.update(split)
+    if shift_only:
+        g = logit_shift_only(params, g, logit_head(jem.f))
     for p, cp, gp in zip(params, c, g):
         p.grad = cp + gp
 
@@ -322,9 +328,10 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, data: Optional[ImageData] = None, dist: Optional[Dist] = None,
                  callbacks: Optional[list[Callback]] = None, trust_code: bool = True):
         self.cfg, self.dist = cfg, dist or Dist.single()
-        if cfg.grad_surgery and self.dist.enabled:
-            raise ValueError("--grad-surgery runs in one process only (its two gradients are not all-reduced): drop "
-                             "it or train without torchrun")
+        if (cfg.grad_surgery or cfg.px_tail_grad != "all") and self.dist.enabled:
+            flag = "--grad-surgery" if cfg.grad_surgery else "--px-tail-grad logit-shift"
+            raise ValueError(f"{flag} runs in one process only (its two gradients are not all-reduced): drop it or "
+                             "train without torchrun")
         self.device = pick_device(self.dist.device(cfg.device))
         self.run, self.rank_seed = RunDir(cfg.run_dir), 7919 * self.dist.rank
         torch.manual_seed(cfg.seed)
@@ -339,6 +346,8 @@ class Trainer:
         self.pad, self.flip = (self.data.pad if cfg.augment else 0), (self.data.flip and cfg.augment)
         jem, loss_jem, sampler, opt, sam, self.autocast = build_state(cfg, self.data, self.dist, self.device,
                                                                       self.rank_seed, trust_code)
+        if cfg.px_tail_grad == "logit-shift":
+            logit_head(jem.f, self.data.num_classes)  # a one-line error now rather than at the tail
         self.recovery = Recovery(cfg, self.run.checkpoint, self.rank_seed, getattr(sampler.update, "step_size", None))
         schedule = lr_factor(cfg, self.clock.iters_per_epoch, self.clock.total_iters)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: self.recovery.lr_scale * schedule(step))
@@ -379,7 +388,8 @@ class Trainer:
         batch = training_batch(cfg, self.labeled, self.unlabeled, state.step, self.pad, self.flip, self.extra)
         weights = self.phases.weights(self.recovery.weights, state.step, self.px_scale)
         state.sampler.update.noise = self.phases.chain_std(state.step)
-        stats, loss_fn = forward_backward(state, cfg, batch, weights, self.autocast)
+        shift_only = cfg.px_tail_grad == "logit-shift" and self.phases.tail(state.step)
+        stats, loss_fn = forward_backward(state, cfg, batch, weights, self.autocast, shift_only)
         self.call("on_stats", stats)
         values, sound = reduce_stats(stats, cfg.max_energy_gap, self.dist)
         if not sound:  # a divergence: the guard rolls back (recovery.py)

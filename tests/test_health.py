@@ -122,8 +122,8 @@ def test_the_loop_scales_the_generative_terms_and_their_penalty_together(tmp_pat
 
     seen, holder = [], {}
     real = train_mod.forward_backward
-    monkeypatch.setattr(train_mod, "forward_backward", lambda state, cfg, batch, w, ac: (
-        seen.append((w, holder["t"].px_scale)), real(state, cfg, batch, w, ac))[1])
+    monkeypatch.setattr(train_mod, "forward_backward", lambda state, cfg, batch, w, ac, *rest: (
+        seen.append((w, holder["t"].px_scale)), real(state, cfg, batch, w, ac, *rest))[1])
     cfg = TrainConfig(dataset="digits", model="cnn-4", epochs=1, max_iters=30, sgld_steps=1, buffer_size=100, energy_reg=0.1,
                       px_start_epoch=0, px_ramp_epochs=0.0, warmup_iters=0, px_target_reach=0.35, progress=False,
                       out=str(tmp_path / "r"))

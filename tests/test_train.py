@@ -505,6 +505,47 @@ def test_grad_surgery_steps_with_the_projected_gradient_and_logs_the_conflict(tm
         Trainer(cfg(tmp_path, grad_surgery=True), dist=Dist(rank=0, world_size=2))
 
 
+def test_logit_shift_tail_trains_the_classifier_as_alone_and_moves_only_the_logits_shift(tmp_path):
+    """--px-tail-grad logit-shift: in the tail every weight but the head's gets the cross-entropy's gradient alone, and
+    the head's extra gradient is a common shift of the logits (the softmax does not see it)."""
+    from jemtorch.energy import logit_head
+    from jemtorch.objective import Weights
+    from jemtorch.train import forward_backward
+
+    t = Trainer(cfg(tmp_path, epochs=2, px_stop_epoch=1, px_tail_scale=1.0, px_tail_grad="logit-shift", norm="none"))
+    x, y = t.state.buffer.data[:8] * 0 + 0.1, torch.arange(8) % 10
+    torch.manual_seed(0)
+    stats, _ = forward_backward(t.state, t.cfg, (x, y, None), Weights.from_config(t.cfg), t.autocast, shift_only=True)
+    got = {n: p.grad.clone() for n, p in t.state.jem.named_parameters()}
+    t.state.opt.zero_grad(set_to_none=True)
+    torch.nn.functional.cross_entropy(t.state.jem(x), y).backward()
+    clf = {n: p.grad.clone() for n, p in t.state.jem.named_parameters()}
+    head = logit_head(t.state.jem.f, 10)
+    names = {id(p): n for n, p in t.state.jem.named_parameters()}
+    w, b = names[id(head.weight)], names[id(head.bias)]
+    assert stats["grad_ratio"] > 0  # the generative terms had a gradient to keep a part of
+    for n in got:
+        if n not in (w, b):
+            torch.testing.assert_close(got[n], clf[n], rtol=1e-5, atol=1e-7)
+    dw, db = got[w] - clf[w], got[b] - clf[b]
+    assert dw.abs().sum() > 0 and torch.allclose(dw, dw[:1].expand_as(dw)) and torch.allclose(db, db[:1].expand_as(db))
+    with torch.no_grad():  # a step along the kept part moves every logit of an image alike: p(y|x) unchanged
+        before = t.state.jem(x)
+        head.weight -= 10 * dw
+        head.bias -= 10 * db
+        after = t.state.jem(x)
+    torch.testing.assert_close(after.softmax(1), before.softmax(1))
+    assert (after - before).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="--px-tail-grad logit-shift needs --px-tail-scale > 0"):
+        cfg(tmp_path, px_tail_grad="logit-shift")
+    with pytest.raises(ValueError, match="--px-tail-grad must be all or logit-shift"):
+        cfg(tmp_path, px_tail_grad="head")
+    with pytest.raises(ValueError, match="use one"):
+        cfg(tmp_path, px_stop_epoch=1, px_tail_scale=0.5, px_tail_grad="logit-shift", grad_surgery=True)
+    with pytest.raises(ValueError, match="does not end in an nn.Linear layer"):
+        logit_head(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3)), 10)
+
+
 def test_a_baseline_never_reads_the_generative_settings(tmp_path):
     """config.GENERATIVE_ONLY: quality.py reuses a baseline across them, so they must not change its weights."""
     from jemtorch.config import GENERATIVE_ONLY, training_differences
@@ -514,7 +555,8 @@ def test_a_baseline_never_reads_the_generative_settings(tmp_path):
                  pyld_lr=0.5, pyld_eps=0.5, px_target_reach=0.3, px_scale_min=0.5, px_stop_epoch=2, px_tail_scale=0.5, px_tail_std=0.0,
                  px_fade_epochs=0.5, sgld_step_cap=0.05, sgld_cap_noise=True, cd_weight=0.5, cd_batch_size=2, cd_steps=3, reinit_freq=0.5,
                  grad_penalty=0.5, grad_penalty_batch=2, grad_surgery=True, px_data_batches=2)
-    pause = dict(px_stop_epoch=1, px_tail_scale=0.5, px_pause_epochs=0.5)  # a pause rules out a fade: a run of its own
+    pause = dict(px_stop_epoch=1, px_tail_scale=0.5, px_pause_epochs=0.5,  # a pause rules out a fade: a run of its own
+                 px_tail_grad="logit-shift")
     assert set(other) | set(pause) == set(GENERATIVE_ONLY)
     weights, configs = [], []
     for name, kw in (("a", {}), ("b", other), ("c", pause)):  # one after the other: augmentation draws from the global RNG
