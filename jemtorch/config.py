@@ -120,6 +120,9 @@ class LoopSettings:
                                        "common mode: the softmax ignores it, so the classifier's tail trains as with "
                                        "no density, and the density keeps a linear term in the last features; "
                                        "docs/results/density.md, 'The density on the logits' shift')")
+    px_tail_leak: float = setting(0.0, "with --px-tail-grad logit-shift, this share of the rest of the generative "
+                                       "terms' gradient still reaches every weight in the tail (0: the shift alone; "
+                                       "1: as --px-tail-grad all)")
     px_ramp_epochs: float = setting(0.0, "once the generative terms switch on, raise their weights (and the energy "
                                          "penalty's) linearly from 0 to their values over this many epochs, fractions "
                                          "allowed (0: at once, as the papers)")
@@ -174,6 +177,9 @@ class LoopSettings:
         need(self.px_tail_grad in ("all", "logit-shift"),
              f"--px-tail-grad must be all or logit-shift, got {self.px_tail_grad!r}")
         need(self.px_tail_grad == "all" or self.px_tail_scale > 0, "--px-tail-grad logit-shift needs --px-tail-scale > 0")
+        need(0 <= self.px_tail_leak <= 1, f"--px-tail-leak must be in [0, 1], got {self.px_tail_leak}")
+        need(self.px_tail_leak == 0 or self.px_tail_grad == "logit-shift", "--px-tail-leak needs --px-tail-grad "
+             "logit-shift")
         need(self.px_tail_grad == "all" or not self.grad_surgery, "--px-tail-grad logit-shift and --grad-surgery "
              "are two ways of splitting the gradient: use one")
         need(self.px_tail_grad == "all" or self.sam_rho == 0 or not self.sam_tail,
@@ -494,7 +500,7 @@ RESUME_IGNORED = ("out", "name", "progress", "device", "keep_epochs")  # changes
 # to the same weights whatever their values (tests/test_train.py checks it), so benchmarks/quality.py reuses a
 # baseline across presets that differ only in these
 GENERATIVE_ONLY = ("px_data_batches", "px_start_epoch", "px_stop_epoch", "px_tail_scale", "px_tail_std",
-                   "px_fade_epochs", "px_pause_epochs", "px_tail_grad", "px_ramp_epochs", "px_target_reach", "px_scale_min",
+                   "px_fade_epochs", "px_pause_epochs", "px_tail_grad", "px_tail_leak", "px_ramp_epochs", "px_target_reach", "px_scale_min",
                    "energy_reg", "energy_reg_form", "sgld_steps", "sgld_steps_max", "sgld_lr", "sgld_std",
                    "sgld_clamp", "sgld_step_cap", "sgld_cap_noise", "sgld_update", "pyld_inner_steps", "pyld_lr",
                    "pyld_eps", "cd_weight", "cd_batch_size", "cd_steps", "grad_penalty", "grad_penalty_batch",

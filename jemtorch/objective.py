@@ -177,12 +177,13 @@ def split_gradients(params: list, clf_loss: torch.Tensor, loss: torch.Tensor, pr
     return c, g, stats
 
 
-def logit_shift_only(params: list, grads: list, head: torch.nn.Linear) -> list:
+def logit_shift_only(params: list, grads: list, head: torch.nn.Linear, leak: float = 0.0) -> list:
     """``grads`` (one per parameter in ``params``) kept only on the shift ``head`` adds to every logit: on its weight
     each row replaced by the rows' mean (W ← W + 1·uᵀ moves every logit by u·h), on its bias each entry by the mean,
     every other parameter's gradient zero. The softmax, and so the classifier, does not see such a step: the
     cross-entropy's own gradient has no component there (its rows sum to zero), so adding it leaves the classifier's
-    training as it would be alone, while the energy −LogSumExp f(x) moves by −u·h(x) (--px-tail-grad logit-shift)."""
+    training as it would be alone, while the energy −LogSumExp f(x) moves by −u·h(x) (--px-tail-grad logit-shift).
+    ``leak`` (--px-tail-leak): that share of the rest of each gradient kept too (1: ``grads`` unchanged)."""
 
     def kept(p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         if p is head.weight:
@@ -191,7 +192,8 @@ def logit_shift_only(params: list, grads: list, head: torch.nn.Linear) -> list:
             return g.mean().expand_as(g).clone()
         return torch.zeros_like(g)
 
-    return [kept(p, g) for p, g in zip(params, grads)]
+    shifts = [kept(p, g) for p, g in zip(params, grads)]
+    return shifts if leak == 0 else [k + leak * (g - k) for k, g in zip(shifts, grads)]
 
 
 def forward_chunks(jem: JEM, chunks: dict[str, torch.Tensor], separate: bool = False,

@@ -227,7 +227,7 @@ def forward_backward(state: TrainState, cfg: TrainConfig, batch, weights: Weight
     loss, stats = loss_fn()
     state.opt.zero_grad(set_to_none=True)
     if (cfg.grad_surgery or shift_only) and weights.clf > 0 and (weights.px > 0 or weights.pxy > 0):
-        split_backward(weights.clf * stats["l_clf"], loss, state.jem, stats, shift_only)
+        split_backward(weights.clf * stats["l_clf"], loss, state.jem, stats, cfg.px_tail_leak if shift_only else None)
     else:
         loss.backward()
     stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(state.jem.parameters(), clip_norm(cfg))
@@ -238,16 +238,16 @@ def forward_backward(state: TrainState, cfg: TrainConfig, batch, weights: Weight
     return stats, loss_fn
 
 
-def split_backward(clf_loss: torch.Tensor, loss: torch.Tensor, jem: JEM, stats: dict, shift_only: bool) -> None:
+def split_backward(clf_loss: torch.Tensor, loss: torch.Tensor, jem: JEM, stats: dict, leak: Optional[float]) -> None:
     """The classifier's and the generative terms' gradients apart (objective.split_gradients), their sum in
-    ``p.grad``, their statistics into ``stats``. --grad-surgery: the second projected off the first where they
-    conflict; ``shift_only`` (--px-tail-grad logit-shift): the second kept on the logits' shift alone
-    (objective.logit_shift_only)."""
+    ``p.grad``, their statistics into ``stats``. ``leak`` None (--grad-surgery): the second projected off the first
+    where they conflict; a share (--px-tail-grad logit-shift, --px-tail-leak): the second kept on the logits' shift
+    and that share of the rest (objective.logit_shift_only)."""
     params = [p for p in jem.parameters() if p.requires_grad]
-    c, g, split = split_gradients(params, clf_loss, loss, project=not shift_only)
+    c, g, split = split_gradients(params, clf_loss, loss, project=leak is None)
     stats.update(split)
-    if shift_only:
-        g = logit_shift_only(params, g, logit_head(jem.f))
+    if leak is not None:
+        g = logit_shift_only(params, g, logit_head(jem.f), leak)
     for p, cp, gp in zip(params, c, g):
         p.grad = cp + gp
 

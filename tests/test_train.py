@@ -536,6 +536,15 @@ def test_logit_shift_tail_trains_the_classifier_as_alone_and_moves_only_the_logi
         after = t.state.jem(x)
     torch.testing.assert_close(after.softmax(1), before.softmax(1))
     assert (after - before).abs().max() > 1e-4
+    from jemtorch.objective import logit_shift_only
+    params, grads = list(t.state.jem.parameters()), [got[n] - clf[n] for n in got]
+    shift = logit_shift_only(params, grads, head)
+    for k, g, half, whole in zip(shift, grads, logit_shift_only(params, grads, head, 0.5),
+                                 logit_shift_only(params, grads, head, 1.0)):  # --px-tail-leak 0.5 and 1
+        torch.testing.assert_close(whole, g)  # the whole gradient, as --px-tail-grad all
+        torch.testing.assert_close(half, (k + g) / 2)
+    with pytest.raises(ValueError, match="--px-tail-leak needs --px-tail-grad logit-shift"):
+        cfg(tmp_path, px_stop_epoch=1, px_tail_scale=0.5, px_tail_leak=0.1)
     with pytest.raises(ValueError, match="--px-tail-grad logit-shift needs --px-tail-scale > 0"):
         cfg(tmp_path, px_tail_grad="logit-shift")
     with pytest.raises(ValueError, match="--px-tail-grad must be all or logit-shift"):
@@ -556,7 +565,7 @@ def test_a_baseline_never_reads_the_generative_settings(tmp_path):
                  px_fade_epochs=0.5, sgld_step_cap=0.05, sgld_cap_noise=True, cd_weight=0.5, cd_batch_size=2, cd_steps=3, reinit_freq=0.5,
                  grad_penalty=0.5, grad_penalty_batch=2, grad_surgery=True, px_data_batches=2)
     pause = dict(px_stop_epoch=1, px_tail_scale=0.5, px_pause_epochs=0.5,  # a pause rules out a fade: a run of its own
-                 px_tail_grad="logit-shift")
+                 px_tail_grad="logit-shift", px_tail_leak=0.5)
     assert set(other) | set(pause) == set(GENERATIVE_ONLY)
     weights, configs = [], []
     for name, kw in (("a", {}), ("b", other), ("c", pause)):  # one after the other: augmentation draws from the global RNG
