@@ -118,7 +118,8 @@ class LoopSettings:
                                        "all (every weight, as before the stop) or logit-shift (only the shift the "
                                        "network's last linear layer adds to every logit, its weights' and bias's "
                                        "common mode: the softmax ignores it, so the classifier's tail trains as with "
-                                       "no density, and the density keeps a linear term in the last features; "
+                                       "no density (on a network without batch statistics shared with the "
+                                       "samples), and the density keeps a linear term in the last features; "
                                        "docs/results/density.md, 'The density on the logits' shift')")
     px_tail_leak: float = setting(0.0, "with --px-tail-grad logit-shift, this share of the rest of the generative "
                                        "terms' gradient still reaches every weight in the tail (0: the shift alone; "
@@ -500,7 +501,8 @@ RESUME_IGNORED = ("out", "name", "progress", "device", "keep_epochs")  # changes
 # to the same weights whatever their values (tests/test_train.py checks it), so benchmarks/quality.py reuses a
 # baseline across presets that differ only in these
 GENERATIVE_ONLY = ("px_data_batches", "px_start_epoch", "px_stop_epoch", "px_tail_scale", "px_tail_std",
-                   "px_fade_epochs", "px_pause_epochs", "px_tail_grad", "px_tail_leak", "px_ramp_epochs", "px_target_reach", "px_scale_min",
+                   "px_fade_epochs", "px_pause_epochs", "px_tail_grad", "px_tail_leak", "px_ramp_epochs",
+                   "px_target_reach", "px_scale_min",
                    "energy_reg", "energy_reg_form", "sgld_steps", "sgld_steps_max", "sgld_lr", "sgld_std",
                    "sgld_clamp", "sgld_step_cap", "sgld_cap_noise", "sgld_update", "pyld_inner_steps", "pyld_lr",
                    "pyld_eps", "cd_weight", "cd_batch_size", "cd_steps", "grad_penalty", "grad_penalty_batch",

@@ -551,6 +551,10 @@ def test_logit_shift_tail_trains_the_classifier_as_alone_and_moves_only_the_logi
         cfg(tmp_path, px_tail_grad="head")
     with pytest.raises(ValueError, match="use one"):
         cfg(tmp_path, px_stop_epoch=1, px_tail_scale=0.5, px_tail_grad="logit-shift", grad_surgery=True)
+    from jemtorch.distributed import Dist
+    with pytest.raises(ValueError, match="--px-tail-grad logit-shift runs in one process only"):
+        Trainer(cfg(tmp_path, px_stop_epoch=1, px_tail_scale=0.5, px_tail_grad="logit-shift"),
+                dist=Dist(rank=0, world_size=2))
     with pytest.raises(ValueError, match="does not end in an nn.Linear layer"):
         logit_head(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3)), 10)
 
