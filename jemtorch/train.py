@@ -200,10 +200,11 @@ def n_chains(cfg: TrainConfig, x: torch.Tensor) -> int:
 
 
 def forward_backward(state: TrainState, cfg: TrainConfig, batch, weights: Weights,
-                     autocast: Callable, shift_only: bool = False) -> tuple[dict, Callable]:
+                     autocast: Callable, shift_head: Optional[torch.nn.Linear] = None) -> tuple[dict, Callable]:
     """Samples x̂ (and x̂_y), the loss, its gradient (clipped at ``--clip-grad``). Returns the step's statistics
     (0-d tensors, no host sync) and the loss function, which SAM evaluates again at perturbed weights.
-    ``shift_only`` (--px-tail-grad logit-shift, in the tail): the generative terms train only the logits' shift."""
+    ``shift_head`` (--px-tail-grad logit-shift, in the tail: the network's logit layer): the generative terms train
+    only the shift it adds to every logit (and --px-tail-leak of the rest)."""
     x, y, x_px = batch
     x_px = x_px if weights.px > 0 else None
     samples = samples_y = x_cd = None
@@ -226,8 +227,8 @@ def forward_backward(state: TrainState, cfg: TrainConfig, batch, weights: Weight
 
     loss, stats = loss_fn()
     state.opt.zero_grad(set_to_none=True)
-    if (cfg.grad_surgery or shift_only) and weights.clf > 0 and (weights.px > 0 or weights.pxy > 0):
-        split_backward(weights.clf * stats["l_clf"], loss, state.jem, stats, cfg.px_tail_leak if shift_only else None)
+    if (cfg.grad_surgery or shift_head is not None) and weights.clf > 0 and (weights.px > 0 or weights.pxy > 0):
+        split_backward(weights.clf * stats["l_clf"], loss, state.jem.parameters(), stats, shift_head, cfg.px_tail_leak)
     else:
         loss.backward()
     stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(state.jem.parameters(), clip_norm(cfg))
@@ -238,16 +239,17 @@ def forward_backward(state: TrainState, cfg: TrainConfig, batch, weights: Weight
     return stats, loss_fn
 
 
-def split_backward(clf_loss: torch.Tensor, loss: torch.Tensor, jem: JEM, stats: dict, leak: Optional[float]) -> None:
+def split_backward(clf_loss: torch.Tensor, loss: torch.Tensor, params, stats: dict,
+                   shift_head: Optional[torch.nn.Linear] = None, leak: float = 0.0) -> None:
     """The classifier's and the generative terms' gradients apart (objective.split_gradients), their sum in
-    ``p.grad``, their statistics into ``stats``. ``leak`` None (--grad-surgery): the second projected off the first
-    where they conflict; a share (--px-tail-grad logit-shift, --px-tail-leak): the second kept on the logits' shift
-    and that share of the rest (objective.logit_shift_only)."""
-    params = [p for p in jem.parameters() if p.requires_grad]
-    c, g, split = split_gradients(params, clf_loss, loss, project=leak is None)
+    ``p.grad``, their statistics into ``stats``. No ``shift_head`` (--grad-surgery): the second projected off the
+    first where they conflict; with one (--px-tail-grad logit-shift): the second kept on the shift that layer adds
+    to every logit and ``leak`` (--px-tail-leak) of the rest (objective.logit_shift_only)."""
+    params = [p for p in params if p.requires_grad]
+    c, g, split = split_gradients(params, clf_loss, loss, project=shift_head is None)
     stats.update(split)
-    if leak is not None:
-        g = logit_shift_only(params, g, logit_head(jem.f), leak)
+    if shift_head is not None:
+        g = logit_shift_only(params, g, shift_head, leak)
     for p, cp, gp in zip(params, c, g):
         p.grad = cp + gp
 
@@ -346,8 +348,8 @@ class Trainer:
         self.pad, self.flip = (self.data.pad if cfg.augment else 0), (self.data.flip and cfg.augment)
         jem, loss_jem, sampler, opt, sam, self.autocast = build_state(cfg, self.data, self.dist, self.device,
                                                                       self.rank_seed, trust_code)
-        if cfg.px_tail_grad == "logit-shift":
-            logit_head(jem.f, self.data.num_classes)  # a one-line error now rather than at the tail
+        # --px-tail-grad logit-shift: the layer whose logit shift the tail's density trains (found once, here)
+        self.shift_head = logit_head(jem.f, self.data.num_classes) if cfg.px_tail_grad == "logit-shift" else None
         self.recovery = Recovery(cfg, self.run.checkpoint, self.rank_seed, getattr(sampler.update, "step_size", None))
         schedule = lr_factor(cfg, self.clock.iters_per_epoch, self.clock.total_iters)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: self.recovery.lr_scale * schedule(step))
@@ -388,8 +390,8 @@ class Trainer:
         batch = training_batch(cfg, self.labeled, self.unlabeled, state.step, self.pad, self.flip, self.extra)
         weights = self.phases.weights(self.recovery.weights, state.step, self.px_scale)
         state.sampler.update.noise = self.phases.chain_std(state.step)
-        shift_only = cfg.px_tail_grad == "logit-shift" and self.phases.tail(state.step)
-        stats, loss_fn = forward_backward(state, cfg, batch, weights, self.autocast, shift_only)
+        shift_head = self.shift_head if self.phases.tail(state.step) else None
+        stats, loss_fn = forward_backward(state, cfg, batch, weights, self.autocast, shift_head)
         self.call("on_stats", stats)
         values, sound = reduce_stats(stats, cfg.max_energy_gap, self.dist)
         if not sound:  # a divergence: the guard rolls back (recovery.py)

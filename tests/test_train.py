@@ -514,13 +514,14 @@ def test_logit_shift_tail_trains_the_classifier_as_alone_and_moves_only_the_logi
 
     t = Trainer(cfg(tmp_path, epochs=2, px_stop_epoch=1, px_tail_scale=1.0, px_tail_grad="logit-shift", norm="none"))
     x, y = t.state.buffer.data[:8] * 0 + 0.1, torch.arange(8) % 10
+    head = logit_head(t.state.jem.f, 10)
+    assert head is t.shift_head is t.state.jem.f.head  # the network's logit layer, found when the run is built
     torch.manual_seed(0)
-    stats, _ = forward_backward(t.state, t.cfg, (x, y, None), Weights.from_config(t.cfg), t.autocast, shift_only=True)
+    stats, _ = forward_backward(t.state, t.cfg, (x, y, None), Weights.from_config(t.cfg), t.autocast, shift_head=head)
     got = {n: p.grad.clone() for n, p in t.state.jem.named_parameters()}
     t.state.opt.zero_grad(set_to_none=True)
     torch.nn.functional.cross_entropy(t.state.jem(x), y).backward()
     clf = {n: p.grad.clone() for n, p in t.state.jem.named_parameters()}
-    head = logit_head(t.state.jem.f, 10)
     names = {id(p): n for n, p in t.state.jem.named_parameters()}
     w, b = names[id(head.weight)], names[id(head.bias)]
     assert stats["grad_ratio"] > 0  # the generative terms had a gradient to keep a part of
