@@ -13,7 +13,7 @@
 With --grad-surgery the gradient of everything after the first line is projected off the classification term's
 gradient where the two conflict before they are summed (``split_gradients``; PCGrad, Yu et al. 2020).
 With --px-tail-grad logit-shift, in the classifier's tail, that gradient is kept only on the shift the last layer adds
-to every logit (``logit_shift_only``), which the softmax ignores.
+to every logit (``logit_shift``), which the softmax ignores, and --px-tail-leak of the rest.
 
 Why the penalty's form matters: against the p(x) term's constant pull (−1 per example on E(data)), a per-example
 penalty λ·E(x)² balances at E(x) = −w_px/(2λ) for *every* training image, so every image's LogSumExp f(x) is driven
@@ -177,23 +177,17 @@ def split_gradients(params: list, clf_loss: torch.Tensor, loss: torch.Tensor, pr
     return c, g, stats
 
 
-def logit_shift_only(params: list, grads: list, head: torch.nn.Linear, leak: float = 0.0) -> list:
-    """``grads`` (one per parameter in ``params``) kept only on the shift ``head`` adds to every logit: on its weight
-    each row replaced by the rows' mean (W ← W + 1·uᵀ moves every logit by u·h), on its bias each entry by the mean,
-    every other parameter's gradient zero. The softmax, and so the classifier, does not see such a step: the
-    cross-entropy's own gradient has no component there (its rows sum to zero), so adding it leaves the classifier's
-    training as it would be alone, while the energy −LogSumExp f(x) moves by −u·h(x) (--px-tail-grad logit-shift).
-    ``leak`` (--px-tail-leak): that share of the rest of each gradient kept too (1: ``grads`` unchanged)."""
-
-    def kept(p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        if p is head.weight:
-            return g.mean(0, keepdim=True).expand_as(g).clone()
-        if p is head.bias:
-            return g.mean().expand_as(g).clone()
-        return torch.zeros_like(g)
-
-    shifts = [kept(p, g) for p, g in zip(params, grads)]
-    return shifts if leak == 0 else [k + leak * (g - k) for k, g in zip(shifts, grads)]
+def logit_shift(gen_loss: torch.Tensor, head: torch.nn.Linear) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The gradient of ``gen_loss`` kept only on the shift ``head`` adds to every logit, as (parameter, gradient) pairs:
+    on its weight each row replaced by the rows' mean (W ← W + 1·uᵀ moves every logit by u·h), on its bias each entry
+    by the mean. The softmax, and so the classifier, does not see such a step: the cross-entropy's own gradient has no
+    component there (its rows sum to zero), so adding it leaves the classifier's training as it would be alone, while
+    the energy −LogSumExp f(x) moves by −u·h(x) (--px-tail-grad logit-shift). Autograd goes back to ``head`` only
+    (the logits' gradient times the last features): no pass through the rest of the network; the graph is kept."""
+    params = [p for p in (head.weight, head.bias) if p is not None]
+    grads = torch.autograd.grad(gen_loss, params, retain_graph=True, allow_unused=True)
+    return [(p, torch.zeros_like(p) if g is None else g.mean(0, keepdim=True).expand_as(g))
+            for p, g in zip(params, grads)]
 
 
 def forward_chunks(jem: JEM, chunks: dict[str, torch.Tensor], separate: bool = False,

@@ -5,8 +5,8 @@
     w      ← loss weights at step s: classifier-only phase, p(x) ramp, the recovery's penalty     Phases.weights
     x̂      ← sampler: replay buffer → K chain steps on log p(x) (parameters frozen) → buffer      forward_backward
     loss   ← objective.jem_loss(jem, x, y, x_px, x̂, x̂_y); backward; gradient clipping           forward_backward
-             (--grad-surgery: the density's gradient projected off the classifier's; --px-tail-grad split_backward
-             logit-shift: in the tail, kept on the logits' common shift, which the softmax ignores)
+             (--grad-surgery: the density's gradient projected off the classifier's;             split_backward
+             --px-tail-grad logit-shift: in the tail, kept on the logits' common shift)          shift_backward
     guard  ← a non-finite statistic or |E(data) − E(samples)| > max_energy_gap rolls the state
              back (recovery.Recovery) instead of stepping                                         Trainer.iteration
     θ      ← optimiser step (SAM: a second gradient at the sharpest nearby weights); lr schedule  optimizer_step
@@ -47,7 +47,7 @@ from .data import BatchStream, ImageData, Splits, augment, labeled_subset, load_
 from .distributed import Dist
 from .energy import JEM, logit_head
 from .health import AdaptivePx, AdaptiveSteps, Health
-from .objective import Weights, jem_loss, logit_shift_only, split_gradients
+from .objective import Weights, jem_loss, logit_shift, split_gradients
 from .optim import SAM, build_optimizer, lr_factor
 from .recovery import Recovery, TrainingDiverged
 from .rundir import METRICS, TENSORBOARD_DIR, MetricsLog, RunDir, TensorBoardLog
@@ -227,8 +227,11 @@ def forward_backward(state: TrainState, cfg: TrainConfig, batch, weights: Weight
 
     loss, stats = loss_fn()
     state.opt.zero_grad(set_to_none=True)
-    if (cfg.grad_surgery or shift_head is not None) and weights.clf > 0 and (weights.px > 0 or weights.pxy > 0):
-        split_backward(weights.clf * stats["l_clf"], loss, state.jem.parameters(), stats, shift_head, cfg.px_tail_leak)
+    generative = weights.clf > 0 and (weights.px > 0 or weights.pxy > 0)
+    if shift_head is not None and generative:
+        shift_backward(weights.clf * stats["l_clf"], loss, shift_head, cfg.px_tail_leak)
+    elif cfg.grad_surgery and generative:
+        split_backward(weights.clf * stats["l_clf"], loss, state.jem.parameters(), stats)
     else:
         loss.backward()
     stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(state.jem.parameters(), clip_norm(cfg))
@@ -239,19 +242,25 @@ def forward_backward(state: TrainState, cfg: TrainConfig, batch, weights: Weight
     return stats, loss_fn
 
 
-def split_backward(clf_loss: torch.Tensor, loss: torch.Tensor, params, stats: dict,
-                   shift_head: Optional[torch.nn.Linear] = None, leak: float = 0.0) -> None:
-    """The classifier's and the generative terms' gradients apart (objective.split_gradients), their sum in
-    ``p.grad``, their statistics into ``stats``. No ``shift_head`` (--grad-surgery): the second projected off the
-    first where they conflict; with one (--px-tail-grad logit-shift): the second kept on the shift that layer adds
-    to every logit and ``leak`` (--px-tail-leak) of the rest (objective.logit_shift_only)."""
+def split_backward(clf_loss: torch.Tensor, loss: torch.Tensor, params, stats: dict) -> None:
+    """--grad-surgery: the classifier's and the generative terms' gradients apart (objective.split_gradients), the
+    second projected off the first where they conflict, their sum in ``p.grad``, their statistics into ``stats``."""
     params = [p for p in params if p.requires_grad]
-    c, g, split = split_gradients(params, clf_loss, loss, project=shift_head is None)
+    c, g, split = split_gradients(params, clf_loss, loss, project=True)
     stats.update(split)
-    if shift_head is not None:
-        g = logit_shift_only(params, g, shift_head, leak)
     for p, cp, gp in zip(params, c, g):
         p.grad = cp + gp
+
+
+def shift_backward(clf_loss: torch.Tensor, loss: torch.Tensor, head: torch.nn.Linear, leak: float = 0.0) -> None:
+    """--px-tail-grad logit-shift: ``p.grad`` = ∇ clf_loss + leak·∇ gen + (1 − leak)·(∇ gen kept on the shift ``head``
+    adds to every logit, objective.logit_shift), gen = loss − clf_loss. One backward pass through the network; the
+    shift's gradient goes back to ``head`` only, before it."""
+    gen = loss - clf_loss
+    shift = logit_shift(gen, head)
+    (clf_loss + leak * gen if leak > 0 else clf_loss).backward()  # no pass through the samples' terms at leak 0
+    for p, g in shift:
+        p.grad = (1 - leak) * g if p.grad is None else p.grad + (1 - leak) * g
 
 
 def clip_norm(cfg: TrainConfig) -> float:
