@@ -202,9 +202,8 @@ def n_chains(cfg: TrainConfig, x: torch.Tensor) -> int:
 def forward_backward(state: TrainState, cfg: TrainConfig, batch, weights: Weights,
                      autocast: Callable, shift_head: Optional[torch.nn.Linear] = None) -> tuple[dict, Callable]:
     """Samples x̂ (and x̂_y), the loss, its gradient (clipped at ``--clip-grad``). Returns the step's statistics
-    (0-d tensors, no host sync) and the loss function, which SAM evaluates again at perturbed weights.
-    ``shift_head`` (--px-tail-grad logit-shift, in the tail: the network's logit layer): the generative terms train
-    only the shift it adds to every logit (and --px-tail-leak of the rest)."""
+    (0-d tensors, no host sync) and the loss function, which SAM evaluates again at perturbed weights. ``shift_head``
+    (--px-tail-grad logit-shift, in the tail: the logit layer): the generative terms train its logits' shift."""
     x, y, x_px = batch
     x_px = x_px if weights.px > 0 else None
     samples = samples_y = x_cd = None
