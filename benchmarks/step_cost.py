@@ -37,13 +37,8 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def bench(model: str, shape, k: int, batch: int, device: str, rounds: int, steps: int, warmup: int,
-          speed: dict, recipe: str = "jem") -> dict:
-    data = synthetic(shape)
-    common = dict(dataset="imagefolder", recipe=recipe, model=model, batch_size=batch, sgld_steps=k, device=device,
-                  progress=False, n_valid=0, buffer_size=1000, warmup_iters=0, **speed)
-    trainers = {"clf": Trainer(make_config(p_x_weight=0.0, **common), data),
-                "jem": Trainer(make_config(p_x_weight=1.0, **common), data)}
+def interleaved(trainers: dict, rounds: int, steps: int, warmup: int) -> dict:
+    """Median seconds per training step of each trainer, timed round by round in turn so machine noise hits all alike."""
     times = {name: [] for name in trainers}
     for t in trainers.values():
         for _ in range(warmup):
@@ -56,7 +51,18 @@ def bench(model: str, shape, k: int, batch: int, device: str, rounds: int, steps
                 t.iteration()
             sync(t.device)
             times[name].append((time.perf_counter() - t0) / steps)
-    clf, jem = statistics.median(times["clf"]), statistics.median(times["jem"])
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+def bench(model: str, shape, k: int, batch: int, device: str, rounds: int, steps: int, warmup: int,
+          speed: dict, recipe: str = "jem") -> dict:
+    data = synthetic(shape)
+    common = dict(dataset="imagefolder", recipe=recipe, model=model, batch_size=batch, sgld_steps=k, device=device,
+                  progress=False, n_valid=0, buffer_size=1000, warmup_iters=0, **speed)
+    trainers = {"clf": Trainer(make_config(p_x_weight=0.0, **common), data),
+                "jem": Trainer(make_config(p_x_weight=1.0, **common), data)}
+    times = interleaved(trainers, rounds, steps, warmup)
+    clf, jem = times["clf"], times["jem"]
     floor = (2 * k + 6) / 3
     label = ", ".join(f"{k}={v}" for k, v in speed.items() if v not in (False, "none")) or "plain"
     return {"settings": label, "model": model, "input": "×".join(map(str, shape)), "K": k, "batch": batch, "clf_ms": clf * 1e3,
@@ -77,16 +83,7 @@ def bench_tail(model: str, shape, k: int, batch: int, rounds: int, steps: int, w
     for t in trainers.values():
         t.state.step = t.phases.stop  # into the tail
         assert t.phases.tail(t.state.step)
-        for _ in range(warmup):
-            t.iteration()
-    times = {name: [] for name in trainers}
-    for _ in range(rounds):
-        for name, t in trainers.items():
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                t.iteration()
-            times[name].append((time.perf_counter() - t0) / steps)
-    return {name: statistics.median(v) for name, v in times.items()}
+    return interleaved(trainers, rounds, steps, warmup)
 
 
 def main():

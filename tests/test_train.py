@@ -517,7 +517,7 @@ def test_logit_shift_tail_trains_the_classifier_as_alone_and_moves_only_the_logi
     head = logit_head(t.state.jem.f, 10)
     assert head is t.shift_head is t.state.jem.f.head  # the network's logit layer, found when the run is built
     torch.manual_seed(0)
-    stats, _ = forward_backward(t.state, t.cfg, (x, y, None), Weights.from_config(t.cfg), t.autocast, shift_head=head)
+    forward_backward(t.state, t.cfg, (x, y, None), Weights.from_config(t.cfg), t.autocast, shift_head=head)
     got = {n: p.grad.clone() for n, p in t.state.jem.named_parameters()}
     t.state.opt.zero_grad(set_to_none=True)
     torch.nn.functional.cross_entropy(t.state.jem(x), y).backward()
