@@ -141,6 +141,35 @@ def curve_figure(curves: dict, path: Path, xlabel: str, ylabel: str, title: str,
     return _save(fig, path)
 
 
+def tradeoff_figure(groups: dict, path: Path, gap: float = -1.0, ratio: float = 0.5) -> Path:
+    """Accuracy against samples: {label: [{"seed", "gap", "ratio", "mnist"}, ...]} as one colour per label, each seed
+    a dot (a cross where MNIST was lost to the baseline's best detector), the targets ``gap`` (points) and ``ratio``
+    (FD ÷ the starts') as dashed lines with the corner that meets both shaded."""
+    plt = plt_module()
+    fig, ax = plt.subplots(figsize=(7, 4.8))
+    for i, (label, pts) in enumerate(groups.items()):
+        colour = f"C{i % 10}"
+        for lost in (False, True):
+            sel = [p for p in pts if ("lost" in (p.get("mnist") or "")) == lost]
+            if sel:
+                ax.scatter([p["gap"] for p in sel], [p["ratio"] for p in sel], color=colour,
+                           marker="x" if lost else "o", s=36, label=None if lost else label)
+        for p in pts:
+            ax.annotate(str(p["seed"]), (p["gap"], p["ratio"]), fontsize=6, xytext=(3, 2),
+                        textcoords="offset points", color=colour)
+    ax.axvline(gap, color="k", ls="--", lw=1)
+    ax.axhline(ratio, color="k", ls="--", lw=1)
+    (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+    x0, x1, y0, y1 = min(x0, gap - 0.1), max(x1, gap + 0.1), min(y0, ratio - 0.05), max(y1, ratio + 0.05)
+    ax.fill_between([gap, x1], y0, ratio, color="g", alpha=0.08, label="both targets met")
+    ax.set(xlim=(x0, x1), ylim=(y0, y1))
+    ax.set(xlabel="JEM accuracy − its baseline's (points)", ylabel="fresh chains' FD ÷ their starts'",
+           title="Accuracy against samples, each seed a point (× : MNIST lost)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    return _save(fig, path)
+
+
 def distal_figure(rows: Sequence[tuple[str, dict]], title: str, path: Path) -> Path:
     """Distal adversarials: one row per run; ``rows``: (label, {"x", "confidence", "log_px", "data_log_px"})."""
     plt = plt_module()

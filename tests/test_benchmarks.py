@@ -222,6 +222,33 @@ def test_probe_step_tables_fresh_chains_and_the_continued_buffer(trained_runs, c
     assert none.returncode != 0 and "no replay buffer" in none.stderr
 
 
+def test_tradeoff_places_each_seed_by_accuracy_and_samples(tmp_path, capsys):
+    """tradeoff.py reads quality.json: accuracy − baseline in points, the longest chain's FD ÷ the starts', MNIST's
+    verdict, both lines met or not; a label given twice pools its runs; a directory without a benchmark is a one-line
+    error."""
+    def quality(name, seed, jem, base, fds, verdict):
+        (tmp_path / name).mkdir()
+        rows = {"runs": [{"seed": seed, "run": "jem", "test_accuracy": jem},
+                         {"seed": seed, "run": "baseline", "test_accuracy": base}],
+                "ood": [{"seed": seed, "set": "mnist", "verdict": verdict}],
+                "samples": [{"seed": seed, "by_length": {k: {"fd": v} for k, v in fds.items()}}]}
+        (tmp_path / name / "quality.json").write_text(json.dumps({"header": "", "rows": rows}))
+        return tmp_path / name
+    a = quality("a", 0, 0.905, 0.910, {"0": 40.0, "40": 16.0, "200": 18.0}, "won / tied")
+    b = quality("b", 1, 0.890, 0.905, {"0": 50.0, "200": 30.0}, "lost / tied")
+    r = script(capsys, "tradeoff.py", f"L={a}", f"L={b}", "--out", tmp_path / "t.png")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[2] == "| L | 0 | -0.50 | 0.450 (200 steps) | won / tied | yes |"
+    assert lines[3] == "| L | 1 | -1.50 | 0.600 (200 steps) | lost / tied | no |"
+    assert (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
+    (tmp_path / "empty").mkdir()
+    missing = script(capsys, "tradeoff.py", f"E={tmp_path / 'empty'}")
+    assert missing.returncode != 0 and "no finished quality benchmark" in missing.stderr
+    bad = script(capsys, "tradeoff.py", str(a))
+    assert bad.returncode != 0 and "LABEL=QUALITY_OUT" in bad.stderr
+
+
 def test_fd_curves_tables_each_runs_ratios_and_draws_them(tmp_path, capsys):
     """fd_curves.py divides each chain length's FD by the starts' (from jem eval's metrics) and draws one figure; a run
     that was not evaluated is a one-line error."""
