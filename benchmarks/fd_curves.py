@@ -17,6 +17,14 @@ from jemtorch.figures import curve_figure
 from jemtorch.rundir import EVAL_DIR, RunDir
 
 
+def labelled(spec: str, what: str = "RUN_DIR") -> tuple[str, Path]:
+    """``LABEL=PATH`` → (label, path); a one-line SystemExit naming the expected form otherwise."""
+    label, sep, path = spec.partition("=")
+    if not sep or not label or not path:
+        raise SystemExit(f"error: {spec!r} is not LABEL={what}")
+    return label, Path(path)
+
+
 def ratios(run: Path) -> dict[int, float]:
     """{chain length: FD ÷ FD of the starts} of one evaluated run; a one-line SystemExit when it has none."""
     name = f"{EVAL_DIR}/metrics.json"
@@ -40,10 +48,8 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     curves = {}
     for spec in args.runs:
-        label, sep, run = spec.partition("=")
-        if not sep or not label or not run:
-            raise SystemExit(f"error: {spec!r} is not LABEL=RUN_DIR")
-        curves[label] = ratios(Path(run))
+        label, run = labelled(spec)
+        curves[label] = ratios(run)
     lengths = sorted({k for c in curves.values() for k in c})
     print("| run | " + " | ".join(f"{k} steps" for k in lengths) + " |")
     print("|---|" + "---|" * len(lengths))

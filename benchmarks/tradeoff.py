@@ -17,6 +17,8 @@ import json
 import sys
 from pathlib import Path
 
+from fd_curves import labelled  # benchmarks/ is on sys.path when this script runs
+
 from jemtorch.figures import tradeoff_figure
 
 
@@ -54,10 +56,8 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     groups: dict[str, list[dict]] = {}
     for spec in args.runs:
-        label, sep, out = spec.partition("=")
-        if not sep or not label or not out:
-            raise SystemExit(f"error: {spec!r} is not LABEL=QUALITY_OUT")
-        groups.setdefault(label, []).extend(points(Path(out)))
+        label, out = labelled(spec, "QUALITY_OUT")
+        groups.setdefault(label, []).extend(points(out))
     print("| run | seed | accuracy − baseline | chains ÷ starts | MNIST | both lines met |")
     print("|---|---|---|---|---|---|")
     for label, pts in groups.items():
