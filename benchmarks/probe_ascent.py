@@ -38,14 +38,17 @@ class Columns(Typicality):
 
 
 def statistics(jem, x: torch.Tensor, lengths: list[int], cap: float, batch: int = 500) -> torch.Tensor:
-    """(N, 4 + len(lengths)): log p(x), log ‖∇ₓ log p(x)‖, PNG bits/dim, the logit margin f(x)[ŷ] − f(x)[second]
-    (how sure the classifier is: a blend of two garments sits between their classes), log rise after each length."""
+    """(N, 6 + len(lengths)): log p(x), log ‖∇ₓ log p(x)‖, PNG bits/dim, the logit margin f(x)[ŷ] − f(x)[second]
+    (how sure the classifier is: a blend of two garments sits between their classes), log p(x)'s two parts — the
+    logits' mean (the shift the softmax ignores) and LogSumExp of the centred logits (the classifier's confidence),
+    log p(x) = shift + confidence — and the log rise after each length."""
     out = model_outputs(jem, x, batch, grad=True)
     with frozen(jem):
         rises = torch.cat([ascent_path(jem, x[i : i + batch], lengths, cap) for i in range(0, len(x), batch)])
-    top2 = out.logits.double().topk(2, 1).values
-    return torch.cat([torch.stack([out.logits.double().logsumexp(1), (-out.gradnorm.double()).log(),
-                                   png_bits(x), top2[:, 0] - top2[:, 1]], 1), rises.clamp(min=1e-6).log()], 1)
+    f = out.logits.double()
+    top2, shift = f.topk(2, 1).values, f.mean(1)
+    return torch.cat([torch.stack([f.logsumexp(1), (-out.gradnorm.double()).log(), png_bits(x), top2[:, 0] - top2[:, 1],
+                                   shift, (f - shift[:, None]).logsumexp(1)], 1), rises.clamp(min=1e-6).log()], 1)
 
 
 def probe_parser(doc: str) -> argparse.ArgumentParser:
@@ -105,11 +108,13 @@ def main() -> None:
     run = load_run(args.run, data_root=args.data_root)
     stats = gather(run, args, lambda jem, x, _: statistics(jem, x, lengths, args.cap))
     combos = {"log p": (0, 1), "(log p, PNG)": [0, 2], "complexity: (log p, ‖∇‖, PNG)": [0, 1, 2],
-              "margin alone": (3, 1), "(log p, margin)": [0, 3], "(log p, PNG, margin)": [0, 2, 3]}
+              "margin alone": (3, 1), "(log p, margin)": [0, 3], "(log p, PNG, margin)": [0, 2, 3],
+              "(shift, confidence)": [4, 5], "(shift, confidence, PNG)": [4, 5, 2]}
     for j, k in enumerate(lengths):
-        r = 4 + j
+        r = 6 + j
         combos.update({f"−rise{k} alone": (r, -1), f"(log p, rise{k})": [0, r], f"(log p, PNG, rise{k})": [0, 2, r],
-                       f"(log p, ‖∇‖, PNG, rise{k})": [0, 1, 2, r], f"(log p, PNG, rise{k}, margin)": [0, 2, r, 3]})
+                       f"(log p, ‖∇‖, PNG, rise{k})": [0, 1, 2, r], f"(log p, PNG, rise{k}, margin)": [0, 2, r, 3],
+                       f"(shift, confidence, PNG, rise{k})": [4, 5, 2, r]})
     print_table(run, stats, combos, args.centres, tuple(float(b) for b in args.bandwidths.split(",")))
 
 
