@@ -170,6 +170,29 @@ def tradeoff_figure(groups: dict, path: Path, gap: float = -1.0, ratio: float = 
     return _save(fig, path)
 
 
+def energy_parts_figure(panels: dict, path: Path, points: int = 600) -> Path:
+    """log p(x)'s two parts, one panel per run: {title: {set: (confidence (N,), shift (N,))}} as a scatter of at most
+    ``points`` images per set, the set "test" first, with the line shift + confidence = the test images' median log
+    p(x) (dashed): a point above it is rated likelier than the median test image."""
+    plt = plt_module()
+    n = len(panels)
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 4), squeeze=False)
+    for ax, (title, sets) in zip(axes[0], panels.items()):
+        for i, (name, (conf, shift)) in enumerate(sets.items()):
+            keep = torch.linspace(0, len(conf) - 1, min(points, len(conf))).long()
+            ax.scatter(conf[keep].numpy(), shift[keep].numpy(), s=4, alpha=0.35, color=f"C{i % 10}", label=name)
+        conf, shift = sets["test"]
+        level = float((conf + shift).median())
+        xs = np.array(ax.get_xlim())
+        ax.plot(xs, level - xs, "k--", lw=1, label=f"test median log p(x) {level:.1f}")
+        ax.set(xlabel="confidence: LogSumExp of the centred logits", ylabel="shift: the logits' mean",
+               title=title if len(title) <= 48 else "…" + title[-47:])
+        ax.title.set_fontsize(8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, markerscale=3)
+    return _save(fig, path)
+
+
 def distal_figure(rows: Sequence[tuple[str, dict]], title: str, path: Path) -> Path:
     """Distal adversarials: one row per run; ``rows``: (label, {"x", "confidence", "log_px", "data_log_px"})."""
     plt = plt_module()

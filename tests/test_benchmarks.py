@@ -173,6 +173,8 @@ def test_quality_flags_read_a_config_file_under_the_explicit_flags(tmp_path, mon
      ("| −rise1 alone |", "| (log p, PNG, margin) |", "| (log p, PNG, rise2, margin) |", "| (log p, PNG, rise2) h×0.5 |")),
     ("probe_msma.py", ("--sigmas", "0.1,0.3", "--chain", "1,2"), "(log p, PNG, drop0.3)",
      ("| MSMA: ‖∇‖ at every σ |", "| cos0.1 alone |", "| (log p, PNG, chain rise2) |")),
+    ("probe_complexity.py", ("--compressors", "png,webp", "--centres", "50"), "(log p, webp, rise)",
+     ("| png alone |", "| (log p, png) |", "| (log p, png, rise) |")),
 ])
 def test_probes_of_the_energy_table_every_combination_on_a_trained_run(trained_runs, capsys, name, args, row, others):
     """The ascent and multiscale probes read a run (never change it) and print AUROC (FPR95) per combination and OOD
@@ -184,6 +186,24 @@ def test_probes_of_the_energy_table_every_combination_on_a_trained_run(trained_r
     assert len(rows) == 1 and all(0 <= float(c.split()[0]) <= 1 for c in rows[0].split("|")[2:4])
     assert all(o in r.stdout for o in others) and "| uniform | constant |" in r.stdout.splitlines()[0]
     assert sorted(p.name for p in (trained_runs / "jem").iterdir()) == before
+
+
+def test_probe_shift_splits_log_p_into_the_logits_mean_and_the_confidence(trained_runs, capsys, tmp_path):
+    """probe_shift.py reads runs (never changes them): per run a table of the parts' medians and AUROC per OOD set,
+    the buffer's row where the run keeps one, a figure; a checkpoint named with @ must be a file in the run's
+    directory."""
+    before = sorted(p.name for p in (trained_runs / "jem").iterdir())
+    r = script(capsys, "probe_shift.py", trained_runs / "jem", trained_runs / "base", "--ood", "uniform", "--n", "40",
+               "--out", tmp_path / "parts.png")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "parts.png").stat().st_size > 0 and r.stdout.count("| test |") == 2
+    rows = [line.split("|")[1:-1] for line in r.stdout.splitlines() if line.startswith("| uniform |")]
+    assert len(rows) == 2 and all(0 <= float(v) <= 1 for row in rows for v in row[4].split(" / "))
+    assert any(line.startswith("| buffer |") for line in r.stdout.splitlines())  # the JEM keeps one
+    assert sorted(p.name for p in (trained_runs / "jem").iterdir()) == before
+    for bad in ("missing.pt", "../base/checkpoint.pt"):
+        r = script(capsys, "probe_shift.py", f"{trained_runs / 'jem'}@{bad}", "--ood", "uniform", "--n", "10")
+        assert r.returncode != 0 and "no checkpoint file" in r.stderr
 
 
 def test_probe_interp_splits_interpolations_by_same_and_different_class_pairs(trained_runs, capsys):
