@@ -6,13 +6,13 @@ A JEM's log p(x) = LogSumExp_y f(x)[y] (up to log Z) splits exactly into
     confidence(x) = LogSumExp_y (f(x)[y] − shift(x)), the classifier's part (how peaked its logits are)
 
 For each run (``RUN``, or ``RUN@FILE`` to read the weights and replay buffer of another checkpoint in that run's
-directory, e.g. ``RUN@checkpoint-epoch8.pt``) this prints the medians of both parts and of log p(x) on ``--n`` test
-images (jem eval's), on each ``--ood`` set and on the replay buffer, and the AUROC of each part and of log p(x)
-between the test images (positive) and each OOD set. ``--out PNG`` draws each run as a panel of (confidence, shift)
-points with the line of the test images' median log p(x): points above it are rated likelier than the data. Nothing
-is fitted; the runs are not changed.
+directory, e.g. ``RUN@checkpoint-epoch8.pt``; ``LABEL=`` before either names its panel) this prints the medians of
+both parts and of log p(x) on ``--n`` test images (jem eval's), on each ``--ood`` set and on the replay buffer, and
+the AUROC of each part and of log p(x) between the test images (positive) and each OOD set. ``--out PNG`` draws each
+run as a panel of (confidence, shift) points with the line of the test images' median log p(x): points above it are
+rated likelier than the data. Nothing is fitted; the runs are not changed.
 
-    python benchmarks/probe_shift.py RUN@checkpoint-epoch8.pt RUN --data-root DATA --out shift.png
+    python benchmarks/probe_shift.py "epoch 8=RUN@checkpoint-epoch8.pt" end=RUN --data-root DATA --out shift.png
 """
 from __future__ import annotations
 
@@ -56,14 +56,16 @@ def load(spec: str, data_root, datasets: dict):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("runs", nargs="+", help="RUN or RUN@CHECKPOINT_FILE")
+    ap.add_argument("runs", nargs="+", help="[LABEL=]RUN[@CHECKPOINT_FILE]")
     ap.add_argument("--data-root", default=None)
     ap.add_argument("--ood", default="mnist")
     ap.add_argument("--n", type=int, default=2000, help="test images, images per OOD set and buffer images")
     ap.add_argument("--out", default=None, help="a PNG of (confidence, shift) per run")
     args = ap.parse_args()
     datasets, panels = {}, {}
-    for spec in args.runs:
+    for arg in args.runs:
+        label, named, spec = arg.partition("=")
+        label, spec = (label, spec) if named else (arg, arg)
         run = load(spec, args.data_root, datasets)
         x = scored_test_images(run, args.n, torch.Generator().manual_seed(0))
         sets = {"test": x}
@@ -74,13 +76,13 @@ def main() -> None:
             sets["buffer"] = run.buffer[: args.n].float().cpu()
         with torch.no_grad():
             got = {k: parts(run.jem, v) for k, v in sets.items()}
-        print(f"\n{spec}\n| set | shift | confidence | log p(x) | AUROC: shift / confidence / log p(x) |\n|---|---|---|---|---|")
+        print(f"\n{arg}\n| set | shift | confidence | log p(x) | AUROC: shift / confidence / log p(x) |\n|---|---|---|---|---|")
         s0, c0 = got["test"]
         for k, (s, c) in got.items():
             auc = "—" if k == "test" else " / ".join(
                 f"{ood_metrics(a.numpy(), b.numpy())['auroc']:.3f}" for a, b in ((s0, s), (c0, c), (s0 + c0, s + c)))
             print(f"| {k} | {s.median():.2f} | {c.median():.2f} | {(s + c).median():.2f} | {auc} |", flush=True)
-        panels[spec] = {k: (c, s) for k, (s, c) in got.items()}
+        panels[label] = {k: (c, s) for k, (s, c) in got.items()}
     if args.out:
         print(f"wrote {energy_parts_figure(panels, Path(args.out))}")
 

@@ -193,7 +193,7 @@ def test_probe_shift_splits_log_p_into_the_logits_mean_and_the_confidence(traine
     the buffer's row where the run keeps one, a figure; a checkpoint named with @ must be a file in the run's
     directory."""
     before = sorted(p.name for p in (trained_runs / "jem").iterdir())
-    r = script(capsys, "probe_shift.py", trained_runs / "jem", trained_runs / "base", "--ood", "uniform", "--n", "40",
+    r = script(capsys, "probe_shift.py", f"JEM={trained_runs / 'jem'}", trained_runs / "base", "--ood", "uniform", "--n", "40",
                "--out", tmp_path / "parts.png")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "parts.png").stat().st_size > 0 and r.stdout.count("| test |") == 2
