@@ -8,7 +8,8 @@ A JEM's log p(x) = LogSumExp_y f(x)[y] (up to log Z) splits exactly into
 For each run (``RUN``, or ``RUN@FILE`` to read the weights and replay buffer of another checkpoint in that run's
 directory, e.g. ``RUN@checkpoint-epoch8.pt``; ``LABEL=`` before either names its panel) this prints the medians of
 both parts and of log p(x) on ``--n`` test images (jem eval's), on each ``--ood`` set and on the replay buffer, and
-the AUROC of each part and of log p(x) between the test images (positive) and each OOD set. ``--out PNG`` draws each
+the AUROC of each part and of log p(x) between the test images (positive) and each OOD set, and within each set the
+correlation of the shift with the images' PNG length (``detectors.png_bits``: input complexity). ``--out PNG`` draws each
 run as a panel of (confidence, shift) points with the line of the test images' median log p(x): points above it are
 rated likelier than the data. Nothing is fitted; the runs are not changed.
 
@@ -24,6 +25,7 @@ import torch
 from jemtorch.build import load_run
 from jemtorch.checkpoint import CheckpointError, load_safe
 from jemtorch.data import make_ood_set
+from jemtorch.detectors import png_bits
 from jemtorch.evaluate import scored_test_images
 from jemtorch.figures import energy_parts_figure
 from jemtorch.metrics import ood_metrics
@@ -76,12 +78,14 @@ def main() -> None:
             sets["buffer"] = run.buffer[: args.n].float().cpu()
         with torch.no_grad():
             got = {k: parts(run.jem, v) for k, v in sets.items()}
-        print(f"\n{arg}\n| set | shift | confidence | log p(x) | AUROC: shift / confidence / log p(x) |\n|---|---|---|---|---|")
+        print(f"\n{arg}\n| set | shift | confidence | log p(x) | AUROC: shift / confidence / log p(x) | r(shift, PNG) |"
+              "\n|---|---|---|---|---|---|")
         s0, c0 = got["test"]
         for k, (s, c) in got.items():
             auc = "—" if k == "test" else " / ".join(
                 f"{ood_metrics(a.numpy(), b.numpy())['auroc']:.3f}" for a, b in ((s0, s), (c0, c), (s0 + c0, s + c)))
-            print(f"| {k} | {s.median():.2f} | {c.median():.2f} | {(s + c).median():.2f} | {auc} |", flush=True)
+            r = torch.corrcoef(torch.stack([s, png_bits(sets[k])]))[0, 1]
+            print(f"| {k} | {s.median():.2f} | {c.median():.2f} | {(s + c).median():.2f} | {auc} | {r:.2f} |", flush=True)
         panels[label] = {k: (c, s) for k, (s, c) in got.items()}
     if args.out:
         print(f"wrote {energy_parts_figure(panels, Path(args.out))}")

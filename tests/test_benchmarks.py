@@ -199,6 +199,8 @@ def test_probe_shift_splits_log_p_into_the_logits_mean_and_the_confidence(traine
     assert (tmp_path / "parts.png").stat().st_size > 0 and r.stdout.count("| test |") == 2
     rows = [line.split("|")[1:-1] for line in r.stdout.splitlines() if line.startswith("| uniform |")]
     assert len(rows) == 2 and all(0 <= float(v) <= 1 for row in rows for v in row[4].split(" / "))
+    tests = [line.split("|")[1:-1] for line in r.stdout.splitlines() if line.startswith("| test |")]
+    assert -1 <= float(tests[0][5]) <= 1  # the JEM's shift and the test images' lengths vary
     assert any(line.startswith("| buffer |") for line in r.stdout.splitlines())  # the JEM keeps one
     assert sorted(p.name for p in (trained_runs / "jem").iterdir()) == before
     for bad in ("missing.pt", "../base/checkpoint.pt"):
