@@ -7,24 +7,25 @@
 | maxprob     | max_y p(y|x), MSP (Hendrycks & Gimpel 2017)                       | —                               |
 | gradnorm    | −‖∂ log p(x)/∂x‖₂ (Grathwohl et al. 2020)                          | —                               |
 | typicality  | log density of (log p(x), log ‖∇ₓ log p(x)‖) (DoSE-style)        | a kernel density of the pairs   |
-| complexity  | log density of (log p(x), log ‖∇ₓ log p(x)‖, PNG bits/dim)        | a kernel density of the triples |
-| ascent      | log density of (log p(x), PNG bits/dim, log rise of log p(x) over | a kernel density of the triples |
+| complexity  | log density of (log p(x), log ‖∇ₓ log p(x)‖, length L(x))         | a kernel density of the triples |
+| ascent      | log density of (log p(x), L(x), log rise of log p(x) over         | a kernel density of the triples |
 |             | 10 capped gradient-ascent steps from the image)                   |                                 |
 | maxlogit    | max_y f(x)[y] (Hendrycks et al. 2022)                             | —                               |
 | mahalanobis | −½ min_c (z − μ_c)ᵀ Σ⁻¹ (z − μ_c) (Lee et al. 2018)               | class means, shared covariance  |
 | vim         | LogSumExp(Wz + b) − α‖(z − u) R‖ (Wang et al. 2022)              | residual space R, origin u, α   |
 | knn         | −‖ẑ − ẑ_(k)‖, ẑ = z/‖z‖ (Sun et al. 2022)                          | a bank of normalised features   |
 | react       | LogSumExp(W min(z, c) + b) (Sun et al. 2021)                      | clip c: 90th percentile of z    |
-| png         | log density of PNG bits/dim alone: no model (Serra et al. 2020)  | a kernel density of the lengths |
+| length      | log density of L(x) alone: no model (Serra et al. 2020)          | a kernel density of the lengths |
 
-``z`` are the features that enter the classifier's head, its last ``nn.Linear`` (a model can name another head in a
-``jemtorch_head`` attribute: the name of a submodule). The first six are the JEM's own scores (``OWN``): they read
-the energy model and its input gradient (typicality fits their joint density on the training split; complexity adds
-the image's PNG length, the input complexity that confounds every likelihood; ascent replaces the gradient's norm by
-how far log p(x) climbs along a short chain from the image: whether the image sits at a mode of the density).
-``png`` is that length alone, a reference without any model: a JEM's score that adds the length wins only where it
-beats the length alone. The post-hoc
-definitions follow pytorch-ood 0.4 (``pytorch_ood.detector``; for Mahalanobis its covariance, the sum of the centred
+L(x) is the image's length as a lossless WebP, bits per dimension (``CODEC``; fits stored before ``FIT_VERSION`` 5
+used PNG and keep it: ``FittedDetectors.info["codec"]``). ``z`` are the features that enter the classifier's head,
+its last ``nn.Linear`` (a model can name another head in a ``jemtorch_head`` attribute: the name of a submodule).
+The first six are the JEM's own scores (``OWN``): they read the energy model and its input gradient (typicality fits
+their joint density on the training split; complexity adds the image's compressed length, the input complexity that
+confounds every likelihood; ascent replaces the gradient's norm by how far log p(x) climbs along a short chain from
+the image: whether the image sits at a mode of the density). ``length`` (formerly ``png``) is that length alone, a
+reference without any model: a JEM's score that adds the length wins only where it beats the length alone. The
+post-hoc definitions follow pytorch-ood 0.4 (``pytorch_ood.detector``; for Mahalanobis its covariance, the sum of the centred
 outer products plus 1e-6·I) and the detectors' official code (ViM's residual dimension: haoqiwang/vim
 ``benchmark.py``; for features of lower rank than that, half their rank, said in ``info["notes"]``). jemtorch computes
 them itself, so that the core never needs torchvision; tests/ood_agreement.py checks every score against
@@ -56,9 +57,13 @@ from .sampler import capped_step, frozen
 # the JEM's own scores: its energy, its classifier, its input gradient, and the typicality of energy and gradient
 OWN = ("logp", "maxprob", "gradnorm", "typicality", "complexity", "ascent")
 N_FIT = 10_000  # training images the detectors are fitted on (at most): the issue's and common practice's number
-FIT_VERSION = 4  # raised whenever a detector's fit changes: stored fits of another version are fitted again
+FIT_VERSION = 5  # raised whenever a detector's fit changes: stored fits of another version are fitted again
 ASCENT_STEPS = 10  # steps the rise is read after: of 1-20 best or tied on MNIST, 2 seeds of 3 (docs/results/density.md)
 ASCENT_CAP = 0.02  # RMS move per pixel and step ([−1, 1] pixels): configs/fashion-mnist-density.toml's sgld_step_cap
+# the compressor that measures input complexity: lossless WebP at libwebp's default effort. Serrà et al. 2020: the
+# better the compressor, the better the score; against PNG it lifts ascent's MNIST AUROC on every Fashion-MNIST run
+# probed, at PNG's cost (benchmarks/probe_complexity.py; docs/results/density.md, "A better compressor")
+CODEC = "webp"
 KNN_K_FULL = 50  # Sun et al. 2022: k = 50 for CIFAR-10's 50 000 training images, scaled with the share used
 
 
@@ -87,8 +92,8 @@ def classifier_head(model: nn.Module) -> nn.Linear:
 @dataclass
 class Outputs:
     """A model's outputs for a set of images (CPU tensors): logits (N, C), head features (N, D), and when asked for
-    −‖∇ₓ log p(x)‖ (N,), the images' PNG bits per dimension (N,) and the rise of log p(x) along ``ascent_rise``'s
-    chain (N,)."""
+    −‖∇ₓ log p(x)‖ (N,), the images' compressed length in bits per dimension (N,; ``code_bits``) and the rise of
+    log p(x) along ``ascent_rise``'s chain (N,)."""
 
     logits: torch.Tensor
     features: torch.Tensor
@@ -98,6 +103,27 @@ class Outputs:
 
     def __len__(self) -> int:
         return len(self.logits)
+
+
+def code_bits(x: torch.Tensor, codec: str = CODEC) -> torch.Tensor:
+    """Input complexity: each float image's (N, C, H, W) length under a lossless ``codec`` — ``webp`` (lossless WebP,
+    quality 100, method 4: libwebp's default effort) or ``png`` (``png_bits``) — in bits per dimension (N,)."""
+    if codec == "png":
+        return png_bits(x)
+    if codec != "webp":
+        raise DetectorError(f"unknown image codec {codec!r} for the input complexity (webp or png)")
+    from PIL import Image, features
+
+    if not features.check("webp"):
+        raise DetectorError("the input complexity needs Pillow built with WebP (pip install --upgrade pillow)")
+    u = to_uint8(x.detach().float().cpu()).permute(0, 2, 3, 1).numpy()
+    bits = []
+    for im in u:
+        buf = io.BytesIO()
+        Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im).save(buf, format="WEBP", lossless=True, quality=100,
+                                                                     method=4)
+        bits.append(8.0 * buf.tell() / im.size)
+    return torch.tensor(bits, dtype=torch.float64)
 
 
 def png_bits(x: torch.Tensor) -> torch.Tensor:
@@ -153,10 +179,10 @@ def ascent_path(jem: JEM, x: torch.Tensor, lengths: Sequence[int], cap: float = 
 
 def model_outputs(jem: JEM, x: torch.Tensor, batch_size: int = 250, device=None, grad: bool = True,
                   progress: bool = False, desc: str = "scores", complexity: bool = False,
-                  ascent: bool = False) -> Outputs:
-    """Logits, head features, (``grad``) the input-gradient norm of log p(x), (``complexity``) the PNG bits per
-    dimension and (``ascent``) ``ascent_rise`` for float images ``x``, in eval mode (each image scored alone: no batch
-    statistics)."""
+                  ascent: bool = False, codec: str = CODEC) -> Outputs:
+    """Logits, head features, (``grad``) the input-gradient norm of log p(x), (``complexity``) the images' lengths
+    under ``codec`` in bits per dimension (``code_bits``) and (``ascent``) ``ascent_rise`` for float images ``x``, in
+    eval mode (each image scored alone: no batch statistics)."""
     device = device or next(jem.parameters()).device
     head = classifier_head(jem.f)
     feats: list[torch.Tensor] = []
@@ -187,7 +213,7 @@ def model_outputs(jem: JEM, x: torch.Tensor, batch_size: int = 250, device=None,
     finally:
         hook.remove()
     res = Outputs(torch.cat(logits), torch.cat(feats), -torch.cat(norms) if grad else None,
-                  png_bits(x) if complexity else None, torch.cat(rises) if ascent else None)
+                  code_bits(x, codec) if complexity else None, torch.cat(rises) if ascent else None)
     if not (torch.isfinite(res.logits).all() and torch.isfinite(res.features).all()):
         raise DetectorError("the model's logits or features are not finite on these images (NaN/inf weights?)")
     return res
@@ -203,7 +229,7 @@ class Detector:
     name = ""
     label = ""  # how tables name it
     needs_grad = False
-    needs_complexity = False  # reads Outputs.complexity (PNG bits/dim)
+    needs_complexity = False  # reads Outputs.complexity (the compressed length, bits/dim)
     needs_ascent = False  # reads Outputs.rise (ascent_rise: ASCENT_STEPS forward and backward passes more per image)
     model_free = False  # reads no model output: a reference, never the default OOD flag
     note = ""  # what a regularised fit changed, said in the reports
@@ -416,24 +442,24 @@ class Typicality(Detector):
 
 
 class Complexity(Typicality):
-    """Typicality with the input's complexity: the density of (log p(x), log ‖∇ₓ log p(x)‖, PNG bits/dim) on the
-    training split. A likelihood is confounded by how simple an image is (Serra et al. 2020): flat images and
-    sparse digits are short as PNGs and likely under any density, noise is long and unlikely. Serra et al. subtract
-    the compressor's length from the model's; an energy model's log p(x) has no known scale (its normaliser and its
-    sampler's temperature are unknown), so the triple's density, fitted on the training split, learns how likelihood,
-    its gradient and complexity go together for in-distribution images and flags images whose likelihood does not
-    fit their complexity. ``png`` (the length alone) is the reference it must beat."""
+    """Typicality with the input's complexity: the density of (log p(x), log ‖∇ₓ log p(x)‖, L(x)) on the training
+    split, L the image's compressed length (``code_bits``). A likelihood is confounded by how simple an image is (Serra
+    et al. 2020): flat images and sparse digits compress short and are likely under any density, noise is long and
+    unlikely. Serra et al. subtract the compressor's length from the model's; an energy model's log p(x) has no known
+    scale (its normaliser and its sampler's temperature are unknown), so the triple's density, fitted on the training
+    split, learns how likelihood, its gradient and complexity go together for in-distribution images and flags images
+    whose likelihood does not fit their complexity. ``length`` (the length alone) is the reference it must beat."""
 
-    name, label, needs_complexity = "complexity", "typicality of (log p(x), ‖∇x log p(x)‖, PNG bits/dim)", True
+    name, label, needs_complexity = "complexity", "typicality of (log p(x), ‖∇x log p(x)‖, compressed length)", True
 
     def pairs(self, out: Outputs) -> torch.Tensor:
         if out.complexity is None:
-            raise DetectorError("complexity needs the images' PNG lengths (model_outputs(complexity=True))")
+            raise DetectorError("complexity needs the images' lengths (model_outputs(complexity=True))")
         return torch.cat([super().pairs(out), out.complexity.double()[:, None]], 1)
 
 
 class Ascent(Typicality):
-    """Does the image sit at a mode of the density? The density of (log p(x), PNG bits/dim, log of ``ascent_rise``)
+    """Does the image sit at a mode of the density? The density of (log p(x), L(x), log of ``ascent_rise``)
     on the training split. A JEM trained with short chains learns an energy whose training images sit near its local
     maxima: ten small ascent steps from one barely raise log p(x), while from an image of another domain — MNIST
     digits under a Fashion-MNIST JEM, rated as likely as garments by log p(x) alone — they climb far. It is the
@@ -442,42 +468,45 @@ class Ascent(Typicality):
     its input gradient: the JEM's own score; applied to a classifier, a post-hoc detector like the others. Costs
     ``ASCENT_STEPS`` forward and backward passes per image."""
 
-    name, label, needs_complexity, needs_ascent = "ascent", "typicality of (log p(x), PNG bits/dim, ascent rise)", True, True
+    name, label, needs_complexity, needs_ascent = ("ascent", "typicality of (log p(x), compressed length, ascent rise)",
+                                                   True, True)
 
     def pairs(self, out: Outputs) -> torch.Tensor:
         if out.rise is None or out.complexity is None:
-            raise DetectorError("ascent needs the ascent rise and PNG lengths (model_outputs(ascent=True, "
+            raise DetectorError("ascent needs the ascent rise and the images' lengths (model_outputs(ascent=True, "
                                 "complexity=True))")
         return torch.stack([out.logits.double().logsumexp(1), out.complexity.double(),
                             out.rise.double().clamp(min=1e-6).log()], 1)
 
 
-class PNG(Typicality):
-    """The density of the PNG bits/dim alone on the training split: input complexity without any model, the
-    reference that tells what a score gains from the model beyond the image's compressibility."""
+class Length(Typicality):
+    """The density of the compressed length L(x) alone on the training split: input complexity without any model,
+    the reference that tells what a score gains from the model beyond the image's compressibility (``png`` before
+    ``FIT_VERSION`` 5, when the length was PNG's)."""
 
-    name, label, needs_grad, needs_complexity, model_free = "png", "PNG bits/dim alone (no model)", False, True, True
+    name, label, needs_grad, needs_complexity, model_free = ("length", "compressed length alone (no model)", False,
+                                                             True, True)
 
     def pairs(self, out: Outputs) -> torch.Tensor:
         if out.complexity is None:
-            raise DetectorError("png needs the images' PNG lengths (model_outputs(complexity=True))")
+            raise DetectorError("length needs the images' lengths (model_outputs(complexity=True))")
         return out.complexity.double()[:, None]
 
 
 DETECTORS: dict[str, type[Detector]] = {d.name: d for d in (Logp, MaxProb, GradNorm, Typicality, Complexity, Ascent,
-                                                            MaxLogit, Mahalanobis, ViM, KNN, ReAct, PNG)}
-ALIASES = {"energy": "logp", "msp": "maxprob"}
+                                                            MaxLogit, Mahalanobis, ViM, KNN, ReAct, Length)}
+ALIASES = {"energy": "logp", "msp": "maxprob", "png": "length"}  # png: the length's name in fits of FIT_VERSION < 5
 
 
 def detector_names(spec: str) -> tuple[str, ...]:
-    """``all`` or a comma-separated list (aliases: energy = logp, msp = maxprob) → detector names, the JEM's own
-    scores first; a one-line DetectorError for an unknown name."""
+    """``all`` or a comma-separated list (aliases: energy = logp, msp = maxprob, png = length) → detector names, the
+    JEM's own scores first; a one-line DetectorError for an unknown name."""
     names = list(DETECTORS) if spec.strip() == "all" else [ALIASES.get(n.strip(), n.strip()) for n in spec.split(",")
                                                            if n.strip()]
     unknown = [n for n in names if n not in DETECTORS]
     if unknown or not names:
         raise DetectorError(f"unknown detector {unknown[0] if unknown else spec!r}; choose from all, "
-                            f"{', '.join(DETECTORS)} (energy = logp, msp = maxprob)")
+                            f"{', '.join(DETECTORS)} (energy = logp, msp = maxprob, png = length)")
     return tuple(sorted(dict.fromkeys(names), key=list(DETECTORS).index))
 
 
@@ -504,7 +533,7 @@ class FittedDetectors:
         cx = any(DETECTORS[n].needs_complexity for n in names)
         asc = any(DETECTORS[n].needs_ascent for n in names)
         out = model_outputs(jem, x, grad=grad, progress=progress, desc="fitting OOD detectors", complexity=cx,
-                            ascent=asc)
+                            ascent=asc, codec=CODEC)
         head = classifier_head(jem.f)
         dets = {}
         for name in names:
@@ -514,7 +543,7 @@ class FittedDetectors:
             dets[name] = det
         notes = [d.note for d in dets.values() if d.note]
         return cls(dets, {"n_images": len(x), "fitted_on": where, "feature_dim": out.features.shape[1], "notes": notes,
-                          "version": FIT_VERSION})
+                          "version": FIT_VERSION, "codec": CODEC})
 
     def score(self, jem: JEM, x: torch.Tensor, batch_size: int = 250, device=None, progress: bool = False,
               desc: str = "scores") -> dict[str, np.ndarray]:
@@ -527,7 +556,7 @@ class FittedDetectors:
         cx = any(d.needs_complexity for d in self.detectors.values())
         asc = any(d.needs_ascent for d in self.detectors.values())
         out = model_outputs(jem, x, batch_size, device, grad=grad, progress=progress, desc=desc, complexity=cx,
-                            ascent=asc)
+                            ascent=asc, codec=self.info.get("codec", "png"))  # the lengths the fit was made with
         dim = self.info.get("feature_dim")
         if dim is not None and out.features.shape[1] != dim:
             raise DetectorError(f"the detectors were fitted on {dim}-dimensional features, this model gives "
@@ -559,7 +588,7 @@ class FittedDetectors:
                 return None
             dets = {}
             for name in info["detectors"]:
-                det = DETECTORS[name]()
+                det = DETECTORS[ALIASES.get(name, name)]()  # kept under its stored name (calibrations use it)
                 det.load_state_dict({k.split(".", 1)[1]: v for k, v in tensors.items() if k.split(".", 1)[0] == name})
                 dets[name] = det
         except Exception as e:  # a damaged or foreign file: say which

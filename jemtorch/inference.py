@@ -12,7 +12,7 @@ The OOD flag: a detector's score (``detectors.py``: the JEM's own scores or a po
 training split) below a threshold chosen on in-distribution validation images so that a target fraction (``tpr``,
 default 0.95) of them passes. Which detector: the one whose validation images are told apart best from synthetic
 outliers made from them (uniform, Gaussian and constant noise, midpoints of pairs), by mean AUROC, among the detectors
-that read the model (not ``png``) — chosen once per weights and said. The validation scores are kept as 1001
+that read the model (not ``length``) — chosen once per weights and said. The validation scores are kept as 1001
 quantiles in ``RUN/ood_calibration.json`` (and in an export's model card), the fitted detectors in
 ``detectors.safetensors``, so every later scoring uses the same thresholds, for any ``tpr``.
 

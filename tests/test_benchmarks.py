@@ -208,6 +208,23 @@ def test_probe_shift_splits_log_p_into_the_logits_mean_and_the_confidence(traine
         assert r.returncode != 0 and "no checkpoint file" in r.stderr
 
 
+def test_ood_verdicts_scores_trained_pairs_again_without_training(trained_runs, capsys, tmp_path):
+    """ood_verdicts.py reads QUALITY_OUT/seed<S>/{jem,baseline} as trained: quality.py's OOD table per label with a
+    verdict per set, every row in --out; a folder without such pairs is a one-line error."""
+    for kind, src in (("jem", "jem"), ("baseline", "base")):
+        shutil.copytree(trained_runs / src, tmp_path / "q" / "seed3" / kind)
+    r = script(capsys, "ood_verdicts.py", f"tiny={tmp_path / 'q'}", "--ood", "uniform,constant", "--n", "40",
+               "--out", tmp_path / "v.json")
+    assert r.returncode == 0, r.stderr
+    rows = [line.split("|")[1:-1] for line in r.stdout.splitlines() if line.startswith("| 3 |")]
+    assert [c[1].strip() for c in rows] == ["uniform", "constant"] and all("/" in c[7] for c in rows)
+    saved = json.loads((tmp_path / "v.json").read_text())["tiny"]
+    assert [(o["seed"], o["set"]) for o in saved] == [(3, "uniform"), (3, "constant")]
+    (tmp_path / "none").mkdir()
+    r = script(capsys, "ood_verdicts.py", f"x={tmp_path / 'none'}", "--ood", "uniform")
+    assert r.returncode != 0 and "no seed<S>/jem and seed<S>/baseline runs" in r.stderr
+
+
 def test_probe_interp_splits_interpolations_by_same_and_different_class_pairs(trained_runs, capsys):
     """probe_interp.py reads a JEM and its baseline (never changes them): one row per score, AUROC over all
     interpolations and over each kind of pair; the split is counted in the header."""

@@ -20,6 +20,7 @@ from jemtorch.detectors import (
     Outputs,
     ascent_rise,
     classifier_head,
+    code_bits,
     detector_names,
     model_outputs,
     png_bits,
@@ -99,6 +100,33 @@ def test_fit_on_a_model_store_per_weights_and_refuse_strangers(tmp_path):
         dets.score(other, x[:3])
 
 
+def test_a_fit_stored_before_webp_keeps_its_png_lengths_and_its_names(tmp_path):
+    """A detectors file of FIT_VERSION 4 (exports keep theirs): no codec in its info, the length detector stored as
+    png. It loads under its stored names and scores with the PNG lengths it was fitted on, as when it was written."""
+    from safetensors.torch import save_file
+
+    jem = JEM(create_model("cnn-4", in_channels=1, num_classes=3))
+    x, y = torch.rand(60, 1, 8, 8) * 2 - 1, torch.arange(60) % 3
+    names = ("logp", "complexity", "length")
+    out = model_outputs(jem, x, complexity=True, codec="png")
+    old = {}
+    for n in names:
+        old[n] = DETECTORS[n]()
+        old[n].fit(out, y, classifier_head(jem.f))
+        old[n].load_state_dict(old[n].state_dict())  # as FittedDetectors.fit: scores from the stored precision
+    tensors = {f"{'png' if n == 'length' else n}.{k}": v.contiguous() for n in names for k, v in old[n].state_dict().items()}
+    info = {"n_images": 60, "feature_dim": 256, "notes": [], "version": 4, "detectors": ["logp", "complexity", "png"]}
+    save_file(tensors, str(tmp_path / "d.safetensors"), metadata={"weights_sha256": "abc", "info": json.dumps(info)})
+    dets = FittedDetectors.load(tmp_path / "d.safetensors", "abc")
+    assert dets.names == ("logp", "complexity", "png")
+    got = dets.score(jem, x[:9])
+    q = model_outputs(jem, x[:9], complexity=True, codec="png")
+    np.testing.assert_allclose(got["png"], old["length"].score(q), rtol=1e-6)
+    np.testing.assert_allclose(got["complexity"], old["complexity"].score(q), rtol=1e-6)
+    fresh = FittedDetectors.fit(jem, x, y, names=names)
+    assert fresh.info["codec"] == "webp" and fresh.info["version"] >= 5
+
+
 def test_what_cannot_be_fitted_is_one_line():
     jem = JEM(create_model("cnn-4", in_channels=1, num_classes=3))
     x = torch.rand(20, 1, 8, 8) * 2 - 1
@@ -139,27 +167,35 @@ def test_typicality_is_the_density_of_energy_and_gradient_pairs():
         det.score(Outputs(logits[:2], torch.zeros(2, 2)))
 
 
-def test_complexity_reads_png_lengths_and_flags_likely_but_simple_images():
-    """PNG bits/dim: a flat image is short, noise is long; the complexity score is the kernel density of (log p(x),
-    log ‖∇ log p(x)‖, bits/dim), so an image as likely as the training images but far simpler is atypical — which
-    typicality, blind to the length, cannot see; png is the length alone and never the default OOD flag."""
+def test_complexity_reads_compressed_lengths_and_flags_likely_but_simple_images():
+    """Lossless bits/dim: a flat image is short, noise is long, under WebP (the default) and PNG alike, WebP shorter
+    on an image with structure; the complexity score is the kernel density of (log p(x), log ‖∇ log p(x)‖, bits/dim),
+    so an image as likely as the training images but far simpler is atypical — which typicality, blind to the length,
+    cannot see; length is the length alone and never the default OOD flag."""
     g = torch.Generator().manual_seed(0)
     flat, noise = torch.zeros(1, 1, 16, 16), torch.rand(1, 1, 16, 16, generator=g) * 2 - 1
     bits = png_bits(torch.cat([flat, noise]))
     assert bits[0] < 3.0 < 8.0 < bits[1] < 12.0  # noise does not compress; ~70 bytes of headers on 256 pixels
+    ramp = torch.linspace(-1, 1, 16).repeat(16, 1)[None, None]
+    webp = code_bits(torch.cat([flat, noise, ramp]))
+    assert webp[0] < 3.0 < 8.0 < webp[1] < 12.0 and webp[2] < png_bits(ramp)[0]
+    assert torch.equal(code_bits(noise, "png"), png_bits(noise))
+    with pytest.raises(DetectorError, match="unknown image codec 'gif'"):
+        code_bits(noise, "gif")
     logits, grad = torch.randn(500, 3, generator=g), -torch.rand(500, generator=g) - 0.5
     cx = 4.0 + 0.2 * torch.randn(500, generator=g, dtype=torch.float64)
     train = Outputs(logits, torch.zeros(500, 2), grad, cx)
-    dets = {n: DETECTORS[n]() for n in ("typicality", "complexity", "png")}
+    dets = {n: DETECTORS[n]() for n in ("typicality", "complexity", "length")}
     for d in dets.values():
         d.fit(train, None, None)
     q = Outputs(logits[:1].repeat(2, 1), torch.zeros(2, 2), grad[:1].repeat(2), torch.tensor([4.0, 1.0], dtype=torch.float64))
     s = {n: d.score(q) for n, d in dets.items()}
     assert s["typicality"][0] == s["typicality"][1]  # the same (log p, gradient): typicality cannot tell them apart
-    assert s["complexity"][0] > s["complexity"][1] + 10 and s["png"][0] > s["png"][1] + 10
-    with pytest.raises(DetectorError, match="complexity needs the images' PNG lengths"):
+    assert s["complexity"][0] > s["complexity"][1] + 10 and s["length"][0] > s["length"][1] + 10
+    with pytest.raises(DetectorError, match="complexity needs the images' lengths"):
         dets["complexity"].score(Outputs(logits[:2], torch.zeros(2, 2), grad[:2]))
-    assert DETECTORS["png"].model_free and not any(DETECTORS[n].model_free for n in OWN)
+    assert DETECTORS["length"].model_free and not any(DETECTORS[n].model_free for n in OWN)
+    assert detector_names("png,logp") == ("logp", "length")  # the length's name before FIT_VERSION 5
 
 
 class Bowl(torch.nn.Module):
