@@ -12,15 +12,11 @@ alone, fitted on ``--n-fit`` training images as ``probe_ascent.py`` does, never 
 """
 from __future__ import annotations
 
-import io
-
 import torch
-from PIL import Image
 from probe_ascent import gather, print_table, probe_parser
 
 from jemtorch.build import load_run
-from jemtorch.data import to_uint8
-from jemtorch.detectors import ASCENT_STEPS, Typicality, ascent_path, model_outputs, png_bits
+from jemtorch.detectors import ASCENT_STEPS, Typicality, ascent_path, encoded_bits, model_outputs, png_bits
 from jemtorch.sampler import frozen
 
 SAVE = {"webp": dict(format="WEBP", lossless=True, quality=100, method=6),  # libwebp's slowest, smallest: 14 ms/image
@@ -29,16 +25,8 @@ SAVE = {"webp": dict(format="WEBP", lossless=True, quality=100, method=6),  # li
 
 
 def code_bits(x: torch.Tensor, name: str) -> torch.Tensor:
-    """Each float image's lossless code length under compressor ``name`` (png, webp, j2k), bits per dimension."""
-    if name == "png":
-        return png_bits(x)
-    u = to_uint8(x.detach().float().cpu()).permute(0, 2, 3, 1).numpy()
-    bits = []
-    for im in u:
-        buf = io.BytesIO()
-        Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im).save(buf, **SAVE[name])
-        bits.append(8.0 * buf.tell() / im.size)
-    return torch.tensor(bits, dtype=torch.float64)
+    """Each float image's lossless code length under compressor ``name`` (png, webp, webp4, j2k), bits per dimension."""
+    return png_bits(x) if name == "png" else encoded_bits(x, **SAVE[name])
 
 
 def statistics(jem, x: torch.Tensor, compressors: list[str], batch: int = 500) -> torch.Tensor:

@@ -105,6 +105,20 @@ class Outputs:
         return len(self.logits)
 
 
+def encoded_bits(x: torch.Tensor, **save) -> torch.Tensor:
+    """Each float image's (N, C, H, W) in [−1, 1] length when its uint8 pixels are saved by Pillow with ``save``
+    (``format`` and its options), in bits per dimension (N,)."""
+    from PIL import Image
+
+    u = to_uint8(x.detach().float().cpu()).permute(0, 2, 3, 1).numpy()
+    bits = []
+    for im in u:
+        buf = io.BytesIO()
+        Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im).save(buf, **save)
+        bits.append(8.0 * buf.tell() / im.size)
+    return torch.tensor(bits, dtype=torch.float64)
+
+
 def code_bits(x: torch.Tensor, codec: str = CODEC) -> torch.Tensor:
     """Input complexity: each float image's (N, C, H, W) length under a lossless ``codec`` — ``webp`` (lossless WebP,
     quality 100, method 4: libwebp's default effort) or ``png`` (``png_bits``) — in bits per dimension (N,)."""
@@ -112,18 +126,11 @@ def code_bits(x: torch.Tensor, codec: str = CODEC) -> torch.Tensor:
         return png_bits(x)
     if codec != "webp":
         raise DetectorError(f"unknown image codec {codec!r} for the input complexity (webp or png)")
-    from PIL import Image, features
+    from PIL import features
 
     if not features.check("webp"):
         raise DetectorError("the input complexity needs Pillow built with WebP (pip install --upgrade pillow)")
-    u = to_uint8(x.detach().float().cpu()).permute(0, 2, 3, 1).numpy()
-    bits = []
-    for im in u:
-        buf = io.BytesIO()
-        Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im).save(buf, format="WEBP", lossless=True, quality=100,
-                                                                     method=4)
-        bits.append(8.0 * buf.tell() / im.size)
-    return torch.tensor(bits, dtype=torch.float64)
+    return encoded_bits(x, format="WEBP", lossless=True, quality=100, method=4)
 
 
 def png_bits(x: torch.Tensor) -> torch.Tensor:
@@ -132,15 +139,7 @@ def png_bits(x: torch.Tensor) -> torch.Tensor:
     out-of-distribution detection with likelihood-based generative models", ICLR) use such a compressor's length as a
     universal model against which a likelihood is compared: simple images (flat, sparse strokes) are short and get
     high likelihoods from every density model, noise is long."""
-    from PIL import Image
-
-    u = to_uint8(x.detach().float().cpu()).permute(0, 2, 3, 1).numpy()
-    bits = []
-    for im in u:
-        buf = io.BytesIO()
-        Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im).save(buf, format="PNG", optimize=True)
-        bits.append(8.0 * buf.tell() / im.size)
-    return torch.tensor(bits, dtype=torch.float64)
+    return encoded_bits(x, format="PNG", optimize=True)
 
 
 def ascent_rise(jem: JEM, x: torch.Tensor, steps: int = ASCENT_STEPS, cap: float = ASCENT_CAP) -> torch.Tensor:
