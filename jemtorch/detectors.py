@@ -64,6 +64,8 @@ ASCENT_CAP = 0.02  # RMS move per pixel and step ([−1, 1] pixels): configs/fas
 # better the compressor, the better the score; against PNG it lifts ascent's MNIST AUROC on every Fashion-MNIST run
 # probed, at PNG's cost (benchmarks/probe_complexity.py; docs/results/density.md, "A better compressor")
 CODEC = "webp"
+# how Pillow saves each codec's lossless image (method 4: libwebp's default effort, about PNG's cost)
+CODEC_SAVE = {"webp": dict(format="WEBP", lossless=True, quality=100, method=4), "png": dict(format="PNG", optimize=True)}
 KNN_K_FULL = 50  # Sun et al. 2022: k = 50 for CIFAR-10's 50 000 training images, scaled with the share used
 
 
@@ -130,7 +132,7 @@ def code_bits(x: torch.Tensor, codec: str = CODEC) -> torch.Tensor:
 
     if not features.check("webp"):
         raise DetectorError("the input complexity needs Pillow built with WebP (pip install --upgrade pillow)")
-    return encoded_bits(x, format="WEBP", lossless=True, quality=100, method=4)
+    return encoded_bits(x, **CODEC_SAVE["webp"])
 
 
 def png_bits(x: torch.Tensor) -> torch.Tensor:
@@ -139,7 +141,7 @@ def png_bits(x: torch.Tensor) -> torch.Tensor:
     out-of-distribution detection with likelihood-based generative models", ICLR) use such a compressor's length as a
     universal model against which a likelihood is compared: simple images (flat, sparse strokes) are short and get
     high likelihoods from every density model, noise is long."""
-    return encoded_bits(x, format="PNG", optimize=True)
+    return encoded_bits(x, **CODEC_SAVE["png"])
 
 
 def ascent_rise(jem: JEM, x: torch.Tensor, steps: int = ASCENT_STEPS, cap: float = ASCENT_CAP) -> torch.Tensor:
