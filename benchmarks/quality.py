@@ -207,7 +207,8 @@ def evaluate_pair(seed: int, out: Path, summaries: dict, ood: tuple, args) -> tu
     elif ok:
         evals = evaluate_runs([str(out / k) for k in ok],
                               EvalOptions(ood=ood, n=args.n, data_root=args.data_root, progress=False, n_gen=args.n_gen,
-                                          n_samples=100, sample_steps=args.sample_steps))
+                                          n_samples=100, sample_steps=args.sample_steps,
+                                          sample_step_cap=args.sample_step_cap))
         metrics = dict(zip(ok, evals))
     runs, oods, gens = [], [], []
     for kind in ("jem", "baseline"):
@@ -302,6 +303,9 @@ def main() -> int:
     p.add_argument("--n", type=int, default=2000, help="test images scored per OOD set")
     p.add_argument("--n-gen", type=int, default=1000, help="samples per set for the Fréchet distances")
     p.add_argument("--sample-steps", type=int, default=200, help="chain steps of the fresh samples (jem eval's default)")
+    p.add_argument("--sample-step-cap", type=float, default=None, metavar="RMS",
+                   help="the fresh samples' step cap (jem eval --sample-step-cap; default: the run's); the tables "
+                        "are then written as quality-cap<RMS>.*, the run's own kept")
     p.add_argument("--out", default=None)
     p.add_argument("--ood-only", action="store_true", help="evaluate OOD detection alone (no calibration, no samples)")
     p.add_argument("--baseline-runs", default=None,
@@ -314,6 +318,8 @@ def main() -> int:
     args, rest = p.parse_known_args()
     if (args.branch_from is None) != (args.from_epoch is None):
         p.error("--branch-from and --from-epoch go together")
+    if args.sample_step_cap is not None and not args.sample_step_cap > 0:
+        p.error(f"--sample-step-cap must be > 0 (an RMS move per pixel), got {args.sample_step_cap}")
     extra = rest[1:] if rest[:1] == ["--"] else rest
     tag = args.dataset + (f"-ssl{args.labels_per_class}" if args.labels_per_class > 0 else "")
     out_root = Path(args.out or f"runs/quality/{tag}")
@@ -333,7 +339,11 @@ def main() -> int:
     cfg = resolve_config({**flags, "seed": args.seeds[0]})
     head = (f"{args.dataset}, recipe {cfg.recipe}, model {cfg.model}, {cfg.epochs} epochs, batch {cfg.batch_size}, "
             f"labels/class {'all' if args.labels_per_class < 0 else args.labels_per_class}, seeds {args.seeds}")
-    write_table(out_root, "quality-ood" if args.ood_only else "quality", head,
+    name = "quality-ood" if args.ood_only else "quality"
+    if args.sample_step_cap is not None and not args.ood_only:
+        head += f", fresh chains at step cap {args.sample_step_cap:g}"
+        name += f"-cap{args.sample_step_cap:g}"
+    write_table(out_root, name, head,
                 [f"**{head}**", ""] + tables(runs, oods, gens),
                 {"runs": runs, "ood": oods, "samples": gens})
     return 0

@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--n", type=int, default=2000, help="test images scored, and images per OOD set (-1: all)")
     e.add_argument("--bins", type=int, default=15, help="equal-width bins for ECE and the reliability diagram")
     e.add_argument("--sample-steps", type=int, default=200, help="SGLD steps of the fresh sample chains")
+    e.add_argument("--sample-step-cap", type=float, default=None, metavar="RMS",
+                   help="step cap of the fresh sample chains, RMS move per pixel and step (default: the run's "
+                        "--sgld-step-cap); a smaller one follows the energy more closely")
     e.add_argument("--n-samples", type=int, default=100, help="images per sample grid")
     e.add_argument("--n-gen", type=int, default=500, help="images per set for the Fréchet distances")
     e.add_argument("--reference", metavar="RUN_DIR", help="classifier whose features define the Fréchet distance "
@@ -288,8 +291,11 @@ def _train(args: argparse.Namespace, cfg, sources: dict, run: RunDir, dist: Dist
 def cmd_eval(args: argparse.Namespace) -> int:
     if args.n == 0 or args.n < -1 or args.bins < 1 or args.sample_steps < 0 or args.n_samples < 1 or args.n_gen < 2:
         raise ValueError("--n must be -1 or >= 1, --bins, --n-samples >= 1, --n-gen >= 2, --sample-steps >= 0")
+    if args.sample_step_cap is not None and not args.sample_step_cap > 0:
+        raise ValueError(f"--sample-step-cap must be > 0 (an RMS move per pixel), got {args.sample_step_cap}")
     ood = tuple(o.strip() for o in args.ood.split(",") if o.strip())
-    opts = EvalOptions(ood=ood, n=args.n, bins=args.bins, sample_steps=args.sample_steps, n_samples=args.n_samples,
+    opts = EvalOptions(ood=ood, n=args.n, bins=args.bins, sample_steps=args.sample_steps,
+                       sample_step_cap=args.sample_step_cap, n_samples=args.n_samples,
                        n_gen=args.n_gen, data_root=args.data_root, ood_root=args.ood_root,
                        inception_weights=args.inception_weights, seed=args.seed, progress=not args.no_progress,
                        detectors=detector_names(args.detectors))

@@ -15,7 +15,7 @@ OOD sets (``data.make_ood_set``): a folder of images, a dataset name, or the syn
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -55,6 +55,10 @@ class EvalOptions:
     n: int = 2000  # in-distribution test images scored (and OOD images per set); -1: the whole test set
     bins: int = 15
     sample_steps: int = 200
+    # the fresh chains' step cap (RMS move per pixel and step); None: the run's --sgld-step-cap. A smaller cap than
+    # trained follows the energy's ascent more closely: on CIFAR-10 half the file's cap keeps fresh chains below their
+    # starts' FD for 400 steps where the trained cap drifts (docs/results/cifar10.md, "Half the chain step at sampling")
+    sample_step_cap: Optional[float] = None
     n_samples: int = 100
     n_gen: int = 500  # samples per set for the Fréchet distances
     data_root: Optional[str] = None  # overrides the runs' dataset root
@@ -275,8 +279,9 @@ def evaluate_run(run: LoadedRun, opts: EvalOptions, reference: Optional[LoadedRu
                "p_x_weight": run.cfg.p_x_weight}
     cal, ece_boot = calibration(run, opts)
     ood, hist = ood_detection(run, opts, x_in)
-    samples = sample_grids(run, opts, g)
-    gen = generation(run, reference, opts, g)
+    sampling = run if opts.sample_step_cap is None else replace(run, cfg=replace(run.cfg, sgld_step_cap=opts.sample_step_cap))
+    samples = sample_grids(sampling, opts, g)
+    gen = generation(sampling, reference, opts, g)
     gen["inception"] = inception_metrics(samples["fresh"], to_float(run.data.x_test[:len(samples["fresh"])]),
                                          opts.inception_weights)
     if "skipped" not in gen["inception"]:
@@ -288,7 +293,8 @@ def evaluate_run(run: LoadedRun, opts: EvalOptions, reference: Optional[LoadedRu
     metrics["ood_protocol"] = (f"{len(x_in)} in-distribution test images vs {len(x_in)} images per OOD set; "
                                f"in-distribution is the positive class; every score: higher = more in-distribution "
                                f"(detectors.py)")
-    metrics["samples"] = {"sample_steps": opts.sample_steps, "sgld_lr": run.cfg.sgld_lr, "sgld_std": run.cfg.final_sgld_std}
+    metrics["samples"] = {"sample_steps": opts.sample_steps, "sgld_lr": run.cfg.sgld_lr, "sgld_std": run.cfg.final_sgld_std,
+                          "sgld_step_cap": sampling.cfg.sgld_step_cap}
     metrics["generation"] = gen
     return EvalResult(metrics, hist, samples, ece_boot)
 
@@ -485,7 +491,8 @@ def samples_section(rep: Report, results: list[dict]) -> None:
     rep.h2("Samples")
     for r in results:
         st = r["samples"]
-        fresh = f"fresh chains, {st['sample_steps']} steps from the initial distribution"
+        cap = f", step cap {st['sgld_step_cap']:g}" if st.get("sgld_step_cap") else ""
+        fresh = f"fresh chains, {st['sample_steps']} steps from the initial distribution{cap}"
         for key, caption in (("buffer", "replay buffer"), ("fresh", fresh),
                              ("fresh_cond", "fresh class-conditional chains, one row per class")):
             if key in st.get("files", {}):

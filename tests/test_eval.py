@@ -214,6 +214,22 @@ def test_fresh_chains_measured_on_the_way_are_the_same_chains(trained_runs):
     assert not torch.equal(path[2], path[7])  # the chains moved on
 
 
+def test_eval_sample_step_cap_reaches_the_fresh_chains(run_copy, capsys):
+    """--sample-step-cap replaces the run's step cap for the fresh chains only: recorded beside the samples, named
+    in the report's caption; the run's own config is untouched. Not > 0: a one-line error, nothing written."""
+    jem = run_copy("jem")
+    trained = json.loads((jem / "config.json").read_text())
+    assert main(["eval", str(jem), "--sample-step-cap", "0", *EVAL_TINY, "--ood", "uniform"]) == 2
+    assert "--sample-step-cap must be > 0" in capsys.readouterr().err and not (jem / "eval").exists()
+    assert main(["eval", str(jem), "--sample-step-cap", "0.001", *EVAL_TINY, "--ood", "uniform"]) == 0
+    m = json.loads((jem / "eval/metrics.json").read_text())
+    assert m["samples"]["sgld_step_cap"] == 0.001 and m["samples"]["sample_steps"] == 2
+    assert "step cap 0.001" in (jem / "eval/report.md").read_text()
+    assert json.loads((jem / "config.json").read_text()) == trained
+    assert main(["eval", str(jem), *EVAL_TINY, "--ood", "uniform"]) == 0  # default: the run's own cap
+    assert json.loads((jem / "eval/metrics.json").read_text())["samples"]["sgld_step_cap"] == trained["sgld_step_cap"]
+
+
 def test_eval_bad_inputs(trained_runs, tmp_path, capsys):
     assert main(["eval", str(tmp_path / "missing")]) == 2
     assert "not a run directory" in capsys.readouterr().err
