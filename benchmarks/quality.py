@@ -54,7 +54,15 @@ from jemtorch.cli import main as cli_main
 from jemtorch.config import load_config_file, resolve_config, training_differences
 from jemtorch.data import check_ood_name, load_dataset, ood_labels
 from jemtorch.detectors import OWN
-from jemtorch.evaluate import EvalOptions, EvalResult, evaluate_runs, ood_detection, scored_test_images, versus_posthoc
+from jemtorch.evaluate import (
+    EvalOptions,
+    EvalResult,
+    check_sample_step_cap,
+    evaluate_runs,
+    ood_detection,
+    scored_test_images,
+    versus_posthoc,
+)
 from jemtorch.metrics import format_difference
 from jemtorch.rundir import METRICS, MetricsLog
 from jemtorch.train import Trainer, TrainingDiverged
@@ -318,8 +326,10 @@ def main() -> int:
     args, rest = p.parse_known_args()
     if (args.branch_from is None) != (args.from_epoch is None):
         p.error("--branch-from and --from-epoch go together")
-    if args.sample_step_cap is not None and not args.sample_step_cap > 0:
-        p.error(f"--sample-step-cap must be > 0 (an RMS move per pixel), got {args.sample_step_cap}")
+    try:
+        check_sample_step_cap(args.sample_step_cap)
+    except ValueError as e:
+        p.error(str(e))
     extra = rest[1:] if rest[:1] == ["--"] else rest
     tag = args.dataset + (f"-ssl{args.labels_per_class}" if args.labels_per_class > 0 else "")
     out_root = Path(args.out or f"runs/quality/{tag}")

@@ -21,7 +21,7 @@ from .config import add_config_arguments, format_sources, resolve_with_sources, 
 from .data import DatasetError
 from .detectors import detector_names
 from .distributed import Dist, exit_process
-from .evaluate import EvalOptions, difference_text, evaluate_runs
+from .evaluate import EvalOptions, check_sample_step_cap, difference_text, evaluate_runs
 from .inference import ScoreTable, export, load
 from .robustness import AttackOptions, attack_runs, distal_runs
 from .rundir import CONFIG, CONFIG_SOURCES, RunDir, TensorBoardLog
@@ -291,8 +291,7 @@ def _train(args: argparse.Namespace, cfg, sources: dict, run: RunDir, dist: Dist
 def cmd_eval(args: argparse.Namespace) -> int:
     if args.n == 0 or args.n < -1 or args.bins < 1 or args.sample_steps < 0 or args.n_samples < 1 or args.n_gen < 2:
         raise ValueError("--n must be -1 or >= 1, --bins, --n-samples >= 1, --n-gen >= 2, --sample-steps >= 0")
-    if args.sample_step_cap is not None and not args.sample_step_cap > 0:
-        raise ValueError(f"--sample-step-cap must be > 0 (an RMS move per pixel), got {args.sample_step_cap}")
+    check_sample_step_cap(args.sample_step_cap)
     ood = tuple(o.strip() for o in args.ood.split(",") if o.strip())
     opts = EvalOptions(ood=ood, n=args.n, bins=args.bins, sample_steps=args.sample_steps,
                        sample_step_cap=args.sample_step_cap, n_samples=args.n_samples,

@@ -88,6 +88,12 @@ class EvalResult:
 CHAIN_LENGTHS = (5, 10, 20, 40, 100)  # fresh chains are also measured on the way to --sample-steps
 
 
+def check_sample_step_cap(cap: Optional[float]) -> None:
+    """``--sample-step-cap`` as `jem eval` and the quality benchmark take it: None (the run's) or > 0."""
+    if cap is not None and not cap > 0:
+        raise ValueError(f"--sample-step-cap must be > 0 (an RMS move per pixel), got {cap}")
+
+
 def fresh_chain_path(run: LoadedRun, n: int, lengths: Sequence[int], y: Optional[torch.Tensor] = None,
                      progress: bool = False, seed: int = 0) -> dict[int, torch.Tensor]:
     """``n`` fresh chains from the run's initial distribution (U(−1, 1) for the paper's recipe: the official
@@ -293,8 +299,8 @@ def evaluate_run(run: LoadedRun, opts: EvalOptions, reference: Optional[LoadedRu
     metrics["ood_protocol"] = (f"{len(x_in)} in-distribution test images vs {len(x_in)} images per OOD set; "
                                f"in-distribution is the positive class; every score: higher = more in-distribution "
                                f"(detectors.py)")
-    metrics["samples"] = {"sample_steps": opts.sample_steps, "sgld_lr": run.cfg.sgld_lr, "sgld_std": run.cfg.final_sgld_std,
-                          "sgld_step_cap": sampling.cfg.sgld_step_cap}
+    metrics["samples"] = {"sample_steps": opts.sample_steps, "sgld_lr": sampling.cfg.sgld_lr,
+                          "sgld_std": sampling.cfg.final_sgld_std, "sgld_step_cap": sampling.cfg.sgld_step_cap}
     metrics["generation"] = gen
     return EvalResult(metrics, hist, samples, ece_boot)
 
