@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--sample-steps", type=int, default=200, help="SGLD steps of the fresh sample chains")
     e.add_argument("--sample-step-cap", type=float, default=None, metavar="RMS",
                    help="step cap of the fresh sample chains, RMS move per pixel and step (default: the run's "
-                        "--sgld-step-cap); a smaller one follows the energy more closely")
+                        "--sample-step-cap, else its --sgld-step-cap); a smaller one follows the energy more closely")
     e.add_argument("--n-samples", type=int, default=100, help="images per sample grid")
     e.add_argument("--n-gen", type=int, default=500, help="images per set for the Fréchet distances")
     e.add_argument("--reference", metavar="RUN_DIR", help="classifier whose features define the Fréchet distance "

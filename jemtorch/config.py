@@ -497,6 +497,9 @@ def add_config_arguments(parser) -> None:
 RESUME_FIXED = ("dataset", "model", "norm", "dropout", "seed", "n_valid", "labels_per_class", "batch_size",
                 "buffer_size", "class_cond_buffer", "optimizer", "recipe")
 RESUME_IGNORED = ("out", "name", "progress", "device", "keep_epochs")  # changes that are not worth a log line
+# what training never reads (only the sampling after it: jem eval's fresh chains), so runs that differ only in these
+# trained the same weights and benchmarks/quality.py reuses them
+SAMPLING_ONLY = ("sample_step_cap",)
 # what a run without generative terms (a classifier baseline, p_x_weight = p_x_y_weight = 0) never reads: it trains
 # to the same weights whatever their values (tests/test_train.py checks it), so benchmarks/quality.py reuses a
 # baseline across presets that differ only in these
@@ -516,7 +519,8 @@ def saved_defaults() -> dict:
 
 def training_differences(saved: dict, wanted: dict) -> list[str]:
     """The config fields two runs differ in that change what is trained: neither where a run is written
-    (RESUME_IGNORED) nor how the data's folder is spelt, nor, when both are baselines, the generative terms' settings
+    (RESUME_IGNORED), nor what only the sampling after training reads (SAMPLING_ONLY), nor how the data's folder is
+    spelt, nor, when both are baselines, the generative terms' settings
     (GENERATIVE_ONLY). A field missing from a config saved before it existed counts as its default: fields are added
     with the earlier behaviour as their default."""
     defaults = saved_defaults()
@@ -524,7 +528,7 @@ def training_differences(saved: dict, wanted: dict) -> list[str]:
     for d in (saved, wanted):  # the same folder, named relative to the working directory or in full
         d["data_root"] = str(Path(d["data_root"]).expanduser().resolve())
     baselines = all(d["p_x_weight"] == 0 and d["p_x_y_weight"] == 0 for d in (saved, wanted))
-    ignored = set(RESUME_IGNORED) | (set(GENERATIVE_ONLY) if baselines else set())
+    ignored = set(RESUME_IGNORED) | set(SAMPLING_ONLY) | (set(GENERATIVE_ONLY) if baselines else set())
     return sorted(k for k in saved.keys() | wanted.keys() if k not in ignored and saved.get(k) != wanted.get(k))
 
 

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from .attacks import steepness
 from .build import LoadedRun, load_run, load_runs, run_detectors
 from .checkpoint import copy_atomic, write_atomic
+from .config import TrainConfig
 from .data import DatasetError, check_ood_name, make_ood_set, ood_labels, to_float, to_uint8, training_splits
 from .detectors import DETECTORS, OWN, model_outputs
 from .energy import in_batches
@@ -55,7 +56,8 @@ class EvalOptions:
     n: int = 2000  # in-distribution test images scored (and OOD images per set); -1: the whole test set
     bins: int = 15
     sample_steps: int = 200
-    # the fresh chains' step cap (RMS move per pixel and step); None: the run's --sgld-step-cap. A smaller cap than
+    # the fresh chains' step cap (RMS move per pixel and step); None: the run's --sample-step-cap, else its
+    # --sgld-step-cap (evaluate.sampling_config). A smaller cap than
     # trained follows the energy's ascent more closely: on CIFAR-10 half the file's cap keeps fresh chains below their
     # starts' FD for 400 steps where the trained cap drifts (docs/results/cifar10.md, "Half the chain step at sampling")
     sample_step_cap: Optional[float] = None
@@ -92,6 +94,13 @@ def check_sample_step_cap(cap: Optional[float]) -> None:
     """``--sample-step-cap`` as `jem eval` and the quality benchmark take it: None (the run's) or > 0."""
     if cap is not None and not cap > 0:
         raise ValueError(f"--sample-step-cap must be > 0 (an RMS move per pixel), got {cap}")
+
+
+def sampling_config(cfg: TrainConfig, cap: Optional[float] = None) -> TrainConfig:
+    """The config fresh chains run with: the step cap ``cap`` (jem eval --sample-step-cap), else the run's
+    ``sample_step_cap``, else the training chains' ``sgld_step_cap`` (kept as trained)."""
+    cap = cap if cap is not None else (cfg.sample_step_cap or None)
+    return cfg if cap is None else replace(cfg, sgld_step_cap=cap)
 
 
 def fresh_chain_path(run: LoadedRun, n: int, lengths: Sequence[int], y: Optional[torch.Tensor] = None,
@@ -285,7 +294,7 @@ def evaluate_run(run: LoadedRun, opts: EvalOptions, reference: Optional[LoadedRu
                "p_x_weight": run.cfg.p_x_weight}
     cal, ece_boot = calibration(run, opts)
     ood, hist = ood_detection(run, opts, x_in)
-    sampling = run if opts.sample_step_cap is None else replace(run, cfg=replace(run.cfg, sgld_step_cap=opts.sample_step_cap))
+    sampling = replace(run, cfg=sampling_config(run.cfg, opts.sample_step_cap))
     samples = sample_grids(sampling, opts, g)
     gen = generation(sampling, reference, opts, g)
     gen["inception"] = inception_metrics(samples["fresh"], to_float(run.data.x_test[:len(samples["fresh"])]),

@@ -532,6 +532,9 @@ class SamplerSettings:
     sgld_cap_noise: bool = setting(False, "where --sgld-step-cap lowers a step, lower the chain noise with it, "
                                           "σ·√(step/α), so the chains keep their temperature σ²/2α instead of "
                                           "heating up as the energy steepens (off: σ stays, as measured so far)")
+    sample_step_cap: float = setting(0.0, "step cap of the fresh chains drawn from the trained model (jem eval's "
+                                          "samples and Fréchet distances; jem eval --sample-step-cap overrides it), "
+                                          "never read in training; 0: --sgld-step-cap")
     sgld_update: str = setting("sgld", "chain update: sgld (paper), clamped (SADA-JEM: clip(x + α·clip(∇, −1, 1))), "
                                        "pyld (JEM++: proximal inner steps through the first layer)")
     sgld_init: str = setting("uniform", "initial distribution of chains: uniform (paper), gmm (JEM++: one Gaussian "
@@ -556,6 +559,9 @@ class SamplerSettings:
         need(self.sgld_step_cap == 0 or self.sgld_update != "pyld",
              "--sgld-step-cap applies to --sgld-update sgld and clamped, not pyld")
         need(not self.sgld_cap_noise or self.sgld_step_cap > 0, "--sgld-cap-noise needs --sgld-step-cap")
+        need(self.sample_step_cap >= 0, f"--sample-step-cap must be >= 0, got {self.sample_step_cap}")
+        need(self.sample_step_cap == 0 or self.sgld_update != "pyld",
+             "--sample-step-cap applies to --sgld-update sgld and clamped, not pyld")
         need(1 <= self.buffer_size <= 10_000_000, f"--buffer-size must be in 1..10000000, got {self.buffer_size}")
         need(0 <= self.reinit_freq <= 1, f"--reinit-freq must be in [0, 1], got {self.reinit_freq}")
         need(self.sgld_update in CHAIN_UPDATES,

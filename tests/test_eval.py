@@ -228,6 +228,9 @@ def test_eval_sample_step_cap_reaches_the_fresh_chains(run_copy, capsys):
     assert json.loads((jem / "config.json").read_text()) == trained
     assert main(["eval", str(jem), *EVAL_TINY, "--ood", "uniform"]) == 0  # default: the run's own cap
     assert json.loads((jem / "eval/metrics.json").read_text())["samples"]["sgld_step_cap"] == trained["sgld_step_cap"]
+    (jem / "config.json").write_text(json.dumps({**trained, "sample_step_cap": 0.002}))  # the run's sampling cap
+    assert main(["eval", str(jem), *EVAL_TINY, "--ood", "uniform"]) == 0
+    assert json.loads((jem / "eval/metrics.json").read_text())["samples"]["sgld_step_cap"] == 0.002
 
 
 def test_eval_bad_inputs(trained_runs, tmp_path, capsys):

@@ -601,3 +601,21 @@ def test_a_baseline_never_reads_the_generative_settings(tmp_path):
     assert training_differences(here, {**da, "data_root": "other"}) == ["data_root"]
     older = {k: v for k, v in da.items() if k != "time_limit"}  # saved before --time-limit existed: its default
     assert training_differences(older, da) == [] and training_differences(older, {**da, "time_limit": 9.0}) != []
+
+
+def test_training_never_reads_the_sampling_settings(tmp_path):
+    """config.SAMPLING_ONLY (--sample-step-cap): a JEM trains to the same weights whatever their values, so
+    quality.py reuses a trained JEM across them."""
+    from jemtorch.config import SAMPLING_ONLY, training_differences
+
+    weights, configs = [], []
+    for name, kw in (("a", {}), ("b", {"sample_step_cap": 0.5})):
+        torch.manual_seed(0)
+        t = Trainer(cfg(tmp_path / name, p_x_weight=1.0, sgld_steps=2, epochs=2, **kw))
+        for _ in range(4):
+            t.iteration()
+        weights.append(t.state.jem.state_dict())
+        configs.append(t.cfg.to_dict())
+    for k, v in weights[0].items():
+        assert torch.equal(v, weights[1][k]), k
+    assert SAMPLING_ONLY == ("sample_step_cap",) and training_differences(*configs) == []
