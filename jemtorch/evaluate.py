@@ -90,10 +90,14 @@ class EvalResult:
 CHAIN_LENGTHS = (5, 10, 20, 40, 100)  # fresh chains are also measured on the way to --sample-steps
 
 
-def check_sample_step_cap(cap: Optional[float]) -> None:
-    """``--sample-step-cap`` as `jem eval` and the quality benchmark take it: None (the run's) or > 0."""
+def check_sample_step_cap(cap: Optional[float], cfg: Optional[TrainConfig] = None) -> None:
+    """``--sample-step-cap`` as `jem eval` and the quality benchmark take it: None (the run's) or > 0; with a run's
+    ``cfg``, also a chain update that has a step cap (PYLD has none; ``evaluate_runs`` checks it before any work,
+    where the config's own check would stop after calibration and OOD, naming --sgld-step-cap)."""
     if cap is not None and not cap > 0:
         raise ValueError(f"--sample-step-cap must be > 0 (an RMS move per pixel), got {cap}")
+    if cap is not None and cfg is not None and cfg.sgld_update == "pyld":
+        raise ValueError("--sample-step-cap applies to --sgld-update sgld and clamped, not pyld")
 
 
 def sampling_config(cfg: TrainConfig, cap: Optional[float] = None) -> TrainConfig:
@@ -369,6 +373,8 @@ def evaluate_runs(run_dirs: list, opts: EvalOptions, reference_dir: Optional[str
                                f"{runs[0].data.shape}, {r.run_dir} is {r.cfg.dataset} {r.data.shape}")
     for name in opts.ood:  # before any expensive work
         check_ood_name(name, runs[0].cfg.dataset)
+    for run in runs:
+        check_sample_step_cap(opts.sample_step_cap, run.cfg)
     for run in runs:  # and before anything is written: eval/ is a real folder of the run, holding no links
         RunDir(run.run_dir).output_dir(EVAL_DIR)
     reference = load_run(reference_dir, device, opts.data_root, datasets, trust_code) if reference_dir else next(

@@ -231,6 +231,12 @@ def test_eval_sample_step_cap_reaches_the_fresh_chains(run_copy, capsys):
     (jem / "config.json").write_text(json.dumps({**trained, "sample_step_cap": 0.002}))  # the run's sampling cap
     assert main(["eval", str(jem), *EVAL_TINY, "--ood", "uniform"]) == 0
     assert json.loads((jem / "eval/metrics.json").read_text())["samples"]["sgld_step_cap"] == 0.002
+    pyld = {**trained, "sgld_update": "pyld", "sgld_step_cap": 0.0}  # no step cap to change: an error naming the flag
+    (jem / "config.json").write_text(json.dumps(pyld))
+    before = (jem / "eval/metrics.json").read_text()
+    assert main(["eval", str(jem), "--sample-step-cap", "0.01", *EVAL_TINY, "--ood", "uniform"]) == 2
+    assert "--sample-step-cap applies to --sgld-update sgld and clamped" in capsys.readouterr().err
+    assert (jem / "eval/metrics.json").read_text() == before
 
 
 def test_eval_bad_inputs(trained_runs, tmp_path, capsys):
