@@ -90,21 +90,21 @@ class EvalResult:
 CHAIN_LENGTHS = (5, 10, 20, 40, 100)  # fresh chains are also measured on the way to --sample-steps
 
 
-def check_sample_step_cap(cap: Optional[float], cfg: Optional[TrainConfig] = None) -> None:
-    """``--sample-step-cap`` as `jem eval` and the quality benchmark take it: None (the run's) or > 0; with a run's
-    ``cfg``, also a chain update that has a step cap (PYLD has none; ``evaluate_runs`` checks it before any work,
-    where the config's own check would stop after calibration and OOD, naming --sgld-step-cap)."""
+def check_sample_step_cap(cap: Optional[float]) -> None:
+    """``--sample-step-cap`` as `jem eval` and the quality benchmark take it: None (the run's) or > 0."""
     if cap is not None and not cap > 0:
         raise ValueError(f"--sample-step-cap must be > 0 (an RMS move per pixel), got {cap}")
-    if cap is not None and cfg is not None and cfg.sgld_update == "pyld":
-        raise ValueError("--sample-step-cap applies to --sgld-update sgld and clamped, not pyld")
 
 
 def sampling_config(cfg: TrainConfig, cap: Optional[float] = None) -> TrainConfig:
     """The config fresh chains run with: the step cap ``cap`` (jem eval --sample-step-cap), else the run's
     ``sample_step_cap``, else the training chains' ``sgld_step_cap`` (kept as trained)."""
     cap = cap if cap is not None else (cfg.sample_step_cap or None)
-    return cfg if cap is None else replace(cfg, sgld_step_cap=cap)
+    if cap is None:
+        return cfg
+    # sample_step_cap first: a chain update without a step cap (PYLD) is then refused by the config's own check
+    # naming --sample-step-cap, not --sgld-step-cap
+    return replace(replace(cfg, sample_step_cap=cap), sgld_step_cap=cap)
 
 
 def fresh_chain_path(run: LoadedRun, n: int, lengths: Sequence[int], y: Optional[torch.Tensor] = None,
@@ -373,8 +373,8 @@ def evaluate_runs(run_dirs: list, opts: EvalOptions, reference_dir: Optional[str
                                f"{runs[0].data.shape}, {r.run_dir} is {r.cfg.dataset} {r.data.shape}")
     for name in opts.ood:  # before any expensive work
         check_ood_name(name, runs[0].cfg.dataset)
-    for run in runs:
-        check_sample_step_cap(opts.sample_step_cap, run.cfg)
+    for run in runs:  # a step cap a run's chains cannot take: before calibration and OOD, not after
+        sampling_config(run.cfg, opts.sample_step_cap)
     for run in runs:  # and before anything is written: eval/ is a real folder of the run, holding no links
         RunDir(run.run_dir).output_dir(EVAL_DIR)
     reference = load_run(reference_dir, device, opts.data_root, datasets, trust_code) if reference_dir else next(
