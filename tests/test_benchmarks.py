@@ -308,3 +308,24 @@ def test_fd_curves_tables_each_runs_ratios_and_draws_them(tmp_path, capsys):
     assert missing.returncode != 0 and "jem eval" in missing.stderr
     bad = script(capsys, "fd_curves.py", str(runs["a"]))
     assert bad.returncode != 0 and "LABEL=RUN_DIR" in bad.stderr
+
+
+def test_sample_draws_repeats_the_benchmarks_sample_measure_on_independent_draws(trained_runs, capsys):
+    """sample_draws.py reads a run and a reference (never changes them): one row per draw, a draw seed given twice
+    is the same draw, and the summary line is the draws' mean ratio; a step cap a chain cannot take is refused."""
+    before = sorted(p.name for p in (trained_runs / "jem").iterdir())
+    r = script(capsys, "sample_draws.py", trained_runs / "jem", trained_runs / "base", "--draws", "1,2,1",
+               "--n-gen", "20", "--sample-steps", "2", "--sample-step-cap", "0.01")
+    assert r.returncode == 0, r.stderr
+    rows = [line.split("|")[1:-1] for line in r.stdout.splitlines() if line.startswith("| ") and "draw" not in line
+            and not line.startswith("|---")]
+    assert [int(c[0]) for c in rows] == [1, 2, 1] and rows[0][1:4] == rows[2][1:4] and rows[0][1:3] != rows[1][1:3]
+    ratios = [float(c[3]) for c in rows]
+    for c, q in zip(rows, ratios):  # the ratio is the chains' FD over the starts' (both printed to 0.05)
+        fd0, fd = float(c[1]), float(c[2])
+        assert abs(fd / fd0 - q) <= 0.05 / fd0 * (1 + fd / fd0) + 1e-3
+    mean = float(r.stdout.split("ratio over 3 draws: ")[1].split()[0])
+    assert abs(mean - sum(ratios) / 3) < 2e-3 and "the sample line 0.5: " in r.stdout
+    assert sorted(p.name for p in (trained_runs / "jem").iterdir()) == before
+    bad = script(capsys, "sample_draws.py", trained_runs / "jem", trained_runs / "base", "--sample-step-cap", "0")
+    assert bad.returncode != 0 and "--sample-step-cap" in bad.stderr

@@ -1,0 +1,76 @@
+"""Is a run's fresh-chain ratio above or below the sample line, or only one draw's luck?
+
+Issue 24's sample target: fresh class-conditional chains' Fréchet distance (in a reference classifier's features, to
+test images) after the eval's chain length is at most half their starting points'. The quality benchmark measures it
+once: one draw of chains and of test images (``--n-gen`` each, 1000 by default). That ratio moves 0.017–0.024×
+between two draws on the same run (docs/results/density.md, "Half the step at sampling on the parity file"), the size
+of the misses it was asked to judge. This script repeats the benchmark's own measure (``evaluate.generation``, the
+code `jem eval` runs) on ``--draws`` independent draws — draw d: chains seeded d + 7 and test images drawn with
+seed d, as `jem eval --seed d` would — and prints each draw's starts' FD, the chains' FD and their ratio, then the
+mean ratio ± its standard error (the draws' standard deviation / √draws). The runs are not changed.
+
+    python benchmarks/sample_draws.py runs/quality/fm-combo-s0/seed0/jem runs/quality/fm-combo-s0/seed0/baseline \
+        --data-root ../shared/data --draws 1,2,3,4 --sample-step-cap 0.01
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import statistics
+import time
+
+import torch
+
+from jemtorch.build import load_run
+from jemtorch.evaluate import EvalOptions, check_sample_step_cap, generation, sampling_config
+
+STARTS, FRESH = "chain starts (0 steps)", "fresh chains ({} steps)"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("run", help="a JEM run directory")
+    ap.add_argument("reference", help="the classifier whose features the FD is measured in (its baseline)")
+    ap.add_argument("--data-root", default=None)
+    ap.add_argument("--draws", default="1,2,3,4",
+                    help="comma-separated draw seeds; one seed twice gives one draw twice (the benchmark's own draw "
+                         "is none of them: `jem eval` draws other images from its generator first)")
+    ap.add_argument("--n-gen", type=int, default=1000, help="chains and test images per draw (the benchmark's)")
+    ap.add_argument("--sample-steps", type=int, default=200, help="chain steps (the benchmark's)")
+    ap.add_argument("--sample-step-cap", type=float, default=None, metavar="RMS",
+                    help="the chains' step cap (default: the run's, as `jem eval`)")
+    args = ap.parse_args()
+    try:
+        draws = [int(d) for d in args.draws.split(",") if d]
+        if not draws or args.n_gen < 2 or args.sample_steps < 1:
+            raise ValueError("--draws needs at least one seed, --n-gen >= 2 and --sample-steps >= 1")
+        check_sample_step_cap(args.sample_step_cap)
+        run, ref = load_run(args.run, "cpu", args.data_root), load_run(args.reference, "cpu", args.data_root)
+        run = dataclasses.replace(run, cfg=sampling_config(run.cfg, args.sample_step_cap))
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    run.jem.eval()
+    fresh = FRESH.format(args.sample_steps)
+    print(f"{args.run}: {args.n_gen} class-conditional fresh chains of {args.sample_steps} steps (cap "
+          f"{run.cfg.sgld_step_cap}) and {args.n_gen} test images per draw, FD in {args.reference}'s features\n")
+    print("| draw | starts' FD | chains' FD | ratio | reference's accuracy on the chains | s |")
+    print("|---|---|---|---|---|---|")
+    ratios = []
+    for d in draws:
+        t = time.perf_counter()
+        opts = EvalOptions(seed=d, n_gen=args.n_gen, sample_steps=args.sample_steps, progress=False)
+        m = generation(run, ref, opts, torch.Generator().manual_seed(d))
+        fd0, fd = m["fd_ref"][STARTS], m["fd_ref"][fresh]
+        ratios.append(fd / fd0)
+        print(f"| {d} | {fd0:.1f} | {fd:.1f} | {fd / fd0:.3f} | {m['ref_accuracy'][fresh]:.3f} | "
+              f"{time.perf_counter() - t:.0f} |", flush=True)
+    mean = statistics.fmean(ratios)
+    se = statistics.stdev(ratios) / math.sqrt(len(ratios)) if len(ratios) > 1 else float("nan")
+    print(f"\nratio over {len(ratios)} draws: {mean:.3f} ± {se:.3f} (standard error; draws' sd "
+          f"{statistics.stdev(ratios) if len(ratios) > 1 else float('nan'):.3f}); the sample line 0.5: "
+          + ("under" if mean + 2 * se <= 0.5 else "over" if mean - 2 * se > 0.5 else "within two standard errors"))
+
+
+if __name__ == "__main__":
+    main()
