@@ -7,7 +7,8 @@ between two draws on the same run (docs/results/density.md, "Half the step at sa
 of the misses it was asked to judge. This script repeats the benchmark's own measure (``evaluate.generation``, the
 code `jem eval` runs) on ``--draws`` independent draws — draw d: chains seeded d + 7 and test images drawn with
 seed d, as `jem eval --seed d` would — and prints each draw's starts' FD, the chains' FD and their ratio, then the
-mean ratio ± its standard error (the draws' standard deviation / √draws). The runs are not changed.
+mean ratio ± its standard error (the draws' standard deviation / √draws). The runs are not changed. Its printed
+output, kept in a file, is what ``benchmarks/draws_figure.py`` draws.
 
     python benchmarks/sample_draws.py runs/quality/fm-combo-s0/seed0/jem runs/quality/fm-combo-s0/seed0/baseline \
         --data-root ../shared/data --draws 1,2,3,4 --sample-step-cap 0.01
@@ -26,6 +27,31 @@ from jemtorch.build import load_run
 from jemtorch.evaluate import EvalOptions, check_sample_step_cap, generation, sampling_config
 
 STARTS, FRESH = "chain starts (0 steps)", "fresh chains ({} steps)"
+HEADER = "| draw | starts' FD | chains' FD | ratio | reference's accuracy on the chains | s |"
+
+
+def verdict(ratios: list[float], line: float = 0.5) -> dict:
+    """The draws' mean ratio, its standard error (nan for one draw) and where the mean lies against ``line``:
+    "under" / "over" it by more than two standard errors, else "within 2 SE" ("one draw" for one)."""
+    mean = statistics.fmean(ratios)
+    if len(ratios) < 2:
+        return {"ratios": ratios, "mean": mean, "se": float("nan"), "where": "one draw"}
+    se = statistics.stdev(ratios) / math.sqrt(len(ratios))
+    where = "under" if mean + 2 * se <= line else "over" if mean - 2 * se > line else "within 2 SE"
+    return {"ratios": ratios, "mean": mean, "se": se, "where": where}
+
+
+def read_draws(text: str) -> list[float]:
+    """The ratio of every draw in this script's printed output (``text``): the rows under its table's header."""
+    lines = text.splitlines()
+    if HEADER not in lines:
+        raise ValueError("no table of sample_draws.py in it")
+    rows = []
+    for line in lines[lines.index(HEADER) + 2:]:
+        if not line.startswith("| "):
+            break
+        rows.append(float(line.split("|")[4]))
+    return rows
 
 
 def main() -> None:
@@ -54,7 +80,7 @@ def main() -> None:
     fresh = FRESH.format(args.sample_steps)
     print(f"{args.run}: {args.n_gen} class-conditional fresh chains of {args.sample_steps} steps (cap "
           f"{run.cfg.sgld_step_cap}) and {args.n_gen} test images per draw, FD in {args.reference}'s features\n")
-    print("| draw | starts' FD | chains' FD | ratio | reference's accuracy on the chains | s |")
+    print(HEADER)
     print("|---|---|---|---|---|---|")
     ratios = []
     for d in draws:
@@ -65,11 +91,9 @@ def main() -> None:
         ratios.append(fd / fd0)
         print(f"| {d} | {fd0:.1f} | {fd:.1f} | {fd / fd0:.3f} | {m['ref_accuracy'][fresh]:.3f} | "
               f"{time.perf_counter() - t:.0f} |", flush=True)
-    mean = statistics.fmean(ratios)
-    se = statistics.stdev(ratios) / math.sqrt(len(ratios)) if len(ratios) > 1 else float("nan")
-    print(f"\nratio over {len(ratios)} draws: {mean:.3f} ± {se:.3f} (standard error; draws' sd "
-          f"{statistics.stdev(ratios) if len(ratios) > 1 else float('nan'):.3f}); the sample line 0.5: "
-          + ("under" if mean + 2 * se <= 0.5 else "over" if mean - 2 * se > 0.5 else "within two standard errors"))
+    v = verdict(ratios)
+    print(f"\nratio over {len(ratios)} draws: {v['mean']:.3f} ± {v['se']:.3f} (standard error); the sample line 0.5: "
+          f"{v['where']}")
 
 
 if __name__ == "__main__":

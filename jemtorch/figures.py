@@ -170,6 +170,26 @@ def tradeoff_figure(groups: dict, path: Path, gap: float = -1.0, ratio: float = 
     return _save(fig, path)
 
 
+def draws_figure(groups: dict, path: Path, line: float = 0.5) -> Path:
+    """The sample measure on independent draws: {label: {"ratios", "mean", "se", "where"}} as one row per label, each
+    draw a dot, the mean ± two standard errors as a bar coloured by ``where`` ("under" / "over" the line), and the
+    sample line ``line`` (FD ÷ the starts') dashed."""
+    plt = plt_module()
+    fig, ax = plt.subplots(figsize=(7, 1.4 + 0.38 * len(groups)))
+    for i, v in enumerate(groups.values()):
+        colour = {"under": "C2", "over": "C3"}.get(v["where"], "C0")
+        ax.scatter(v["ratios"], [-i] * len(v["ratios"]), s=12, alpha=0.5, color=colour)
+        ax.errorbar(v["mean"], -i, xerr=2 * v["se"] if v["se"] == v["se"] else 0, fmt="D", color=colour, ms=6,
+                    capsize=4)
+    ax.axvline(line, color="k", ls="--", lw=1)
+    ax.set_yticks(-np.arange(len(groups)), list(groups))
+    ax.set(xlabel="fresh chains' FD ÷ their starts' (one dot per draw; ◆ mean ± 2 standard errors)",
+           title="The sample line on independent draws\n(green: the mean under it by > 2 SE, red: over it, blue: within)")
+    ax.set_ylim(-len(groups) + 0.5, 0.5)
+    ax.grid(alpha=0.3, axis="x")
+    return _save(fig, path)
+
+
 def energy_parts_figure(panels: dict, path: Path, points: int = 600) -> Path:
     """log p(x)'s two parts, one panel per run: {title: {set: (confidence (N,), shift (N,))}} as a scatter of at most
     ``points`` images per set, the set "test" first, with the line shift + confidence = the test images' median log

@@ -310,9 +310,10 @@ def test_fd_curves_tables_each_runs_ratios_and_draws_them(tmp_path, capsys):
     assert bad.returncode != 0 and "LABEL=RUN_DIR" in bad.stderr
 
 
-def test_sample_draws_repeats_the_benchmarks_sample_measure_on_independent_draws(trained_runs, capsys):
+def test_sample_draws_repeats_the_benchmarks_sample_measure_on_independent_draws(trained_runs, capsys, tmp_path):
     """sample_draws.py reads a run and a reference (never changes them): one row per draw, a draw seed given twice
-    is the same draw, and the summary line is the draws' mean ratio; a step cap a chain cannot take is refused."""
+    is the same draw, and the summary line is the draws' mean ratio; a step cap a chain cannot take is refused.
+    draws_figure.py tables and draws that output."""
     before = sorted(p.name for p in (trained_runs / "jem").iterdir())
     r = script(capsys, "sample_draws.py", trained_runs / "jem", trained_runs / "base", "--draws", "1,2,1",
                "--n-gen", "20", "--sample-steps", "2", "--sample-step-cap", "0.01")
@@ -326,6 +327,16 @@ def test_sample_draws_repeats_the_benchmarks_sample_measure_on_independent_draws
         assert abs(fd / fd0 - q) <= 0.05 / fd0 * (1 + fd / fd0) + 1e-3
     mean = float(r.stdout.split("ratio over 3 draws: ")[1].split()[0])
     assert abs(mean - sum(ratios) / 3) < 2e-3 and "the sample line 0.5: " in r.stdout
+    (tmp_path / "a.log").write_text(r.stdout)  # draws_figure.py reads that output back: a label twice pools
+    f = script(capsys, "draws_figure.py", f"a={tmp_path / 'a.log'}", f"a={tmp_path / 'a.log'}",
+               f"b={tmp_path / 'a.log'}", "--out", tmp_path / "d.png")
+    assert f.returncode == 0, f.stderr
+    table = {c[1].strip(): c[2:] for c in (line.split("|") for line in f.stdout.splitlines()[2:])}
+    assert [c[0].strip() for c in table.values()] == ["6", "3"] and (tmp_path / "d.png").stat().st_size > 0
+    assert abs(float(table["a"][1].split(" ± ")[0]) - mean) < 2e-3
+    (tmp_path / "bad.log").write_text("no table\n")
+    bad = script(capsys, "draws_figure.py", f"a={tmp_path / 'bad.log'}")
+    assert bad.returncode != 0 and "no table of sample_draws.py" in bad.stderr
     assert sorted(p.name for p in (trained_runs / "jem").iterdir()) == before
     bad = script(capsys, "sample_draws.py", trained_runs / "jem", trained_runs / "base", "--sample-step-cap", "0")
     assert bad.returncode != 0 and "--sample-step-cap" in bad.stderr
