@@ -2,13 +2,13 @@
 
 Issue 24's sample target: fresh class-conditional chains' Fréchet distance (in a reference classifier's features, to
 test images) after the eval's chain length is at most half their starting points'. The quality benchmark measures it
-once: one draw of chains and of test images (``--n-gen`` each, 1000 by default). That ratio moves 0.017–0.024×
-between two draws on the same run (docs/results/density.md, "Half the step at sampling on the parity file"), the size
-of the misses it was asked to judge. This script repeats the benchmark's own measure (``evaluate.generation``, the
-code `jem eval` runs) on ``--draws`` independent draws — draw d: chains seeded d + 7 and test images drawn with
-seed d, as `jem eval --seed d` would — and prints each draw's starts' FD, the chains' FD and their ratio, then the
-mean ratio ± its standard error (the draws' standard deviation / √draws). The runs are not changed. Its printed
-output, kept in a file, is what ``benchmarks/draws_figure.py`` draws.
+once: one draw of chains and of test images (``--n-gen`` each, 1000 by default). That ratio moves 0.017–0.024× between
+two draws on the same run (docs/results/density.md, "Half the step at sampling on the parity file"), the size of the
+misses it was asked to judge. This script repeats the benchmark's own measure (``evaluate.generation``, the code `jem
+eval` runs) on ``--draws`` independent draws — draw d: chains (and their starts) seeded d + 7, as `jem eval --seed d`
+seeds them, and test images drawn by a generator seeded d — and prints each draw's starts' FD, the chains' FD and
+their ratio, then the mean ratio ± its standard error (the draws' standard deviation / √draws). The runs are not
+changed. Its printed output, kept in a file, is what ``benchmarks/draws_figure.py`` draws.
 
     python benchmarks/sample_draws.py runs/quality/fm-combo-s0/seed0/jem runs/quality/fm-combo-s0/seed0/baseline \
         --data-root ../shared/data --draws 1,2,3,4 --sample-step-cap 0.01

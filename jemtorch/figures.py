@@ -175,7 +175,7 @@ def draws_figure(groups: dict, path: Path, line: float = 0.5) -> Path:
     draw a dot, the mean ± two standard errors as a bar coloured by ``where`` ("under" / "over" the line), and the
     sample line ``line`` (FD ÷ the starts') dashed."""
     plt = plt_module()
-    fig, ax = plt.subplots(figsize=(7, 1.4 + 0.38 * len(groups)))
+    fig, ax = plt.subplots(figsize=(8, 1.4 + 0.38 * len(groups)))
     for i, v in enumerate(groups.values()):
         colour = {"under": "C2", "over": "C3"}.get(v["where"], "C0")
         ax.scatter(v["ratios"], [-i] * len(v["ratios"]), s=12, alpha=0.5, color=colour)
@@ -183,8 +183,8 @@ def draws_figure(groups: dict, path: Path, line: float = 0.5) -> Path:
                     capsize=4)
     ax.axvline(line, color="k", ls="--", lw=1)
     ax.set_yticks(-np.arange(len(groups)), list(groups))
-    ax.set(xlabel="fresh chains' FD ÷ their starts' (one dot per draw; ◆ mean ± 2 standard errors)",
-           title="The sample line on independent draws\n(green: the mean under it by > 2 SE, red: over it, blue: within)")
+    ax.set(xlabel="fresh chains' FD ÷ their starts' (dots: draws; ◆: their mean ± 2 standard errors)",
+           title="The sample line on independent draws\n(green: the mean under it by > 2 SE; red: over it; blue: within)")
     ax.set_ylim(-len(groups) + 0.5, 0.5)
     ax.grid(alpha=0.3, axis="x")
     return _save(fig, path)
