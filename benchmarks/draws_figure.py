@@ -25,12 +25,14 @@ def main(argv=None) -> None:
     ap.add_argument("logs", nargs="+", help="LABEL=LOG (sample_draws.py's printed output)")
     ap.add_argument("--out", type=Path, default=None, help="PNG to draw (none: the table only)")
     ap.add_argument("--line", type=float, default=0.5, help="the sample line (issue 24: ≤ 0.5× the starts' FD)")
+    ap.add_argument("--above-floor", action="store_true",
+                    help="the ratio above the floor (sample_draws.py's column of that name) instead of the ratio")
     args = ap.parse_args(argv)
     groups: dict[str, list[float]] = {}
     for spec in args.logs:
         label, log = labelled(spec, "LOG")
         try:
-            groups.setdefault(label, []).extend(read_draws(log.read_text()))
+            groups.setdefault(label, []).extend(read_draws(log.read_text(), "ratio above the floor" if args.above_floor else "ratio"))
         except (OSError, ValueError) as e:
             raise SystemExit(f"error: {log}: {e}") from None
     print("| run | draws | mean ratio ± standard error | the line |")
@@ -39,7 +41,7 @@ def main(argv=None) -> None:
     for label, v in found.items():
         print(f"| {label} | {len(v['ratios'])} | {v['mean']:.3f} ± {v['se']:.3f} | {v['where']} |")
     if args.out is not None:
-        draws_figure(found, args.out, line=args.line)
+        draws_figure(found, args.out, line=args.line, above_floor=args.above_floor)
         print(f"wrote {args.out}", file=sys.stderr)
 
 

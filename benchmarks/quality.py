@@ -298,6 +298,14 @@ def tables(runs: list, oods: list, gens: list) -> list[str]:
         for g in gens:
             lines.append(f"| {g['seed']} | " + " | ".join(
                 f"{v['fd']:.1f} ({v['accuracy']:.2f})" for v in g["by_length"].values()) + " |")
+        lines += ["", "The sample line (issue 24: ≤ 0.5): the chains' FD after the last length ÷ the starts', and the "
+                  "same above the floor, (FD − floor) ÷ (starts' FD − floor): the FD of n images carries a bias of "
+                  "about c/n that the floor measures (benchmarks/sample_draws.py):", "",
+                  "| seed | chains ÷ starts | above the floor |", "|---|---|---|"]
+        for g in gens:
+            ends, floor = g["by_length"][steps[-1]]["fd"], g["fd"].get("real train (floor)", float("nan"))
+            start = g["by_length"]["0"]["fd"]
+            lines.append(f"| {g['seed']} | {ends / start:.3f} | {(ends - floor) / (start - floor):.3f} |")
     return lines
 
 

@@ -170,10 +170,10 @@ def tradeoff_figure(groups: dict, path: Path, gap: float = -1.0, ratio: float = 
     return _save(fig, path)
 
 
-def draws_figure(groups: dict, path: Path, line: float = 0.5) -> Path:
+def draws_figure(groups: dict, path: Path, line: float = 0.5, above_floor: bool = False) -> Path:
     """The sample measure on independent draws: {label: {"ratios", "mean", "se", "where"}} as one row per label, each
     draw a dot, the mean ± two standard errors as a bar coloured by ``where`` ("under" / "over" the line), and the
-    sample line ``line`` (FD ÷ the starts') dashed."""
+    sample line ``line`` (FD ÷ the starts'; ``above_floor``: both less the training images' FD) dashed."""
     plt = plt_module()
     fig, ax = plt.subplots(figsize=(8, 1.4 + 0.38 * len(groups)))
     for i, v in enumerate(groups.values()):
@@ -183,7 +183,8 @@ def draws_figure(groups: dict, path: Path, line: float = 0.5) -> Path:
                     capsize=4)
     ax.axvline(line, color="k", ls="--", lw=1)
     ax.set_yticks(-np.arange(len(groups)), list(groups))
-    ax.set(xlabel="fresh chains' FD ÷ their starts' (dots: draws; ◆: their mean ± 2 standard errors)",
+    what = "(FD − floor) ÷ (starts' FD − floor)" if above_floor else "fresh chains' FD ÷ their starts'"
+    ax.set(xlabel=f"{what} (dots: draws; ◆: their mean ± 2 standard errors)",
            title="The sample line on independent draws\n(green: the mean under it by > 2 SE; red: over it; blue: within)")
     ax.set_ylim(-len(groups) + 0.5, 0.5)
     ax.grid(alpha=0.3, axis="x")
