@@ -302,8 +302,8 @@ def tables(runs: list, oods: list, gens: list) -> list[str]:
                   "same above the floor, (FD − floor) ÷ (starts' FD − floor): the FD of n images carries a bias of "
                   "about c/n that the floor measures (benchmarks/sample_draws.py):", "",
                   "| seed | chains ÷ starts | above the floor |", "|---|---|---|"]
-        for g in gens:
-            ends, floor = g["by_length"][steps[-1]]["fd"], g["fd"].get("real train (floor)", float("nan"))
+        for g in (g for g in gens if "0" in g["by_length"] and len(g["by_length"]) > 1):  # older runs: no path
+            ends, floor = list(g["by_length"].values())[-1]["fd"], g["fd"].get("real train (floor)", float("nan"))
             start = g["by_length"]["0"]["fd"]
             lines.append(f"| {g['seed']} | {ends / start:.3f} | {(ends - floor) / (start - floor):.3f} |")
     return lines

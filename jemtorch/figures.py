@@ -179,8 +179,8 @@ def draws_figure(groups: dict, path: Path, line: float = 0.5, above_floor: bool 
     for i, v in enumerate(groups.values()):
         colour = {"under": "C2", "over": "C3"}.get(v["where"], "C0")
         ax.scatter(v["ratios"], [-i] * len(v["ratios"]), s=12, alpha=0.5, color=colour)
-        ax.errorbar(v["mean"], -i, xerr=2 * v["se"] if v["se"] == v["se"] else 0, fmt="D", color=colour, ms=6,
-                    capsize=4)
+        ax.errorbar(v["mean"], -i, xerr=0 if math.isnan(v["se"]) else 2 * v["se"], fmt="D", color=colour, ms=6,
+                    capsize=4)  # one draw: no standard error
     ax.axvline(line, color="k", ls="--", lw=1)
     ax.set_yticks(-np.arange(len(groups)), list(groups))
     what = "(FD − floor) ÷ (starts' FD − floor)" if above_floor else "fresh chains' FD ÷ their starts'"
