@@ -61,11 +61,11 @@ def read_draws(text: str, column: str = "ratio") -> list[float]:
     names = [c.strip() for c in lines[heads[0]].split("|")[1:-1]]
     if column not in names:
         raise ValueError(f"its table has no column {column!r} (an older output?)")
-    rows = []
+    k, rows = 1 + names.index(column), []
     for line in lines[heads[0] + 2:]:
         if not line.startswith("| "):
             break
-        rows.append(float(line.split("|")[1 + names.index(column)]))
+        rows.append(float(line.split("|")[k]))
     return rows
 
 
