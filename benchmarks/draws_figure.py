@@ -17,7 +17,10 @@ from pathlib import Path
 from fd_curves import labelled  # benchmarks/ is on sys.path when this script runs
 from sample_draws import read_draws, verdict
 
-from jemtorch.figures import draws_figure
+from jemtorch.figures import DRAW_READINGS, draws_figure
+
+READINGS = {"plain": "ratio", "above-floor": "ratio above the floor", "fd-inf": "ratio of FD∞"}  # sample_draws' columns
+assert set(READINGS) == set(DRAW_READINGS)
 
 
 def main(argv=None) -> None:
@@ -25,14 +28,14 @@ def main(argv=None) -> None:
     ap.add_argument("logs", nargs="+", help="LABEL=LOG (sample_draws.py's printed output)")
     ap.add_argument("--out", type=Path, default=None, help="PNG to draw (none: the table only)")
     ap.add_argument("--line", type=float, default=0.5, help="the sample line (issue 24: ≤ 0.5× the starts' FD)")
-    ap.add_argument("--above-floor", action="store_true",
-                    help="the ratio above the floor (sample_draws.py's column of that name) instead of the ratio")
+    ap.add_argument("--reading", choices=list(READINGS), default="plain",
+                    help="which ratio: the FDs' (plain), the FDs less the floor's (above-floor) or the FD∞s' (fd-inf)")
     args = ap.parse_args(argv)
     groups: dict[str, list[float]] = {}
     for spec in args.logs:
         label, log = labelled(spec, "LOG")
         try:
-            groups.setdefault(label, []).extend(read_draws(log.read_text(), "ratio above the floor" if args.above_floor else "ratio"))
+            groups.setdefault(label, []).extend(read_draws(log.read_text(), READINGS[args.reading]))
         except (OSError, ValueError) as e:
             raise SystemExit(f"error: {log}: {e}") from None
     print("| run | draws | mean ratio ± standard error | the line |")
@@ -41,7 +44,7 @@ def main(argv=None) -> None:
     for label, v in found.items():
         print(f"| {label} | {len(v['ratios'])} | {v['mean']:.3f} ± {v['se']:.3f} | {v['where']} |")
     if args.out is not None:
-        draws_figure(found, args.out, line=args.line, above_floor=args.above_floor)
+        draws_figure(found, args.out, line=args.line, reading=args.reading)
         print(f"wrote {args.out}", file=sys.stderr)
 
 

@@ -104,10 +104,12 @@ def test_quality_benchmark_tables_and_reuse(tmp_path, capsys):
     assert list(rows["samples"][0]["by_length"]) == ["0", "2"]  # on the way to --sample-steps 2: none below it
     assert rows["samples"][0]["by_length"]["2"]["fd"] == rows["samples"][0]["fd"]["fresh chains (2 steps)"]
     fd, floor = rows["samples"][0]["fd"], rows["samples"][0]["fd"]["real train (floor)"]
-    line = table.split("| seed | chains ÷ starts | above the floor |")[1].splitlines()[2].split("|")
+    line = table.split("| seed | chains ÷ starts | above the floor | FD∞ ÷ FD∞ |")[1].splitlines()[2].split("|")
     assert float(line[2]) == pytest.approx(fd["fresh chains (2 steps)"] / fd["chain starts (0 steps)"], abs=1e-3)
     assert float(line[3]) == pytest.approx((fd["fresh chains (2 steps)"] - floor) / (fd["chain starts (0 steps)"]
                                                                                     - floor), abs=1e-3)
+    inf = rows["samples"][0]["fd_inf"]
+    assert float(line[4]) == pytest.approx(inf["fresh chains (2 steps)"] / inf["chain starts (0 steps)"], abs=1e-3)
     assert 0 <= jem["healthy"] <= 1 and base["healthy"] is None
     logged = [json.loads(ln) for ln in (out / "seed0" / "jem" / "metrics.jsonl").read_text().splitlines()]
     last = [r["train_acc"] for r in logged if r.get("kind") == "train" and r["epoch"] > 1]  # epoch 2 of 2
@@ -330,7 +332,9 @@ def test_sample_draws_repeats_the_benchmarks_sample_measure_on_independent_draws
     for c, q in zip(rows, ratios):  # the ratio is the chains' FD over the starts' (both printed to 0.05)
         fd0, fd, floor = float(c[1]), float(c[2]), float(c[4])
         assert abs(fd / fd0 - q) <= 0.05 / fd0 * (1 + fd / fd0) + 1e-3 and 0 < floor
-        assert len(c) == 8 and (float(c[5]) < 1) == (fd < fd0)  # above the floor: (fd − floor) / (fd0 − floor)
+        assert len(c) == 12 and (float(c[5]) < 1) == (fd < fd0)  # above the floor: (fd − floor) / (fd0 − floor)
+        inf0, inf, inf_floor = float(c[6]), float(c[7]), float(c[9])  # FD∞: the bias extrapolated away
+        assert inf0 < fd0 and inf_floor < floor and abs(inf / inf0 - float(c[8])) <= 0.05 / inf0 * (1 + inf / inf0) + 1e-3
     mean = float(r.stdout.split("ratio over 3 draws: ")[1].split()[0])
     assert abs(mean - sum(ratios) / 3) < 2e-3 and "the sample line 0.5: " in r.stdout
     (tmp_path / "a.log").write_text(r.stdout)  # draws_figure.py reads that output back: a label twice pools
@@ -340,11 +344,12 @@ def test_sample_draws_repeats_the_benchmarks_sample_measure_on_independent_draws
     table = {c[1].strip(): c[2:] for c in (line.split("|") for line in f.stdout.splitlines()[2:])}
     assert [c[0].strip() for c in table.values()] == ["6", "3"] and (tmp_path / "d.png").stat().st_size > 0
     assert abs(float(table["a"][1].split(" ± ")[0]) - mean) < 2e-3
-    above = script(capsys, "draws_figure.py", f"a={tmp_path / 'a.log'}", "--above-floor")
-    assert above.returncode == 0 and abs(float(above.stdout.splitlines()[2].split("|")[3].split(" ± ")[0]) - sum(
-        float(c[5]) for c in rows) / 3) < 2e-3
+    for reading, k in (("above-floor", 5), ("fd-inf", 8)):
+        above = script(capsys, "draws_figure.py", f"a={tmp_path / 'a.log'}", "--reading", reading)
+        assert above.returncode == 0 and abs(float(above.stdout.splitlines()[2].split("|")[3].split(" ± ")[0]) - sum(
+            float(c[k]) for c in rows) / 3) < 2e-3
     (tmp_path / "old.log").write_text(r.stdout.replace("| floor: training images' FD | ratio above the floor ", ""))
-    old = script(capsys, "draws_figure.py", f"a={tmp_path / 'old.log'}", "--above-floor")
+    old = script(capsys, "draws_figure.py", f"a={tmp_path / 'old.log'}", "--reading", "above-floor")
     assert old.returncode != 0 and "no column 'ratio above the floor'" in old.stderr
     (tmp_path / "bad.log").write_text("no table\n")
     bad = script(capsys, "draws_figure.py", f"a={tmp_path / 'bad.log'}")
