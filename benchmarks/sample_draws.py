@@ -30,11 +30,13 @@ import dataclasses
 import math
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
 from jemtorch.build import load_run
 from jemtorch.evaluate import EvalOptions, check_sample_step_cap, generation, sampling_config
+from jemtorch.figures import fd_infinity_figure
 
 STARTS, FRESH = "chain starts (0 steps)", "fresh chains ({} steps)"
 FLOOR = "real train (floor)"
@@ -83,6 +85,9 @@ def main() -> None:
     ap.add_argument("--sample-steps", type=int, default=200, help="chain steps (the benchmark's)")
     ap.add_argument("--sample-step-cap", type=float, default=None, metavar="RMS",
                     help="the chains' step cap (default: the run's, as `jem eval`)")
+    ap.add_argument("--figure", type=Path, default=None, metavar="PNG",
+                    help="draw the first draw's FD of m images against 1/m for the floor, the starts and the chains, "
+                         "with the lines FD∞ is read from (figures.fd_infinity_figure)")
     args = ap.parse_args()
     try:
         draws = [int(d) for d in args.draws.split(",") if d]
@@ -108,6 +113,8 @@ def main() -> None:
         inf0, inf, inf_floor = m["fd_inf"][STARTS], m["fd_inf"][fresh], m["fd_inf"][FLOOR]
         ratios.append(fd / fd0)
         ratios_inf.append(inf / inf0)
+        if args.figure is not None and d == draws[0]:
+            fd_infinity_figure({k: m["fd_inf_fit"][k] for k in (FLOOR, STARTS, fresh)}, args.figure)
         print(f"| {d} | {fd0:.1f} | {fd:.1f} | {fd / fd0:.3f} | {floor:.1f} | {(fd - floor) / (fd0 - floor):.3f} | "
               f"{inf0:.1f} | {inf:.1f} | {inf / inf0:.3f} | {inf_floor:.1f} | {m['ref_accuracy'][fresh]:.3f} | "
               f"{time.perf_counter() - t:.0f} |", flush=True)

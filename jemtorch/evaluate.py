@@ -274,8 +274,8 @@ def generation(run: LoadedRun, reference: Optional[LoadedRun], opts: EvalOptions
     ref_out = {k: model_outputs(reference.jem, v, grad=False) for k, v in {"real test": real_test, **sets}.items()}
     test_features = ref_out["real test"].features.numpy()
     fd = {k: frechet_distance(ref_out[k].features.numpy(), test_features) for k in sets}
-    fd_inf = {k: frechet_distance_infinity(ref_out[k].features.numpy(), test_features, seed=opts.seed)["fd_inf"]
-              for k in sets} if n_gen >= 8 else {}
+    fits = {k: frechet_distance_infinity(ref_out[k].features.numpy(), test_features, seed=opts.seed)
+            for k in sets} if n_gen >= 8 else {}
     acc = {k: float((ref_out[k].logits.argmax(1) == labels[k]).float().mean()) for k in labels}
     by_length = {0: (fd["chain starts (0 steps)"], acc["chain starts (0 steps)"])}
     for k, xk in path.items():  # the same chains on the way: where along them are samples best?
@@ -283,7 +283,7 @@ def generation(run: LoadedRun, reference: Optional[LoadedRun], opts: EvalOptions
         by_length[k] = (frechet_distance(o.features.numpy(), test_features),
                         float((o.logits.argmax(1) == y).float().mean()))
     by_length[opts.sample_steps] = (fd[fresh], acc[fresh])
-    return {"fd_ref": fd, "fd_inf": fd_inf, "ref_accuracy": acc,
+    return {"fd_ref": fd, "fd_inf": {k: f["fd_inf"] for k, f in fits.items()}, "fd_inf_fit": fits, "ref_accuracy": acc,
             "fd_by_chain_length": {str(k): {"fd": v[0], "accuracy": v[1]} for k, v in sorted(by_length.items())},
             "fd_ref_protocol": (f"Fréchet distance in the features entering the head of the reference classifier "
                                 f"{reference.run_dir} (NOT FID), {n_gen} images per set vs {n_gen} real test images; "

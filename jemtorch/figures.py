@@ -194,6 +194,30 @@ def draws_figure(groups: dict, path: Path, line: float = 0.5, reading: str = "pl
     return _save(fig, path)
 
 
+def fd_infinity_figure(fits: dict, path: Path) -> Path:
+    """FD∞ read off its fit: {set: ``metrics.frechet_distance_infinity``'s dict} as each set's FD of m images
+    against 1/m (dots) and the fitted line down to 1/m = 0, where it meets FD∞ (◆): how much of each FD at the largest
+    m is the estimator's bias."""
+    plt = plt_module()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    top = max(max(f["sizes"]) for f in fits.values())
+    for i, (name, f) in enumerate(fits.items()):
+        inv = 1.0 / np.asarray(f["sizes"], np.float64)
+        ax.scatter(inv, f["fd"], s=10, color=f"C{i % 10}", alpha=0.6)
+        xs = np.array([0.0, inv.max()])
+        ax.plot(xs, f["fd_inf"] + f["slope"] * xs, color=f"C{i % 10}", lw=1,
+                label=f"{name}: FD {np.asarray(f['fd'])[np.asarray(f['sizes']) == top].mean():.1f} at {top}, "
+                      f"FD∞ {f['fd_inf']:.1f}")
+        ax.plot(0, f["fd_inf"], "D", color=f"C{i % 10}", ms=6)
+    ax.axhline(0, color="k", lw=0.5)
+    ax.set(xlabel="1 / images per set", ylabel="Fréchet distance to test images",
+           title="The FD of m images against 1/m, and FD∞ where the line meets 1/m = 0\n(Chong & Forsyth 2020)")
+    ax.set_xlim(left=-0.02 * ax.get_xlim()[1])
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def energy_parts_figure(panels: dict, path: Path, points: int = 600) -> Path:
     """log p(x)'s two parts, one panel per run: {title: {set: (confidence (N,), shift (N,))}} as a scatter of at most
     ``points`` images per set, the set "test" first, with the line shift + confidence = the test images' median log

@@ -323,8 +323,9 @@ def test_sample_draws_repeats_the_benchmarks_sample_measure_on_independent_draws
     a step cap a chain cannot take is refused. draws_figure.py tables and draws either ratio of that output."""
     before = sorted(p.name for p in (trained_runs / "jem").iterdir())
     r = script(capsys, "sample_draws.py", trained_runs / "jem", trained_runs / "base", "--draws", "1,2,1",
-               "--n-gen", "20", "--sample-steps", "2", "--sample-step-cap", "0.01")
+               "--n-gen", "20", "--sample-steps", "2", "--sample-step-cap", "0.01", "--figure", tmp_path / "inf.png")
     assert r.returncode == 0, r.stderr
+    assert (tmp_path / "inf.png").stat().st_size > 0
     rows = [line.split("|")[1:-1] for line in r.stdout.splitlines() if line.startswith("| ") and "draw" not in line
             and not line.startswith("|---")]
     assert [int(c[0]) for c in rows] == [1, 2, 1] and rows[0][1:4] == rows[2][1:4] and rows[0][1:3] != rows[1][1:3]
