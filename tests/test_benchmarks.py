@@ -358,3 +358,18 @@ def test_sample_draws_repeats_the_benchmarks_sample_measure_on_independent_draws
     assert sorted(p.name for p in (trained_runs / "jem").iterdir()) == before
     bad = script(capsys, "sample_draws.py", trained_runs / "jem", trained_runs / "base", "--sample-step-cap", "0")
     assert bad.returncode != 0 and "--sample-step-cap" in bad.stderr
+
+
+def test_fd_floor_prints_the_estimators_bias_and_fd_infinity(trained_runs, capsys):
+    """fd_floor.py: training against test images in a run's features — the FD of m per size with m × FD, then FD
+    and FD∞ per n, each over the asked repeats; a size below 8 images is refused in one line."""
+    r = script(capsys, "fd_floor.py", trained_runs / "base", "--sizes", "12,24", "--n", "24", "--repeats", "2")
+    assert r.returncode == 0, r.stderr
+    rows = [line.split("|")[1:-1] for line in r.stdout.splitlines() if line.startswith("| ") and "FD" not in line
+            and not line.startswith("|---")]
+    assert [int(c[0]) for c in rows] == [12, 24, 24]
+    for c in rows[:2]:
+        assert abs(int(c[0]) * float(c[1].split(" ± ")[0]) - float(c[2])) <= int(c[0]) * 0.005 + 0.5
+    assert float(rows[2][2].split(" ± ")[0]) < float(rows[2][1].split(" ± ")[0])  # FD∞ below the FD of n
+    bad = script(capsys, "fd_floor.py", trained_runs / "base", "--sizes", "4")
+    assert bad.returncode != 0 and "at least 8 images" in bad.stderr
