@@ -47,10 +47,10 @@ def main() -> None:
         raise SystemExit(f"error: {e}") from None
     ref.jem.eval()
     data, g = ref.data, torch.Generator().manual_seed(args.seed)
-    top = min(max(sizes + ns), len(data.x_train), len(data.x_test))
-    train = model_outputs(ref.jem, to_float(data.x_train[torch.randperm(len(data.x_train), generator=g)[:top]]),
+    pool = min(2 * max(sizes + ns), len(data.x_train), len(data.x_test))  # subsets of the largest size differ
+    train = model_outputs(ref.jem, to_float(data.x_train[torch.randperm(len(data.x_train), generator=g)[:pool]]),
                           grad=False).features.numpy()
-    test = model_outputs(ref.jem, to_float(data.x_test[torch.randperm(len(data.x_test), generator=g)[:top]]),
+    test = model_outputs(ref.jem, to_float(data.x_test[torch.randperm(len(data.x_test), generator=g)[:pool]]),
                          grad=False).features.numpy()
     rng = np.random.default_rng(args.seed)
 
@@ -58,13 +58,13 @@ def main() -> None:
         return train[rng.permutation(len(train))[:m]], test[rng.permutation(len(test))[:m]]
 
     print(f"{args.reference}: training against test images of {ref.cfg.dataset}, features of dimension "
-          f"{train.shape[1]}, {args.repeats} random subsets per size\n")
+          f"{train.shape[1]}, {args.repeats} random subsets per size of {pool} images of each\n")
     print("| m | FD of m (mean ± sd) | m × FD |\n|---|---|---|")
-    for m in (m for m in sizes if m <= top):
+    for m in (m for m in sizes if m <= pool):
         fd = np.array([frechet_distance(*draw(m)) for _ in range(args.repeats)])
         print(f"| {m} | {fd.mean():.2f} ± {fd.std():.2f} | {m * fd.mean():.0f} |", flush=True)
     print("\n| n | FD of n (mean ± sd) | FD∞ from subsets of n/2 to n (mean ± sd) |\n|---|---|---|")
-    for n in (n for n in ns if n <= top):
+    for n in (n for n in ns if n <= pool):
         pairs = [draw(n) for _ in range(args.repeats)]
         fd = np.array([frechet_distance(a, b) for a, b in pairs])
         inf = np.array([frechet_distance_infinity(a, b, seed=k)["fd_inf"] for k, (a, b) in enumerate(pairs)])
