@@ -160,9 +160,10 @@ def frechet_distance_infinity(feat_a: np.ndarray, feat_b: np.ndarray, points: in
     (mchong6/FID_IS_infinity, score_infinity.py, calculate_FID_infinity) fits 15 sizes from n/10 to n with one subset
     each, against fixed statistics of the real set; here both sets are subsampled (both are n images), and the sizes
     start at n/2 because FD_m bends away from the line once m falls well below the features' dimension (1 024 for
-    cnn-silu-16: training against test images of Fashion-MNIST, m × FD_m = 7 100 at m = 100, 12 700 at 500,
-    13 200–14 200 from 1 000 to 10 000; docs/results/density.md). FD∞ is noisier than the FD at n, and can fall
-    below 0 for two draws of one distribution."""
+    cnn-silu-16: training against test images of Fashion-MNIST, m × FD_m = 6 700 at m = 100, 12 300 at 500, 13 700–
+    14 000 from 1 000 to 4 000; there FD∞ leaves 2.6 of the FD's 13.8 at n = 1 000 and 9.1 of 24.7 at n = 500:
+    benchmarks/fd_floor.py, docs/results/density.md). FD∞ is noisier than the FD at n, and can fall below 0 for two
+    draws of one distribution."""
     a, b = np.asarray(feat_a, np.float64), np.asarray(feat_b, np.float64)
     n = min(len(a), len(b))
     sizes = sorted({int(round(s)) for s in np.linspace(smallest * n, n, points)})
