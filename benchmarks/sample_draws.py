@@ -91,8 +91,8 @@ def main() -> None:
     args = ap.parse_args()
     try:
         draws = [int(d) for d in args.draws.split(",") if d]
-        if not draws or args.n_gen < 2 or args.sample_steps < 1:
-            raise ValueError("--draws needs at least one seed, --n-gen >= 2 and --sample-steps >= 1")
+        if not draws or args.n_gen < 8 or args.sample_steps < 1:
+            raise ValueError("--draws needs at least one seed, --n-gen >= 8 (FD∞'s subsets) and --sample-steps >= 1")
         check_sample_step_cap(args.sample_step_cap)
         run, ref = load_run(args.run, "cpu", args.data_root), load_run(args.reference, "cpu", args.data_root)
         run = dataclasses.replace(run, cfg=sampling_config(run.cfg, args.sample_step_cap))

@@ -275,7 +275,7 @@ def generation(run: LoadedRun, reference: Optional[LoadedRun], opts: EvalOptions
     test_features = ref_out["real test"].features.numpy()
     fd = {k: frechet_distance(ref_out[k].features.numpy(), test_features) for k in sets}
     fits = {k: frechet_distance_infinity(ref_out[k].features.numpy(), test_features, seed=opts.seed)
-            for k in sets} if n_gen >= 8 else {}
+            for k in sets if min(n_gen, len(sets[k])) >= 8}  # FD∞ fits subsets of n/2 to n: too few images, none
     acc = {k: float((ref_out[k].logits.argmax(1) == labels[k]).float().mean()) for k in labels}
     by_length = {0: (fd["chain starts (0 steps)"], acc["chain starts (0 steps)"])}
     for k, xk in path.items():  # the same chains on the way: where along them are samples best?
