@@ -273,6 +273,7 @@ def generation(run: LoadedRun, reference: Optional[LoadedRun], opts: EvalOptions
     real_test = to_float(data.x_test[torch.randperm(len(data.x_test), generator=g)[:n_gen]])
     ref_out = {k: model_outputs(reference.jem, v, grad=False) for k, v in {"real test": real_test, **sets}.items()}
     test_features = ref_out["real test"].features.numpy()
+    dim = test_features.shape[1]
     fd = {k: frechet_distance(ref_out[k].features.numpy(), test_features) for k in sets}
     fits = {k: frechet_distance_infinity(ref_out[k].features.numpy(), test_features, seed=opts.seed)
             for k in sets if min(n_gen, len(sets[k])) >= 8}  # FD∞ fits subsets of n/2 to n: too few images, none
@@ -293,7 +294,9 @@ def generation(run: LoadedRun, reference: Optional[LoadedRun], opts: EvalOptions
                                 f"chain was drawn for (buffer: agreement with the JEM's own label); fd_inf: FD∞, the "
                                 f"FD extrapolated to infinitely many images from subsets of {n_gen // 2} to {n_gen} "
                                 f"(Chong & Forsyth 2020; metrics.frechet_distance_infinity): the FD of n images is "
-                                f"biased up by about k/n, which the floor row shows (its FD∞ is near 0)")}
+                                f"biased up by about k/n, which the floor row shows (its FD∞ is near 0)"
+                                + (f"; with fewer images than the features' {dim} dimensions FD∞ keeps part of that "
+                                   f"bias (--n-gen {dim} or more removes most of it)" if n_gen < dim else ""))}
 
 
 def evaluate_run(run: LoadedRun, opts: EvalOptions, reference: Optional[LoadedRun] = None) -> EvalResult:
