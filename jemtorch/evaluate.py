@@ -294,9 +294,10 @@ def generation(run: LoadedRun, reference: Optional[LoadedRun], opts: EvalOptions
                                 f"chain was drawn for (buffer: agreement with the JEM's own label); fd_inf: FD∞, the "
                                 f"FD extrapolated to infinitely many images from subsets of {n_gen // 2} to {n_gen} "
                                 f"(Chong & Forsyth 2020; metrics.frechet_distance_infinity): the FD of n images is "
-                                f"biased up by about k/n, which the floor row shows (its FD∞ is near 0)"
-                                + (f"; with fewer images than the features' {dim} dimensions FD∞ keeps part of that "
-                                   f"bias (--n-gen {dim} or more removes most of it)" if n_gen < dim else ""))}
+                                f"biased up by about k/n, which the floor row shows (0 for the distributions)"
+                                + (f"; with fewer than twice as many images as the features' {dim} dimensions FD∞ "
+                                   f"keeps part of that bias (the floor's FD∞; --n-gen {2 * dim} removes nearly all)"
+                                   if n_gen < 2 * dim else ""))}
 
 
 def evaluate_run(run: LoadedRun, opts: EvalOptions, reference: Optional[LoadedRun] = None) -> EvalResult:

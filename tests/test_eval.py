@@ -210,7 +210,7 @@ def test_eval_end_to_end_two_runs(trained_runs, capsys):
     fd = m["generation"]["fd_ref"]
     assert fd["real train (floor)"] < fd["uniform noise"]  # the baseline run served as reference
     assert set(gen["fd_inf"]) == set(fd) and gen["fd_inf"]["real train (floor)"] < fd["real train (floor)"]
-    assert "FD∞" in gen["fd_ref_protocol"] and "keeps part of that bias (--n-gen" in gen["fd_ref_protocol"]  # 40 < dim
+    assert "FD∞" in gen["fd_ref_protocol"] and "keeps part of that bias (the floor's FD∞; --n-gen" in gen["fd_ref_protocol"]
     fit = gen["fd_inf_fit"]["real train (floor)"]  # the points FD∞ is read from: the FD at the largest m is fd's
     assert fit["fd_inf"] == gen["fd_inf"]["real train (floor)"] and fit["fd"][-1] == pytest.approx(fd["real train (floor)"])
     assert "skipped" in m["generation"]["inception"]
