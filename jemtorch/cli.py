@@ -90,7 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="step cap of the fresh sample chains, RMS move per pixel and step (default: the run's "
                         "--sample-step-cap, else its --sgld-step-cap); a smaller one follows the energy more closely")
     e.add_argument("--n-samples", type=int, default=100, help="images per sample grid")
-    e.add_argument("--n-gen", type=int, default=500, help="images per set for the Fréchet distances")
+    e.add_argument("--n-gen", type=int, default=500,
+                   help="images per set for the Fréchet distances (FD and FD∞; FD∞ removes nearly all of the FD's "
+                        "small-sample bias from twice the reference's feature dimensions, part of it below)")
     e.add_argument("--reference", metavar="RUN_DIR", help="classifier whose features define the Fréchet distance "
                    "(default: a baseline among the runs)")
     e.add_argument("--inception-weights", metavar="PATH", help="FID Inception weights file for true FID / IS")
