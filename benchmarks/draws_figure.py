@@ -17,10 +17,13 @@ from pathlib import Path
 from fd_curves import labelled  # benchmarks/ is on sys.path when this script runs
 from sample_draws import read_draws, verdict
 
-from jemtorch.figures import DRAW_READINGS, draws_figure
+from jemtorch.figures import draws_figure
 
-READINGS = {"plain": "ratio", "above-floor": "ratio above the floor", "fd-inf": "ratio of FD∞"}  # sample_draws' columns
-assert set(READINGS) == set(DRAW_READINGS)
+READINGS = {  # --reading: (sample_draws.py's column, the figure's axis)
+    "plain": ("ratio", "fresh chains' FD ÷ their starts'"),
+    "above-floor": ("ratio above the floor", "(FD − floor) ÷ (starts' FD − floor)"),
+    "fd-inf": ("ratio of FD∞", "fresh chains' FD∞ ÷ their starts' FD∞"),
+}
 
 
 def main(argv=None) -> None:
@@ -35,7 +38,7 @@ def main(argv=None) -> None:
     for spec in args.logs:
         label, log = labelled(spec, "LOG")
         try:
-            groups.setdefault(label, []).extend(read_draws(log.read_text(), READINGS[args.reading]))
+            groups.setdefault(label, []).extend(read_draws(log.read_text(), READINGS[args.reading][0]))
         except (OSError, ValueError) as e:
             raise SystemExit(f"error: {log}: {e}") from None
     print("| run | draws | mean ratio ± standard error | the line |")
@@ -44,7 +47,7 @@ def main(argv=None) -> None:
     for label, v in found.items():
         print(f"| {label} | {len(v['ratios'])} | {v['mean']:.3f} ± {v['se']:.3f} | {v['where']} |")
     if args.out is not None:
-        draws_figure(found, args.out, line=args.line, reading=args.reading)
+        draws_figure(found, args.out, line=args.line, what=READINGS[args.reading][1])
         print(f"wrote {args.out}", file=sys.stderr)
 
 

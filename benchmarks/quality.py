@@ -304,12 +304,12 @@ def tables(runs: list, oods: list, gens: list) -> list[str]:
                   "floor shows and FD∞ removes (benchmarks/sample_draws.py):", "",
                   "| seed | chains ÷ starts | above the floor | FD∞ ÷ FD∞ |", "|---|---|---|---|"]
         for g in (g for g in gens if "0" in g["by_length"] and len(g["by_length"]) > 1):  # older runs: no path
-            ends = g["by_length"][max(g["by_length"], key=int)]["fd"]  # the longest chains, as tradeoff.py reads them
+            last = max(g["by_length"], key=int)  # the longest chains, as tradeoff.py reads them
+            ends, start = g["by_length"][last]["fd"], g["by_length"]["0"]["fd"]
             floor = g["fd"].get("real train (floor)", float("nan"))
-            start = g["by_length"]["0"]["fd"]
-            inf = g["fd_inf"]  # FD∞ of the eval's chains and of their starts (runs evaluated before it: none)
-            fresh = [v for k, v in inf.items() if k.startswith("fresh chains")]
-            by_inf = f"{fresh[0] / inf['chain starts (0 steps)']:.3f}" if fresh else "—"
+            inf = g["fd_inf"]  # FD∞ of those chains and of their starts (runs evaluated before it: none)
+            fresh = f"fresh chains ({last} steps)"
+            by_inf = f"{inf[fresh] / inf['chain starts (0 steps)']:.3f}" if fresh in inf else "—"
             lines.append(f"| {g['seed']} | {ends / start:.3f} | {(ends - floor) / (start - floor):.3f} | {by_inf} |")
     return lines
 

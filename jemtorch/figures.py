@@ -170,14 +170,11 @@ def tradeoff_figure(groups: dict, path: Path, gap: float = -1.0, ratio: float = 
     return _save(fig, path)
 
 
-DRAW_READINGS = {"plain": "fresh chains' FD ÷ their starts'", "above-floor": "(FD − floor) ÷ (starts' FD − floor)",
-                 "fd-inf": "fresh chains' FD∞ ÷ their starts' FD∞"}
-
-
-def draws_figure(groups: dict, path: Path, line: float = 0.5, reading: str = "plain") -> Path:
+def draws_figure(groups: dict, path: Path, line: float = 0.5,
+                 what: str = "fresh chains' FD ÷ their starts'") -> Path:
     """The sample measure on independent draws: {label: {"ratios", "mean", "se", "where"}} as one row per label, each
     draw a dot, the mean ± two standard errors as a bar coloured by ``where`` ("under" / "over" the line), and the
-    sample line ``line`` dashed; ``reading`` names the ratio (``DRAW_READINGS``)."""
+    sample line ``line`` dashed; ``what`` names the ratio on the x axis."""
     plt = plt_module()
     fig, ax = plt.subplots(figsize=(8, 1.4 + 0.38 * len(groups)))
     for i, v in enumerate(groups.values()):
@@ -187,7 +184,7 @@ def draws_figure(groups: dict, path: Path, line: float = 0.5, reading: str = "pl
                     capsize=4)  # one draw: no standard error
     ax.axvline(line, color="k", ls="--", lw=1)
     ax.set_yticks(-np.arange(len(groups)), list(groups))
-    ax.set(xlabel=f"{DRAW_READINGS[reading]} (dots: draws; ◆: their mean ± 2 standard errors)",
+    ax.set(xlabel=f"{what} (dots: draws; ◆: their mean ± 2 standard errors)",
            title="The sample line on independent draws\n(green: the mean under it by > 2 SE; red: over it; blue: within)")
     ax.set_ylim(-len(groups) + 0.5, 0.5)
     ax.grid(alpha=0.3, axis="x")
