@@ -339,7 +339,7 @@ def training_curves(records: Sequence[dict], path: Path) -> Optional[Path]:
         ax.set_xlabel("iteration", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.legend(fontsize=7)
-    warnings = [r for r in records if r.get("kind") == "health" and r.get("status") == "unhealthy"]
+    warnings = [r for r in records if r.get("kind") == "health" and r.get("status") in ("unhealthy", "overshoot")]
     title = [f"{len(rollbacks)} divergence(s) recovered (red lines)"] if rollbacks else []
     title += [f"health warnings at iterations {', '.join(str(r['step']) for r in warnings[:6])}"] if warnings else []
     if title:

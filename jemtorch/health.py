@@ -16,6 +16,12 @@ until a penalty stops them, and the model learns nothing more about p(x). The pe
     pinned      (judged here) E(data) − E(samples) at ≥ 90% of the energy penalty's fixed point −w/λ: the minimum of
                 w·(Ē_d − Ē_s) + λ·(Ē_d² + Ē_s²) is Ē_d = −w/(2λ), Ē_s = +w/(2λ), where the penalty, not the data,
                 sets the energies.
+    overshoot   (judged here, apart from health) E(data) − E(samples) at ≥ 90% of +w/λ: the chain ends sit that far
+                *below* the data's energy, samples the model rates likelier than its data, and the p(x) term does not
+                pull them back (as when only the logits' shift trains it: --px-tail-grad logit-shift without a leak).
+                Such iterations reach the data and are not pinned, so they count as healthy; ``Health`` warns of a
+                log window whose mean gap overshoots, and ``summary.json`` records their share
+                (``health.overshoot_fraction``).
 
 An iteration of the generative phase is **healthy** when reach ≥ ``REACH_MIN`` (one chain end in five at or below
 the data's median energy; a model's own samples: one in two) and the gap is not pinned (so that no penalty can make
@@ -59,9 +65,17 @@ def fixed_point(p_x_weight: float, energy_reg: float) -> Optional[float]:
 
 def pinned(gap: float, p_x_weight: float, energy_reg: float) -> bool:
     """Is the energy gap E(data) − E(samples) at the penalty's fixed point −w/λ (within ``PINNED_AT``)? A positive gap
-    (chain ends below the data's energy, as when the chains overshoot early on) is the other way round: not pinned."""
+    (chain ends below the data's energy, as when the chains overshoot early on) is the other way round: not pinned
+    (``overshot``)."""
     fixed = fixed_point(p_x_weight, energy_reg)
     return fixed is not None and p_x_weight > 0 and gap <= -PINNED_AT * fixed
+
+
+def overshot(gap: float, p_x_weight: float, energy_reg: float) -> bool:
+    """Is the energy gap at the mirror of the fixed point, +w/λ (within ``PINNED_AT``): chain ends that far below the
+    data's energy?"""
+    fixed = fixed_point(p_x_weight, energy_reg)
+    return fixed is not None and p_x_weight > 0 and gap >= PINNED_AT * fixed
 
 
 def moving_average(average: Optional[float], value: float, rate: float) -> float:
@@ -80,6 +94,8 @@ class Health(Callback):
         self.window: list[bool] = []  # verdicts since the last log record
         self.gaps: list[float] = []
         self.warned = False  # the last health record was a warning
+        self.overshoots = 0  # generative iterations whose gap overshot (not counted against health)
+        self.warned_over = False  # the last overshoot record was a warning
 
     def on_rollback(self, t) -> None:
         self.window.clear()
@@ -91,6 +107,7 @@ class Health(Callback):
         ok = healthy(values, self.cfg.p_x_weight, t.recovery.energy_reg)
         self.iterations += 1
         self.healthy += ok
+        self.overshoots += overshot(values.get("energy_gap", 0.0), self.cfg.p_x_weight, t.recovery.energy_reg)
         self.window.append(ok)
         self.gaps.append(values.get("energy_gap", 0.0))
         if t.state.step % self.cfg.log_every == 0 or t.last:
@@ -103,7 +120,10 @@ class Health(Callback):
         bad = share < WINDOW_BAD or is_pinned
         self.window.clear()
         self.gaps.clear()
-        t.flags["health"] = ("PINNED" if is_pinned else "UNREACHED") if bad else "ok"
+        is_over = not bad and overshot(gap, self.cfg.p_x_weight, t.recovery.energy_reg)
+        t.flags["health"] = ("PINNED" if is_pinned else "UNREACHED") if bad else "OVERSHOOT" if is_over else "ok"
+        if is_over != self.warned_over:
+            self.overshoot_record(t, is_over, gap)
         if bad == self.warned:
             return
         self.warned = bad
@@ -117,22 +137,38 @@ class Health(Callback):
                             f"{values['reach']:.2f}, travel {values.get('travel', 0):.3g}); see README, Health")
                 if bad else f"health: healthy again at iteration {t.state.step} ({share:.0%} of the last iterations)"})
 
+    def overshoot_record(self, t, is_over: bool, gap: float) -> None:
+        """A ``health`` record (status ``overshoot``) when a log window's mean gap starts to overshoot +w/λ, and one
+        (``balanced``) when it stops."""
+        self.warned_over = is_over
+        fixed = fixed_point(self.cfg.p_x_weight, t.recovery.energy_reg)
+        t.emit({"kind": "health", "step": t.state.step, "status": "overshoot" if is_over else "balanced",
+                "energy_gap": gap, "penalty_fixed_point": fixed,
+                "message": (f"health warning at iteration {t.state.step}: the chains overshoot: energy gap {gap:+.2f}, "
+                            f"their ends below the data's energy by more than the penalty's fixed point {fixed:g} "
+                            f"(samples rated likelier than the data); see README, Health") if is_over
+                else f"health: the energy gap is back under +{fixed:g} at iteration {t.state.step} ({gap:+.2f})"})
+
     def summary(self) -> dict:
         if not self.iterations:
             return {}
         return {"health": {"healthy_fraction": self.healthy / self.iterations, "generative_iterations": self.iterations,
+                           "overshoot_fraction": self.overshoots / self.iterations,
                            "definition": f"reach >= {REACH_MIN} (share of chain ends at or below the data batch's median "
                                          f"energy) and the energy gap off the penalty's fixed point (jemtorch/health.py)"}}
 
     def state_dict(self) -> dict:
         return {"iterations": self.iterations, "healthy": self.healthy, "window": list(self.window),
-                "gaps": list(self.gaps), "warned": self.warned}
+                "gaps": list(self.gaps), "warned": self.warned, "overshoots": self.overshoots,
+                "warned_over": self.warned_over}
 
     def load_state_dict(self, state: dict) -> None:
         self.iterations, self.healthy = int(state["iterations"]), int(state["healthy"])
         self.window = [bool(v) for v in state.get("window", [])]
         self.gaps = [float(v) for v in state.get("gaps", [])]
         self.warned = bool(state.get("warned", False))
+        self.overshoots = int(state.get("overshoots", 0))  # checkpoints before the count: from their resume on
+        self.warned_over = bool(state.get("warned_over", False))
 
 
 class AdaptivePx(Callback):

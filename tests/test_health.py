@@ -7,7 +7,7 @@ import torch
 
 from jemtorch import JEM, Weights, create_model, jem_loss
 from jemtorch.config import TrainConfig
-from jemtorch.health import REACH_MIN, AdaptivePx, AdaptiveSteps, Health, healthy, pinned
+from jemtorch.health import REACH_MIN, AdaptivePx, AdaptiveSteps, Health, healthy, overshot, pinned
 from jemtorch.sampler import JEMSampler, ReplayBuffer
 
 
@@ -72,6 +72,36 @@ def test_health_warns_when_pinned_or_unreached_and_says_when_it_recovers():
     assert not healthy({"reach": 0.5, "energy_gap": -9.5}, 1.0, 0.1)  # reached, but held there by the penalty
     assert pinned(-9.0, 1.0, 0.1) and not pinned(-8.9, 1.0, 0.1) and not pinned(-50.0, 1.0, 0.0)
     assert not pinned(+9.5, 1.0, 0.1)  # chain ends below the data's energy: overshooting, not the penalty's fixed point
+
+
+def test_chains_that_overshoot_the_data_are_warned_of_and_counted_apart_from_health():
+    """A gap at the mirror of the fixed point, +w/λ: chain ends far below the data's energy. Healthy by the definition
+    (reached, not pinned), yet a warning and a record when a window overshoots, one when it stops, and its share."""
+    cfg = TrainConfig(log_every=5, p_x_weight=0.3, energy_reg=0.1)  # fixed point w/λ = 3
+    h = Health(cfg)
+    t, events = fake_trainer(cfg, energy_reg=0.1)
+
+    def steps(n, **values):
+        for _ in range(n):
+            t.state.step += 1
+            h.on_step_end(t, values)
+
+    steps(5, reach=0.5, energy_gap=2.6)  # under 0.9·3: balanced enough, no record
+    assert events == [] and t.flags["health"] == "ok"
+    steps(5, reach=1.0, energy_gap=9.0)
+    assert [e["status"] for e in events] == ["overshoot"] and "+9.00" in events[0]["message"]
+    assert t.flags["health"] == "OVERSHOOT"
+    steps(5, reach=1.0, energy_gap=12.0)  # still overshooting: no second record
+    assert len(events) == 1
+    steps(5, reach=0.5, energy_gap=0.2)
+    assert [e["status"] for e in events] == ["overshoot", "balanced"] and t.flags["health"] == "ok"
+    summary = h.summary()["health"]
+    assert summary["healthy_fraction"] == 1.0 and summary["overshoot_fraction"] == pytest.approx(10 / 20)
+    again = Health(cfg)
+    again.load_state_dict(h.state_dict())
+    assert again.summary() == h.summary()
+    assert overshot(2.7, 0.3, 0.1) and not overshot(2.6, 0.3, 0.1) and not overshot(50.0, 0.3, 0.0)
+    assert not overshot(-9.5, 1.0, 0.1)  # the other side is pinned, not overshot
 
 
 def test_a_pinned_run_says_so_on_screen_in_the_log_and_the_summary(tmp_path, capsys):
