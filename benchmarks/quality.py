@@ -221,15 +221,15 @@ def evaluate_pair(seed: int, out: Path, summaries: dict, ood: tuple, args) -> tu
     runs, oods, gens = [], [], []
     for kind in ("jem", "baseline"):
         s, m = summaries[kind], metrics.get(kind)
-        row = {"seed": seed, "run": kind, "failed": s.get("failed"),
-               "train_accuracy": last_epoch_train_accuracy(out / kind)}
+        health = s.get("health", {})
+        row = {"seed": seed, "run": kind, "failed": s.get("failed"), "healthy": health.get("healthy_fraction"),
+               "overshoot": health.get("overshoot_fraction"), "train_accuracy": last_epoch_train_accuracy(out / kind)}
         if m and args.ood_only:
             row.update(test_accuracy=s["test_accuracy"], train_seconds=s["train_seconds"], rollbacks=s["rollbacks"],
-                       healthy=s.get("health", {}).get("healthy_fraction"), auroc=aurocs(m["ood"]))
+                       auroc=aurocs(m["ood"]))
         elif m:
             row.update(test_accuracy=m["test_accuracy"], ece=m["ece"], ece_ts=m["ece_ts"], temperature=m["temperature"],
                        train_seconds=s["train_seconds"], rollbacks=s["rollbacks"], recipe=s.get("recipe"),
-                       healthy=s.get("health", {}).get("healthy_fraction"),
                        ece_vs_baseline=m.get("ece_vs_reference", {}).get("raw"),
                        boundary_l2=m.get("steepness", {}).get("boundary_l2"), auroc=aurocs(m["ood"]))
         runs.append(row)
@@ -245,9 +245,16 @@ def pct(v) -> str:
     return "—" if v is None else f"{100 * v:.2f}%"
 
 
+def health_cell(r: dict) -> str:
+    """The healthy share of JEM iterations, and in brackets the share whose chains overshot the data (health.py)."""
+    if r.get("healthy") is None:
+        return "—"
+    return f"{100 * r['healthy']:.0f}%" + (f" ({100 * r['overshoot']:.0f}%)" if r.get("overshoot") else "")
+
+
 def tables(runs: list, oods: list, gens: list) -> list[str]:
     lines = ["| seed | run | test acc | train acc (last epoch) | ECE | ECE − baseline's [95%] | ECE (TS) | T "
-             "| boundary L2 | train s | rollbacks | healthy |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| boundary L2 | train s | rollbacks | healthy (overshooting) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         if r.get("failed") or "test_accuracy" not in r:
             lines.append(f"| {r['seed']} | {r['run']} | FAILED: {r.get('failed')} |")
@@ -257,7 +264,7 @@ def tables(runs: list, oods: list, gens: list) -> list[str]:
             format_difference(r["ece_vs_baseline"]) if r.get("ece_vs_baseline") else "—", pct(r.get("ece_ts")),
             f"{r['temperature']:.2f}" if r.get("temperature") else "—",
             f"{r['boundary_l2']:.2f}" if r.get("boundary_l2") is not None else "—", f"{r['train_seconds']:.0f}", r["rollbacks"],
-            f"{100 * r['healthy']:.0f}%" if r.get("healthy") is not None else "—"])) + " |")
+            health_cell(r)])) + " |")
     for kind in ("jem", "baseline"):
         good = [r for r in runs if r["run"] == kind and r.get("ece") is not None]
         if len(good) > 1:

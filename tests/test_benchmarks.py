@@ -111,6 +111,7 @@ def test_quality_benchmark_tables_and_reuse(tmp_path, capsys):
     inf = rows["samples"][0]["fd_inf"]
     assert float(line[4]) == pytest.approx(inf["fresh chains (2 steps)"] / inf["chain starts (0 steps)"], abs=1e-3)
     assert 0 <= jem["healthy"] <= 1 and base["healthy"] is None
+    assert 0 <= jem["overshoot"] <= 1 and base["overshoot"] is None  # health.py: chains below the data's energy
     logged = [json.loads(ln) for ln in (out / "seed0" / "jem" / "metrics.jsonl").read_text().splitlines()]
     last = [r["train_acc"] for r in logged if r.get("kind") == "train" and r["epoch"] > 1]  # epoch 2 of 2
     assert last and jem["train_accuracy"] == pytest.approx(sum(last) / len(last))
@@ -180,12 +181,13 @@ def test_quality_flags_read_a_config_file_under_the_explicit_flags(tmp_path, mon
      ("| −rise1 alone |", "| (log p, PNG, margin) |", "| (log p, PNG, rise2, margin) |", "| (log p, PNG, rise2) h×0.5 |")),
     ("probe_msma.py", ("--sigmas", "0.1,0.3", "--chain", "1,2"), "(log p, PNG, drop0.3)",
      ("| MSMA: ‖∇‖ at every σ |", "| cos0.1 alone |", "| (log p, PNG, chain rise2) |")),
+    ("probe_logits.py", (), "max − mean", ("| max p(y|x) |", "| MaxLogit |", "| −entropy |")),
     ("probe_complexity.py", ("--compressors", "png,webp", "--centres", "50"), "(log p, webp, rise)",
      ("| png alone |", "| (log p, png) |", "| (log p, png, rise) |")),
 ])
 def test_probes_of_the_energy_table_every_combination_on_a_trained_run(trained_runs, capsys, name, args, row, others):
-    """The ascent and multiscale probes read a run (never change it) and print AUROC (FPR95) per combination and OOD
-    set."""
+    """The ascent, multiscale, logits' and compressors' probes read a run (never change it) and print AUROC (FPR95) per
+    combination (or score) and OOD set."""
     before = sorted(p.name for p in (trained_runs / "jem").iterdir())
     r = script(capsys, name, trained_runs / "jem", "--ood", "uniform,constant", "--n", "40", "--n-fit", "60", *args)
     assert r.returncode == 0, r.stderr
