@@ -145,9 +145,10 @@ class Health(Callback):
         t.emit({"kind": "health", "step": t.state.step, "status": "overshoot" if is_over else "balanced",
                 "energy_gap": gap, "penalty_fixed_point": fixed,
                 "message": (f"health warning at iteration {t.state.step}: the chains overshoot: energy gap {gap:+.2f}, "
-                            f"their ends below the data's energy by more than the penalty's fixed point {fixed:g} "
-                            f"(samples rated likelier than the data); see README, Health") if is_over
-                else f"health: the energy gap is back under +{fixed:g} at iteration {t.state.step} ({gap:+.2f})"})
+                            f"their ends below the data's energy by {PINNED_AT:.0%} or more of the penalty's fixed point "
+                            f"{fixed:g} (samples rated likelier than the data); see README, Health") if is_over
+                else f"health: the energy gap is back under +{PINNED_AT * fixed:.3g} at iteration {t.state.step} "
+                     f"({gap:+.2f})"})
 
     def summary(self) -> dict:
         if not self.iterations:

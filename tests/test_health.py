@@ -95,6 +95,7 @@ def test_chains_that_overshoot_the_data_are_warned_of_and_counted_apart_from_hea
     assert len(events) == 1
     steps(5, reach=0.5, energy_gap=0.2)
     assert [e["status"] for e in events] == ["overshoot", "balanced"] and t.flags["health"] == "ok"
+    assert "90% or more of the penalty's fixed point 3" in events[0]["message"] and "under +2.7 " in events[1]["message"]
     summary = h.summary()["health"]
     assert summary["healthy_fraction"] == 1.0 and summary["overshoot_fraction"] == pytest.approx(10 / 20)
     again = Health(cfg)
