@@ -44,15 +44,20 @@ def fake_trainer(cfg, energy_reg):
     return t, events
 
 
-def test_health_warns_when_pinned_or_unreached_and_says_when_it_recovers():
-    cfg = TrainConfig(log_every=5, p_x_weight=1.0, energy_reg=0.1)
-    h = Health(cfg)
-    t, events = fake_trainer(cfg, energy_reg=0.1)
-
+def stepper(h: Health, t):
+    """``steps(n, **values)``: n iterations of the fake trainer ``t`` with the same statistics, judged by ``h``."""
     def steps(n, **values):
         for _ in range(n):
             t.state.step += 1
             h.on_step_end(t, values)
+    return steps
+
+
+def test_health_warns_when_pinned_or_unreached_and_says_when_it_recovers():
+    cfg = TrainConfig(log_every=5, p_x_weight=1.0, energy_reg=0.1)
+    h = Health(cfg)
+    t, events = fake_trainer(cfg, energy_reg=0.1)
+    steps = stepper(h, t)
 
     steps(5, reach=0.4, energy_gap=-1.0)  # healthy: no record
     assert events == [] and t.flags["health"] == "ok"
@@ -80,11 +85,7 @@ def test_chains_that_overshoot_the_data_are_warned_of_and_counted_apart_from_hea
     cfg = TrainConfig(log_every=5, p_x_weight=0.3, energy_reg=0.1)  # fixed point w/λ = 3
     h = Health(cfg)
     t, events = fake_trainer(cfg, energy_reg=0.1)
-
-    def steps(n, **values):
-        for _ in range(n):
-            t.state.step += 1
-            h.on_step_end(t, values)
+    steps = stepper(h, t)
 
     steps(5, reach=0.5, energy_gap=2.6)  # under 0.9·3: balanced enough, no record
     assert events == [] and t.flags["health"] == "ok"
