@@ -73,9 +73,8 @@ def pinned(gap: float, p_x_weight: float, energy_reg: float) -> bool:
 
 def overshot(gap: float, p_x_weight: float, energy_reg: float) -> bool:
     """Is the energy gap at the mirror of the fixed point, +w/λ (within ``PINNED_AT``): chain ends that far below the
-    data's energy?"""
-    fixed = fixed_point(p_x_weight, energy_reg)
-    return fixed is not None and p_x_weight > 0 and gap >= PINNED_AT * fixed
+    data's energy? ``pinned`` with the gap's sign turned."""
+    return pinned(-gap, p_x_weight, energy_reg)
 
 
 def moving_average(average: Optional[float], value: float, rate: float) -> float:
