@@ -62,13 +62,17 @@ def probe_parser(doc: str) -> argparse.ArgumentParser:
     return ap
 
 
-def gather(run, args, statistics) -> dict[str, torch.Tensor]:
-    """``statistics(jem, x, key)`` of ``--n-fit`` training images ("fit"), ``--n`` test images ("in", jem eval's) and
-    ``--n`` images of each ``--ood`` set: the matrices the combinations are scored on."""
-    x_fit, _ = detector_fit_images(run.cfg, run.data, args.n_fit)
+def gather(run, args, statistics, fit: bool = True) -> dict[str, torch.Tensor]:
+    """``statistics(jem, x, key)`` of ``--n-fit`` training images ("fit"; left out when ``fit`` is False: a probe
+    that fits nothing), ``--n`` test images ("in", jem eval's) and ``--n`` images of each ``--ood`` set: the matrices
+    the combinations are scored on."""
+    stats = {}
+    if fit:
+        x_fit, _ = detector_fit_images(run.cfg, run.data, args.n_fit)
+        stats["fit"] = statistics(run.jem, to_float(x_fit), 1)
     x_in = scored_test_images(run, args.n, torch.Generator().manual_seed(0))
     root = args.data_root or run.cfg.data_root
-    stats = {"fit": statistics(run.jem, to_float(x_fit), 1), "in": statistics(run.jem, x_in, 2)}
+    stats["in"] = statistics(run.jem, x_in, 2)
     for k, name in enumerate(args.ood.split(",")):
         x = make_ood_set(name, x_in, args.n, seed=1, data_root=root, in_dataset=run.cfg.dataset)
         stats[name] = statistics(run.jem, x, 3 + k)

@@ -31,9 +31,8 @@ def statistics(jem, x: torch.Tensor, batch: int = 500) -> torch.Tensor:
 
 def main() -> None:
     args = probe_parser(__doc__).parse_args()
-    args.n_fit = 2  # nothing is fitted: gather's training rows are not read
     run = load_run(args.run, data_root=args.data_root)
-    stats = gather(run, args, lambda jem, x, _: statistics(jem, x))
+    stats = gather(run, args, lambda jem, x, _: statistics(jem, x), fit=False)  # nothing is fitted
     print_table(run, stats, {name: (j, 1) for j, name in enumerate(SCORES)})
 
 
