@@ -10,7 +10,8 @@ last of these layers that sets it (``jem config`` prints each value with its lay
     3. preset           the dataset's preset file ``jemtorch/presets/<dataset>.toml``: its ``[all]`` table, then the
                         table of the recipe in use (the file also names the dataset's default recipe)
     4. resumed run      the run's own config.json (``jem train --resume``)
-    5. config file      ``--config FILE`` (JSON or TOML)
+    5. config file      ``--config FILE`` (JSON or TOML); a file may start from another with ``extends = "base.toml"``
+                        (a path relative to it): the base's entries first, the file's own over them
     6. flag             the command line (or the keyword arguments of ``make_config``)
 """
 from __future__ import annotations
@@ -410,10 +411,9 @@ def dataset_preset(dataset: str) -> dict:
 
 def config_layers(args: dict, config_file: Optional[str] = None, base: Optional[dict] = None) -> list[tuple[str, dict]]:
     """The layers of the module docstring, lowest first, as (label, entries) pairs (defaults not included)."""
-    file_entries = load_config_file(config_file) if config_file else {}
     flags = {k: v for k, v in args.items() if v is not None}
-    above = [("resumed run", upgrade_legacy(dict(base or {}))), (f"config file {config_file}", file_entries),
-             ("flag", flags)]
+    above = [("resumed run", upgrade_legacy(dict(base or {}))),
+             *(config_file_layers(config_file) if config_file else []), ("flag", flags)]
     given = {k: v for _, layer in above for k, v in layer.items()}
     dataset = given.get("dataset", TrainConfig.dataset)
     preset = dataset_preset(dataset) if isinstance(dataset, str) else {}
@@ -453,8 +453,38 @@ def format_sources(cfg: TrainConfig, sources: dict[str, str]) -> str:
     return "\n".join(f"{a:<{w0}}  {b:<{w1}}  {c}" for a, b, c in rows)
 
 
+MAX_EXTENDS = 8  # a chain of config files this long is a mistake (or a cycle) rather than a design
+
+
+def config_file_layers(path: str | Path) -> list[tuple[str, dict]]:
+    """A config file's layers, lowest first: the files it extends (``extends = "base.toml"``, a path relative to the
+    file; the base may extend another), then its own entries; each labelled ``config file PATH``."""
+    chain: list[tuple[str, dict]] = []
+    seen: list[Path] = []
+    path = Path(path)
+    while True:
+        entries = read_config_file(path)
+        chain.insert(0, (f"config file {path}", entries))
+        seen.append(path.resolve())
+        parent = entries.pop("extends", None)
+        if parent is None:
+            return chain
+        if not isinstance(parent, str) or not parent:
+            raise ValueError(f"config file {path}: extends must name a config file, got {parent!r}")
+        path = path.parent / parent
+        if path.resolve() in seen:
+            raise ValueError(f"config file {seen[-1]}: extends {parent} makes a cycle")
+        if len(seen) > MAX_EXTENDS:
+            raise ValueError(f"config file {seen[0]}: more than {MAX_EXTENDS} files extend one another")
+
+
 def load_config_file(path: str | Path) -> dict:
-    """Read a JSON or TOML config file into a dict (keys may use - or _)."""
+    """A config file's entries with those of the files it extends under them (``config_file_layers``)."""
+    return {k: v for _, entries in config_file_layers(path) for k, v in entries.items()}
+
+
+def read_config_file(path: str | Path) -> dict:
+    """Read one JSON or TOML config file into a dict (keys may use - or _)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"config file not found: {path}")

@@ -53,6 +53,22 @@ def test_each_value_says_which_layer_set_it(tmp_path):
     assert [f.name for s in SECTIONS for f in fields(s)] == [f.name for f in fields(TrainConfig)]  # one owner each
 
 
+def test_a_config_file_extends_another_and_each_value_names_its_file(tmp_path):
+    (tmp_path / "base.toml").write_text('sgld_steps = 4\nlr = 0.02\n')
+    (tmp_path / "sub").mkdir()
+    child = tmp_path / "sub" / "child.toml"
+    child.write_text('extends = "../base.toml"\nlr = 0.03\n')  # relative to the file, not to the working directory
+    cfg, src = resolve_with_sources({"dataset": "fashion-mnist", "epochs": 2}, str(child))
+    assert (cfg.sgld_steps, cfg.lr, cfg.epochs) == (4, 0.03, 2)
+    assert (src["sgld_steps"], src["lr"], src["epochs"]) == (f"config file {child.parent / '../base.toml'}",
+                                                             f"config file {child}", "flag")
+    for text, message in [('extends = "child.toml"', "makes a cycle"), ('extends = 3', "must name a config file"),
+                          ('extends = "missing.toml"', "config file not found")]:
+        (tmp_path / "sub" / "child.toml").write_text(text + "\n")
+        with pytest.raises(ValueError, match=message):
+            make_config(str(child))
+
+
 def test_jem_config_prints_and_jem_train_records_the_sources(tmp_path, capsys):
     assert main(["config", "--dataset", "fashion-mnist", "--epochs", "3"]) == 0
     lines = capsys.readouterr().out.splitlines()
