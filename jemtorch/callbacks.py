@@ -3,6 +3,7 @@ Lightning's ``Timer`` and ``ModelCheckpoint``). The loop in ``train.py`` only ca
 
     Timer           training seconds; ``--time-limit`` ends the run after the last epoch that fits
     MetricsWindow   averages the step values into one ``train`` record every ``--log-every`` iterations
+    WeightAverage   ``--ema-decay``: a moving average of the weights, which validation and best.pt use
     Validation      validation accuracy after epochs; the best model → best.pt
     Curves          curves.png after epochs (at most every 30 s) and at the end
     SampleGrids     replay-buffer grids every ``--sample-every`` iterations and at the end
@@ -150,6 +151,55 @@ class MetricsWindow(Callback):
         self.window = {str(k): [float(v) for v in vs] for k, vs in state.get("window", {}).items()}
 
 
+class WeightAverage(Callback):
+    """``--ema-decay d``: an exponential moving average of the model's weights, θ̄ ← d·θ̄ + (1 − d)·θ after every
+    applied step (Polyak averaging, as diffusion and energy-based models keep for sampling and evaluation; e.g.
+    Gao et al. 2021, "Learning energy-based models by diffusion recovery likelihood"), starting from the weights
+    the run starts (or branches) from. ``Validation`` evaluates the average and saves it as best.pt, so every
+    evaluation of the run (jem eval, attack, score, export) reads the averaged model; the training chains and the
+    loss keep running on the live weights, which checkpoint.pt holds beside the average (this callback's state). A
+    rollback (recovery.py) restores the live weights and leaves the average as it is. Integer buffers are copied."""
+
+    def __init__(self, decay: float):
+        self.decay = decay
+        self.average: Optional[dict] = None
+
+    def on_fit_start(self, t) -> None:
+        if self.average is None:
+            self.average = {k: v.detach().clone() for k, v in t.state.jem.f.state_dict().items()}
+
+    @torch.no_grad()
+    def on_step_end(self, t, values: dict) -> None:
+        for k, v in t.state.jem.f.state_dict().items():
+            if v.is_floating_point():
+                self.average[k].lerp_(v, 1.0 - self.decay)
+            else:
+                self.average[k].copy_(v)
+
+    @contextlib.contextmanager
+    def swapped_in(self, t) -> Iterator[None]:
+        """The average in the model for the block, the live weights back after it."""
+        f = t.state.jem.f
+        live = {k: v.clone() for k, v in f.state_dict().items()}
+        f.load_state_dict(self.average)
+        try:
+            yield
+        finally:
+            f.load_state_dict(live)
+
+    def state_dict(self) -> dict:
+        return {"average": self.average} if self.average is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.average = state["average"]
+
+
+def evaluated_weights(t) -> contextlib.AbstractContextManager:
+    """The weights a run is evaluated with in the block: the moving average under ``--ema-decay``, else the live ones."""
+    average = next((cb for cb in t.callbacks if isinstance(cb, WeightAverage)), None)
+    return average.swapped_in(t) if average is not None else contextlib.nullcontext()
+
+
 class Validation(Callback):
     """Validation accuracy/NLL after every ``--eval-every`` epochs, at the end, and at a time-limited end; a new best
     is saved as best.pt. A JEM's best model is chosen among the epochs from ``--px-start-epoch`` on (never the
@@ -168,15 +218,16 @@ class Validation(Callback):
         s = t.splits
         if len(s.x_val) == 0:
             return
-        ev = accuracy_and_nll(t.state.jem, s.x_val, s.y_val, dist=t.dist)
-        t.log.write({"kind": "eval", "step": t.state.step, "epoch": t.state.step / t.clock.iters_per_epoch,
-                     "val_accuracy": ev["accuracy"], "val_nll": ev["nll"]})
-        if ev["accuracy"] > self.best and (t.phases.started(t.state.step) or not t.cfg.uses_samples):
-            self.best = ev["accuracy"]
-            if t.dist.is_main:
-                t.run.save_best({"model": t.state.jem.f.state_dict(), "step": t.state.step,
-                                 "val_accuracy": ev["accuracy"], "config": t.cfg.to_dict(),
-                                 "jemtorch_version": __version__})
+        with evaluated_weights(t):  # --ema-decay: the average is validated and saved
+            ev = accuracy_and_nll(t.state.jem, s.x_val, s.y_val, dist=t.dist)
+            t.log.write({"kind": "eval", "step": t.state.step, "epoch": t.state.step / t.clock.iters_per_epoch,
+                         "val_accuracy": ev["accuracy"], "val_nll": ev["nll"]})
+            if ev["accuracy"] > self.best and (t.phases.started(t.state.step) or not t.cfg.uses_samples):
+                self.best = ev["accuracy"]
+                if t.dist.is_main:
+                    t.run.save_best({"model": t.state.jem.f.state_dict(), "step": t.state.step,
+                                     "val_accuracy": ev["accuracy"], "config": t.cfg.to_dict(),
+                                     "jemtorch_version": __version__})
 
     def state_dict(self) -> dict:
         return {"best_val": self.best}

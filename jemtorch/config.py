@@ -192,6 +192,8 @@ class LoopSettings:
         need(self.max_iters >= -1, f"--max-iters must be -1 (no limit) or >= 0, got {self.max_iters}")
         need(self.time_limit >= 0, f"--time-limit must be >= 0 seconds (0: no limit), got {self.time_limit}")
         need(self.n_valid >= -1, f"--n-valid must be -1 (10%) or >= 0, got {self.n_valid}")
+        need(self.ema_decay == 0 or self.n_valid != 0, "--ema-decay needs a validation split (best.pt holds the "
+             "averaged weights): drop --n-valid 0")
         need(self.max_energy_gap > 0, "--max-energy-gap must be > 0")
         need(self.max_rollbacks >= 0, "--max-rollbacks must be >= 0")
         need(self.snapshot_every >= 1, "--snapshot-every must be >= 1")

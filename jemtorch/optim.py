@@ -28,6 +28,10 @@ class OptimSettings:
     decay_epochs: tuple = setting((), "epochs at which the learning rate is multiplied by --decay-rate (paper: 160 180)")
     decay_rate: float = setting(0.3, "learning-rate decay factor")
     clip_grad: float = setting(0.0, "clip the gradient norm to this value (0: off)")
+    ema_decay: float = setting(0.0, "keep an exponential moving average of the weights, θ̄ ← d·θ̄ + (1 − d)·θ after "
+                                    "every applied step (Polyak averaging; it remembers ~1/(1 − d) steps): "
+                                    "validation, best.pt and so every evaluation use the average, checkpoint.pt keeps "
+                                    "both; 0: off")
 
     def check(self, need: Need) -> None:
         need(self.optimizer in ("adam", "sgd"), f"--optimizer must be adam or sgd, got {self.optimizer!r}")
@@ -39,6 +43,7 @@ class OptimSettings:
         need(self.schedule in ("step", "cosine"), f"--schedule must be step or cosine, got {self.schedule!r}")
         need(self.decay_rate > 0, f"--decay-rate must be > 0, got {self.decay_rate}")
         need(self.clip_grad >= 0, f"--clip-grad must be >= 0 (0: off), got {self.clip_grad}")
+        need(0 <= self.ema_decay < 1, f"--ema-decay must be in [0, 1) (0: off), got {self.ema_decay}")
 
 
 def build_optimizer(cfg, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:

@@ -38,6 +38,7 @@ from .callbacks import (
     SampleGrids,
     Timer,
     Validation,
+    WeightAverage,
     accuracy_and_nll,
     callback_states,
 )
@@ -325,8 +326,9 @@ def default_callbacks(cfg: TrainConfig) -> list[Callback]:
     """In the order they run after a step: the clock first (it may make this step the last), the checkpoint last."""
     adapt = [AdaptivePx(cfg.px_target_reach, cfg.px_scale_min)] if cfg.px_target_reach > 0 else []
     adapt += [AdaptiveSteps(cfg.sgld_steps_max)] if cfg.sgld_steps_max > cfg.sgld_steps else []
-    return [Timer(cfg.time_limit), *adapt, MetricsWindow(cfg.log_every), Health(cfg), Validation(), Curves(),
-            SampleGrids(), Checkpoint(), Interrupt(), FaultInjection(cfg.inject_divergence)]
+    average = [WeightAverage(cfg.ema_decay)] if cfg.ema_decay > 0 else []  # before Validation, which reads it
+    return [Timer(cfg.time_limit), *adapt, MetricsWindow(cfg.log_every), Health(cfg), *average, Validation(),
+            Curves(), SampleGrids(), Checkpoint(), Interrupt(), FaultInjection(cfg.inject_divergence)]
 
 
 # --------------------------------------------------------------------------------------------------------------

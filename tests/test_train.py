@@ -619,3 +619,35 @@ def test_training_never_reads_the_sampling_settings(tmp_path):
     for k, v in weights[0].items():
         assert torch.equal(v, weights[1][k]), k
     assert SAMPLING_ONLY == ("sample_step_cap",) and training_differences(*configs) == []
+
+
+def test_ema_decay_validates_and_saves_the_weights_average_and_a_resume_continues_it(tmp_path):
+    t = Trainer(cfg(tmp_path / "a", epochs=1, p_x_weight=0.0, ema_decay=0.9))
+    average = {k: v.clone() for k, v in t.state.jem.f.state_dict().items()}  # the run's first weights
+    t.start()
+    while t.state.step < t.clock.total_iters:  # the average by hand after every step, as the callback keeps it
+        t.iteration()
+        average = {k: 0.9 * average[k] + 0.1 * v if v.is_floating_point() else v.clone()
+                   for k, v in t.state.jem.f.state_dict().items()}
+        t.call("on_step_end", {})
+    t.log.close()
+    t.bar.close()
+    best, ckpt = load_safe(tmp_path / "a/best.pt"), load_safe(tmp_path / "a/checkpoint.pt")
+    assert best["step"] == t.clock.total_iters
+    for k, v in average.items():
+        assert torch.allclose(best["model"][k], v, atol=1e-6), k
+        assert torch.equal(ckpt["callbacks"]["WeightAverage"]["average"][k], best["model"][k]), k
+    assert any(not torch.equal(ckpt["model"][k], best["model"][k]) for k in average)  # the live weights kept apart
+    # two epochs in one go, and in two parts (a pause mid-epoch, then --resume), keep the same average
+    ema = dict(p_x_weight=0.0, ema_decay=0.9, epochs=2)
+    full = train(cfg(tmp_path / "b", **ema))
+    train(cfg(tmp_path / "c", **ema, max_iters=50))
+    resumed = Trainer(cfg(tmp_path / "c", **ema))
+    resumed.resume()
+    assert resumed.fit()["test_accuracy"] == full["test_accuracy"]
+    b, c = (load_safe(tmp_path / r / "best.pt")["model"] for r in ("b", "c"))
+    assert all(torch.equal(b[k], c[k]) for k in b)
+    with pytest.raises(ValueError, match="--ema-decay needs a validation split"):
+        cfg(tmp_path / "d", ema_decay=0.9, n_valid=0)
+    with pytest.raises(ValueError, match="--ema-decay must be in"):
+        cfg(tmp_path / "d", ema_decay=1.0)
