@@ -7,6 +7,7 @@ Units: ε is given for images in [0, 1] (8/255 means 8 grey levels); models see 
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -96,6 +97,9 @@ def attack_runs(run_dirs: Sequence[str | Path], opts: AttackOptions, device: str
             metrics["defenses"] = {k: v for k, v in metrics.get("defenses", {}).items() if v}
             metrics.pop(norm, None)  # the undefended curve too: it is set again below only if this run measures it
             settings = opts.refine_steps if not run.is_baseline else (0,)
+            if run.is_baseline and any(k > 0 for k in opts.refine_steps):
+                print(f"jem attack: {run.name} is a classifier baseline, attacked without the SGLD-refinement defence "
+                      "(its logits were never trained as a density)", file=sys.stderr)
             for k in settings:
                 model = refined_model(run, k, opts)
                 accs = {}

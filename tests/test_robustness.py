@@ -111,10 +111,11 @@ def test_parse_eps():
             parse_eps(bad)
 
 
-def test_attack_cli_end_to_end(trained_runs):
+def test_attack_cli_end_to_end(trained_runs, capsys):
     jem, base = str(trained_runs / "jem"), str(trained_runs / "base")
     args = ["--n", "24", "--steps", "3", "--refine-steps", "0,2", "--refine-chains", "2", "--no-progress"]
     assert main(["attack", jem, base, "--norm", "linf", "--eps", "0,8/255", *args]) == 0
+    assert "base is a classifier baseline, attacked without the SGLD-refinement defence" in capsys.readouterr().err
     assert main(["attack", jem, base, "--norm", "l2", "--eps", "0,0.5", *args]) == 0
     m = json.loads((trained_runs / "jem/robustness/metrics.json").read_text())
     assert set(m["linf"]) == {"0", f"{8 / 255:.6g}"} and set(m["l2"]) == {"0", "0.5"}
