@@ -153,8 +153,9 @@ class MetricsWindow(Callback):
 
 class WeightAverage(Callback):
     """``--ema-decay d``: an exponential moving average of the model's weights, θ̄ ← d·θ̄ + (1 − d)·θ after every
-    applied step (Polyak averaging, as diffusion and energy-based models keep for sampling and evaluation; e.g.
-    Gao et al. 2021, "Learning energy-based models by diffusion recovery likelihood"), starting from the weights
+    applied step (Polyak averaging, as diffusion and energy-based models keep for sampling and evaluation: Gao et al.
+    2021, "Learning energy-based models by diffusion recovery likelihood", ruiqigao/recovery_likelihood config.py,
+    ``ma_decay`` 0.999 "for testing"), starting from the weights
     the run starts (or branches) from. ``Validation`` evaluates the average and saves it as best.pt, so every
     evaluation of the run (jem eval, attack, score, export) reads the averaged model; the training chains and the
     loss keep running on the live weights, which checkpoint.pt holds beside the average (this callback's state). A
