@@ -151,15 +151,26 @@ class MetricsWindow(Callback):
         self.window = {str(k): [float(v) for v in vs] for k, vs in state.get("window", {}).items()}
 
 
+@contextlib.contextmanager
+def weights_in(module: torch.nn.Module, weights: dict) -> Iterator[None]:
+    """``weights`` (a state dict) in ``module`` for the block, its own weights back after it."""
+    own = {k: v.clone() for k, v in module.state_dict().items()}
+    module.load_state_dict(weights)
+    try:
+        yield
+    finally:
+        module.load_state_dict(own)
+
+
 class WeightAverage(Callback):
     """``--ema-decay d``: an exponential moving average of the model's weights, θ̄ ← d·θ̄ + (1 − d)·θ after every
     applied step (Polyak averaging, as diffusion and energy-based models keep for sampling and evaluation: Gao et al.
     2021, "Learning energy-based models by diffusion recovery likelihood", ruiqigao/recovery_likelihood config.py,
-    ``ma_decay`` 0.999 "for testing"), starting from the weights
-    the run starts (or branches) from. ``Validation`` evaluates the average and saves it as best.pt, so every
-    evaluation of the run (jem eval, attack, score, export) reads the averaged model; the training chains and the
-    loss keep running on the live weights, which checkpoint.pt holds beside the average (this callback's state). A
-    rollback (recovery.py) restores the live weights and leaves the average as it is. Integer buffers are copied."""
+    ``ma_decay`` 0.999 "for testing"), starting from the weights the run starts (or branches) from. ``Validation``
+    evaluates the average and saves it as best.pt, so every evaluation of the run (jem eval, attack, score, export)
+    reads the averaged model; the training chains and the loss keep running on the live weights, which checkpoint.pt
+    holds beside the average (this callback's state). A rollback (recovery.py) restores the live weights and leaves
+    the average as it is. Integer buffers are copied."""
 
     def __init__(self, decay: float):
         self.decay = decay
@@ -177,16 +188,9 @@ class WeightAverage(Callback):
             else:
                 self.average[k].copy_(v)
 
-    @contextlib.contextmanager
-    def swapped_in(self, t) -> Iterator[None]:
+    def swapped_in(self, t) -> contextlib.AbstractContextManager:
         """The average in the model for the block, the live weights back after it."""
-        f = t.state.jem.f
-        live = {k: v.clone() for k, v in f.state_dict().items()}
-        f.load_state_dict(self.average)
-        try:
-            yield
-        finally:
-            f.load_state_dict(live)
+        return weights_in(t.state.jem.f, self.average)
 
     def state_dict(self) -> dict:
         return {"average": self.average} if self.average is not None else {}

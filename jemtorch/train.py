@@ -41,6 +41,7 @@ from .callbacks import (
     WeightAverage,
     accuracy_and_nll,
     callback_states,
+    weights_in,
 )
 from .checkpoint import CheckpointError, load_safe, rng_state, set_rng_state
 from .config import TrainConfig
@@ -497,10 +498,8 @@ def finish(t: Trainer) -> dict:
     best_weights = d.broadcast_object(load_safe(t.run.best, "cpu")["model"] if d.is_main and len(t.splits.x_val)
                                       and t.run.best.exists() else None)
     if best_weights is not None:
-        final_state = {k: v.clone() for k, v in jem.f.state_dict().items()}
-        jem.f.load_state_dict(best_weights)
-        best = accuracy_and_nll(jem, t.splits.x_test, t.splits.y_test, dist=d)
-        jem.f.load_state_dict(final_state)
+        with weights_in(jem.f, best_weights):
+            best = accuracy_and_nll(jem, t.splits.x_test, t.splits.y_test, dist=d)
     # every rank must hold the same weights (DDP's promise): checked, not assumed
     fingerprint = float(sum(p.detach().double().sum() + p.detach().double().abs().sum() for p in jem.f.parameters()))
     in_sync = len(set(d.all_gather_object(fingerprint))) == 1
