@@ -647,11 +647,24 @@ def is_folder_set(name: str) -> bool:
     return "/" in name or os.sep in name or name.startswith("~") or Path(name).is_dir()
 
 
+SPLIT_FOLDERS = ("train", "test", "val", "valid", "validation")
+
+
+def folder_label(name: str) -> str:
+    """A folder set's name in tables: the folder's own name, or ``parent-split`` for a split folder
+    (``data/cifar100/test`` → ``cifar100-test``, not ``test``)."""
+    path = Path(name.rstrip("/")).expanduser()
+    if path.name.lower() in SPLIT_FOLDERS and path.parent.name not in ("", ".", ".."):
+        return f"{path.parent.name}-{path.name}"
+    return path.name or name
+
+
 def ood_labels(names) -> dict[str, str]:
-    """How each OOD set is named in tables: its name, or a folder's own name (made unique when two collide)."""
+    """How each OOD set is named in tables: its name, or a folder's (``folder_label``; made unique when two
+    collide)."""
     labels: dict[str, str] = {}
     for name in names:
-        label = Path(name.rstrip("/")).expanduser().name or name if is_folder_set(name) else name
+        label = folder_label(name) if is_folder_set(name) else name
         base, k = label, 2
         while label in labels.values():
             label, k = f"{base}-{k}", k + 1

@@ -9,7 +9,7 @@ from PIL import Image
 
 import jemtorch
 from jemtorch.cli import main
-from jemtorch.data import DatasetError, load_dataset, to_float, training_splits
+from jemtorch.data import DatasetError, load_dataset, ood_labels, to_float, training_splits
 from jemtorch.detectors import DETECTORS
 
 TINY = ["--model", "cnn-4", "--sgld-steps", "1", "--buffer-size", "100", "--epochs", "1", "--no-progress"]
@@ -152,6 +152,9 @@ def test_eval_ood_from_any_folder(trained_runs, tmp_path, capsys):
     assert 0 <= m["ood"]["my-photos"]["logp"]["auroc"] <= 1
     assert main(["eval", str(run), "--ood", str(tmp_path / "nope"), *EVAL_TINY]) == 2
     assert "OOD folder" in capsys.readouterr().err
+    # a split folder is named with its dataset's folder, so two datasets' test/ folders do not read "test", "test-2"
+    assert ood_labels(["data/cifar100/test/", "other/test", "x/my-photos", "mnist"]) == {
+        "data/cifar100/test/": "cifar100-test", "other/test": "other-test", "x/my-photos": "my-photos", "mnist": "mnist"}
 
 
 def test_kmnist_by_name(tmp_path):
