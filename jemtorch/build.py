@@ -13,7 +13,7 @@ from .checkpoint import CheckpointError, load_safe
 from .config import TrainConfig
 from .data import ImageData, file_digest, labeled_subset, load_dataset, to_float, training_splits
 from .detectors import DETECTORS, FIT_VERSION, N_FIT, FittedDetectors
-from .energy import JEM, eval_mode
+from .energy import JEM, eval_mode, nonfinite_weights
 from .models import create_model
 from .models.registry import check_logits
 from .models.wrn import model_as_written
@@ -158,7 +158,7 @@ def load_run(run_dir: str | Path, device: str = "auto", data_root: Optional[str]
         jem.f.load_state_dict(weights)
     except RuntimeError as e:
         raise CheckpointError(f"{rd.path}: weights do not match the run's config: {str(e).splitlines()[0]}") from None
-    bad = [n for n, p in jem.f.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
+    bad = nonfinite_weights(jem.f)
     if bad:
         raise CheckpointError(f"{rd.path}: the weights are not finite ({', '.join(bad[:3])}: NaN or inf); the run "
                               f"diverged, nothing can be measured on it")

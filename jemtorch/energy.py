@@ -34,6 +34,11 @@ def in_batches(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batc
     return torch.cat(outs)
 
 
+def nonfinite_weights(module: nn.Module) -> list[str]:
+    """Names of the module's floating-point weights and buffers holding a NaN or an inf (a diverged run's)."""
+    return [n for n, p in module.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
+
+
 def logit_head(classifier: nn.Module, num_classes: Optional[int] = None) -> nn.Linear:
     """The classifier's last ``nn.Linear`` layer, taken to compute the logits from the last features (every network
     in the registry ends in one: ``head``). Its weights' and bias's common mode over the classes is the shift the

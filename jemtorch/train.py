@@ -47,7 +47,7 @@ from .checkpoint import CheckpointError, load_safe, rng_state, set_rng_state
 from .config import TrainConfig
 from .data import BatchStream, ImageData, Splits, augment, labeled_subset, load_dataset, to_float, training_splits
 from .distributed import Dist
-from .energy import JEM, logit_head
+from .energy import JEM, logit_head, nonfinite_weights
 from .health import AdaptivePx, AdaptiveSteps, Health
 from .objective import Weights, jem_loss, logit_shift, split_gradients
 from .optim import SAM, build_optimizer, lr_factor
@@ -489,7 +489,7 @@ POSTFIX = {"loss": "loss", "l_clf": "clf", "l_pxy": "pxy", "train_acc": "acc", "
 def finish(t: Trainer) -> dict:
     """Test the best-validation model (or the final one without a validation split); write summary.json."""
     jem, d = t.state.jem, t.dist
-    bad = [n for n, p in jem.f.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
+    bad = nonfinite_weights(jem.f)
     if bad:
         raise TrainingDiverged(f"the final weights are not finite ({', '.join(bad[:3])}); no summary was written. "
                                f"The last good checkpoint: {t.run.checkpoint}")

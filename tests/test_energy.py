@@ -43,3 +43,14 @@ def test_precomputed_logits_match_images():
     x = torch.randn(3, 1, 8, 8)
     logits = jem(x)
     torch.testing.assert_close(jem.log_px(logits=logits), jem.log_px(x))
+
+
+def test_nonfinite_weights_names_nan_and_inf_in_weights_and_buffers():
+    from jemtorch.energy import nonfinite_weights
+
+    net = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    assert nonfinite_weights(net) == []
+    with torch.no_grad():
+        net[0].bias[1] = float("nan")
+        net[1].running_var[0] = float("inf")
+    assert nonfinite_weights(net) == ["0.bias", "1.running_var"]  # num_batches_tracked (an integer) never counts
