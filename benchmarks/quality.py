@@ -231,6 +231,7 @@ def evaluate_pair(seed: int, out: Path, summaries: dict, ood: tuple, args) -> tu
             row.update(test_accuracy=m["test_accuracy"], ece=m["ece"], ece_ts=m["ece_ts"], temperature=m["temperature"],
                        train_seconds=s["train_seconds"], rollbacks=s["rollbacks"], recipe=s.get("recipe"),
                        ece_vs_baseline=m.get("ece_vs_reference", {}).get("raw"),
+                       accuracy_vs_baseline=m.get("accuracy_vs_reference"),
                        boundary_l2=m.get("steepness", {}).get("boundary_l2"), auroc=aurocs(m["ood"]))
         runs.append(row)
     if "jem" in metrics and "baseline" in metrics:
@@ -253,14 +254,17 @@ def health_cell(r: dict) -> str:
 
 
 def tables(runs: list, oods: list, gens: list) -> list[str]:
-    lines = ["| seed | run | test acc | train acc (last epoch) | ECE | ECE − baseline's [95%] | ECE (TS) | T "
-             "| boundary L2 | train s | rollbacks | healthy (overshooting) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| seed | run | test acc | − baseline's [95%] | train acc (last epoch) | ECE | ECE − baseline's [95%] "
+             "| ECE (TS) | T | boundary L2 | train s | rollbacks | healthy (overshooting) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         if r.get("failed") or "test_accuracy" not in r:
             lines.append(f"| {r['seed']} | {r['run']} | FAILED: {r.get('failed')} |")
             continue
         lines.append("| " + " | ".join(map(str, [
-            r["seed"], r["run"], f"{100 * r['test_accuracy']:.2f}%", pct(r.get("train_accuracy")), pct(r.get("ece")),
+            r["seed"], r["run"], f"{100 * r['test_accuracy']:.2f}%",
+            format_difference(r["accuracy_vs_baseline"]) if r.get("accuracy_vs_baseline") else "—",
+            pct(r.get("train_accuracy")), pct(r.get("ece")),
             format_difference(r["ece_vs_baseline"]) if r.get("ece_vs_baseline") else "—", pct(r.get("ece_ts")),
             f"{r['temperature']:.2f}" if r.get("temperature") else "—",
             f"{r['boundary_l2']:.2f}" if r.get("boundary_l2") is not None else "—", f"{r['train_seconds']:.0f}", r["rollbacks"],
@@ -269,8 +273,10 @@ def tables(runs: list, oods: list, gens: list) -> list[str]:
         good = [r for r in runs if r["run"] == kind and r.get("ece") is not None]
         if len(good) > 1:
             acc, ece = np.array([r["test_accuracy"] for r in good]), np.array([r["ece"] for r in good])
+            diff = np.array([r["accuracy_vs_baseline"]["diff"] for r in good if r.get("accuracy_vs_baseline")])
             lines.append(f"| mean ± sd | {kind} | {100 * acc.mean():.2f} ± {100 * acc.std(ddof=1):.2f}% | "
-                         f"{100 * ece.mean():.2f} ± {100 * ece.std(ddof=1):.2f}% |")
+                         + (f"{100 * diff.mean():+.2f} ± {100 * diff.std(ddof=1):.2f}" if len(diff) > 1 else "")
+                         + f" | | {100 * ece.mean():.2f} ± {100 * ece.std(ddof=1):.2f}% |")
     lines += ["", "OOD (AUROC, FPR at 95% TPR in brackets; the best of each side chosen per set; the verdict of the "
               "JEM's own against the baseline's best: won or lost when the 95% paired bootstrap interval of the "
               "difference over the scored images excludes 0, else tied — the test images' noise, not the "

@@ -33,6 +33,7 @@ from .detectors import DETECTORS, OWN, model_outputs
 from .energy import in_batches
 from .figures import histogram_figure, reliability_figure, save_grid
 from .metrics import (
+    bootstrap_accuracy,
     bootstrap_ece,
     bootstrap_ood,
     calibration_bins,
@@ -77,12 +78,13 @@ class EvalOptions:
 class EvalResult:
     """One run's evaluation: ``metrics`` (what eval/metrics.json holds), and the arrays its figures are drawn from:
     ``hist`` (set → score → per-image scores; "in" is the in-distribution set) and ``samples`` (grid name → images);
-    ``ece_boot``: ECE (raw, "ts") of the shared bootstrap resamples of the test set, for paired comparisons."""
+    ``boot``: ECE (raw, "ts") and accuracy ("accuracy") of the shared bootstrap resamples of the test set, for paired
+    comparisons."""
 
     metrics: dict
     hist: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     samples: dict[str, torch.Tensor] = field(default_factory=dict)
-    ece_boot: dict[str, np.ndarray] = field(default_factory=dict)
+    boot: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -185,7 +187,8 @@ def inception_metrics(samples: torch.Tensor, real: torch.Tensor, weights: Option
 # ------------------------------------------------------------------------------------------------------------------
 def calibration(run: LoadedRun, opts: EvalOptions) -> tuple[dict, dict[str, np.ndarray]]:
     """Accuracy, NLL, ECE (raw; after temperature scaling fitted on the run's validation split) with bootstrap
-    replicates over the test images (the same resamples for every run: they depend on the test set's size and seed)."""
+    replicates of accuracy and ECE over the test images (the same resamples for every run: they depend on the test
+    set's size and seed)."""
     data = run.data
     logits = in_batches(lambda xb: run.jem.logits(to_float(xb)).cpu(), data.x_test, 500, run.device)
     if not torch.isfinite(logits).all():
@@ -210,6 +213,7 @@ def calibration(run: LoadedRun, opts: EvalOptions) -> tuple[dict, dict[str, np.n
                         f"temperature scaling fitted (NLL, LBFGS) on the run's {len(val.y_val)} validation images")
     m["ece_bootstrap"] = {k: {"ci": np.quantile(v, [0.025, 0.975]).tolist(), "level": 0.95, "n_boot": len(v),
                               "seed": opts.seed} for k, v in boot.items()}
+    boot["accuracy"] = bootstrap_accuracy(probs.argmax(1) == data.y_test, opts.n_boot, opts.seed)
     return m, boot
 
 
@@ -307,7 +311,7 @@ def evaluate_run(run: LoadedRun, opts: EvalOptions, reference: Optional[LoadedRu
     x_in = scored_test_images(run, opts.n, g)
     metrics = {"run": str(run.run_dir), "name": run.name, "dataset": run.cfg.dataset, "model": run.cfg.model,
                "p_x_weight": run.cfg.p_x_weight}
-    cal, ece_boot = calibration(run, opts)
+    cal, boot = calibration(run, opts)
     ood, hist = ood_detection(run, opts, x_in)
     sampling = replace(run, cfg=sampling_config(run.cfg, opts.sample_step_cap))
     samples = sample_grids(sampling, opts, g)
@@ -326,7 +330,7 @@ def evaluate_run(run: LoadedRun, opts: EvalOptions, reference: Optional[LoadedRu
     metrics["samples"] = {"sample_steps": opts.sample_steps, "sgld_lr": sampling.cfg.sgld_lr,
                           "sgld_std": sampling.cfg.final_sgld_std, "sgld_step_cap": sampling.cfg.sgld_step_cap}
     metrics["generation"] = gen
-    return EvalResult(metrics, hist, samples, ece_boot)
+    return EvalResult(metrics, hist, samples, boot)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -404,8 +408,8 @@ def evaluate_runs(run_dirs: list, opts: EvalOptions, reference_dir: Optional[str
 
 def compare_runs(runs: list[LoadedRun], results: list[EvalResult], reference: Optional[LoadedRun],
                  opts: EvalOptions) -> None:
-    """Into each JEM's metrics: its ECE minus the reference's (paired bootstrap) and the comparison of its own scores
-    with the best post-hoc detector on either model (``versus_posthoc``) and on the baselines alone
+    """Into each JEM's metrics: its accuracy and ECE minus the reference's (paired bootstrap) and the comparison of
+    its own scores with the best post-hoc detector on either model (``versus_posthoc``) and on the baselines alone
     (``versus_baseline``)."""
     ref = next((res for run, res in zip(runs, results)
                 if reference is not None and Path(run.run_dir).resolve() == Path(reference.run_dir).resolve()), None)
@@ -413,8 +417,10 @@ def compare_runs(runs: list[LoadedRun], results: list[EvalResult], reference: Op
     for run, res in zip(runs, results):
         if ref is not None and res is not ref:  # the same test resamples: a paired interval
             res.metrics["ece_vs_reference"] = {"reference": ref.metrics["name"], **{
-                k: paired_difference(res.ece_boot[k], ref.ece_boot[k], res.metrics[key] - ref.metrics[key])
-                for k, key in (("raw", "ece"), ("ts", "ece_ts")) if k in res.ece_boot and k in ref.ece_boot}}
+                k: paired_difference(res.boot[k], ref.boot[k], res.metrics[key] - ref.metrics[key])
+                for k, key in (("raw", "ece"), ("ts", "ece_ts")) if k in res.boot and k in ref.boot}}
+            res.metrics["accuracy_vs_reference"] = {"reference": ref.metrics["name"], **paired_difference(
+                res.boot["accuracy"], ref.boot["accuracy"], res.metrics["test_accuracy"] - ref.metrics["test_accuracy"])}
         if not run.is_baseline and baselines:
             res.metrics["versus_posthoc"] = versus_posthoc(res, baselines, opts.n_boot, opts.seed)
             # issue 24's question: the JEM's own score against a classifier with a post-hoc detector, alone
@@ -476,8 +482,10 @@ def calibration_section(rep: Report, results: list[dict], figs: dict) -> None:
           f"first and a small second.")
     versus = [r for r in results if "ece_vs_reference" in r]
     if versus:
-        rep.table(["run", "reference", "ECE − reference's (points) [95% interval]", "after TS"],
-                  [[r["name"], r["ece_vs_reference"]["reference"], format_difference(r["ece_vs_reference"].get("raw")),
+        rep.table(["run", "reference", "accuracy − reference's (points) [95% interval]", "ECE − reference's",
+                   "ECE after TS"],
+                  [[r["name"], r["ece_vs_reference"]["reference"], format_difference(r.get("accuracy_vs_reference")),
+                    format_difference(r["ece_vs_reference"].get("raw")),
                     format_difference(r["ece_vs_reference"].get("ts"))] for r in versus])
         rep.p(f"Intervals: paired bootstrap over the test images ({versus[0]['ece_bootstrap']['raw']['n_boot']} "
               f"resamples shared by every run, percentile); they measure the test set's sampling noise, not the "

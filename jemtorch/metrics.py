@@ -39,25 +39,39 @@ def _confidence_bins(probs: torch.Tensor, labels: torch.Tensor, n_bins: int):
     return conf, (pred == labels).float(), torch.bucketize(conf, edges[1:-1], right=False).clamp(max=n_bins - 1)
 
 
+def test_resamples(n: int, n_boot: int = 1000, seed: int = 0):
+    """The bootstrap resamples of ``n`` test images, drawn with replacement, 100 at a time: ``(start, picks)`` with
+    ``picks`` of shape (≤ 100, n). They depend only on (``n``, ``n_boot``, ``seed``): every statistic of every model
+    scored on the same test set gets the same resamples, so the differences of two models' replicates give a paired
+    interval for the difference of the statistic (the test images' own sampling noise, not the training's)."""
+    g = torch.Generator().manual_seed(seed)
+    for start in range(0, n_boot, 100):  # (100, n) indices at a time: a few MB
+        yield start, torch.randint(n, (min(100, n_boot - start), n), generator=g)
+
+
 def bootstrap_ece(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15, n_boot: int = 1000,
                   seed: int = 0) -> np.ndarray:
-    """ECE (the binning of ``calibration_bins``) of ``n_boot`` resamples of the images, drawn with replacement.
-
-    The resamples depend only on (number of images, ``n_boot``, ``seed``): two models scored on the same test set
-    get the same resamples, so the differences of their replicates give a paired interval for the difference of
-    their ECEs (the test images' own sampling noise, not the training's)."""
+    """ECE (the binning of ``calibration_bins``) of the ``n_boot`` shared resamples of the images
+    (``test_resamples``)."""
     require_finite("bootstrap ECE", probs)
     conf, correct, idx = _confidence_bins(probs.detach().cpu().double(), labels.cpu(), n_bins)
     n = len(labels)
-    g = torch.Generator().manual_seed(seed)
     out = np.empty(n_boot)
-    for start in range(0, n_boot, 100):  # 100 resamples at a time: (100, n) indices, a few MB
-        pick = torch.randint(n, (min(100, n_boot - start), n), generator=g)
+    for start, pick in test_resamples(n, n_boot, seed):
         rows = torch.arange(len(pick)).unsqueeze(1).expand_as(pick)
         key = (rows * n_bins + idx[pick]).flatten()  # (resample, bin) → one flat slot
         gap = torch.zeros(len(pick) * n_bins, dtype=torch.float64)
         gap.index_add_(0, key, (conf[pick] - correct[pick]).flatten())
         out[start:start + len(pick)] = gap.view(len(pick), n_bins).abs().sum(1).numpy() / n
+    return out
+
+
+def bootstrap_accuracy(correct: torch.Tensor, n_boot: int = 1000, seed: int = 0) -> np.ndarray:
+    """Accuracy (``correct``: one bool per image) of the ``n_boot`` shared resamples (``test_resamples``)."""
+    c = correct.detach().cpu().double()
+    out = np.empty(n_boot)
+    for start, pick in test_resamples(len(c), n_boot, seed):
+        out[start:start + len(pick)] = c[pick].mean(1).numpy()
     return out
 
 

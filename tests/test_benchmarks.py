@@ -98,6 +98,9 @@ def test_quality_benchmark_tables_and_reuse(tmp_path, capsys):
     lo, hi = jem["ece_vs_baseline"]["ci"]
     table = (out / "quality.md").read_text()
     assert "ECE − baseline's [95%]" in table and f"[{100 * lo:+.2f}, {100 * hi:+.2f}]" in table
+    acc = jem["accuracy_vs_baseline"]  # the accuracy's paired interval beside it
+    assert acc["diff"] == pytest.approx(jem["test_accuracy"] - base["test_accuracy"]) and base["accuracy_vs_baseline"] is None
+    assert f"{100 * acc['diff']:+.2f} [{100 * acc['ci'][0]:+.2f}, {100 * acc['ci'][1]:+.2f}]" in table
     assert set(jem["auroc"]) == {"uniform", "constant", "my-ood"}  # a folder set is named by its folder
     assert [o["set"] for o in rows["ood"]] == ["uniform", "constant", "my-ood"]
     assert "best post-hoc on the baseline" in table and "chain starts (0 steps)" in table

@@ -12,6 +12,7 @@ from jemtorch.detectors import DETECTORS, FittedDetectors
 from jemtorch.evaluate import fresh_chain_path, fresh_samples
 from jemtorch.metrics import (
     _counted_ood,
+    bootstrap_accuracy,
     bootstrap_ece,
     bootstrap_ood,
     calibration_bins,
@@ -63,6 +64,23 @@ def test_bootstrap_ece_resamples_are_shared_and_give_a_paired_interval():
     d = paired_difference(boot, bootstrap_ece(flat, y, 15, n_boot=250, seed=3),
                           calibration_bins(sharp, y)["ece"] - calibration_bins(flat, y)["ece"])
     assert 0 < d["ci"][0] <= d["diff"] <= d["ci"][1] and d["n_boot"] == 250  # the over-confident one is worse
+
+
+def test_bootstrap_accuracy_uses_the_ece_resamples_and_pairs_two_models():
+    g = torch.Generator().manual_seed(2)
+    y = torch.randint(0, 10, (300,), generator=g)
+    probs = torch.softmax(torch.randn(300, 10, generator=g), 1)
+    right = probs.argmax(1) == y
+    boot = bootstrap_accuracy(right, n_boot=150, seed=4)
+    # replicate i is the accuracy of resample i: the draws bootstrap_ece makes with the same seed (100 rows at a time)
+    pick = torch.randint(300, (100, 300), generator=torch.Generator().manual_seed(4))[5]
+    assert boot[5] == pytest.approx(right[pick].double().mean().item())
+    assert sum(calibration_bins(probs[pick], y[pick], 1)["accuracy"]) == pytest.approx(boot[5])
+    better = right | (torch.arange(300) % 10 == 0)  # the same predictions, right on up to a tenth more images
+    d = paired_difference(bootstrap_accuracy(better, 150, 4), boot,
+                          better.double().mean().item() - right.double().mean().item())
+    assert 0 < d["ci"][0] <= d["diff"] <= d["ci"][1]  # no resample sees the better model behind
+    assert paired_difference(boot, bootstrap_accuracy(right, 150, 4), 0.0)["ci"] == [0.0, 0.0]
 
 
 def test_temperature_scaling_undoes_overconfidence():
@@ -199,6 +217,9 @@ def test_eval_end_to_end_two_runs(trained_runs, capsys):
     assert versus["raw"]["diff"] == pytest.approx(m["ece"] - mb["ece"])
     assert versus["ts"]["diff"] == pytest.approx(m["ece_ts"] - mb["ece_ts"])
     assert versus["raw"]["ci"][0] < versus["raw"]["ci"][1] and versus["raw"]["n_boot"] == 1000
+    acc = m["accuracy_vs_reference"]  # the same for the test accuracy
+    assert acc["reference"] == "base" and acc["diff"] == pytest.approx(m["test_accuracy"] - mb["test_accuracy"])
+    assert acc["ci"][0] <= acc["diff"] <= acc["ci"][1] and "accuracy_vs_reference" not in mb
     lo, hi = m["ece_bootstrap"]["raw"]["ci"]
     assert 0 <= lo < hi <= 1 and m["ece_bootstrap"]["raw"]["n_boot"] == 1000
     for ood in ("interp", "uniform", "constant", "gaussian"):
