@@ -237,6 +237,25 @@ def test_ood_verdicts_scores_trained_pairs_again_without_training(trained_runs, 
     assert r.returncode != 0 and "no seed<S>/jem and seed<S>/baseline runs" in r.stderr
 
 
+def test_accuracy_verdicts_pairs_each_jem_with_its_baseline_on_the_test_set(trained_runs, capsys, tmp_path):
+    """accuracy_verdicts.py: each seed's JEM − baseline test accuracy with a paired interval and a verdict; the
+    accuracies are the runs' own (summary.json); a folder without pairs is a one-line error."""
+    for kind, src in (("jem", "jem"), ("baseline", "base")):
+        shutil.copytree(trained_runs / src, tmp_path / "q" / "seed3" / kind, ignore=shutil.ignore_patterns("eval"))
+    r = script(capsys, "accuracy_verdicts.py", f"tiny={tmp_path / 'q'}", "--n-boot", "200")
+    assert r.returncode == 0, r.stderr
+    row = next(line.split("|")[1:-1] for line in r.stdout.splitlines() if line.startswith("| tiny | 3 |"))
+    acc = [json.loads((tmp_path / "q" / "seed3" / k / "summary.json").read_text())["test_accuracy"]
+           for k in ("jem", "baseline")]
+    assert [float(c.strip().rstrip("%")) for c in row[2:4]] == pytest.approx([100 * a for a in acc], abs=0.006)
+    diff, lo, hi = (float(v) for v in row[4].replace("[", "").replace("]", "").replace(",", "").split())
+    assert lo <= diff <= hi and diff == pytest.approx(100 * (acc[0] - acc[1]), abs=0.006)
+    assert row[5].strip() == ("won" if lo > 0 else "lost" if hi < 0 else "tied")
+    (tmp_path / "none").mkdir()
+    r = script(capsys, "accuracy_verdicts.py", f"x={tmp_path / 'none'}")
+    assert r.returncode != 0 and "no seed<S>/jem and seed<S>/baseline runs" in r.stderr
+
+
 def test_probe_interp_splits_interpolations_by_same_and_different_class_pairs(trained_runs, capsys):
     """probe_interp.py reads a JEM and its baseline (never changes them): one row per score, AUROC over all
     interpolations and over each kind of pair; the split is counted in the header."""
