@@ -39,7 +39,7 @@ def _confidence_bins(probs: torch.Tensor, labels: torch.Tensor, n_bins: int):
     return conf, (pred == labels).float(), torch.bucketize(conf, edges[1:-1], right=False).clamp(max=n_bins - 1)
 
 
-def test_resamples(n: int, n_boot: int = 1000, seed: int = 0):
+def bootstrap_resamples(n: int, n_boot: int = 1000, seed: int = 0):
     """The bootstrap resamples of ``n`` test images, drawn with replacement, 100 at a time: ``(start, picks)`` with
     ``picks`` of shape (≤ 100, n). They depend only on (``n``, ``n_boot``, ``seed``): every statistic of every model
     scored on the same test set gets the same resamples, so the differences of two models' replicates give a paired
@@ -52,12 +52,12 @@ def test_resamples(n: int, n_boot: int = 1000, seed: int = 0):
 def bootstrap_ece(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15, n_boot: int = 1000,
                   seed: int = 0) -> np.ndarray:
     """ECE (the binning of ``calibration_bins``) of the ``n_boot`` shared resamples of the images
-    (``test_resamples``)."""
+    (``bootstrap_resamples``)."""
     require_finite("bootstrap ECE", probs)
     conf, correct, idx = _confidence_bins(probs.detach().cpu().double(), labels.cpu(), n_bins)
     n = len(labels)
     out = np.empty(n_boot)
-    for start, pick in test_resamples(n, n_boot, seed):
+    for start, pick in bootstrap_resamples(n, n_boot, seed):
         rows = torch.arange(len(pick)).unsqueeze(1).expand_as(pick)
         key = (rows * n_bins + idx[pick]).flatten()  # (resample, bin) → one flat slot
         gap = torch.zeros(len(pick) * n_bins, dtype=torch.float64)
@@ -67,10 +67,10 @@ def bootstrap_ece(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15, n
 
 
 def bootstrap_accuracy(correct: torch.Tensor, n_boot: int = 1000, seed: int = 0) -> np.ndarray:
-    """Accuracy (``correct``: one bool per image) of the ``n_boot`` shared resamples (``test_resamples``)."""
+    """Accuracy (``correct``: one bool per image) of the ``n_boot`` shared resamples (``bootstrap_resamples``)."""
     c = correct.detach().cpu().double()
     out = np.empty(n_boot)
-    for start, pick in test_resamples(len(c), n_boot, seed):
+    for start, pick in bootstrap_resamples(len(c), n_boot, seed):
         out[start:start + len(pick)] = c[pick].mean(1).numpy()
     return out
 
