@@ -28,12 +28,12 @@ def main() -> None:
     ap.add_argument("--n-boot", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0, help="the resamples' seed (jem eval's --seed)")
     args = ap.parse_args()
-    groups = [labelled(spec, "QUALITY_OUT") for spec in args.runs]
-    pairs = [(label, p) for label, root in groups for p in sorted(root.glob("seed*"))
-             if (p / "jem").is_dir() and (p / "baseline").is_dir()]
-    missing = [str(root) for label, root in groups if not any(lab == label for lab, _ in pairs)]
-    if missing:
-        raise SystemExit(f"error: no seed<S>/jem and seed<S>/baseline runs in {missing[0]}")
+    pairs = []
+    for label, root in (labelled(spec, "QUALITY_OUT") for spec in args.runs):
+        found = [(label, p) for p in sorted(root.glob("seed*")) if (p / "jem").is_dir() and (p / "baseline").is_dir()]
+        if not found:
+            raise SystemExit(f"error: no seed<S>/jem and seed<S>/baseline runs in {root}")
+        pairs += found
     print("| label | seed | JEM | baseline | JEM − baseline (points) [95%] | verdict |\n|---|---|---|---|---|---|")
     datasets: dict = {}
     for label, pair in pairs:
