@@ -18,7 +18,7 @@ from fd_curves import labelled
 from jemtorch.build import load_runs
 from jemtorch.data import to_float
 from jemtorch.energy import in_batches
-from jemtorch.metrics import bootstrap_accuracy, format_difference, paired_difference
+from jemtorch.metrics import bootstrap_accuracy, format_difference, paired_difference, verdict
 
 
 def main() -> None:
@@ -45,9 +45,8 @@ def main() -> None:
                  .argmax(1) == r.data.y_test for r in runs]
         acc = [c.double().mean().item() for c in right]
         d = paired_difference(*(bootstrap_accuracy(c, args.n_boot, args.seed) for c in right), acc[0] - acc[1])
-        verdict = "won" if d["ci"][0] > 0 else "lost" if d["ci"][1] < 0 else "tied"
         print(f"| {label} | {pair.name.removeprefix('seed')} | {100 * acc[0]:.2f}% | {100 * acc[1]:.2f}% | "
-              f"{format_difference(d)} | {verdict} |")
+              f"{format_difference(d)} | {verdict(d['ci'])} |")
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ from .metrics import (
     frechet_distance_infinity,
     ood_metrics,
     paired_difference,
+    verdict,
 )
 from .report import Report
 from .robustness import add_robustness_section
@@ -359,8 +360,7 @@ def versus_posthoc(jem: EvalResult, others: list[EvalResult], n_boot: int = 1000
         pair = [bootstrap_ood(r.hist["in"][d], r.hist[label][d], n_boot, seed) for r, d in ((jem, own), (who, k))]
         for i, metric in enumerate(("auroc", "fpr95")):
             ci = paired_difference(pair[0][:, i], pair[1][:, i], row[f"{metric}_diff"])["ci"]
-            better, worse = (ci[0] > 0, ci[1] < 0) if metric == "auroc" else (ci[1] < 0, ci[0] > 0)  # FPR95: lower
-            row[f"{metric}_diff_ci"], row[f"{metric}_verdict"] = ci, "won" if better else "lost" if worse else "tied"
+            row[f"{metric}_diff_ci"], row[f"{metric}_verdict"] = ci, verdict(ci, metric == "auroc")  # FPR95: lower
         rows.append(row)
     return rows
 

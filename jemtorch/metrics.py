@@ -83,6 +83,13 @@ def paired_difference(a: np.ndarray, b: np.ndarray, point: float, level: float =
     return {"diff": float(point), "ci": [float(lo), float(hi)], "level": level, "n_boot": len(d)}
 
 
+def verdict(ci, higher_is_better: bool = True) -> str:
+    """A paired difference's verdict from its interval ``ci`` = [lo, hi]: "won" or "lost" when it excludes 0, else
+    "tied" (for a rate where lower is better, such as FPR95, ``higher_is_better=False``)."""
+    better, worse = (ci[0] > 0, ci[1] < 0) if higher_is_better else (ci[1] < 0, ci[0] > 0)
+    return "won" if better else "lost" if worse else "tied"
+
+
 def format_difference(d: dict | None) -> str:
     """A :func:`paired_difference` of two rates as "+0.37 [-0.10, +0.74]" (percentage points); "—" when absent."""
     return f"{100 * d['diff']:+.2f} [{100 * d['ci'][0]:+.2f}, {100 * d['ci'][1]:+.2f}]" if d else "—"
