@@ -30,6 +30,8 @@ baseline also when the two differ only in settings of the generative terms, whic
 ROOT/seed<s>/baseline instead (copied in): a JEM on one network against the best classifier on another.
 ``--branch-from ROOT --from-epoch E`` trains each JEM as a branch of ROOT/seed<s>/jem after epoch E (kept there by
 ``--keep-epochs E``; ``jem train --from-epoch``): tails that share a density phase cost only their own epochs.
+``--baseline-pseudo-label W`` (semi-supervised) gives the baseline alone a Pseudo-Label term (``jem train
+--pseudo-label-weight``): the JEM's use of the unlabelled images against a classifier's.
 
     python benchmarks/quality.py --seeds 4 --out runs/quality/A -- --config FILE --keep-epochs 8
     python benchmarks/quality.py --seeds 4 --out runs/quality/B --baseline-runs runs/quality/A \
@@ -81,14 +83,16 @@ def train_flags(extra: list[str]) -> dict:
     return {**(load_config_file(args.config) if args.config else {}), **given}
 
 
-def train_pair(flags: dict, out: Path, data, baseline: Optional[Path] = None, branch: Optional[tuple] = None) -> dict:
+def train_pair(flags: dict, out: Path, data, baseline: Optional[Path] = None, branch: Optional[tuple] = None,
+               baseline_flags: Optional[dict] = None) -> dict:
     """Train JEM and baseline with the same config; returns {kind: summary or {'failed': message}}. ``baseline``: a
     trained classifier to compare with instead (copied into ``out``; same dataset and seed, any network). ``branch``:
-    (a JEM run, an epoch it kept, the `jem train` flags): the JEM is trained as its branch (``jem train --from-epoch``)."""
+    (a JEM run, an epoch it kept, the `jem train` flags): the JEM is trained as its branch (``jem train --from-epoch``).
+    ``baseline_flags``: settings of the baseline alone (its Pseudo-Label term, say)."""
     res = {}
     if baseline is not None:
         res["baseline"] = adopt_baseline(baseline, out / "baseline", flags)
-    for kind, over in (("jem", {}), ("baseline", {"p_x_weight": 0.0, "p_x_y_weight": 0.0})):
+    for kind, over in (("jem", {}), ("baseline", {"p_x_weight": 0.0, "p_x_y_weight": 0.0, **(baseline_flags or {})})):
         if kind in res:
             continue
         cfg = resolve_config({**flags, **over, "out": str(out / kind)})
@@ -349,7 +353,13 @@ def main() -> int:
                    help="train each JEM as a branch of ROOT/seed<s>/jem after --from-epoch (kept there by "
                         "--keep-epochs): only the epochs after it are trained")
     p.add_argument("--from-epoch", type=int, default=None, help="the epoch of --branch-from")
+    p.add_argument("--baseline-pseudo-label", type=float, default=0.0, metavar="W",
+                   help="semi-supervised: the baseline trains with Pseudo-Label at weight W (jem train "
+                        "--pseudo-label-weight) and the JEM without, unless its flags say otherwise: the JEM against "
+                        "a semi-supervised classifier, not one that sees only the labelled images")
     args, rest = p.parse_known_args()
+    if args.baseline_pseudo_label and (args.labels_per_class <= 0 or args.baseline_runs):
+        p.error("--baseline-pseudo-label needs --labels-per-class and a baseline trained here (not --baseline-runs)")
     if (args.branch_from is None) != (args.from_epoch is None):
         p.error("--branch-from and --from-epoch go together")
     try:
@@ -370,11 +380,14 @@ def main() -> int:
         out = out_root / f"seed{seed}"
         given = Path(args.baseline_runs) / f"seed{seed}" / "baseline" if args.baseline_runs else None
         branch = (Path(args.branch_from) / out.name / "jem", args.from_epoch, extra) if args.branch_from else None
-        r, o, g = evaluate_pair(seed, out, train_pair({**flags, "seed": seed}, out, data, given, branch), ood, args)
+        pl = {"pseudo_label_weight": args.baseline_pseudo_label} if args.baseline_pseudo_label else None
+        r, o, g = evaluate_pair(seed, out, train_pair({**flags, "seed": seed}, out, data, given, branch, pl), ood, args)
         runs, oods, gens = runs + r, oods + o, gens + g
     cfg = resolve_config({**flags, "seed": args.seeds[0]})
     head = (f"{args.dataset}, recipe {cfg.recipe}, model {cfg.model}, {cfg.epochs} epochs, batch {cfg.batch_size}, "
             f"labels/class {'all' if args.labels_per_class < 0 else args.labels_per_class}, seeds {args.seeds}")
+    if args.baseline_pseudo_label:
+        head += f", baseline with Pseudo-Label (weight {args.baseline_pseudo_label:g})"
     name = "quality-ood" if args.ood_only else "quality"
     if args.sample_step_cap is not None and not args.ood_only:
         head += f", fresh chains at step cap {args.sample_step_cap:g}"

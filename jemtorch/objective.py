@@ -9,6 +9,10 @@
                                                                p(x) images after K chain steps (Hinton 2002)
       + γ·‖∇ₓE(x_gp)‖²                                       optional zero-centred gradient penalty on p(x) images
                                                                (--grad-penalty; R1, Mescheder et al. 2018)
+      + w_pl·mean(1[max softmax f(x_u) ≥ τ]·CE(f(x_u), ŷ))     optional Pseudo-Label on the unlabelled images x_u
+                                                               (--pseudo-label-weight; ŷ = argmax f(x_u), no gradient;
+                                                               Lee 2013): a semi-supervised *classifier* term, the
+                                                               baseline a semi-supervised JEM must beat
 
 With --grad-surgery the gradient of everything after the first line is projected off the classification term's
 gradient where the two conflict before they are summed (``split_gradients``; PCGrad, Yu et al. 2020).
@@ -90,7 +94,26 @@ class ObjectiveSettings:
                                     "running (the labelled data's running averages, as evaluation sees every image: "
                                     "the density trained is the one scored; use with --sample-mode eval)")
 
+    pseudo_label_weight: float = setting(0.0, "semi-supervised (--labels-per-class): weight λ_u of Pseudo-Label's "
+                                              "term on the unlabelled images, cross-entropy against the network's own "
+                                              "hard prediction where its top softmax probability is at least "
+                                              "--pseudo-label-threshold (Lee 2013, 'Pseudo-Label'; as USB's "
+                                              "pseudolabel, microsoft/Semi-supervised-learning, semilearn/algorithms/"
+                                              "pseudolabel/pseudolabel.py: λ_u 1); a classifier term, so a baseline "
+                                              "keeps it; 0: off")
+    pseudo_label_threshold: float = setting(0.95, "the confidence a prediction needs to become a pseudo-label (USB's "
+                                                  "p_cutoff 0.95, the value of FixMatch, Sohn et al. 2020)")
+    pseudo_label_warmup: float = setting(0.4, "share of the run's iterations over which --pseudo-label-weight rises "
+                                              "linearly from 0 (USB's unsup_warm_up 0.4)")
+
     def check(self, need: Need) -> None:
+        need(self.pseudo_label_weight >= 0, f"--pseudo-label-weight must be >= 0, got {self.pseudo_label_weight}")
+        need(self.pseudo_label_weight == 0 or self.labels_per_class > 0,
+             "--pseudo-label-weight needs unlabelled images: set --labels-per-class")
+        need(0 < self.pseudo_label_threshold <= 1,
+             f"--pseudo-label-threshold must be in (0, 1], got {self.pseudo_label_threshold}")
+        need(0 <= self.pseudo_label_warmup <= 1,
+             f"--pseudo-label-warmup must be in [0, 1], got {self.pseudo_label_warmup}")
         need(min(self.p_y_given_x_weight, self.p_x_weight, self.p_x_y_weight) >= 0, "loss weights must be >= 0")
         need(self.p_y_given_x_weight + self.p_x_weight + self.p_x_y_weight > 0, "at least one loss weight must be > 0")
         need(self.energy_reg >= 0, f"--energy-reg must be >= 0, got {self.energy_reg}")
@@ -108,7 +131,7 @@ class ObjectiveSettings:
 @dataclass(frozen=True)
 class Weights:
     """Loss weights (TrainConfig: p_y_given_x_weight, p_x_weight, p_x_y_weight, energy_reg, energy_reg_form,
-    cd_weight, grad_penalty)."""
+    cd_weight, grad_penalty, pseudo_label_weight and _threshold)."""
 
     clf: float = 1.0
     px: float = 1.0
@@ -117,12 +140,15 @@ class Weights:
     energy_reg_form: str = "per-example"
     cd: float = 0.0
     gp: float = 0.0
+    pl: float = 0.0
+    pl_threshold: float = 0.95
 
     @classmethod
     def from_config(cls, cfg) -> Weights:
         px = cfg.p_x_weight > 0
         return cls(cfg.p_y_given_x_weight, cfg.p_x_weight, cfg.p_x_y_weight, cfg.energy_reg, cfg.energy_reg_form,
-                   cfg.cd_weight if px else 0.0, cfg.grad_penalty if px else 0.0)
+                   cfg.cd_weight if px else 0.0, cfg.grad_penalty if px else 0.0, cfg.pseudo_label_weight,
+                   cfg.pseudo_label_threshold)
 
 
 def energy_penalty(e_data: torch.Tensor, e_samples: torch.Tensor, form: str) -> torch.Tensor:
@@ -190,6 +216,15 @@ def logit_shift(gen_loss: torch.Tensor, head: torch.nn.Linear) -> list[tuple[tor
             for p, g in zip(params, grads)]
 
 
+def pseudo_label_loss(logits: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pseudo-Label (Lee 2013) with a confidence cut-off (as USB's pseudolabel): the mean over all images of
+    1[max softmax ≥ ``threshold``]·CE(logits, argmax), the targets and the mask taken without gradient; and the
+    share of images kept (the mask's mean)."""
+    conf, target = F.softmax(logits.detach().float(), 1).max(1)
+    mask = (conf >= threshold).float()
+    return (F.cross_entropy(logits, target, reduction="none") * mask).mean(), mask.mean()
+
+
 def forward_chunks(jem: JEM, chunks: dict[str, torch.Tensor], separate: bool = False,
                    running: bool = False) -> dict[str, torch.Tensor]:
     """Logits for every named chunk. Joint: one forward pass over the concatenation. Separate: one pass per chunk;
@@ -223,7 +258,8 @@ def jem_loss(
     """The JEM loss of one step and its statistics (0-d tensors; no host sync).
 
     ``x, y``: the labelled batch (augmented). ``x_px``: the p(x) batch when it is not ``x`` itself (semi-supervised
-    data, or un-augmented images). ``samples``: x̂ ~ p(x), needed when ``weights.px > 0``. ``samples_y``: x̂_y ~
+    data, or un-augmented images); semi-supervised, also the unlabelled images of the Pseudo-Label term
+    (``weights.pl > 0``). ``samples``: x̂ ~ p(x), needed when ``weights.px > 0``. ``samples_y``: x̂_y ~
     p(x|y) for the labels ``y``, needed when ``weights.pxy > 0``. ``x_cd``: p(x) images moved by the chains, needed
     when ``weights.cd > 0``. ``x_gp``: p(x) images for the gradient penalty, needed when ``weights.gp > 0``.
     ``separate``, ``running``: see
@@ -237,8 +273,10 @@ def jem_loss(
         raise ValueError("the contrastive-divergence term needs the p(x) term and chains from the data (x_cd)")
     if weights.gp > 0 and (x_gp is None or weights.px <= 0):
         raise ValueError("the gradient penalty needs the p(x) term and its images (x_gp)")
+    if weights.pl > 0 and x_px is None:
+        raise ValueError("the pseudo-label term needs the unlabelled images (x_px)")
     chunks = {"x": x}
-    if weights.px > 0 and (x_px is not None or (running and separate)):
+    if (weights.px > 0 or weights.pl > 0) and (x_px is not None or (running and separate)):
         chunks["x_px"] = x_px if x_px is not None else x
     if weights.px > 0:
         chunks["samples"] = samples
@@ -251,6 +289,10 @@ def jem_loss(
     l_clf = F.cross_entropy(logits["x"], y)
     loss = weights.clf * l_clf
     stats = {"l_clf": l_clf, "train_acc": (logits["x"].argmax(1) == y).float().mean()}
+    if weights.pl > 0:  # Pseudo-Label: the confident predictions on unlabelled images as their labels
+        l_pl, stats["pl_mask"] = pseudo_label_loss(logits["x_px"], weights.pl_threshold)
+        loss = loss + weights.pl * l_pl
+        stats["l_pl"] = l_pl
     if weights.px > 0:
         e_data = -jem.log_px(logits=logits.get("x_px", logits["x"]))
         e_samples = -jem.log_px(logits=logits["samples"])

@@ -112,8 +112,9 @@ class Phases:
     (``--px-ramp-epochs``), until ``stop`` (``--px-stop-epoch``; None: to the end), then at ``tail_scale`` of their
     weights (``--px-tail-scale``; 0: off), reached linearly over ``fade`` iterations (``--px-fade-epochs``; 0: at
     once) or after ``pause`` iterations of the classifier alone (``--px-pause-epochs``), with chains of noise
-    ``tail_std`` (``--px-tail-std``) instead of ``std`` (``--sgld-std``); converted from epochs to iterations here,
-    once."""
+    ``tail_std`` (``--px-tail-std``) instead of ``std`` (``--sgld-std``); and the Pseudo-Label term (a classifier
+    term, on throughout) raised linearly over its first ``pl_ramp`` iterations (``--pseudo-label-warmup``);
+    converted from epochs to iterations here, once."""
 
     start: int
     ramp: int
@@ -124,13 +125,15 @@ class Phases:
     tail_std: float = 0.01
     fade: int = 0
     pause: int = 0
+    pl_ramp: int = 0
 
     @classmethod
-    def of(cls, cfg: TrainConfig, iters_per_epoch: int) -> Phases:
-        return cls(cfg.px_start_epoch * iters_per_epoch, round(cfg.px_ramp_epochs * iters_per_epoch), cfg.uses_samples,
-                   None if cfg.px_stop_epoch < 0 else cfg.px_stop_epoch * iters_per_epoch, cfg.px_tail_scale,
-                   cfg.sgld_std, cfg.final_sgld_std, round(cfg.px_fade_epochs * iters_per_epoch),
-                   round(cfg.px_pause_epochs * iters_per_epoch))
+    def of(cls, cfg: TrainConfig, clock: Clock) -> Phases:
+        ipe = clock.iters_per_epoch
+        return cls(cfg.px_start_epoch * ipe, round(cfg.px_ramp_epochs * ipe), cfg.uses_samples,
+                   None if cfg.px_stop_epoch < 0 else cfg.px_stop_epoch * ipe, cfg.px_tail_scale,
+                   cfg.sgld_std, cfg.final_sgld_std, round(cfg.px_fade_epochs * ipe), round(cfg.px_pause_epochs * ipe),
+                   round(cfg.pseudo_label_warmup * clock.planned_iters))
 
     def tail(self, step: int) -> bool:
         """Past ``--px-stop-epoch``."""
@@ -160,7 +163,9 @@ class Phases:
     def weights(self, w: Weights, step: int, scale: float = 1.0) -> Weights:
         """The loss weights at ``step``: generative terms off before ``start``, then raised linearly (with the
         energy and gradient penalties) over ``ramp`` iterations, at ``tail_share`` after ``stop``; times ``scale``
-        (health.AdaptivePx) throughout."""
+        (health.AdaptivePx) throughout; the Pseudo-Label term on its own ramp."""
+        if w.pl > 0 and step < self.pl_ramp:
+            w = replace(w, pl=w.pl * (step + 1) / self.pl_ramp)
         if not self.generative(step):
             return replace(w, px=0.0, pxy=0.0, cd=0.0, gp=0.0)
         into = step - self.start + 1
@@ -177,13 +182,14 @@ def training_batch(cfg: TrainConfig, labeled: BatchStream, unlabeled: Optional[B
                    flip: bool, extra: Optional[BatchStream] = None) -> tuple[torch.Tensor, torch.Tensor,
                                                                             Optional[torch.Tensor]]:
     """Step ``step``'s labelled batch (augmented) and, when it is not the labelled batch itself, the p(x) batch:
-    its first ``n_chains(cfg, x)`` images are the chains' counterparts, then ``extra``'s images (--px-data-batches)."""
+    its first ``n_chains(cfg, x)`` images are the chains' counterparts, then ``extra``'s images (--px-data-batches).
+    Semi-supervised, the p(x) batch holds unlabelled images, which the Pseudo-Label term reads too."""
     x_u8, y = labeled.batch(step)
     x = augment(to_float(x_u8), pad, flip, cfg.data_noise)
     if cfg.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     n_px = n_chains(cfg, x)
-    if not cfg.uses_samples or (unlabeled is None and cfg.px_augment and n_px >= len(x) and extra is None):
+    if not (cfg.uses_samples or cfg.pseudo_label_weight > 0) or (unlabeled is None and cfg.px_augment and n_px >= len(x) and extra is None):
         return x, y, None
     seen = (pad, flip) if cfg.px_augment else (0, False)  # SADA-JEM: p(x) on un-augmented images
     if unlabeled is None and cfg.px_augment:
@@ -207,7 +213,7 @@ def forward_backward(state: TrainState, cfg: TrainConfig, batch, weights: Weight
     (0-d tensors, no host sync) and the loss function, which SAM evaluates again at perturbed weights. ``shift_head``
     (--px-tail-grad logit-shift, in the tail: the logit layer): the generative terms train its logits' shift."""
     x, y, x_px = batch
-    x_px = x_px if weights.px > 0 else None
+    x_px = x_px if weights.px > 0 or weights.pl > 0 else None
     samples = samples_y = x_cd = None
     px_data = x_px if x_px is not None else x
     n = min(len(px_data), n_chains(cfg, x))  # the chains' count; --px-data-batches adds data images beyond it
@@ -229,10 +235,11 @@ def forward_backward(state: TrainState, cfg: TrainConfig, batch, weights: Weight
     loss, stats = loss_fn()
     state.opt.zero_grad(set_to_none=True)
     generative = weights.clf > 0 and (weights.px > 0 or weights.pxy > 0)
+    clf_loss = weights.clf * stats["l_clf"] + (weights.pl * stats["l_pl"] if "l_pl" in stats else 0.0)  # classifier terms
     if shift_head is not None and generative:
-        shift_backward(weights.clf * stats["l_clf"], loss, shift_head, cfg.px_tail_leak)
+        shift_backward(clf_loss, loss, shift_head, cfg.px_tail_leak)
     elif cfg.grad_surgery and generative:
-        split_backward(weights.clf * stats["l_clf"], loss, state.jem.parameters(), stats)
+        split_backward(clf_loss, loss, state.jem.parameters(), stats)
     else:
         loss.backward()
     stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(state.jem.parameters(), clip_norm(cfg))
@@ -355,7 +362,7 @@ class Trainer:
                                   cfg.seed + 2, self.dist.rank, self.dist.world_size)
                       if cfg.px_data_batches > 1 and cfg.uses_samples else None)  # --px-data-batches' own images
         self.clock = Clock.of(cfg, (self.unlabeled or self.labeled).batches_per_epoch)
-        self.phases = Phases.of(cfg, self.clock.iters_per_epoch)
+        self.phases = Phases.of(cfg, self.clock)
         self.pad, self.flip = (self.data.pad if cfg.augment else 0), (self.data.flip and cfg.augment)
         jem, loss_jem, sampler, opt, sam, self.autocast = build_state(cfg, self.data, self.dist, self.device,
                                                                       self.rank_seed, trust_code)
@@ -482,7 +489,7 @@ class Trainer:
         return finish(self)
 
 
-POSTFIX = {"loss": "loss", "l_clf": "clf", "l_pxy": "pxy", "train_acc": "acc", "energy_gap": "gap", "reach": "reach"}
+POSTFIX = {"loss": "loss", "l_clf": "clf", "l_pl": "pl", "l_pxy": "pxy", "train_acc": "acc", "energy_gap": "gap", "reach": "reach"}
 
 
 # the end ----------------------------------------------------------------------------------------------------

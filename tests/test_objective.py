@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from jemtorch import JEM, Weights, create_model, jem_loss
 from jemtorch.energy import eval_mode
-from jemtorch.objective import forward_chunks, grad_penalty, split_gradients
+from jemtorch.objective import forward_chunks, grad_penalty, pseudo_label_loss, split_gradients
 
 
 @pytest.fixture
@@ -44,6 +44,28 @@ def test_classifier_only_needs_no_samples(batch):
     assert "energy_gap" not in stats and loss.item() == pytest.approx(F.cross_entropy(jem(x), y).item(), rel=1e-5)
     with pytest.raises(ValueError, match="needs samples"):
         jem_loss(jem, x, y, weights=Weights())
+
+
+def test_pseudo_label_term_is_the_cross_entropy_on_confident_predictions(batch):
+    jem, x, y, x_px, *_ = batch
+    with torch.no_grad():
+        u = jem(x_px) * 20  # confident logits: some images above a middling threshold, some below
+    conf, target = F.softmax(u, 1).max(1)
+    tau = conf.median().item()
+    kept = conf >= tau
+    l_pl, share = pseudo_label_loss(u, tau)
+    assert 0 < kept.sum() < len(u) and share.item() == pytest.approx(kept.float().mean().item())
+    ce = F.cross_entropy(u, target, reduction="none")
+    assert l_pl.item() == pytest.approx((ce * kept).sum().item() / len(u), rel=1e-5)  # mean over all, not over kept
+    loss, stats = jem_loss(jem, x, y, weights=Weights(px=0.0, pl=0.5, pl_threshold=1e-6), x_px=x_px)
+    with torch.no_grad():
+        ce_x, lu = F.cross_entropy(jem(x), y), jem(x_px)
+        pl = F.cross_entropy(lu, lu.argmax(1))
+    assert stats["pl_mask"].item() == 1.0 and "energy_gap" not in stats
+    assert loss.item() == pytest.approx((ce_x + 0.5 * pl).item(), rel=1e-5)
+    loss.backward()  # the targets carry no gradient; the logits do
+    with pytest.raises(ValueError, match="unlabelled images"):
+        jem_loss(jem, x, y, weights=Weights(px=0.0, pl=1.0))
 
 
 def test_separate_forward_keeps_batchnorm_statistics_apart():

@@ -7,6 +7,7 @@ import torch
 
 from jemtorch import TrainConfig, Trainer, train
 from jemtorch.checkpoint import CheckpointError, load_safe
+from jemtorch.train import training_batch
 
 TINY = dict(dataset="digits", model="cnn-8", sgld_steps=2, buffer_size=200, batch_size=32, warmup_iters=0, lr=1e-3,
             progress=False, log_every=5, n_valid=100)
@@ -54,6 +55,22 @@ def test_variants_train(tmp_path, kw):
         assert trainer.state.buffer.class_conditional
     if "labels_per_class" in kw:
         assert len(trainer.labeled.x) == 50 and len(trainer.unlabeled.x) == len(trainer.splits.x_train)
+
+
+def test_pseudo_label_baseline_trains_on_the_unlabelled_stream_with_its_weight_ramped(tmp_path):
+    t = Trainer(cfg(tmp_path, epochs=2, labels_per_class=5, p_x_weight=0, pseudo_label_weight=2.0,
+                    pseudo_label_warmup=0.5, pseudo_label_threshold=0.5))
+    ramp = round(0.5 * t.clock.total_iters)
+    assert t.phases.pl_ramp == ramp and t.phases.weights(t.recovery.weights, 0).pl == pytest.approx(2.0 / ramp)
+    assert t.phases.weights(t.recovery.weights, ramp).pl == 2.0
+    x, y, x_px = training_batch(t.cfg, t.labeled, t.unlabeled, 0, t.pad, t.flip)
+    assert x_px is not None and len(x_px) == len(x)  # a baseline draws the unlabelled batch for the term
+    before = t.state.buffer.data.clone()
+    values = [t.iteration() for _ in range(3)][-1]
+    assert {"l_pl", "pl_mask"} <= set(values) and "energy_gap" not in values
+    assert torch.equal(t.state.buffer.data, before)  # still a classifier: no samples drawn
+    with pytest.raises(ValueError, match="needs unlabelled images"):
+        TrainConfig(pseudo_label_weight=1.0)
 
 
 def test_lr_schedule(tmp_path):
