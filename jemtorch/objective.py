@@ -225,6 +225,12 @@ def pseudo_label_loss(logits: torch.Tensor, threshold: float) -> tuple[torch.Ten
     return (F.cross_entropy(logits, target, reduction="none") * mask).mean(), mask.mean()
 
 
+def classifier_terms(weights: Weights, stats: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The loss's classifier terms, w_clf·CE + w_pl·Pseudo-Label, from ``jem_loss``'s statistics: what --grad-surgery
+    and --px-tail-grad keep whole while they reshape the rest (the generative terms)."""
+    return weights.clf * stats["l_clf"] + (weights.pl * stats["l_pl"] if "l_pl" in stats else 0.0)
+
+
 def forward_chunks(jem: JEM, chunks: dict[str, torch.Tensor], separate: bool = False,
                    running: bool = False) -> dict[str, torch.Tensor]:
     """Logits for every named chunk. Joint: one forward pass over the concatenation. Separate: one pass per chunk;

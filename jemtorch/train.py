@@ -49,7 +49,7 @@ from .data import BatchStream, ImageData, Splits, augment, labeled_subset, load_
 from .distributed import Dist
 from .energy import JEM, logit_head, nonfinite_weights
 from .health import AdaptivePx, AdaptiveSteps, Health
-from .objective import Weights, jem_loss, logit_shift, split_gradients
+from .objective import Weights, classifier_terms, jem_loss, logit_shift, split_gradients
 from .optim import SAM, build_optimizer, lr_factor
 from .recovery import Recovery, TrainingDiverged
 from .rundir import METRICS, TENSORBOARD_DIR, MetricsLog, RunDir, TensorBoardLog
@@ -234,8 +234,7 @@ def forward_backward(state: TrainState, cfg: TrainConfig, batch, weights: Weight
 
     loss, stats = loss_fn()
     state.opt.zero_grad(set_to_none=True)
-    generative = weights.clf > 0 and (weights.px > 0 or weights.pxy > 0)
-    clf_loss = weights.clf * stats["l_clf"] + (weights.pl * stats["l_pl"] if "l_pl" in stats else 0.0)  # classifier terms
+    generative, clf_loss = weights.clf > 0 and (weights.px > 0 or weights.pxy > 0), classifier_terms(weights, stats)
     if shift_head is not None and generative:
         shift_backward(clf_loss, loss, shift_head, cfg.px_tail_leak)
     elif cfg.grad_surgery and generative:
