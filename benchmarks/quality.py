@@ -376,11 +376,11 @@ def main() -> int:
         check_ood_name(name, args.dataset)
     data = load_dataset(args.dataset, args.data_root)
     runs, oods, gens = [], [], []
+    pl = {"pseudo_label_weight": args.baseline_pseudo_label} if args.baseline_pseudo_label else None  # baseline alone
     for seed in args.seeds:
         out = out_root / f"seed{seed}"
         given = Path(args.baseline_runs) / f"seed{seed}" / "baseline" if args.baseline_runs else None
         branch = (Path(args.branch_from) / out.name / "jem", args.from_epoch, extra) if args.branch_from else None
-        pl = {"pseudo_label_weight": args.baseline_pseudo_label} if args.baseline_pseudo_label else None
         r, o, g = evaluate_pair(seed, out, train_pair({**flags, "seed": seed}, out, data, given, branch, pl), ood, args)
         runs, oods, gens = runs + r, oods + o, gens + g
     cfg = resolve_config({**flags, "seed": args.seeds[0]})
