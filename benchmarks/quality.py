@@ -31,7 +31,8 @@ ROOT/seed<s>/baseline instead (copied in): a JEM on one network against the best
 ``--branch-from ROOT --from-epoch E`` trains each JEM as a branch of ROOT/seed<s>/jem after epoch E (kept there by
 ``--keep-epochs E``; ``jem train --from-epoch``): tails that share a density phase cost only their own epochs.
 ``--baseline-pseudo-label W`` (semi-supervised) gives the baseline alone a Pseudo-Label term (``jem train
---pseudo-label-weight``): the JEM's use of the unlabelled images against a classifier's.
+--pseudo-label-weight``): the JEM's use of the unlabelled images against a classifier's; ``--baseline-vat W`` the
+same with virtual adversarial training (``jem train --vat-weight``).
 
     python benchmarks/quality.py --seeds 4 --out runs/quality/A -- --config FILE --keep-epochs 8
     python benchmarks/quality.py --seeds 4 --out runs/quality/B --baseline-runs runs/quality/A \
@@ -357,9 +358,13 @@ def main() -> int:
                    help="semi-supervised: the baseline trains with Pseudo-Label at weight W (jem train "
                         "--pseudo-label-weight) and the JEM without, unless its flags say otherwise: the JEM against "
                         "a semi-supervised classifier, not one that sees only the labelled images")
+    p.add_argument("--baseline-vat", type=float, default=0.0, metavar="W",
+                   help="semi-supervised: the baseline trains with virtual adversarial training at weight W (jem train "
+                        "--vat-weight; its --vat-eps and --vat-entropy as the flags after -- say) and the JEM without")
     args, rest = p.parse_known_args()
-    if args.baseline_pseudo_label and (args.labels_per_class <= 0 or args.baseline_runs):
-        p.error("--baseline-pseudo-label needs --labels-per-class and a baseline trained here (not --baseline-runs)")
+    for flag, w in (("--baseline-pseudo-label", args.baseline_pseudo_label), ("--baseline-vat", args.baseline_vat)):
+        if w and (args.labels_per_class <= 0 or args.baseline_runs):
+            p.error(f"{flag} needs --labels-per-class and a baseline trained here (not --baseline-runs)")
     if (args.branch_from is None) != (args.from_epoch is None):
         p.error("--branch-from and --from-epoch go together")
     try:
@@ -376,18 +381,21 @@ def main() -> int:
         check_ood_name(name, args.dataset)
     data = load_dataset(args.dataset, args.data_root)
     runs, oods, gens = [], [], []
-    pl = {"pseudo_label_weight": args.baseline_pseudo_label} if args.baseline_pseudo_label else None  # baseline alone
+    ssl = {k: w for k, w in (("pseudo_label_weight", args.baseline_pseudo_label), ("vat_weight", args.baseline_vat))
+           if w}  # the baseline's alone
     for seed in args.seeds:
         out = out_root / f"seed{seed}"
         given = Path(args.baseline_runs) / f"seed{seed}" / "baseline" if args.baseline_runs else None
         branch = (Path(args.branch_from) / out.name / "jem", args.from_epoch, extra) if args.branch_from else None
-        r, o, g = evaluate_pair(seed, out, train_pair({**flags, "seed": seed}, out, data, given, branch, pl), ood, args)
+        r, o, g = evaluate_pair(seed, out, train_pair({**flags, "seed": seed}, out, data, given, branch, ssl), ood, args)
         runs, oods, gens = runs + r, oods + o, gens + g
     cfg = resolve_config({**flags, "seed": args.seeds[0]})
     head = (f"{args.dataset}, recipe {cfg.recipe}, model {cfg.model}, {cfg.epochs} epochs, batch {cfg.batch_size}, "
             f"labels/class {'all' if args.labels_per_class < 0 else args.labels_per_class}, seeds {args.seeds}")
     if args.baseline_pseudo_label:
         head += f", baseline with Pseudo-Label (weight {args.baseline_pseudo_label:g})"
+    if args.baseline_vat:
+        head += f", baseline with VAT (weight {args.baseline_vat:g}, eps {cfg.vat_eps:g})"
     name = "quality-ood" if args.ood_only else "quality"
     if args.sample_step_cap is not None and not args.ood_only:
         head += f", fresh chains at step cap {args.sample_step_cap:g}"

@@ -294,6 +294,11 @@ class TrainConfig(LogSettings, LoopSettings, OptimSettings, SamplerSettings, Obj
         return self.p_x_weight > 0 or self.p_x_y_weight > 0
 
     @property
+    def uses_unlabelled(self) -> bool:
+        """Does a semi-supervised classifier term (--pseudo-label-weight, --vat-weight) read the unlabelled images?"""
+        return self.pseudo_label_weight > 0 or self.vat_weight > 0
+
+    @property
     def class_conditional(self) -> bool:
         """Class-conditional buffer: asked for, or implied when p(x, y) is the only generative term."""
         return self.class_cond_buffer or (self.p_x_y_weight > 0 and self.p_x_weight == 0)

@@ -13,6 +13,10 @@
                                                                (--pseudo-label-weight; ŷ = argmax f(x_u), no gradient;
                                                                Lee 2013): a semi-supervised *classifier* term, the
                                                                baseline a semi-supervised JEM must beat
+      + w_vat·KL(p(y|x_u) ‖ p(y|x_u + r_adv)) + w_ent·H(p(y|x_u)) optional virtual adversarial training on the
+                                                               unlabelled images (--vat-weight; r_adv the most
+                                                               sensitive direction, ‖r_adv‖ = ε; Miyato et al.
+                                                               2018): the other semi-supervised classifier term
 
 With --grad-surgery the gradient of everything after the first line is projected off the classification term's
 gradient where the two conflict before they are summed (``split_gradients``; PCGrad, Yu et al. 2020).
@@ -103,8 +107,22 @@ class ObjectiveSettings:
                                               "keeps it; 0: off")
     pseudo_label_threshold: float = setting(0.95, "the confidence a prediction needs to become a pseudo-label (USB's "
                                                   "p_cutoff 0.95, the value of FixMatch, Sohn et al. 2020)")
-    pseudo_label_warmup: float = setting(0.4, "share of the run's iterations over which --pseudo-label-weight rises "
-                                              "linearly from 0 (USB's unsup_warm_up 0.4)")
+    pseudo_label_warmup: float = setting(0.4, "share of the run's iterations over which --pseudo-label-weight and "
+                                              "--vat-weight rise linearly from 0 (USB's unsup_warm_up 0.4)")
+    vat_weight: float = setting(0.0, "semi-supervised (--labels-per-class): weight of virtual adversarial training's "
+                                     "term on the unlabelled images, KL(p(y|x) ‖ p(y|x + r)) with r the direction of "
+                                     "norm --vat-eps that changes p(y|x) most (one power iteration from a random "
+                                     "direction of norm 1e-6), plus --vat-entropy times the entropy of p(y|x) "
+                                     "(Miyato et al. 2018, 'Virtual adversarial training', TPAMI; as USB's vat, "
+                                     "microsoft/Semi-supervised-learning, semilearn/algorithms/vat/vat.py: weight 1, "
+                                     "xi 1e-6, one iteration); a classifier term, so a baseline keeps it; costs two "
+                                     "more forward and backward passes over the unlabelled batch; 0: off")
+    vat_eps: float = setting(1.5, "L2 norm ε of the virtual adversarial perturbation, in the network's input units "
+                                  "([-1, 1]). USB's vat_eps 6 is in CIFAR-10 units normalised by the channels' std "
+                                  "(~0.25): 3.0 on [-1, 1] over 3 072 values, 0.054 per value (RMS); 1.5 is the same "
+                                  "per-value size on a 28x28 image (0.054·28)")
+    vat_entropy: float = setting(0.06, "weight of the entropy of p(y|x) on the unlabelled images that --vat-weight "
+                                       "adds (VAT + EntMin; USB's ent_loss_ratio 0.06); not ramped")
 
     def check(self, need: Need) -> None:
         need(self.pseudo_label_weight >= 0, f"--pseudo-label-weight must be >= 0, got {self.pseudo_label_weight}")
@@ -114,6 +132,11 @@ class ObjectiveSettings:
              f"--pseudo-label-threshold must be in (0, 1], got {self.pseudo_label_threshold}")
         need(0 <= self.pseudo_label_warmup <= 1,
              f"--pseudo-label-warmup must be in [0, 1], got {self.pseudo_label_warmup}")
+        need(self.vat_weight >= 0, f"--vat-weight must be >= 0, got {self.vat_weight}")
+        need(self.vat_weight == 0 or self.labels_per_class > 0,
+             "--vat-weight needs unlabelled images: set --labels-per-class")
+        need(self.vat_eps > 0, f"--vat-eps must be > 0, got {self.vat_eps}")
+        need(self.vat_entropy >= 0, f"--vat-entropy must be >= 0, got {self.vat_entropy}")
         need(min(self.p_y_given_x_weight, self.p_x_weight, self.p_x_y_weight) >= 0, "loss weights must be >= 0")
         need(self.p_y_given_x_weight + self.p_x_weight + self.p_x_y_weight > 0, "at least one loss weight must be > 0")
         need(self.energy_reg >= 0, f"--energy-reg must be >= 0, got {self.energy_reg}")
@@ -131,7 +154,7 @@ class ObjectiveSettings:
 @dataclass(frozen=True)
 class Weights:
     """Loss weights (TrainConfig: p_y_given_x_weight, p_x_weight, p_x_y_weight, energy_reg, energy_reg_form,
-    cd_weight, grad_penalty, pseudo_label_weight and _threshold)."""
+    cd_weight, grad_penalty, pseudo_label_weight and _threshold, vat_weight, _eps and _entropy)."""
 
     clf: float = 1.0
     px: float = 1.0
@@ -142,13 +165,21 @@ class Weights:
     gp: float = 0.0
     pl: float = 0.0
     pl_threshold: float = 0.95
+    vat: float = 0.0
+    vat_eps: float = 1.5
+    vat_ent: float = 0.06
+
+    @property
+    def unlabelled(self) -> bool:
+        """Does a semi-supervised classifier term (Pseudo-Label, VAT) read the unlabelled images?"""
+        return self.pl > 0 or self.vat > 0
 
     @classmethod
     def from_config(cls, cfg) -> Weights:
         px = cfg.p_x_weight > 0
         return cls(cfg.p_y_given_x_weight, cfg.p_x_weight, cfg.p_x_y_weight, cfg.energy_reg, cfg.energy_reg_form,
                    cfg.cd_weight if px else 0.0, cfg.grad_penalty if px else 0.0, cfg.pseudo_label_weight,
-                   cfg.pseudo_label_threshold)
+                   cfg.pseudo_label_threshold, cfg.vat_weight, cfg.vat_eps, cfg.vat_entropy)
 
 
 def energy_penalty(e_data: torch.Tensor, e_samples: torch.Tensor, form: str) -> torch.Tensor:
@@ -225,10 +256,42 @@ def pseudo_label_loss(logits: torch.Tensor, threshold: float) -> tuple[torch.Ten
     return (F.cross_entropy(logits, target, reduction="none") * mask).mean(), mask.mean()
 
 
+def vat_loss(jem: JEM, x_u: torch.Tensor, eps: float, xi: float = 1e-6, running: bool = False) -> torch.Tensor:
+    """Virtual adversarial training's term (Miyato et al. 2018; as USB's vat): KL(p(y|x) ‖ p(y|x + r_adv)) averaged
+    over the images, p(y|x) without gradient, r_adv = ``eps``·g/‖g‖ per image, g the gradient of that KL at a random
+    direction of norm ``xi`` (one power iteration towards the direction p(y|x) is most sensitive to). p(y|x) comes
+    from a pass of ``x_u`` alone, shaped as the perturbed passes are: at ``xi`` the KL's gradient is the difference
+    of two passes' outputs, and two passes of differently shaped batches differ by more than that (measured: 4e-6
+    in the logits, ~10% of the term). All three passes leave normalisation layers' running statistics as they are
+    (``as_px_chunk``; USB freezes BatchNorm's likewise)."""
+    x_u = x_u.detach()
+    with torch.no_grad(), as_px_chunk(jem, running):
+        target = F.log_softmax(jem(x_u).float(), 1)
+
+    def kl(x: torch.Tensor) -> torch.Tensor:
+        with as_px_chunk(jem, running):
+            return F.kl_div(F.log_softmax(jem(x).float(), 1), target, log_target=True, reduction="batchmean")
+
+    def unit(d: torch.Tensor) -> torch.Tensor:
+        return d / d.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (d.dim() - 1))
+
+    d = (xi * unit(torch.randn_like(x_u))).requires_grad_(True)
+    (g,) = torch.autograd.grad(kl(x_u + d), d)
+    return kl(x_u + eps * unit(g))
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Mean entropy of softmax(logits) (entropy minimisation, Grandvalet & Bengio 2004; VAT's 'EntMin')."""
+    logp = F.log_softmax(logits.float(), 1)
+    return -(logp.exp() * logp).sum(1).mean()
+
+
 def classifier_terms(weights: Weights, stats: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The loss's classifier terms, w_clf·CE + w_pl·Pseudo-Label, from ``jem_loss``'s statistics: what --grad-surgery
-    and --px-tail-grad keep whole while they reshape the rest (the generative terms)."""
-    return weights.clf * stats["l_clf"] + (weights.pl * stats["l_pl"] if "l_pl" in stats else 0.0)
+    """The loss's classifier terms, w_clf·CE + w_pl·Pseudo-Label + w_vat·VAT + w_ent·entropy, from ``jem_loss``'s
+    statistics: what --grad-surgery and --px-tail-grad keep whole while they reshape the rest (the generative
+    terms)."""
+    loss = weights.clf * stats["l_clf"] + (weights.pl * stats["l_pl"] if "l_pl" in stats else 0.0)
+    return loss + (weights.vat * stats["l_vat"] + weights.vat_ent * stats["l_ent"] if "l_vat" in stats else 0.0)
 
 
 def forward_chunks(jem: JEM, chunks: dict[str, torch.Tensor], separate: bool = False,
@@ -264,8 +327,8 @@ def jem_loss(
     """The JEM loss of one step and its statistics (0-d tensors; no host sync).
 
     ``x, y``: the labelled batch (augmented). ``x_px``: the p(x) batch when it is not ``x`` itself (semi-supervised
-    data, or un-augmented images); semi-supervised, also the unlabelled images of the Pseudo-Label term
-    (``weights.pl > 0``). ``samples``: x̂ ~ p(x), needed when ``weights.px > 0``. ``samples_y``: x̂_y ~
+    data, or un-augmented images); semi-supervised, also the unlabelled images of the Pseudo-Label and VAT terms
+    (``weights.unlabelled``). ``samples``: x̂ ~ p(x), needed when ``weights.px > 0``. ``samples_y``: x̂_y ~
     p(x|y) for the labels ``y``, needed when ``weights.pxy > 0``. ``x_cd``: p(x) images moved by the chains, needed
     when ``weights.cd > 0``. ``x_gp``: p(x) images for the gradient penalty, needed when ``weights.gp > 0``.
     ``separate``, ``running``: see
@@ -279,10 +342,10 @@ def jem_loss(
         raise ValueError("the contrastive-divergence term needs the p(x) term and chains from the data (x_cd)")
     if weights.gp > 0 and (x_gp is None or weights.px <= 0):
         raise ValueError("the gradient penalty needs the p(x) term and its images (x_gp)")
-    if weights.pl > 0 and x_px is None:
-        raise ValueError("the pseudo-label term needs the unlabelled images (x_px)")
+    if weights.unlabelled and x_px is None:
+        raise ValueError("the semi-supervised terms (Pseudo-Label, VAT) need the unlabelled images (x_px)")
     chunks = {"x": x}
-    if (weights.px > 0 or weights.pl > 0) and (x_px is not None or (running and separate)):
+    if (weights.px > 0 or weights.unlabelled) and (x_px is not None or (running and separate)):
         chunks["x_px"] = x_px if x_px is not None else x
     if weights.px > 0:
         chunks["samples"] = samples
@@ -299,6 +362,10 @@ def jem_loss(
         l_pl, stats["pl_mask"] = pseudo_label_loss(logits["x_px"], weights.pl_threshold)
         loss = loss + weights.pl * l_pl
         stats["l_pl"] = l_pl
+    if weights.vat > 0:  # VAT: p(y|x) kept where a small adversarial step would change it most
+        stats["l_vat"] = vat_loss(jem, chunks["x_px"], weights.vat_eps, running=running and separate)
+        stats["l_ent"] = entropy(logits["x_px"])
+        loss = loss + weights.vat * stats["l_vat"] + weights.vat_ent * stats["l_ent"]
     if weights.px > 0:
         e_data = -jem.log_px(logits=logits.get("x_px", logits["x"]))
         e_samples = -jem.log_px(logits=logits["samples"])

@@ -112,8 +112,9 @@ class Phases:
     (``--px-ramp-epochs``), until ``stop`` (``--px-stop-epoch``; None: to the end), then at ``tail_scale`` of their
     weights (``--px-tail-scale``; 0: off), reached linearly over ``fade`` iterations (``--px-fade-epochs``; 0: at
     once) or after ``pause`` iterations of the classifier alone (``--px-pause-epochs``), with chains of noise
-    ``tail_std`` (``--px-tail-std``) instead of ``std`` (``--sgld-std``); and the Pseudo-Label term (a classifier
-    term, on throughout) raised linearly over its first ``pl_ramp`` iterations (``--pseudo-label-warmup``);
+    ``tail_std`` (``--px-tail-std``) instead of ``std`` (``--sgld-std``); and the semi-supervised classifier terms
+    (Pseudo-Label, VAT: on throughout) raised linearly over their first ``pl_ramp`` iterations
+    (``--pseudo-label-warmup``);
     converted from epochs to iterations here, once."""
 
     start: int
@@ -163,9 +164,9 @@ class Phases:
     def weights(self, w: Weights, step: int, scale: float = 1.0) -> Weights:
         """The loss weights at ``step``: generative terms off before ``start``, then raised linearly (with the
         energy and gradient penalties) over ``ramp`` iterations, at ``tail_share`` after ``stop``; times ``scale``
-        (health.AdaptivePx) throughout; the Pseudo-Label term on its own ramp."""
-        if w.pl > 0 and step < self.pl_ramp:
-            w = replace(w, pl=w.pl * (step + 1) / self.pl_ramp)
+        (health.AdaptivePx) throughout; the semi-supervised terms on their own ramp (VAT's entropy not)."""
+        if w.unlabelled and step < self.pl_ramp:
+            w = replace(w, pl=w.pl * (step + 1) / self.pl_ramp, vat=w.vat * (step + 1) / self.pl_ramp)
         if not self.generative(step):
             return replace(w, px=0.0, pxy=0.0, cd=0.0, gp=0.0)
         into = step - self.start + 1
@@ -183,13 +184,13 @@ def training_batch(cfg: TrainConfig, labeled: BatchStream, unlabeled: Optional[B
                                                                             Optional[torch.Tensor]]:
     """Step ``step``'s labelled batch (augmented) and, when it is not the labelled batch itself, the p(x) batch:
     its first ``n_chains(cfg, x)`` images are the chains' counterparts, then ``extra``'s images (--px-data-batches).
-    Semi-supervised, the p(x) batch holds unlabelled images, which the Pseudo-Label term reads too."""
+    Semi-supervised, the p(x) batch holds unlabelled images, which the Pseudo-Label and VAT terms read too."""
     x_u8, y = labeled.batch(step)
     x = augment(to_float(x_u8), pad, flip, cfg.data_noise)
     if cfg.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     n_px = n_chains(cfg, x)
-    if not (cfg.uses_samples or cfg.pseudo_label_weight > 0) or (unlabeled is None and cfg.px_augment and n_px >= len(x) and extra is None):
+    if not (cfg.uses_samples or cfg.uses_unlabelled) or (unlabeled is None and cfg.px_augment and n_px >= len(x) and extra is None):
         return x, y, None
     seen = (pad, flip) if cfg.px_augment else (0, False)  # SADA-JEM: p(x) on un-augmented images
     if unlabeled is None and cfg.px_augment:
@@ -213,7 +214,7 @@ def forward_backward(state: TrainState, cfg: TrainConfig, batch, weights: Weight
     (0-d tensors, no host sync) and the loss function, which SAM evaluates again at perturbed weights. ``shift_head``
     (--px-tail-grad logit-shift, in the tail: the logit layer): the generative terms train its logits' shift."""
     x, y, x_px = batch
-    x_px = x_px if weights.px > 0 or weights.pl > 0 else None
+    x_px = x_px if weights.px > 0 or weights.unlabelled else None
     samples = samples_y = x_cd = None
     px_data = x_px if x_px is not None else x
     n = min(len(px_data), n_chains(cfg, x))  # the chains' count; --px-data-batches adds data images beyond it
@@ -488,7 +489,8 @@ class Trainer:
         return finish(self)
 
 
-POSTFIX = {"loss": "loss", "l_clf": "clf", "l_pl": "pl", "l_pxy": "pxy", "train_acc": "acc", "energy_gap": "gap", "reach": "reach"}
+POSTFIX = {"loss": "loss", "l_clf": "clf", "l_pl": "pl", "l_vat": "vat", "l_pxy": "pxy", "train_acc": "acc",
+           "energy_gap": "gap", "reach": "reach"}
 
 
 # the end ----------------------------------------------------------------------------------------------------

@@ -168,17 +168,19 @@ def test_quality_benchmark_tables_and_reuse(tmp_path, capsys):
     assert not (tmp_path / "c" / "seed0" / "jem").exists()
 
 
-def test_quality_baseline_pseudo_label_is_the_baselines_alone(tmp_path, capsys):
-    """--baseline-pseudo-label gives the semi-supervised baseline a Pseudo-Label term and the JEM none; without
-    --labels-per-class it is refused before anything is trained."""
+@pytest.mark.parametrize("flag,key,head", [("--baseline-pseudo-label", "pseudo_label_weight", "Pseudo-Label (weight 0.5)"),
+                                           ("--baseline-vat", "vat_weight", "VAT (weight 0.5, eps 1.5)")])
+def test_quality_semi_supervised_baseline_term_is_the_baselines_alone(tmp_path, capsys, flag, key, head):
+    """--baseline-pseudo-label / --baseline-vat give the semi-supervised baseline its term and the JEM none; without
+    --labels-per-class they are refused before anything is trained."""
     cmd = ["--dataset", "digits", "--seeds", "0", "--n", "40", "--ood", "uniform", "--ood-only", "--labels-per-class",
-           "5", "--baseline-pseudo-label", "0.5", "--out", tmp_path / "q", "--", "--model", "cnn-4", "--epochs", "1",
+           "5", flag, "0.5", "--out", tmp_path / "q", "--", "--model", "cnn-4", "--epochs", "1",
            "--warmup-iters", "0", "--buffer-size", "100", "--sgld-steps", "1"]
     r = script(capsys, "quality.py", *cmd)
     assert r.returncode == 0, r.stderr[-2000:]
     conf = {k: json.loads((tmp_path / "q" / "seed0" / k / "config.json").read_text()) for k in ("jem", "baseline")}
-    assert conf["baseline"]["pseudo_label_weight"] == 0.5 and conf["jem"]["pseudo_label_weight"] == 0.0
-    assert "baseline with Pseudo-Label (weight 0.5)" in (tmp_path / "q" / "quality-ood.md").read_text()
+    assert conf["baseline"][key] == 0.5 and conf["jem"][key] == 0.0
+    assert f"baseline with {head}" in (tmp_path / "q" / "quality-ood.md").read_text()
     bad = script(capsys, "quality.py", *[c for c in cmd if c not in ("--labels-per-class", "5")])
     assert bad.returncode != 0 and "needs --labels-per-class" in bad.stderr
 

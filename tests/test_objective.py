@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from jemtorch import JEM, Weights, create_model, jem_loss
 from jemtorch.energy import eval_mode
-from jemtorch.objective import forward_chunks, grad_penalty, pseudo_label_loss, split_gradients
+from jemtorch.objective import classifier_terms, entropy, forward_chunks, grad_penalty, pseudo_label_loss, split_gradients, vat_loss
 
 
 @pytest.fixture
@@ -66,6 +66,58 @@ def test_pseudo_label_term_is_the_cross_entropy_on_confident_predictions(batch):
     loss.backward()  # the targets carry no gradient; the logits do
     with pytest.raises(ValueError, match="unlabelled images"):
         jem_loss(jem, x, y, weights=Weights(px=0.0, pl=1.0))
+
+
+def test_vat_perturbation_is_the_most_sensitive_direction_and_the_term_sums_as_defined(batch):
+    """VAT's power iteration finds a direction that changes p(y|x) more than random ones of the same norm; the term is
+    that KL with the clean prediction as a fixed target, and jem_loss adds it and the entropy with their weights."""
+    jem, x, y, x_px, *_ = batch
+    eps = 0.5
+    jem.eval()  # each image's logits its own (no batch statistics), whichever pass computes them
+    with torch.no_grad():  # a network whose prediction depends on its input (at initialisation it barely does)
+        [m for m in jem.modules() if isinstance(m, torch.nn.Linear)][-1].weight.mul_(300)
+
+    def kl_at(r):
+        with torch.no_grad():
+            p, q = F.log_softmax(jem(x_px), 1), F.log_softmax(jem(x_px + r), 1)
+            return (p.exp() * (p - q)).sum(1).mean().item()
+
+    def unit(d):
+        return d / d.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+
+    torch.manual_seed(1)
+    l_vat = vat_loss(jem, x_px, eps)
+    randoms = [kl_at(eps * unit(torch.randn_like(x_px))) for _ in range(20)]
+    assert l_vat.item() > 2 * max(randoms) > 0  # adversarial, not random
+    torch.manual_seed(1)  # the definition: one power iteration from the same random direction of norm 1e-6
+    d = (1e-6 * unit(torch.randn_like(x_px))).requires_grad_(True)
+    p = F.log_softmax(jem(x_px), 1).detach()
+    (g,) = torch.autograd.grad((p.exp() * (p - F.log_softmax(jem(x_px + d), 1))).sum(1).mean(), d)
+    assert l_vat.item() == pytest.approx(kl_at(eps * unit(g)), rel=1e-4)
+    w = Weights(px=0.0, vat=0.7, vat_eps=eps, vat_ent=0.3)
+    torch.manual_seed(1)
+    loss, stats = jem_loss(jem, x, y, weights=w, x_px=x_px)
+    with torch.no_grad():
+        ce, ent = F.cross_entropy(jem(x), y), entropy(jem(x_px))
+    assert stats["l_vat"].item() == pytest.approx(l_vat.item(), rel=1e-4)
+    assert stats["l_ent"].item() == pytest.approx(ent.item(), rel=1e-5)
+    assert loss.item() == pytest.approx((ce + 0.7 * l_vat + 0.3 * ent).item(), rel=1e-4)
+    assert classifier_terms(w, stats).item() == pytest.approx(loss.item(), rel=1e-6)  # all of it a classifier's
+    loss.backward()
+    assert all(p.grad is not None for p in jem.parameters())
+    with pytest.raises(ValueError, match="unlabelled images"):
+        jem_loss(jem, x, y, weights=Weights(px=0.0, vat=1.0))
+
+
+def test_vat_leaves_batchnorm_running_statistics_alone():
+    torch.manual_seed(0)
+    jem = JEM(create_model("wrn-10-1", in_channels=1, num_classes=3, norm="batch"))
+    jem.train()
+    bns = [m for m in jem.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    x = torch.randn(8, 1, 8, 8)
+    before = [b.running_mean.clone() for b in bns]
+    vat_loss(jem, x, eps=1.0)
+    assert all(torch.equal(b.running_mean, r) for b, r in zip(bns, before))
 
 
 def test_separate_forward_keeps_batchnorm_statistics_apart():

@@ -73,6 +73,22 @@ def test_pseudo_label_baseline_trains_on_the_unlabelled_stream_with_its_weight_r
         TrainConfig(pseudo_label_weight=1.0)
 
 
+def test_vat_baseline_ramps_its_weight_and_logs_its_terms(tmp_path):
+    t = Trainer(cfg(tmp_path, epochs=2, labels_per_class=5, p_x_weight=0, vat_weight=2.0, pseudo_label_warmup=0.5))
+    ramp = round(0.5 * t.clock.total_iters)
+    w0 = t.phases.weights(t.recovery.weights, 0)
+    assert w0.vat == pytest.approx(2.0 / ramp) and w0.vat_ent == 0.06 and w0.pl == 0.0
+    assert t.phases.weights(t.recovery.weights, ramp).vat == 2.0
+    before = t.state.buffer.data.clone()
+    values = [t.iteration() for _ in range(3)][-1]
+    assert {"l_vat", "l_ent"} <= set(values) and "energy_gap" not in values and values["l_vat"] >= 0
+    assert torch.equal(t.state.buffer.data, before)  # a classifier: no samples drawn
+    with pytest.raises(ValueError, match="needs unlabelled images"):
+        TrainConfig(vat_weight=1.0)
+    with pytest.raises(ValueError, match="--vat-eps must be > 0"):
+        TrainConfig(labels_per_class=5, vat_weight=1.0, vat_eps=0)
+
+
 def test_lr_schedule(tmp_path):
     t = Trainer(cfg(tmp_path, warmup_iters=10, decay_epochs=(2,), decay_rate=0.1, epochs=3))
     ipe = t.clock.iters_per_epoch
