@@ -115,8 +115,9 @@ class ObjectiveSettings:
                                      "direction of norm 1e-6), plus --vat-entropy times the entropy of p(y|x) "
                                      "(Miyato et al. 2018, 'Virtual adversarial training', TPAMI; as USB's vat, "
                                      "microsoft/Semi-supervised-learning, semilearn/algorithms/vat/vat.py: weight 1, "
-                                     "xi 1e-6, one iteration); a classifier term, so a baseline keeps it; costs two "
-                                     "more forward and backward passes over the unlabelled batch; 0: off")
+                                     "xi 1e-6, one iteration); a classifier term, so a baseline keeps it; costs one "
+                                     "more forward pass and two more forward and backward passes over the unlabelled "
+                                     "batch; 0: off")
     vat_eps: float = setting(1.5, "L2 norm ε of the virtual adversarial perturbation, in the network's input units "
                                   "([-1, 1]). USB's vat_eps 6 is in CIFAR-10 units normalised by the channels' std "
                                   "(~0.25): 3.0 on [-1, 1] over 3 072 values, 0.054 per value (RMS); 1.5 is the same "
