@@ -169,7 +169,7 @@ def test_quality_benchmark_tables_and_reuse(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flag,key,head", [("--baseline-pseudo-label", "pseudo_label_weight", "Pseudo-Label (weight 0.5)"),
-                                           ("--baseline-vat", "vat_weight", "VAT (weight 0.5, eps 1.5)")])
+                                           ("--baseline-vat", "vat_weight", "VAT (weight 0.5, eps 4)")])
 def test_quality_semi_supervised_baseline_term_is_the_baselines_alone(tmp_path, capsys, flag, key, head):
     """--baseline-pseudo-label / --baseline-vat give the semi-supervised baseline its term and the JEM none; without
     --labels-per-class they are refused before anything is trained."""
