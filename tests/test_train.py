@@ -81,7 +81,7 @@ def test_vat_baseline_ramps_its_weight_and_logs_its_terms(tmp_path):
     assert t.phases.weights(t.recovery.weights, ramp).vat == 2.0
     before = t.state.buffer.data.clone()
     values = [t.iteration() for _ in range(3)][-1]
-    assert {"l_vat", "l_ent"} <= set(values) and "energy_gap" not in values and values["l_vat"] >= 0
+    assert {"l_vat", "l_ent"} <= set(values) and "energy_gap" not in values and values["l_vat"] > -1e-6  # a KL (float noise at 0)
     assert torch.equal(t.state.buffer.data, before)  # a classifier: no samples drawn
     with pytest.raises(ValueError, match="needs unlabelled images"):
         TrainConfig(vat_weight=1.0)
