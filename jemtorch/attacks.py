@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .energy import JEM, in_batches
+from .energy import JEM, image_norms, in_batches
 from .sampler import capped_noise, capped_step, frozen, sgld
 
 SCALE = 2.0  # [0,1]-pixel units → model units
@@ -100,8 +100,7 @@ def _project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> tor
     if norm == "linf":
         delta = delta.clamp(-eps, eps)
     else:
-        n = delta.flatten(1).norm(dim=1).clamp(min=1e-12).view(-1, *[1] * (x.dim() - 1))
-        delta = delta * (eps / n).clamp(max=1.0)
+        delta = delta * (eps / image_norms(delta)).clamp(max=1.0)
     return (x + delta).clamp(-1, 1)
 
 
@@ -125,7 +124,7 @@ def pgd(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch
             x_adv = x + torch.empty_like(x).uniform_(-eps, eps)
         elif random_start:
             d = torch.randn_like(x)
-            d = d / d.flatten(1).norm(dim=1).view(view) * eps * torch.rand(len(x), device=x.device).view(view)
+            d = d / image_norms(d) * eps * torch.rand(len(x), device=x.device).view(view)
             x_adv = x + d
         else:
             x_adv = x.clone()
@@ -138,7 +137,7 @@ def pgd(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch
                 if norm == "linf":
                     x_adv = x_adv + step_size * g.sign()
                 else:
-                    x_adv = x_adv + step_size * g / g.flatten(1).norm(dim=1).clamp(min=1e-12).view(view)
+                    x_adv = x_adv + step_size * g / image_norms(g)
                 x_adv = _project(x_adv, x, eps, norm)
         with torch.no_grad():
             now = model(x_adv).argmax(1) != y

@@ -34,6 +34,12 @@ def in_batches(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batc
     return torch.cat(outs)
 
 
+def image_norms(d: torch.Tensor) -> torch.Tensor:
+    """Each image's L2 norm, shaped to broadcast over the batch (N, 1, 1, 1) and never below 1e-12 (so ``d /
+    image_norms(d)`` is a unit vector per image, and 0 for an all-zero one): VAT's and PGD's L2 steps share it."""
+    return d.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (d.dim() - 1))
+
+
 def nonfinite_weights(module: nn.Module) -> list[str]:
     """Names of the module's floating-point weights and buffers holding a NaN or an inf (a diverged run's)."""
     return [n for n, p in module.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]

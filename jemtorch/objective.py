@@ -46,7 +46,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .energy import JEM, eval_mode
+from .energy import JEM, eval_mode, image_norms
 from .sampler import running_stats_frozen
 from .settings import Need, setting
 
@@ -275,12 +275,10 @@ def vat_loss(jem: JEM, x_u: torch.Tensor, eps: float, xi: float = 1e-6, running:
         with as_px_chunk(jem, running):
             return F.kl_div(F.log_softmax(jem(x).float(), 1), target, log_target=True, reduction="batchmean")
 
-    def unit(d: torch.Tensor) -> torch.Tensor:
-        return d / d.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (d.dim() - 1))
-
-    d = (xi * unit(torch.randn_like(x_u))).requires_grad_(True)
+    d = torch.randn_like(x_u)
+    d = (xi * d / image_norms(d)).requires_grad_(True)
     (g,) = torch.autograd.grad(kl(x_u + d), d)
-    return kl(x_u + eps * unit(g))
+    return kl(x_u + eps * g / image_norms(g))
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
