@@ -32,6 +32,15 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def flush_subnormals(device: torch.device) -> None:
+    """On the CPU, flush subnormal floats to zero for the rest of the process (as TF32 on CUDA, a process setting):
+    a classifier grown over-confident has softmax probabilities below 1.2e-38, which x86 CPUs compute an order of
+    magnitude slower — one training step of a 10-label Pseudo-Label run's last checkpoint took 4.4 s with them, 0.45 s
+    flushed (benchmarks/denormals.py). Values that small are zero to every loss and score here."""
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)
+
+
 def build_jem(cfg: TrainConfig, shape: tuple[int, int, int], num_classes: int,
               written_by: Optional[str] = __version__, trust_code: bool = True) -> JEM:
     """The run's classifier for (C, H, W) images, wrapped as a JEM (the one place a model is built from a config);
@@ -64,10 +73,7 @@ def speed_settings(cfg: TrainConfig, jem: JEM, device: torch.device,
     if device.type == "cuda":  # TF32 matmuls/convolutions on Ampere and later (ignored by older GPUs)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    else:  # a classifier grown over-confident has softmax probabilities below 1.2e-38 (subnormal floats), which x86
-        # CPUs compute an order of magnitude slower: one training step of a 10-label Pseudo-Label run's last checkpoint
-        # took 4.4 s with them, 0.45 s flushed (benchmarks/denormals.py); values that small are zero to every loss
-        torch.set_flush_denormal(True)
+    flush_subnormals(device)
     if cfg.channels_last:
         jem.f.to(memory_format=torch.channels_last)
     if cfg.compile:
@@ -150,6 +156,7 @@ def load_run(run_dir: str | Path, device: str = "auto", data_root: Optional[str]
         cfg_dict["data_root"] = data_root
     cfg = TrainConfig.from_dict(cfg_dict)
     dev = pick_device(device)
+    flush_subnormals(dev)  # PGD, chains and detectors on an over-confident classifier are backward passes too
     ckpt = checked_state(load_safe(rd.checkpoint, dev), rd.checkpoint, cfg, ("model", "buffer") if cfg.uses_samples
                          else ("model",))
     datasets = {} if datasets is None else datasets
