@@ -1,6 +1,6 @@
 """The cost of subnormal floats on the CPU: one training step of a run's last checkpoint with them and flushed to zero.
 
-A classifier grown over-confident (margins of 87-103 in its logits) has softmax probabilities below float32's
+A classifier grown over-confident (a logit 87-103 below the largest) has softmax probabilities below float32's
 smallest normal number, 1.2e-38; x86 CPUs compute with such subnormals an order of magnitude slower. Training and
 every command that reads a run flush them on the CPU (``build.flush_subnormals``). This script times a forward
 and backward pass of cross-entropy on the network's own answers for the first ``--batch`` training images (train
