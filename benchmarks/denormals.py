@@ -2,7 +2,7 @@
 
 A classifier grown over-confident (a logit 87-103 below the largest) has softmax probabilities below float32's
 smallest normal number, 1.2e-38; x86 CPUs compute with such subnormals an order of magnitude slower. Training and
-every command that reads a run flush them on the CPU (``build.flush_subnormals``). This script times a forward
+every command flush them on the CPU (``build.pick_device``). This script times a forward
 and backward pass of cross-entropy on the network's own answers for the first ``--batch`` training images (train
 mode, as in training), alternating the two settings, and counts the subnormal probabilities.
 

@@ -24,19 +24,22 @@ from .version import __version__
 
 
 def pick_device(name: str) -> torch.device:
-    """``auto`` → CUDA when available, else CPU; a CUDA device without CUDA is a one-line error."""
+    """``auto`` → CUDA when available, else CPU; a CUDA device without CUDA is a one-line error. Every command picks
+    its device here (training, a run, an export), so a CPU also gets its subnormals flushed here."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {name} requested but CUDA is not available")
-    return torch.device(name)
+    device = torch.device(name)
+    flush_subnormals(device)
+    return device
 
 
 def flush_subnormals(device: torch.device) -> None:
     """On the CPU, flush subnormal floats to zero for the rest of the process (as TF32 on CUDA, a process setting):
     a classifier grown over-confident has softmax probabilities below 1.2e-38, which x86 CPUs compute an order of
-    magnitude slower — one training step of a 10-label Pseudo-Label run's last checkpoint took 4.4 s with them, 0.45 s
-    flushed (benchmarks/denormals.py). Values that small are zero to every loss and score here."""
+    magnitude slower — a forward and backward pass of a 10-label Pseudo-Label run's last checkpoint took 0.67 s with
+    them, 0.08 s flushed (benchmarks/denormals.py). Values that small are zero to every loss and score here."""
     if device.type == "cpu":
         torch.set_flush_denormal(True)
 
@@ -67,13 +70,11 @@ def init_images(cfg: TrainConfig, data: ImageData) -> tuple[torch.Tensor, torch.
 
 def speed_settings(cfg: TrainConfig, jem: JEM, device: torch.device,
                    shape: tuple[int, int, int]) -> Callable[[], contextlib.AbstractContextManager]:
-    """Apply ``--channels-last`` and ``--compile`` to the network, TF32 on CUDA, subnormals flushed to zero on the
-    CPU; return the autocast context of ``--amp``. A compile that fails is a one-line error here, before training
-    starts."""
+    """Apply ``--channels-last`` and ``--compile`` to the network, TF32 on CUDA; return the autocast context of
+    ``--amp``. A compile that fails is a one-line error here, before training starts."""
     if device.type == "cuda":  # TF32 matmuls/convolutions on Ampere and later (ignored by older GPUs)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    flush_subnormals(device)
     if cfg.channels_last:
         jem.f.to(memory_format=torch.channels_last)
     if cfg.compile:
@@ -156,7 +157,6 @@ def load_run(run_dir: str | Path, device: str = "auto", data_root: Optional[str]
         cfg_dict["data_root"] = data_root
     cfg = TrainConfig.from_dict(cfg_dict)
     dev = pick_device(device)
-    flush_subnormals(dev)  # PGD, chains and detectors on an over-confident classifier are backward passes too
     ckpt = checked_state(load_safe(rd.checkpoint, dev), rd.checkpoint, cfg, ("model", "buffer") if cfg.uses_samples
                          else ("model",))
     datasets = {} if datasets is None else datasets

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import jemtorch
 from jemtorch.build import load_run
 from jemtorch.checkpoint import load_safe
 from jemtorch.cli import main
@@ -143,7 +144,7 @@ def test_speed_settings_train_and_keep_plain_checkpoints(tmp_path):
 
 def test_training_on_the_cpu_flushes_subnormal_floats(tmp_path):
     """An over-confident softmax underflows into subnormals, an order of magnitude slower on x86 CPUs: training and
-    loading a run flush them to zero (a setting of the process, as TF32 is on CUDA)."""
+    loading a run or an export flush them to zero (a setting of the process, as TF32 is on CUDA)."""
     tiny = lambda: (torch.tensor(1e-30) * torch.tensor(1e-10)).item()  # noqa: E731 — 1e-40 is subnormal in float32
     if not torch.set_flush_denormal(False):
         pytest.skip("this CPU cannot flush subnormals")
@@ -153,6 +154,10 @@ def test_training_on_the_cpu_flushes_subnormal_floats(tmp_path):
         assert tiny() == 0
         torch.set_flush_denormal(False)  # and so do the commands that read a run (eval, attack, distal, score)
         load_run(tmp_path / "run", device="cpu")
+        assert tiny() == 0
+        assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "exp")]) == 0
+        torch.set_flush_denormal(False)  # and loading an export (jem score, jemtorch.load)
+        jemtorch.load(tmp_path / "exp", device="cpu")
         assert tiny() == 0
     finally:
         torch.set_flush_denormal(False)
